@@ -1,0 +1,68 @@
+//! The presence server, configured from the environment (SPEC §4).
+//!
+//! ```text
+//! cargo run --example presence_server
+//! PRESENCE_HTTP_PORT=9000 PRESENCE_REDIS_URI=redis://127.0.0.1:6379 cargo run --example presence_server
+//! curl -s localhost:8080/presence
+//! ```
+//!
+//! Without `PRESENCE_REDIS_URI` it runs on the in-memory store (one server only).
+//! A bad variable stops it with one line on stderr and exit status 2; SIGTERM or
+//! Ctrl-C drains in-flight requests and exits 0.
+
+use std::process::ExitCode;
+
+use presence::config::Config;
+use presence::server::{shutdown_signal, Server};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+
+    let store = match presence::store::open(config.store_uri.as_deref(), &config.key_prefix).await {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!(
+                "error: cannot open store {}: {e}",
+                config.store_uri_redacted()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    // The store logs details itself (the in-memory one warns it is single-server);
+    // describe() never contains credentials.
+    tracing::info!(store = %store.describe(), "store opened");
+
+    let server = match Server::bind(&config, store).await {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!("listening on http://{}", server.local_addr());
+
+    match server.run(shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

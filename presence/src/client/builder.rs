@@ -1,0 +1,305 @@
+//! [`PresenceClientBuilder`]: transport, auth and the resilience stack of a client.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), presence::client::ClientError> {
+//! use std::time::Duration;
+//! use presence::client::PresenceClient;
+//! use resilience::CircuitBreaker;
+//!
+//! let breaker = CircuitBreaker::builder()
+//!     .consecutive_failures(3)
+//!     .open_for(Duration::from_secs(2))
+//!     .build();
+//! let pc = PresenceClient::builder("http://presence.internal:8080/presence")
+//!     .bearer_token("s3cret")
+//!     .timeout(Duration::from_secs(2))
+//!     .rate_limit(10.0, 20)
+//!     .retry(4, Duration::from_millis(50))
+//!     .breaker(breaker.clone())
+//!     .build()?;
+//! // `breaker` is the client's breaker: its state and counters can be exported.
+//! println!("{}", breaker.state());
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use http_body::Body;
+use resilience::{BoxError, CircuitBreaker, CircuitBreakerLayer, HttpClassifier, TokenBucketLayer};
+use tower::retry::RetryLayer;
+use tower::timeout::TimeoutLayer;
+use tower::util::BoxCloneService;
+use tower::{Layer, Service, ServiceBuilder};
+
+use super::retry::{RetryConfig, RetryPolicy};
+use super::transport::{self, ClientRequest, HttpService};
+use super::{ClientError, PresenceClient};
+
+/// A transport, erased once the response size bound is known.
+type MakeTransport = Box<dyn FnOnce(usize) -> HttpService + Send>;
+
+/// Builds a [`PresenceClient`]; made by [`PresenceClient::builder`].
+///
+/// The stack, outermost first: token bucket in wait mode (one global bucket) ->
+/// circuit breaker (an `Err` or a `5xx` counts as a failure) -> retry (idempotent
+/// calls only, see [`RetryConfig`]) -> timeout per attempt -> transport. The breaker
+/// sits outside the retry, so one call that exhausts its retries counts once, and an
+/// open breaker stops a call before any attempt; the limiter sits outside both, so a
+/// burst waits instead of tripping anything.
+pub struct PresenceClientBuilder {
+    base_url: String,
+    transport: Option<MakeTransport>,
+    bearer_token: Option<String>,
+    timeout: Duration,
+    rate_limit: Option<(f64, u32)>,
+    rate_limit_max_wait: Duration,
+    retry: RetryConfig,
+    breaker: Option<CircuitBreaker>,
+    max_response_bytes: usize,
+}
+
+impl PresenceClientBuilder {
+    /// Default per-attempt timeout.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Default client-side rate: the server's default per-client refill, so a
+    /// well-behaved client never sees the server's `429`.
+    pub const DEFAULT_RATE: f64 = 30.0;
+    /// Default client-side burst: the server's default per-client capacity.
+    pub const DEFAULT_CAPACITY: u32 = 60;
+    /// Default bound on the limiter's wait; a call that would wait longer fails with
+    /// [`ClientError::RateLimited`].
+    pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(10);
+    /// Default bound on a response body (a list of many nodes with large meta fits).
+    pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+    pub(crate) fn new(base_url: String) -> Self {
+        PresenceClientBuilder {
+            base_url,
+            transport: None,
+            bearer_token: None,
+            timeout: Self::DEFAULT_TIMEOUT,
+            rate_limit: Some((Self::DEFAULT_RATE, Self::DEFAULT_CAPACITY)),
+            rate_limit_max_wait: Self::DEFAULT_MAX_WAIT,
+            retry: RetryConfig::default(),
+            breaker: None,
+            max_response_bytes: Self::DEFAULT_MAX_RESPONSE_BYTES,
+        }
+    }
+
+    /// Sends requests through `service` instead of hyper-util's HTTP/1 client: a
+    /// client with TLS, a proxy, a test double, or the presence server's own service
+    /// in-process (no sockets). Any tower HTTP service fits; its response body is read
+    /// whole (under the timeout) before the layers above see it.
+    pub fn service<S, B>(mut self, service: S) -> Self
+    where
+        S: Service<ClientRequest, Response = http::Response<B>> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.transport = Some(Box::new(move |max| transport::erase(service, max)));
+        self
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every request (for servers with
+    /// `PRESENCE_AUTH_TOKEN` set).
+    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.bearer_token = Some(token.into());
+        self
+    }
+
+    /// Timeout of each attempt, body included (default
+    /// [`DEFAULT_TIMEOUT`](Self::DEFAULT_TIMEOUT)). A call that retries can take up to
+    /// `max_attempts` times this, plus backoff.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Client-side rate limit: `rate` requests per second, bursts of `capacity`
+    /// (default [`DEFAULT_RATE`](Self::DEFAULT_RATE) /
+    /// [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY)). Calls over the limit wait for a
+    /// token rather than fail.
+    pub fn rate_limit(mut self, rate: f64, capacity: u32) -> Self {
+        self.rate_limit = Some((rate, capacity));
+        self
+    }
+
+    /// The longest a call waits for a token (default
+    /// [`DEFAULT_MAX_WAIT`](Self::DEFAULT_MAX_WAIT)); a call that would wait longer
+    /// fails with [`ClientError::RateLimited`].
+    pub fn rate_limit_max_wait(mut self, max_wait: Duration) -> Self {
+        self.rate_limit_max_wait = max_wait;
+        self
+    }
+
+    /// No client-side rate limit (e.g. a load generator that wants the server's `429`s).
+    pub fn no_rate_limit(mut self) -> Self {
+        self.rate_limit = None;
+        self
+    }
+
+    /// Retries idempotent calls: `max_attempts` attempts in all, the first one
+    /// included, with exponential backoff from `base_backoff` and full jitter (default
+    /// 3 attempts from 100 ms). See [`RetryConfig`] for what is retried and why.
+    pub fn retry(mut self, max_attempts: u32, base_backoff: Duration) -> Self {
+        self.retry = RetryConfig::new(max_attempts, base_backoff);
+        self
+    }
+
+    /// Sets the retry configuration as a whole (e.g. with a different backoff cap).
+    pub fn retry_config(mut self, config: RetryConfig) -> Self {
+        self.retry = config;
+        self
+    }
+
+    /// Sends every call once.
+    pub fn no_retry(mut self) -> Self {
+        self.retry = RetryConfig::disabled();
+        self
+    }
+
+    /// Uses this circuit breaker (default: [`CircuitBreaker::new`], 5 consecutive
+    /// failures open it for 5 s). Keep a clone to watch its state; clients built with
+    /// clones of one breaker share it.
+    pub fn breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.breaker = Some(breaker);
+        self
+    }
+
+    /// The largest response body accepted (default
+    /// [`DEFAULT_MAX_RESPONSE_BYTES`](Self::DEFAULT_MAX_RESPONSE_BYTES)); a larger one
+    /// is a [`ClientError::Transport`] error.
+    pub fn max_response_bytes(mut self, max: usize) -> Self {
+        self.max_response_bytes = max;
+        self
+    }
+
+    /// Builds the client.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidInput`] for a base URL that is not an absolute `http`
+    /// URL (`https` and other schemes need a transport given with
+    /// [`service`](Self::service)), a zero timeout, a rate that is not positive and
+    /// finite, a zero capacity, or a bearer token that cannot be a header value.
+    pub fn build(self) -> Result<PresenceClient, ClientError> {
+        let base = parse_base_url(&self.base_url, self.transport.is_some())?;
+        if self.timeout.is_zero() {
+            return Err(ClientError::InvalidInput(
+                "the timeout must not be zero".into(),
+            ));
+        }
+        if let Some((rate, capacity)) = self.rate_limit {
+            if !(rate.is_finite() && rate > 0.0) || capacity == 0 {
+                return Err(ClientError::InvalidInput(format!(
+                    "rate limit needs a positive finite rate and a capacity of at least 1 \
+                     (got rate {rate}/s, capacity {capacity})"
+                )));
+            }
+        }
+        let auth = match &self.bearer_token {
+            Some(token) => {
+                let mut value = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
+                    ClientError::InvalidInput(
+                        "the bearer token contains characters not allowed in a header".into(),
+                    )
+                })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+
+        let transport = match self.transport {
+            Some(make) => make(self.max_response_bytes),
+            None => transport::erase(transport::hyper_client(), self.max_response_bytes),
+        };
+        let breaker = self.breaker.unwrap_or_default();
+        let core = ServiceBuilder::new()
+            .layer(CircuitBreakerLayer::new(breaker.clone()).classifier(HttpClassifier))
+            .layer(RetryLayer::new(RetryPolicy::new(self.retry)))
+            .layer(TimeoutLayer::new(self.timeout))
+            .service(transport);
+        let service: HttpService = match self.rate_limit {
+            Some((rate, capacity)) => BoxCloneService::new(
+                TokenBucketLayer::new(rate, capacity)
+                    .wait(self.rate_limit_max_wait)
+                    .layer(core),
+            ),
+            None => BoxCloneService::new(core),
+        };
+        Ok(PresenceClient::from_parts(
+            base,
+            service,
+            auth,
+            breaker,
+            self.timeout,
+            self.retry,
+            self.rate_limit,
+        ))
+    }
+}
+
+impl fmt::Debug for PresenceClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PresenceClientBuilder")
+            .field("base_url", &self.base_url)
+            .field("custom_transport", &self.transport.is_some())
+            .field(
+                "bearer_token",
+                &self.bearer_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("timeout", &self.timeout)
+            .field("rate_limit", &self.rate_limit)
+            .field("rate_limit_max_wait", &self.rate_limit_max_wait)
+            .field("retry", &self.retry)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks the base URL and returns it without a trailing slash, so paths can be
+/// appended as `/login`, `/{node_id}`.
+fn parse_base_url(url: &str, custom_transport: bool) -> Result<String, ClientError> {
+    let invalid = |why: &str| ClientError::InvalidInput(format!("base URL {url:?}: {why}"));
+    let uri: http::Uri = url.parse().map_err(|e| invalid(&format!("{e}")))?;
+    let scheme = uri
+        .scheme_str()
+        .ok_or_else(|| invalid("not absolute (no scheme)"))?;
+    if uri.authority().is_none() {
+        return Err(invalid("no host"));
+    }
+    if uri.query().is_some() {
+        return Err(invalid("a query string is not allowed"));
+    }
+    if scheme != "http" && !custom_transport {
+        return Err(invalid(
+            "the built-in transport speaks plain http only; give a TLS-capable one with .service(..)",
+        ));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_url_is_checked_and_normalized() {
+        assert_eq!(
+            parse_base_url("http://h:1/presence/", false)
+                .ok()
+                .as_deref(),
+            Some("http://h:1/presence")
+        );
+        assert!(parse_base_url("h:1/presence", false).is_err());
+        assert!(parse_base_url("/presence", false).is_err());
+        assert!(parse_base_url("https://h/presence", false).is_err());
+        assert!(parse_base_url("https://h/presence", true).is_ok());
+        assert!(parse_base_url("http://h/presence?x=1", false).is_err());
+    }
+}

@@ -1,0 +1,431 @@
+//! Server configuration from the environment (SPEC §4).
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `PRESENCE_REDIS_URI` | unset = in-memory store | `redis://...`, `rediss://...` or `memory://` |
+//! | `PRESENCE_KEY_PREFIX` | `presence` | Redis key namespace (one deployment per prefix) |
+//! | `PRESENCE_HTTP_HOST` | `0.0.0.0` | bind address (an IP address or a host name) |
+//! | `PRESENCE_HTTP_PORT` | `8080` | server port (`0` = pick a free port) |
+//! | `PRESENCE_HEARTBEAT_SEC` | `3` | advised heartbeat interval |
+//! | `PRESENCE_TTL_SEC` | 3 x heartbeat | how long a node stays online without a heartbeat |
+//! | `PRESENCE_RATE_LIMIT_RATE` | `30` | per-client refill, requests/s (fractions allowed) |
+//! | `PRESENCE_RATE_LIMIT_CAPACITY` | `60` | per-client burst |
+//! | `PRESENCE_TRUSTED_PROXIES` | empty | comma-separated CIDRs whose `X-Forwarded-For` is believed |
+//! | `PRESENCE_AUTH_TOKEN` | unset | if set, `/presence*` requires `Authorization: Bearer <token>` |
+//! | `PRESENCE_STORE_TIMEOUT_MS` | `1000` | a store call slower than this is a `503` |
+//! | `PRESENCE_MAX_META_BYTES` | `4096` | meta size limit (serialized JSON) |
+//! | `PRESENCE_HEADER_TIMEOUT_MS` | `5000` | HTTP/1 request headers must arrive within this (slowloris guard) |
+//! | `PRESENCE_REQUEST_TIMEOUT_MS` | `10000` | a whole request, body included, must finish within this (`408` otherwise) |
+//! | `PRESENCE_SHUTDOWN_GRACE_MS` | `10000` | on SIGTERM/Ctrl-C, in-flight requests get this long to finish |
+//!
+//! The last three are not in the SPEC table; they bound how long a slow or malicious
+//! client can hold a connection, and how long a shutdown may take.
+//!
+//! `NODE_ID` is read by the client, not by the server, and is ignored here.
+//!
+//! Rules: numbers must parse and be positive (the port may be `0`); the store URI must
+//! have a known scheme. A variable set to the empty string counts as unset, except
+//! `PRESENCE_AUTH_TOKEN`: an empty token is an error, because a `$SECRET` that
+//! expanded to nothing must not silently switch authentication off.
+//!
+//! Tests use [`Config::from_lookup`] with a closure so they never touch the process
+//! environment.
+
+use std::fmt;
+use std::time::Duration;
+
+use resilience::key::Cidr;
+use resilience::token_bucket::TokenBucket;
+
+use crate::store::redact_uri;
+
+/// Environment variable: the store URI.
+pub const ENV_REDIS_URI: &str = "PRESENCE_REDIS_URI";
+/// Environment variable: the Redis key prefix.
+pub const ENV_KEY_PREFIX: &str = "PRESENCE_KEY_PREFIX";
+/// Environment variable: the bind host.
+pub const ENV_HTTP_HOST: &str = "PRESENCE_HTTP_HOST";
+/// Environment variable: the bind port.
+pub const ENV_HTTP_PORT: &str = "PRESENCE_HTTP_PORT";
+/// Environment variable: the advised heartbeat interval in seconds.
+pub const ENV_HEARTBEAT_SEC: &str = "PRESENCE_HEARTBEAT_SEC";
+/// Environment variable: the node TTL in seconds.
+pub const ENV_TTL_SEC: &str = "PRESENCE_TTL_SEC";
+/// Environment variable: the per-client token refill rate (requests/s).
+pub const ENV_RATE_LIMIT_RATE: &str = "PRESENCE_RATE_LIMIT_RATE";
+/// Environment variable: the per-client burst.
+pub const ENV_RATE_LIMIT_CAPACITY: &str = "PRESENCE_RATE_LIMIT_CAPACITY";
+/// Environment variable: the trusted proxy CIDRs (comma-separated).
+pub const ENV_TRUSTED_PROXIES: &str = "PRESENCE_TRUSTED_PROXIES";
+/// Environment variable: the bearer token.
+pub const ENV_AUTH_TOKEN: &str = "PRESENCE_AUTH_TOKEN";
+/// Environment variable: the store call timeout in milliseconds.
+pub const ENV_STORE_TIMEOUT_MS: &str = "PRESENCE_STORE_TIMEOUT_MS";
+/// Environment variable: the meta size limit in bytes.
+pub const ENV_MAX_META_BYTES: &str = "PRESENCE_MAX_META_BYTES";
+/// Environment variable: the HTTP/1 header read timeout in milliseconds.
+pub const ENV_HEADER_TIMEOUT_MS: &str = "PRESENCE_HEADER_TIMEOUT_MS";
+/// Environment variable: the per-request timeout in milliseconds.
+pub const ENV_REQUEST_TIMEOUT_MS: &str = "PRESENCE_REQUEST_TIMEOUT_MS";
+/// Environment variable: the graceful shutdown budget in milliseconds.
+pub const ENV_SHUTDOWN_GRACE_MS: &str = "PRESENCE_SHUTDOWN_GRACE_MS";
+
+/// URI schemes accepted in `PRESENCE_REDIS_URI`.
+pub const STORE_SCHEMES: [&str; 3] = ["redis://", "rediss://", "memory://"];
+
+/// The presence server's configuration. Build it with [`Config::from_env`],
+/// [`Config::from_lookup`] or [`Config::default`] (the SPEC defaults) and adjust the
+/// public fields.
+#[derive(Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Config {
+    /// `PRESENCE_REDIS_URI`: `None` means the in-memory store. When set it starts with
+    /// one of [`STORE_SCHEMES`].
+    pub store_uri: Option<String>,
+    /// `PRESENCE_KEY_PREFIX`: the Redis key namespace.
+    pub key_prefix: String,
+    /// `PRESENCE_HTTP_HOST`: IP address or host name to bind (IPv6 without brackets).
+    pub http_host: String,
+    /// `PRESENCE_HTTP_PORT`: `0` picks a free port.
+    pub http_port: u16,
+    /// `PRESENCE_HEARTBEAT_SEC`: advised heartbeat interval, returned by login.
+    pub heartbeat: Duration,
+    /// `PRESENCE_TTL_SEC`: how long a node stays online without a heartbeat.
+    pub ttl: Duration,
+    /// `PRESENCE_RATE_LIMIT_RATE`: per-client refill in requests per second.
+    pub rate_limit_rate: f64,
+    /// `PRESENCE_RATE_LIMIT_CAPACITY`: per-client burst.
+    pub rate_limit_capacity: u32,
+    /// `PRESENCE_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` / `Forwarded` is believed.
+    pub trusted_proxies: Vec<Cidr>,
+    /// `PRESENCE_AUTH_TOKEN`: if set, `/presence*` requires this bearer token.
+    pub auth_token: Option<String>,
+    /// `PRESENCE_STORE_TIMEOUT_MS`: a store call slower than this is a `503`.
+    pub store_timeout: Duration,
+    /// `PRESENCE_MAX_META_BYTES`: the largest accepted `meta`, serialized.
+    pub max_meta_bytes: usize,
+    /// `PRESENCE_HEADER_TIMEOUT_MS`: HTTP/1 request headers must arrive within this.
+    pub header_timeout: Duration,
+    /// `PRESENCE_REQUEST_TIMEOUT_MS`: a whole request must be answered within this.
+    pub request_timeout: Duration,
+    /// `PRESENCE_SHUTDOWN_GRACE_MS`: how long in-flight requests may take after a
+    /// shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    /// The SPEC §4 defaults (in-memory store, `0.0.0.0:8080`, ...).
+    fn default() -> Self {
+        Config {
+            store_uri: None,
+            key_prefix: "presence".to_owned(),
+            http_host: "0.0.0.0".to_owned(),
+            http_port: 8080,
+            heartbeat: Duration::from_secs(3),
+            ttl: Duration::from_secs(9),
+            rate_limit_rate: 30.0,
+            rate_limit_capacity: 60,
+            trusted_proxies: Vec::new(),
+            auth_token: None,
+            store_timeout: Duration::from_millis(1000),
+            max_meta_bytes: 4096,
+            header_timeout: Duration::from_millis(5000),
+            request_timeout: Duration::from_millis(10_000),
+            shutdown_grace: Duration::from_millis(10_000),
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    // Hand-written so the auth token and a Redis password never end up in a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("store_uri", &self.store_uri.as_deref().map(redact_uri))
+            .field("key_prefix", &self.key_prefix)
+            .field("http_host", &self.http_host)
+            .field("http_port", &self.http_port)
+            .field("heartbeat", &self.heartbeat)
+            .field("ttl", &self.ttl)
+            .field("rate_limit_rate", &self.rate_limit_rate)
+            .field("rate_limit_capacity", &self.rate_limit_capacity)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field(
+                "auth_token",
+                &self.auth_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("store_timeout", &self.store_timeout)
+            .field("max_meta_bytes", &self.max_meta_bytes)
+            .field("header_timeout", &self.header_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .finish()
+    }
+}
+
+/// A bad configuration value: which variable, what it held, and why it is wrong.
+///
+/// Displays as one line, e.g. `PRESENCE_TTL_SEC="abc": not a positive integer`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The environment variable, e.g. `PRESENCE_TTL_SEC`.
+    pub var: &'static str,
+    /// Its value, secrets redacted: the auth token is never shown, URI credentials
+    /// are replaced by `***`.
+    pub value: String,
+    /// Why the value was rejected.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={:?}: {}", self.var, self.value, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    ///
+    /// # Errors
+    /// The first variable with a bad value (see the module docs for the rules).
+    pub fn from_env() -> Result<Config, ConfigError> {
+        // A variable that is not valid Unicode cannot be any accepted value; passing
+        // it on lossily makes the error name it instead of pretending it is unset.
+        Config::from_lookup(|name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned()))
+    }
+
+    /// Reads the configuration through `lookup` (variable name -> value), so tests can
+    /// supply a map instead of mutating the process environment.
+    ///
+    /// ```
+    /// use presence::config::Config;
+    /// let cfg = Config::from_lookup(|name| match name {
+    ///     "PRESENCE_HEARTBEAT_SEC" => Some("5".to_owned()),
+    ///     _ => None,
+    /// })
+    /// .unwrap();
+    /// assert_eq!(cfg.ttl.as_secs(), 15); // 3 x heartbeat
+    /// ```
+    ///
+    /// # Errors
+    /// The first variable with a bad value.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let get = |var: &'static str| lookup(var).filter(|v| !v.is_empty());
+        let d = Config::default();
+
+        let store_uri = get(ENV_REDIS_URI)
+            .map(|v| parse_store_uri(&v))
+            .transpose()?;
+        let key_prefix = match get(ENV_KEY_PREFIX) {
+            Some(v) => parse_prefix(&v)?,
+            None => d.key_prefix,
+        };
+        let http_host = match get(ENV_HTTP_HOST) {
+            Some(v) => parse_host(&v)?,
+            None => d.http_host,
+        };
+        let http_port = match get(ENV_HTTP_PORT) {
+            Some(v) => v
+                .trim()
+                .parse::<u16>()
+                .map_err(|_| err(ENV_HTTP_PORT, &v, "not a port number (0-65535)"))?,
+            None => d.http_port,
+        };
+        let heartbeat = match get(ENV_HEARTBEAT_SEC) {
+            Some(v) => Duration::from_secs(positive_int(ENV_HEARTBEAT_SEC, &v)?),
+            None => d.heartbeat,
+        };
+        let ttl = match get(ENV_TTL_SEC) {
+            Some(v) => Duration::from_secs(positive_int(ENV_TTL_SEC, &v)?),
+            None => heartbeat.saturating_mul(3),
+        };
+        let rate_limit_rate = match get(ENV_RATE_LIMIT_RATE) {
+            Some(v) => match v.trim().parse::<f64>() {
+                Ok(r) if r.is_finite() && r > 0.0 => r,
+                _ => return Err(err(ENV_RATE_LIMIT_RATE, &v, "not a positive number")),
+            },
+            None => d.rate_limit_rate,
+        };
+        let rate_limit_capacity = match get(ENV_RATE_LIMIT_CAPACITY) {
+            Some(v) => u32::try_from(positive_int(ENV_RATE_LIMIT_CAPACITY, &v)?)
+                .map_err(|_| err(ENV_RATE_LIMIT_CAPACITY, &v, "too large"))?,
+            None => d.rate_limit_capacity,
+        };
+        // The rate and burst must also make a workable bucket (e.g. not one that takes
+        // a century to refill); checked here so a bad value is a config error naming
+        // the variable, not a panic when the server starts.
+        if let Err(e) = TokenBucket::try_new(rate_limit_rate, rate_limit_capacity) {
+            let (var, value) = match get(ENV_RATE_LIMIT_RATE) {
+                Some(v) => (ENV_RATE_LIMIT_RATE, v),
+                None => (
+                    ENV_RATE_LIMIT_CAPACITY,
+                    get(ENV_RATE_LIMIT_CAPACITY).unwrap_or_default(),
+                ),
+            };
+            return Err(err(var, &value, e.reason()));
+        }
+        let trusted_proxies = match get(ENV_TRUSTED_PROXIES) {
+            Some(v) => parse_cidrs(&v)?,
+            None => d.trusted_proxies,
+        };
+        let auth_token = match lookup(ENV_AUTH_TOKEN) {
+            Some(v) => Some(parse_token(v)?),
+            None => None,
+        };
+        let store_timeout = duration_ms(&get, ENV_STORE_TIMEOUT_MS, d.store_timeout)?;
+        let max_meta_bytes = match get(ENV_MAX_META_BYTES) {
+            Some(v) => usize::try_from(positive_int(ENV_MAX_META_BYTES, &v)?)
+                .map_err(|_| err(ENV_MAX_META_BYTES, &v, "too large"))?,
+            None => d.max_meta_bytes,
+        };
+        let header_timeout = duration_ms(&get, ENV_HEADER_TIMEOUT_MS, d.header_timeout)?;
+        let request_timeout = duration_ms(&get, ENV_REQUEST_TIMEOUT_MS, d.request_timeout)?;
+        let shutdown_grace = duration_ms(&get, ENV_SHUTDOWN_GRACE_MS, d.shutdown_grace)?;
+
+        Ok(Config {
+            store_uri,
+            key_prefix,
+            http_host,
+            http_port,
+            heartbeat,
+            ttl,
+            rate_limit_rate,
+            rate_limit_capacity,
+            trusted_proxies,
+            auth_token,
+            store_timeout,
+            max_meta_bytes,
+            header_timeout,
+            request_timeout,
+            shutdown_grace,
+        })
+    }
+
+    /// The store URI with any password replaced by `***`, or `memory://` when unset:
+    /// safe to log.
+    pub fn store_uri_redacted(&self) -> String {
+        match &self.store_uri {
+            Some(uri) => redact_uri(uri),
+            None => "memory://".to_owned(),
+        }
+    }
+}
+
+fn err(var: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn positive_int(var: &'static str, v: &str) -> Result<u64, ConfigError> {
+    match v.trim().parse::<u64>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(err(var, v, "not a positive integer")),
+    }
+}
+
+fn duration_ms(
+    get: &impl Fn(&'static str) -> Option<String>,
+    var: &'static str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match get(var) {
+        Some(v) => Ok(Duration::from_millis(positive_int(var, &v)?)),
+        None => Ok(default),
+    }
+}
+
+fn parse_store_uri(v: &str) -> Result<String, ConfigError> {
+    let lower = v.trim().to_ascii_lowercase();
+    if STORE_SCHEMES.iter().any(|s| lower.starts_with(s)) {
+        Ok(v.trim().to_owned())
+    } else {
+        Err(err(
+            ENV_REDIS_URI,
+            &redact_uri(v),
+            "unknown scheme; expected redis://, rediss:// or memory://",
+        ))
+    }
+}
+
+fn parse_prefix(v: &str) -> Result<String, ConfigError> {
+    // The prefix becomes the Redis hash tag `{prefix}`: braces would break the tag
+    // (and with it the one-slot guarantee), whitespace and controls are mistakes.
+    if v.chars()
+        .any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
+    {
+        Err(err(
+            ENV_KEY_PREFIX,
+            v,
+            "must not contain braces, whitespace or control characters",
+        ))
+    } else {
+        Ok(v.to_owned())
+    }
+}
+
+fn parse_host(v: &str) -> Result<String, ConfigError> {
+    let host = v.trim();
+    // `[::1]` is how people write IPv6 in URLs; binding wants it bare.
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(host.to_owned());
+    }
+    let valid_name = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if valid_name {
+        Ok(host.to_owned())
+    } else {
+        Err(err(ENV_HTTP_HOST, v, "not an IP address or host name"))
+    }
+}
+
+fn parse_cidrs(v: &str) -> Result<Vec<Cidr>, ConfigError> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<Cidr>().map_err(|e| {
+                err(
+                    ENV_TRUSTED_PROXIES,
+                    v,
+                    format!(
+                        "{s:?} is not a CIDR (like 10.0.0.0/8 or ::1/128) or IP address: {}",
+                        e.reason()
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+fn parse_token(v: String) -> Result<String, ConfigError> {
+    // The token travels in a header as `Bearer <token>`; a space or a control
+    // character could never be sent (or compared) faithfully.
+    if v.is_empty() {
+        return Err(err(
+            ENV_AUTH_TOKEN,
+            "",
+            "must not be empty (unset the variable to disable authentication)",
+        ));
+    }
+    if !v.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(err(
+            ENV_AUTH_TOKEN,
+            "<redacted>",
+            "must be printable ASCII without spaces",
+        ));
+    }
+    Ok(v)
+}

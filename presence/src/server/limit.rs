@@ -1,0 +1,84 @@
+//! The request body size limit of `/presence*` (16 KiB, `413 payload_too_large`).
+//!
+//! Written here rather than taken from `tower_http::limit` because that layer answers
+//! a too-large `Content-Length` with its own plain-text `413`, and the API promises
+//! the JSON error shape for every error.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use futures_util::future::{ready, Either, Ready};
+use http::header::CONTENT_LENGTH;
+use http_body_util::{BodyExt, Limited};
+use tower::{Layer, Service};
+
+use super::errors::ApiError;
+use super::{RequestBody, ResponseBody};
+
+/// Rejects a request whose `Content-Length` exceeds the limit at once, and caps the
+/// body of every other request (chunked bodies have no length up front): reading past
+/// the limit fails with [`http_body_util::LengthLimitError`], which the handler turns
+/// into the same `413`.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimitLayer {
+    limit: usize,
+}
+
+impl BodyLimitLayer {
+    /// A limit of `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        BodyLimitLayer { limit }
+    }
+}
+
+impl<S> Layer<S> for BodyLimitLayer {
+    type Service = BodyLimit<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        BodyLimit {
+            inner,
+            limit: self.limit,
+        }
+    }
+}
+
+/// The service of [`BodyLimitLayer`].
+#[derive(Clone, Debug)]
+pub struct BodyLimit<S> {
+    inner: S,
+    limit: usize,
+}
+
+impl<S> Service<http::Request<RequestBody>> for BodyLimit<S>
+where
+    S: Service<
+        http::Request<RequestBody>,
+        Response = http::Response<ResponseBody>,
+        Error = Infallible,
+    >,
+{
+    type Response = http::Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<http::Response<ResponseBody>, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<RequestBody>) -> Self::Future {
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.limit as u64) {
+            return Either::Left(ready(Ok(
+                ApiError::PayloadTooLarge { limit: self.limit }.into_response()
+            )));
+        }
+        let limit = self.limit;
+        Either::Right(
+            self.inner
+                .call(req.map(|body| Limited::new(body, limit).boxed_unsync())),
+        )
+    }
+}

@@ -1,0 +1,60 @@
+//! The presence HTTP server (SPEC §3): a tower service stack, and a hyper server
+//! that runs it.
+//!
+//! - [`PresenceService`]: the whole API as one `tower::Service<http::Request<B>>`;
+//!   use it in-process (tests, or as a [`PresenceClient`](crate::client) transport),
+//!   or mount it in your own hyper / axum server.
+//! - [`Server`]: binds the configured address and serves the service over HTTP/1 and
+//!   HTTP/2 with graceful shutdown; [`serve`] does bind + run in one call.
+//!
+//! The stack, outermost first:
+//!
+//! ```text
+//! tracing (tower-http TraceLayer)
+//! metrics (requests by route/method/status, latency)        -> GET /metrics
+//! request timeout (PRESENCE_REQUEST_TIMEOUT_MS, 408)
+//! ├─ /healthz /readyz /metrics (and unknown paths) ─────────┐
+//! └─ /presence*: bearer auth (401)                           │
+//!                token bucket per client IP (429 + Retry-After)
+//!                16 KiB body limit (413)                     │
+//!                router <────────────────────────────────────┘
+//!                  -> store, behind PRESENCE_STORE_TIMEOUT_MS and a circuit breaker (503)
+//! ```
+//!
+//! Every error is `{"error": code, "message": sentence}`, made by
+//! [`ApiError::into_response`].
+
+mod auth;
+mod errors;
+mod limit;
+mod metrics;
+mod router;
+mod serve;
+mod service;
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
+use http_body_util::{BodyExt, Full};
+use resilience::BoxError;
+
+pub use self::auth::{BearerAuth, BearerAuthLayer};
+pub use self::errors::ApiError;
+pub use self::limit::{BodyLimit, BodyLimitLayer};
+pub use self::metrics::{Metrics, MetricsLayer, MetricsService, StoreErrorKind};
+pub use self::serve::{serve, shutdown_signal, Server};
+pub use self::service::{service, PresenceService};
+
+/// Largest accepted request body on `/presence*` (16 KiB).
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// The request body type inside the stack: whatever the caller sent, boxed.
+pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The response body of [`PresenceService`]: always a complete in-memory body.
+pub type ResponseBody = BoxBody<Bytes, Infallible>;
+
+fn full(bytes: Bytes) -> ResponseBody {
+    Full::new(bytes).boxed()
+}

@@ -1,0 +1,504 @@
+//! Routing and the request handlers.
+//!
+//! Routing is one `match` on the path and the method: the API has eight fixed routes
+//! and one path parameter, which a `match` expresses completely and readably, with
+//! `404` vs `405` + `Allow` decided in the same place. A router crate would add a
+//! dependency (and its own error responses to re-map into our JSON shape) for no gain.
+//!
+//! `/presence/login`, `/presence/heartbeat` and `/presence/logout` are also valid node
+//! ids: a `GET` on them is the node lookup (`GET /presence/{node_id}`), a `POST` is the
+//! action, so such a node can still be fetched.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError};
+use resilience::circuit_breaker::CircuitBreaker;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tower::Service;
+
+use super::errors::{bytes_response, json_response, ApiError};
+use super::metrics::{Metrics, StoreErrorKind};
+use super::{RequestBody, ResponseBody, MAX_BODY_BYTES};
+use crate::model::{
+    try_new_lease_id, HeartbeatResponse, LoginResponse, LogoutResponse, Meta, NodeId,
+};
+use crate::store::{Store, StoreError};
+
+/// A matched route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Route<'a> {
+    Login,
+    Heartbeat,
+    Logout,
+    List,
+    Get(&'a str),
+    Healthz,
+    Readyz,
+    Metrics,
+}
+
+const GET: &str = "GET";
+const GET_POST: &str = "GET, POST";
+
+/// The routing table: the route for `method` + `path`, or the `404` / `405` error.
+pub(crate) fn resolve<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, ApiError> {
+    let (route, allow) = match path {
+        "/healthz" => (method_is(method, Method::GET, Route::Healthz), GET),
+        "/readyz" => (method_is(method, Method::GET, Route::Readyz), GET),
+        "/metrics" => (method_is(method, Method::GET, Route::Metrics), GET),
+        "/presence" => (method_is(method, Method::GET, Route::List), GET),
+        "/presence/login" | "/presence/heartbeat" | "/presence/logout" => {
+            let action = match path {
+                "/presence/login" => Route::Login,
+                "/presence/heartbeat" => Route::Heartbeat,
+                _ => Route::Logout,
+            };
+            let route = match *method {
+                Method::POST => Some(action),
+                Method::GET => Some(Route::Get(&path["/presence/".len()..])),
+                _ => None,
+            };
+            (route, GET_POST)
+        }
+        _ => match path.strip_prefix("/presence/") {
+            // One path segment only: `/presence/a/b` is no route, not node "a/b".
+            Some(id) if !id.contains('/') => (method_is(method, Method::GET, Route::Get(id)), GET),
+            _ => {
+                return Err(ApiError::RouteNotFound {
+                    method: method.clone(),
+                    path: path.to_owned(),
+                })
+            }
+        },
+    };
+    route.ok_or(ApiError::MethodNotAllowed { allow })
+}
+
+fn method_is<'a>(method: &Method, expected: Method, route: Route<'a>) -> Option<Route<'a>> {
+    (*method == expected).then_some(route)
+}
+
+/// The metrics label of a request: its route template, `unmatched` if there is none.
+pub(crate) fn route_label(method: &Method, path: &str) -> &'static str {
+    match resolve(method, path) {
+        Ok(route) => route.label(),
+        // Wrong method on a known path: label by the path, whichever method was used.
+        Err(ApiError::MethodNotAllowed { .. }) => match path {
+            "/healthz" => "/healthz",
+            "/readyz" => "/readyz",
+            "/metrics" => "/metrics",
+            "/presence" => "/presence",
+            "/presence/login" => "/presence/login",
+            "/presence/heartbeat" => "/presence/heartbeat",
+            "/presence/logout" => "/presence/logout",
+            _ => "/presence/{node_id}",
+        },
+        Err(_) => "unmatched",
+    }
+}
+
+impl Route<'_> {
+    fn label(self) -> &'static str {
+        match self {
+            Route::Login => "/presence/login",
+            Route::Heartbeat => "/presence/heartbeat",
+            Route::Logout => "/presence/logout",
+            Route::List => "/presence",
+            Route::Get(_) => "/presence/{node_id}",
+            Route::Healthz => "/healthz",
+            Route::Readyz => "/readyz",
+            Route::Metrics => "/metrics",
+        }
+    }
+}
+
+/// Whether `path` is under `/presence` (authenticated, rate limited, body limited).
+pub(crate) fn is_presence_path(path: &str) -> bool {
+    path == "/presence" || path.starts_with("/presence/")
+}
+
+/// Everything the handlers share. One per [`PresenceService`](super::PresenceService).
+pub(crate) struct State {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) breaker: CircuitBreaker,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) store_timeout: Duration,
+    pub(crate) ttl_ms: u64,
+    pub(crate) heartbeat_ms: u64,
+    pub(crate) max_meta_bytes: usize,
+}
+
+/// How long a client should wait after a store failure that was not a breaker
+/// rejection (the breaker knows better when it will let calls through again).
+const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+impl State {
+    /// Runs one store call under the store timeout and the circuit breaker.
+    ///
+    /// `NotFound` and `LeaseMismatch` are answers, so they count as breaker successes;
+    /// only `Unavailable` and timeouts are failures. `node` names the node in a
+    /// `404` message.
+    async fn guarded<'s, T, F>(
+        &'s self,
+        node: &str,
+        call: impl FnOnce(&'s dyn Store) -> F,
+    ) -> Result<T, ApiError>
+    where
+        F: Future<Output = Result<T, StoreError>> + 's,
+    {
+        let permit = match self.breaker.try_acquire() {
+            Ok(permit) => permit,
+            Err(open) => {
+                self.metrics.record_store_error(StoreErrorKind::CircuitOpen);
+                return Err(ApiError::StoreUnavailable {
+                    retry_after: open.retry_after,
+                });
+            }
+        };
+        // The store is only asked once the breaker has admitted the call.
+        let (result, kind) = match tokio::time::timeout(self.store_timeout, call(&*self.store))
+            .await
+        {
+            Ok(Ok(value)) => (Ok(value), None),
+            Ok(Err(StoreError::NotFound)) => (Err(ApiError::NodeNotFound(node.to_owned())), None),
+            Ok(Err(StoreError::LeaseMismatch)) => (Err(ApiError::LeaseMismatch), None),
+            Ok(Err(StoreError::Unavailable(why))) => {
+                tracing::warn!(reason = %why, "store call failed");
+                (
+                    Err(ApiError::StoreUnavailable {
+                        retry_after: STORE_RETRY_AFTER,
+                    }),
+                    Some(StoreErrorKind::Unavailable),
+                )
+            }
+            Err(_elapsed) => {
+                tracing::warn!(timeout = ?self.store_timeout, "store call timed out");
+                (
+                    Err(ApiError::StoreUnavailable {
+                        retry_after: STORE_RETRY_AFTER,
+                    }),
+                    Some(StoreErrorKind::Timeout),
+                )
+            }
+        };
+        match kind {
+            None => permit.success(),
+            Some(kind) => {
+                self.metrics.record_store_error(kind);
+                permit.failure();
+            }
+        }
+        result
+    }
+
+    async fn handle(
+        &self,
+        req: http::Request<RequestBody>,
+    ) -> Result<http::Response<ResponseBody>, ApiError> {
+        let (parts, body) = req.into_parts();
+        match resolve(&parts.method, parts.uri.path())? {
+            Route::Healthz => Ok(json_response(StatusCode::OK, &Status { status: "ok" })),
+            Route::Readyz => {
+                self.guarded("", |s| s.ping()).await?;
+                Ok(json_response(StatusCode::OK, &Status { status: "ready" }))
+            }
+            Route::Metrics => Ok(bytes_response(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                Bytes::from(self.metrics.encode()),
+            )),
+            Route::List => {
+                let nodes = self.guarded("", |s| s.list()).await?;
+                self.metrics.set_online_nodes(nodes.len());
+                Ok(json_response(StatusCode::OK, &nodes))
+            }
+            Route::Get(id) => {
+                let node = NodeId::parse(id).map_err(ApiError::InvalidNodeId)?;
+                match self.guarded(id, |s| s.get(&node)).await? {
+                    Some(found) => Ok(json_response(StatusCode::OK, &found)),
+                    None => Err(ApiError::NodeNotFound(node.into_string())),
+                }
+            }
+            Route::Login => {
+                let req: LoginWire = read_json(&parts.headers, body).await?;
+                let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
+                let meta = self.check_meta(req.meta)?.unwrap_or_default();
+                let lease_id = try_new_lease_id()
+                    .map_err(|e| ApiError::Internal(format!("OS random source failed: {e}")))?;
+                let outcome = self
+                    .guarded(&req.node_id, |s| {
+                        s.login(&node, &lease_id, self.ttl_ms, meta)
+                    })
+                    .await?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &LoginResponse {
+                        node_id: node.into_string(),
+                        lease_id,
+                        ttl_ms: self.ttl_ms,
+                        heartbeat_ms: self.heartbeat_ms,
+                        expires_at_ms: outcome.expires_at_ms,
+                    },
+                ))
+            }
+            Route::Heartbeat => {
+                let req: HeartbeatWire = read_json(&parts.headers, body).await?;
+                let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
+                let meta = self.check_meta(req.meta)?;
+                let expires_at_ms = self
+                    .guarded(&req.node_id, |s| {
+                        s.heartbeat(&node, &req.lease_id, self.ttl_ms, meta)
+                    })
+                    .await?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &HeartbeatResponse {
+                        node_id: node.into_string(),
+                        lease_id: req.lease_id,
+                        expires_at_ms,
+                    },
+                ))
+            }
+            Route::Logout => {
+                let req: LogoutWire = read_json(&parts.headers, body).await?;
+                let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
+                let removed = self
+                    .guarded(&req.node_id, |s| s.logout(&node, &req.lease_id))
+                    .await?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &LogoutResponse {
+                        node_id: node.into_string(),
+                        removed,
+                    },
+                ))
+            }
+        }
+    }
+
+    /// `meta` must be a JSON object (`null` or absent means "none") of at most
+    /// `max_meta_bytes` serialized.
+    fn check_meta(&self, meta: Option<serde_json::Value>) -> Result<Option<Meta>, ApiError> {
+        let meta = match meta {
+            None | Some(serde_json::Value::Null) => return Ok(None),
+            Some(serde_json::Value::Object(map)) => map,
+            Some(_) => {
+                return Err(ApiError::InvalidMeta(
+                    "meta must be a JSON object".to_owned(),
+                ))
+            }
+        };
+        let mut size = ByteCounter(0);
+        // Serializing a `Value` into a counting writer cannot fail; if it ever did,
+        // treating the meta as invalid is the safe side.
+        if serde_json::to_writer(&mut size, &meta).is_err() || size.0 > self.max_meta_bytes {
+            return Err(ApiError::InvalidMeta(format!(
+                "meta is {} bytes serialized; at most {} are allowed",
+                size.0, self.max_meta_bytes
+            )));
+        }
+        Ok(Some(meta))
+    }
+}
+
+/// Counts the bytes written to it (the serialized size of meta, without allocating it).
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 = self.0.saturating_add(buf.len());
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Serialize)]
+struct Status {
+    status: &'static str,
+}
+
+// The wire types of the POST bodies. `meta` is a raw `Value` here (not the model's
+// `Option<Meta>`) so that a non-object meta is a `422 invalid_meta`, as the SPEC
+// says, rather than a `400` from the deserializer.
+#[derive(Deserialize)]
+struct LoginWire {
+    node_id: String,
+    #[serde(default)]
+    meta: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct HeartbeatWire {
+    node_id: String,
+    lease_id: String,
+    #[serde(default)]
+    meta: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct LogoutWire {
+    node_id: String,
+    lease_id: String,
+}
+
+/// `application/json` or any `application/*+json`, parameters (`; charset=utf-8`)
+/// allowed, case-insensitive.
+fn is_json_content_type(headers: &http::HeaderMap) -> bool {
+    let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    match essence.strip_prefix("application/") {
+        Some(subtype) => subtype == "json" || subtype.ends_with("+json"),
+        None => false,
+    }
+}
+
+/// Checks the content type (`415`), reads the body (`413` over the limit) and
+/// deserializes it (`400`).
+async fn read_json<T: DeserializeOwned>(
+    headers: &http::HeaderMap,
+    body: RequestBody,
+) -> Result<T, ApiError> {
+    if !is_json_content_type(headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let bytes = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(ApiError::PayloadTooLarge {
+                limit: MAX_BODY_BYTES,
+            })
+        }
+        Err(e) => {
+            return Err(ApiError::BadRequest(format!(
+                "could not read the request body: {e}"
+            )))
+        }
+    };
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
+    // serde's derived structs also accept a JSON array of the fields in order; the API
+    // takes objects only.
+    if !value.is_object() {
+        return Err(ApiError::BadRequest(
+            "the body must be a JSON object".to_owned(),
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
+}
+
+/// The innermost service: routes and handles a request.
+#[derive(Clone)]
+pub(crate) struct Router {
+    state: Arc<State>,
+}
+
+impl Router {
+    pub(crate) fn new(state: Arc<State>) -> Self {
+        Router { state }
+    }
+}
+
+impl Service<http::Request<RequestBody>> for Router {
+    type Response = http::Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<RequestBody>) -> Self::Future {
+        let state = self.state.clone();
+        Box::pin(async move {
+            Ok(state
+                .handle(req)
+                .await
+                .unwrap_or_else(ApiError::into_response))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(resolve(&Method::GET, "/presence"), Ok(Route::List));
+        assert_eq!(resolve(&Method::POST, "/presence/login"), Ok(Route::Login));
+        assert_eq!(
+            resolve(&Method::GET, "/presence/login"),
+            Ok(Route::Get("login"))
+        );
+        assert_eq!(
+            resolve(&Method::GET, "/presence/n-1"),
+            Ok(Route::Get("n-1"))
+        );
+        assert_eq!(resolve(&Method::GET, "/presence/"), Ok(Route::Get("")));
+        assert!(matches!(
+            resolve(&Method::GET, "/presence/a/b"),
+            Err(ApiError::RouteNotFound { .. })
+        ));
+        assert_eq!(
+            resolve(&Method::DELETE, "/presence/login"),
+            Err(ApiError::MethodNotAllowed { allow: GET_POST })
+        );
+        assert_eq!(
+            resolve(&Method::POST, "/presence/n-1"),
+            Err(ApiError::MethodNotAllowed { allow: GET })
+        );
+    }
+
+    #[test]
+    fn labels_are_templates() {
+        assert_eq!(
+            route_label(&Method::GET, "/presence/n-1"),
+            "/presence/{node_id}"
+        );
+        assert_eq!(
+            route_label(&Method::PUT, "/presence/n-1"),
+            "/presence/{node_id}"
+        );
+        assert_eq!(
+            route_label(&Method::PUT, "/presence/login"),
+            "/presence/login"
+        );
+        assert_eq!(route_label(&Method::GET, "/wp-admin"), "unmatched");
+        assert_eq!(route_label(&Method::POST, "/healthz"), "/healthz");
+    }
+
+    #[test]
+    fn json_content_types() {
+        let h = |v: &str| {
+            let mut m = http::HeaderMap::new();
+            if let Ok(v) = http::HeaderValue::from_str(v) {
+                m.insert(CONTENT_TYPE, v);
+            }
+            is_json_content_type(&m)
+        };
+        assert!(h("application/json"));
+        assert!(h("Application/JSON; charset=utf-8"));
+        assert!(h("application/merge-patch+json"));
+        assert!(!h("text/plain"));
+        assert!(!h("application/jsonx"));
+        assert!(!is_json_content_type(&http::HeaderMap::new()));
+    }
+}

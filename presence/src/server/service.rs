@@ -1,0 +1,254 @@
+//! [`PresenceService`]: the whole server as one tower `Service`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Body;
+use http_body_util::BodyExt;
+use resilience::circuit_breaker::{CircuitBreaker, CircuitState};
+use resilience::key::TrustedProxyIp;
+use resilience::token_bucket::TokenBucketLayer;
+use resilience::BoxError;
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceBuilder};
+use tower_http::trace::TraceLayer;
+
+use super::auth::BearerAuthLayer;
+use super::errors::ApiError;
+use super::limit::BodyLimitLayer;
+use super::metrics::{Metrics, MetricsLayer};
+use super::router::{is_presence_path, Router, State};
+use super::{RequestBody, ResponseBody, MAX_BODY_BYTES};
+use crate::config::Config;
+use crate::store::Store;
+
+/// Consecutive store failures (errors or timeouts) that open the store breaker.
+const BREAKER_FAILURES: u32 = 5;
+/// How long the store breaker stays open before it lets one trial call through.
+/// Short, because a restarted Redis should be used again within a heartbeat.
+const BREAKER_OPEN_FOR: Duration = Duration::from_secs(2);
+
+type Inner =
+    BoxCloneSyncService<http::Request<RequestBody>, http::Response<ResponseBody>, Infallible>;
+
+/// The presence server as a tower service: tracing -> metrics -> request timeout ->
+/// (for `/presence*`: bearer auth -> per-client token bucket -> 16 KiB body limit) ->
+/// router -> store (behind a timeout and a circuit breaker).
+///
+/// It accepts any request body (`hyper::body::Incoming`, `Full<Bytes>`, ...), never
+/// fails (`Error = Infallible`; every error is a JSON response) and is cheap to clone:
+/// clones share the store, the breaker, the rate-limit buckets and the metrics.
+///
+/// The token bucket is keyed by client IP, read from the peer [`SocketAddr`] in the
+/// request extensions (which [`Server`](super::Server) inserts). A request without
+/// one is a `500` naming what is missing, never a silently shared bucket; in-process
+/// callers that have no peer use [`with_default_peer`](Self::with_default_peer).
+///
+/// ```
+/// # async fn demo() {
+/// use std::sync::Arc;
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use presence::{config::Config, server::PresenceService, store::MemoryStore};
+/// use tower::ServiceExt;
+///
+/// let service = PresenceService::new(Arc::new(MemoryStore::new()), &Config::default())
+///     .with_default_peer(([127, 0, 0, 1], 40000).into());
+/// let req = http::Request::get("/presence").body(Full::new(Bytes::new())).unwrap();
+/// let res = service.oneshot(req).await.unwrap();
+/// assert_eq!(res.status(), 200);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PresenceService {
+    inner: Inner,
+    metrics: Arc<Metrics>,
+    default_peer: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for PresenceService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PresenceService")
+            .field("default_peer", &self.default_peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PresenceService {
+    /// Builds the service stack on `store` with the limits, timeouts and auth token of
+    /// `config` (its bind address and shutdown grace are for [`Server`](super::Server)).
+    pub fn new(store: Arc<dyn Store>, config: &Config) -> PresenceService {
+        let metrics = Arc::new(Metrics::new());
+        let breaker_metrics = metrics.clone();
+        let breaker = CircuitBreaker::builder()
+            .consecutive_failures(BREAKER_FAILURES)
+            .open_for(BREAKER_OPEN_FOR)
+            .on_state_change(move |t| {
+                let gauge = match t.to {
+                    CircuitState::Closed => 0,
+                    CircuitState::HalfOpen => 1,
+                    CircuitState::Open => 2,
+                };
+                breaker_metrics.set_circuit_state(gauge);
+                tracing::warn!(from = %t.from, to = %t.to, "store circuit breaker changed state");
+            })
+            .build();
+        let state = Arc::new(State {
+            store,
+            breaker,
+            metrics: metrics.clone(),
+            store_timeout: config.store_timeout,
+            ttl_ms: duration_ms(config.ttl),
+            heartbeat_ms: duration_ms(config.heartbeat),
+            max_meta_bytes: config.max_meta_bytes,
+        });
+        let router = Router::new(state);
+
+        let presence = ServiceBuilder::new()
+            .layer(BearerAuthLayer::new(config.auth_token.as_deref()))
+            .map_response(
+                |res: http::Response<resilience::ResponseBody<ResponseBody>>| {
+                    res.map(BodyExt::boxed)
+                },
+            )
+            .layer(
+                TokenBucketLayer::new(config.rate_limit_rate, config.rate_limit_capacity)
+                    .key(TrustedProxyIp::new(config.trusted_proxies.clone()))
+                    .http(),
+            )
+            .layer(BodyLimitLayer::new(MAX_BODY_BYTES))
+            .service(router.clone());
+
+        let dispatch = Dispatch {
+            presence: BoxCloneSyncService::new(presence),
+            ops: router,
+        };
+
+        let stack = ServiceBuilder::new()
+            .map_response(|res: http::Response<_>| res.map(BodyExt::boxed))
+            .layer(TraceLayer::new_for_http())
+            .layer(MetricsLayer::new(metrics.clone()))
+            .service(RequestTimeout {
+                inner: dispatch,
+                timeout: config.request_timeout,
+            });
+
+        PresenceService {
+            inner: BoxCloneSyncService::new(stack),
+            metrics,
+            default_peer: None,
+        }
+    }
+
+    /// Requests that carry no peer [`SocketAddr`] extension are treated as coming
+    /// from `peer`. For in-process use (tests, a client given this service as its
+    /// transport), like httpx's `ASGITransport(client=...)`; a network server inserts
+    /// the real peer address and never needs it.
+    pub fn with_default_peer(mut self, peer: SocketAddr) -> Self {
+        self.default_peer = Some(peer);
+        self
+    }
+
+    /// The metrics this service records (also served at `GET /metrics`).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+}
+
+/// Builds a [`PresenceService`]; the same as [`PresenceService::new`].
+pub fn service(store: Arc<dyn Store>, config: &Config) -> PresenceService {
+    PresenceService::new(store, config)
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl<B> Service<http::Request<B>> for PresenceService
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = http::Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = <Inner as Service<http::Request<RequestBody>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Service::<http::Request<RequestBody>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let mut req = req.map(|body| body.map_err(Into::into).boxed_unsync());
+        if let Some(peer) = self.default_peer {
+            if req.extensions().get::<SocketAddr>().is_none() {
+                req.extensions_mut().insert(peer);
+            }
+        }
+        self.inner.call(req)
+    }
+}
+
+/// Sends `/presence*` through auth, rate limit and body limit; `/healthz`,
+/// `/readyz`, `/metrics` (and unknown paths, for their `404`) straight to the router.
+#[derive(Clone)]
+struct Dispatch {
+    presence: Inner,
+    ops: Router,
+}
+
+impl Service<http::Request<RequestBody>> for Dispatch {
+    type Response = http::Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = <Inner as Service<http::Request<RequestBody>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The router is always ready; only the presence stack could make us wait.
+        self.presence.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<RequestBody>) -> Self::Future {
+        if is_presence_path(req.uri().path()) {
+            self.presence.call(req)
+        } else {
+            self.ops.call(req)
+        }
+    }
+}
+
+/// Answers `408 request_timeout` when the inner service takes longer than `timeout`
+/// (in practice: a client that trickles its body). `tower::timeout` would turn this
+/// into an error, and the stack promises `Error = Infallible`.
+///
+/// Not generic on purpose: over a generic inner service, rustc cannot prove the boxed
+/// future `Send` for the boxed-error request body (a known higher-ranked lifetime
+/// limitation), and this layer has exactly one inner service.
+#[derive(Clone)]
+struct RequestTimeout {
+    inner: Dispatch,
+    timeout: Duration,
+}
+
+impl Service<http::Request<RequestBody>> for RequestTimeout {
+    type Response = http::Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = <Inner as Service<http::Request<RequestBody>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<RequestBody>) -> Self::Future {
+        let fut = self.inner.call(req);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, fut).await {
+                Ok(result) => result,
+                Err(_elapsed) => Ok(ApiError::RequestTimeout.into_response()),
+            }
+        })
+    }
+}

@@ -1,0 +1,344 @@
+//! [`MemoryStore`]: presence state in process memory, for a single server.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use super::{BoxFuture, LoginOutcome, Store, StoreError};
+use crate::model::{Meta, Node, NodeId};
+
+const SHARDS: usize = 32;
+
+/// How often (store clock) a write sweeps expired records out of memory.
+const PURGE_INTERVAL_MS: u64 = 1_000;
+
+/// Presence state in process memory: the embedded default for **one** server (each
+/// server process would see only its own nodes; use [`RedisStore`](super::RedisStore)
+/// to share state).
+///
+/// - Sharded `RwLock<HashMap>`s; locks are never held across an `.await`.
+/// - Compact: a record is the id, the lease, the meta as its serialized JSON
+///   (shared, so listing copies a pointer, not the text) and three `u64`s: 100 000
+///   nodes with a three-field meta take about 25 MB.
+/// - Clock: the wall clock read once at construction plus the elapsed
+///   [`tokio::time::Instant`], so tests on paused tokio time expire nodes
+///   deterministically.
+/// - Expired records are invisible at once and swept out opportunistically by writes
+///   and listings (at most once per second), so memory is bounded by the online nodes
+///   plus one second's worth of logins.
+#[derive(Debug)]
+pub struct MemoryStore {
+    shards: Box<[Shard]>,
+    hasher: RandomState,
+    base_ms: u64,
+    base: Instant,
+    next_purge_ms: AtomicU64,
+}
+
+type Shard = RwLock<HashMap<Box<str>, Entry>>;
+
+#[derive(Debug)]
+struct Entry {
+    lease: Box<str>,
+    /// Serialized JSON object; `None` stands for `{}` (the common case costs nothing).
+    meta: Option<Arc<str>>,
+    online_since_ms: u64,
+    last_seen_ms: u64,
+    expires_at_ms: u64,
+}
+
+impl Entry {
+    fn online(&self, now: u64) -> bool {
+        now < self.expires_at_ms
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store whose clock starts at the current wall-clock time.
+    pub fn new() -> Self {
+        let base_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        MemoryStore {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            hasher: RandomState::new(),
+            base_ms,
+            base: Instant::now(),
+            next_purge_ms: AtomicU64::new(base_ms.saturating_add(PURGE_INTERVAL_MS)),
+        }
+    }
+
+    /// The store clock: Unix epoch milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        let elapsed = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.base_ms.saturating_add(elapsed)
+    }
+
+    /// Number of records held, including expired ones not swept out yet.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| read(s).len()).sum()
+    }
+
+    /// `true` when no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes every expired record now; returns how many were removed.
+    pub fn purge_expired(&self) -> usize {
+        let now = self.now_ms();
+        self.shards
+            .iter()
+            .map(|shard| {
+                let mut map = write(shard);
+                let before = map.len();
+                map.retain(|_, e| e.online(now));
+                if map.capacity() > 64 && map.capacity() > 4 * map.len() {
+                    map.shrink_to_fit();
+                }
+                before - map.len()
+            })
+            .sum()
+    }
+
+    fn maybe_purge(&self, now: u64) {
+        let due = self.next_purge_ms.load(Ordering::Relaxed);
+        // Only the caller that wins the exchange sweeps; the others carry on.
+        if now >= due
+            && self
+                .next_purge_ms
+                .compare_exchange(
+                    due,
+                    now.saturating_add(PURGE_INTERVAL_MS),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            self.purge_expired();
+        }
+    }
+
+    fn shard(&self, node: &str) -> &Shard {
+        // Truncation is fine: only the low bits pick the shard.
+        let i = self.hasher.hash_one(node) as usize % self.shards.len();
+        &self.shards[i]
+    }
+
+    fn login_sync(
+        &self,
+        node: &NodeId,
+        lease_id: &str,
+        ttl_ms: u64,
+        meta: &Meta,
+    ) -> Result<LoginOutcome, StoreError> {
+        let meta = encode_meta(meta)?;
+        let now = self.now_ms();
+        self.maybe_purge(now);
+        let expires_at_ms = now.saturating_add(ttl_ms);
+        let entry = Entry {
+            lease: lease_id.into(),
+            meta,
+            online_since_ms: now,
+            last_seen_ms: now,
+            expires_at_ms,
+        };
+        write(self.shard(node.as_str())).insert(node.as_str().into(), entry);
+        Ok(LoginOutcome {
+            online_since_ms: now,
+            expires_at_ms,
+        })
+    }
+
+    fn heartbeat_sync(
+        &self,
+        node: &NodeId,
+        lease_id: &str,
+        ttl_ms: u64,
+        meta: Option<&Meta>,
+    ) -> Result<u64, StoreError> {
+        let meta = meta.map(encode_meta).transpose()?;
+        let now = self.now_ms();
+        self.maybe_purge(now);
+        let mut map = write(self.shard(node.as_str()));
+        let entry = match map.get_mut(node.as_str()) {
+            Some(e) if e.online(now) => e,
+            Some(_) => {
+                map.remove(node.as_str());
+                return Err(StoreError::NotFound);
+            }
+            None => return Err(StoreError::NotFound),
+        };
+        if *entry.lease != *lease_id {
+            return Err(StoreError::LeaseMismatch);
+        }
+        entry.last_seen_ms = now;
+        entry.expires_at_ms = now.saturating_add(ttl_ms);
+        if let Some(meta) = meta {
+            entry.meta = meta;
+        }
+        Ok(entry.expires_at_ms)
+    }
+
+    fn logout_sync(&self, node: &NodeId, lease_id: &str) -> Result<bool, StoreError> {
+        let now = self.now_ms();
+        let mut map = write(self.shard(node.as_str()));
+        match map.get(node.as_str()) {
+            None => Ok(false),
+            Some(e) if !e.online(now) => {
+                map.remove(node.as_str());
+                Ok(false)
+            }
+            Some(e) if *e.lease != *lease_id => Err(StoreError::LeaseMismatch),
+            Some(_) => {
+                map.remove(node.as_str());
+                Ok(true)
+            }
+        }
+    }
+
+    fn list_sync(&self) -> Result<Vec<Node>, StoreError> {
+        let now = self.now_ms();
+        self.maybe_purge(now);
+        // Copy under the lock (cheap: the meta is shared), decode after releasing it.
+        let mut raw = Vec::new();
+        for shard in self.shards.iter() {
+            let map = read(shard);
+            raw.reserve(map.len());
+            raw.extend(
+                map.iter()
+                    .filter(|(_, e)| e.online(now))
+                    .map(|(id, e)| snapshot(id, e)),
+            );
+        }
+        raw.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        raw.into_iter().map(Snapshot::into_node).collect()
+    }
+
+    fn get_sync(&self, node: &NodeId) -> Result<Option<Node>, StoreError> {
+        let now = self.now_ms();
+        let snap = read(self.shard(node.as_str()))
+            .get_key_value(node.as_str())
+            .filter(|(_, e)| e.online(now))
+            .map(|(id, e)| snapshot(id, e));
+        snap.map(Snapshot::into_node).transpose()
+    }
+}
+
+/// A copy of one record taken under the lock and decoded after releasing it.
+struct Snapshot {
+    id: Box<str>,
+    meta: Option<Arc<str>>,
+    online_since_ms: u64,
+    last_seen_ms: u64,
+    expires_at_ms: u64,
+}
+
+fn snapshot(id: &str, e: &Entry) -> Snapshot {
+    Snapshot {
+        id: id.into(),
+        meta: e.meta.clone(),
+        online_since_ms: e.online_since_ms,
+        last_seen_ms: e.last_seen_ms,
+        expires_at_ms: e.expires_at_ms,
+    }
+}
+
+impl Snapshot {
+    fn into_node(self) -> Result<Node, StoreError> {
+        let meta = match self.meta {
+            None => Meta::new(),
+            Some(json) => serde_json::from_str(&json)
+                .map_err(|e| StoreError::Unavailable(format!("stored meta is corrupt: {e}")))?,
+        };
+        Ok(Node {
+            node_id: self.id.into(),
+            meta,
+            online_since_ms: self.online_since_ms,
+            last_seen_ms: self.last_seen_ms,
+            expires_at_ms: self.expires_at_ms,
+        })
+    }
+}
+
+fn encode_meta(meta: &Meta) -> Result<Option<Arc<str>>, StoreError> {
+    if meta.is_empty() {
+        return Ok(None);
+    }
+    serde_json::to_string(meta)
+        .map(|s| Some(Arc::from(s)))
+        .map_err(|e| StoreError::Unavailable(format!("cannot encode meta: {e}")))
+}
+
+// A panic while a lock is held cannot leave an entry half-written (every mutation is
+// a single assignment or insert), so a poisoned lock is still consistent.
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+// The futures copy their arguments and act when polled, not when created, like any
+// other future (a timed-out or dropped call that never ran has no effect).
+impl Store for MemoryStore {
+    fn login(
+        &self,
+        node: &NodeId,
+        lease_id: &str,
+        ttl_ms: u64,
+        meta: Meta,
+    ) -> BoxFuture<'_, Result<LoginOutcome, StoreError>> {
+        let (node, lease_id) = (node.clone(), lease_id.to_owned());
+        Box::pin(async move { self.login_sync(&node, &lease_id, ttl_ms, &meta) })
+    }
+
+    fn heartbeat(
+        &self,
+        node: &NodeId,
+        lease_id: &str,
+        ttl_ms: u64,
+        meta: Option<Meta>,
+    ) -> BoxFuture<'_, Result<u64, StoreError>> {
+        let (node, lease_id) = (node.clone(), lease_id.to_owned());
+        Box::pin(async move { self.heartbeat_sync(&node, &lease_id, ttl_ms, meta.as_ref()) })
+    }
+
+    fn logout(&self, node: &NodeId, lease_id: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let (node, lease_id) = (node.clone(), lease_id.to_owned());
+        Box::pin(async move { self.logout_sync(&node, &lease_id) })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Node>, StoreError>> {
+        Box::pin(async move { self.list_sync() })
+    }
+
+    fn get(&self, node: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>> {
+        let node = node.clone();
+        Box::pin(async move { self.get_sync(&node) })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn now_ms(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move { Ok(MemoryStore::now_ms(self)) })
+    }
+
+    fn describe(&self) -> String {
+        "memory (single server only: state is not shared between servers)".to_owned()
+    }
+}

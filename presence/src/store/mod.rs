@@ -1,0 +1,203 @@
+//! Where presence state lives: the [`Store`] trait and its two implementations,
+//! [`MemoryStore`] (one server, embedded default) and [`RedisStore`] (shared by any
+//! number of stateless servers).
+//!
+//! # Semantics (both stores)
+//!
+//! All times are Unix epoch milliseconds from the **store's** clock (Redis `TIME` for
+//! Redis), never the caller's, so servers with skewed clocks agree.
+//!
+//! - A node is *online* while `now < expires_at_ms`. A node with
+//!   `expires_at_ms <= now` is never listed, fetched, heartbeated or logged out, even
+//!   if its record has not been garbage-collected yet.
+//! - [`Store::login`] always succeeds and replaces whatever was there: the caller's
+//!   new lease becomes the only valid one (the old lease is fenced off) and a new
+//!   session starts, so `online_since_ms = last_seen_ms = now` and
+//!   `expires_at_ms = now + ttl_ms`.
+//! - [`Store::heartbeat`] needs an online node ([`StoreError::NotFound`] otherwise)
+//!   and its current lease ([`StoreError::LeaseMismatch`] otherwise; the not-online
+//!   check comes first). It sets `last_seen_ms = now`, `expires_at_ms = now + ttl_ms`;
+//!   `Some(meta)` replaces the meta (no merge), `None` keeps it.
+//! - [`Store::logout`] of an online node with its current lease removes it
+//!   (`Ok(true)`); a node that is not online gives `Ok(false)` whatever the lease;
+//!   an online node with another lease is [`StoreError::LeaseMismatch`].
+//! - [`Store::list`] returns the online nodes sorted by `node_id` (byte order).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::model::{Meta, Node, NodeId};
+
+pub mod memory;
+pub mod redis;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::RedisStore;
+
+/// A boxed, `Send` future, as returned by the object-safe [`Store`] methods.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a successful [`Store::login`] reports (store clock).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoginOutcome {
+    /// Start of the new session; also its `last_seen_ms`.
+    pub online_since_ms: u64,
+    /// `online_since_ms + ttl_ms`.
+    pub expires_at_ms: u64,
+}
+
+/// Why a store operation failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreError {
+    /// The node is not online (never seen, logged out or expired).
+    NotFound,
+    /// The node is online under another lease.
+    LeaseMismatch,
+    /// The store could not be reached or answered unexpectedly; the message says
+    /// why (it never contains credentials).
+    Unavailable(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::NotFound => f.write_str("node is not online"),
+            StoreError::LeaseMismatch => f.write_str("lease is not the node's current lease"),
+            StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Presence state storage. Object safe: servers hold an `Arc<dyn Store>`.
+///
+/// The returned futures borrow only `self`; arguments are copied as needed, so a
+/// caller may drop them before awaiting. See the [module docs](self) for the exact
+/// semantics every implementation follows.
+pub trait Store: Send + Sync + 'static {
+    /// Starts a new session for `node` under `lease_id` (always succeeds unless the
+    /// store is unavailable), replacing any previous session and lease.
+    fn login(
+        &self,
+        node: &NodeId,
+        lease_id: &str,
+        ttl_ms: u64,
+        meta: Meta,
+    ) -> BoxFuture<'_, Result<LoginOutcome, StoreError>>;
+
+    /// Extends an online node's session; returns the new `expires_at_ms`.
+    /// `Some(meta)` replaces the meta, `None` keeps it.
+    fn heartbeat(
+        &self,
+        node: &NodeId,
+        lease_id: &str,
+        ttl_ms: u64,
+        meta: Option<Meta>,
+    ) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// Ends an online node's session; `Ok(false)` if it was not online.
+    fn logout(&self, node: &NodeId, lease_id: &str) -> BoxFuture<'_, Result<bool, StoreError>>;
+
+    /// Every online node, sorted by `node_id`.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Node>, StoreError>>;
+
+    /// One node if it is online.
+    fn get(&self, node: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>>;
+
+    /// Succeeds when the store answers (readiness probe).
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// The store clock: Unix epoch milliseconds.
+    fn now_ms(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// One line for the start-up log, e.g. `memory (single server only)` or
+    /// `redis redis://host:6379/ prefix presence` (credentials redacted).
+    fn describe(&self) -> String;
+}
+
+/// Opens the store a URI names (SPEC §4 `PRESENCE_REDIS_URI`):
+/// `None`, `""` or `memory://` -> [`MemoryStore`] (logged at `info`: single server
+/// only); `redis://` or `rediss://` -> [`RedisStore`] with key namespace `prefix`.
+///
+/// # Errors
+/// [`StoreError::Unavailable`] for an unknown scheme, an invalid prefix or when
+/// Redis cannot be reached.
+pub async fn open(uri: Option<&str>, prefix: &str) -> Result<Arc<dyn Store>, StoreError> {
+    match uri.map(str::trim) {
+        None | Some("") => Ok(memory()),
+        Some(u) if has_scheme(u, "memory") => Ok(memory()),
+        Some(u) if has_scheme(u, "redis") || has_scheme(u, "rediss") => {
+            Ok(Arc::new(RedisStore::connect(u, prefix).await?))
+        }
+        Some(u) => Err(StoreError::Unavailable(format!(
+            "unsupported store URI {:?}: expected memory://, redis:// or rediss://",
+            redact_uri(u)
+        ))),
+    }
+}
+
+fn memory() -> Arc<dyn Store> {
+    tracing::info!(
+        "using the in-memory presence store: it is for a single server only \
+         (set PRESENCE_REDIS_URI=redis://... to share state between servers)"
+    );
+    Arc::new(MemoryStore::new())
+}
+
+fn has_scheme(uri: &str, scheme: &str) -> bool {
+    uri.get(..scheme.len() + 3)
+        .is_some_and(|head| head.eq_ignore_ascii_case(&format!("{scheme}://")))
+}
+
+/// `uri` with any `user:password@` part replaced by `***@`, for logs and errors.
+pub(crate) fn redact_uri(uri: &str) -> String {
+    let Some(scheme_end) = uri.find("://") else {
+        return uri.to_owned();
+    };
+    let rest = &uri[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}://***@{}", &uri[..scheme_end], &rest[at + 1..]),
+        None => uri.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_credentials() {
+        assert_eq!(
+            redact_uri("redis://user:pw@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(redact_uri("redis://:pw@host"), "redis://***@host");
+        assert_eq!(redact_uri("redis://host:6379"), "redis://host:6379");
+    }
+
+    #[test]
+    fn schemes() {
+        assert!(has_scheme("memory://", "memory"));
+        assert!(has_scheme("REDIS://h", "redis"));
+        assert!(!has_scheme("rediss://h", "redis"));
+        assert!(has_scheme("rediss://h", "rediss"));
+        assert!(!has_scheme("redis:/h", "redis"));
+    }
+
+    #[tokio::test]
+    async fn open_picks_memory_and_rejects_unknown_schemes() {
+        for uri in [None, Some(""), Some("memory://")] {
+            let store = open(uri, "p").await.map_err(|e| e.to_string());
+            assert!(store.is_ok_and(|s| s.describe().starts_with("memory")));
+        }
+        let err = open(Some("ftp://u:secret@h"), "p").await.err();
+        assert!(
+            matches!(&err, Some(StoreError::Unavailable(m)) if !m.contains("secret")),
+            "{err:?}"
+        );
+    }
+}

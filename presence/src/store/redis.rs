@@ -1,0 +1,688 @@
+//! [`RedisStore`]: presence state in Redis, shared by any number of stateless
+//! servers (SPEC §6).
+//!
+//! # Data model
+//!
+//! Every key carries the hash tag `{<prefix>}`, so all keys of a deployment live in
+//! one cluster slot and every script only touches keys of that slot:
+//!
+//! - `{<prefix>}:nodes`: sorted set, member `node_id`, score `expires_at_ms`.
+//! - `{<prefix>}:node:<node_id>`: hash with `lease`, `meta` (JSON text),
+//!   `online_since`, `last_seen`, `expires_at` (epoch ms), and a `PEXPIREAT` at
+//!   `expires_at` as garbage collection. The sorted set itself expires when its
+//!   last member does, so an abandoned deployment leaves nothing behind.
+//!
+//! `node_id`s are [`NodeId`]s, validated before they get anywhere near a key.
+//!
+//! # Operations
+//!
+//! `login`, `heartbeat` and `logout` are one Lua script each (`EVALSHA`, loaded
+//! automatically on `NOSCRIPT`): one round trip, atomic, clock from `TIME` inside
+//! the script, and expired members are dropped from the sorted set by range
+//! (`ZREMRANGEBYSCORE`). `list` is a tiny read-only script (`TIME` +
+//! `ZRANGE (now +inf BYSCORE`) followed by the hashes, fetched with `HMGET` in
+//! pipelined pages: `1 + ceil(N / page)` round trips, never `KEYS`, never one request
+//! per node. `get` is one pipeline (`TIME` + `HMGET`).
+//!
+//! Requires Redis 6.2 or newer (`ZRANGE ... BYSCORE`); single-node or a
+//! replicated primary (cluster mode is not wired up, although the key layout is
+//! cluster ready). `rediss://` needs the `redis` crate's TLS features, which this
+//! build does not enable: such a URI fails at connect with a clear error.
+
+use std::fmt;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use futures_util::{StreamExt, TryStreamExt};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script};
+
+use super::{redact_uri, BoxFuture, LoginOutcome, Store, StoreError};
+use crate::model::{Meta, Node, NodeId};
+
+/// Longest accepted key prefix, in bytes.
+pub const MAX_PREFIX_LEN: usize = 128;
+
+/// Prelude shared by the scripts: `now` in epoch ms from the Redis clock. Redis 7
+/// replicates script effects, so `TIME` may precede writes; the guarded call makes
+/// Redis 6.2 do the same.
+macro_rules! lua_now {
+    () => {
+        "if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"
+    };
+}
+
+/// Keeps the sorted set alive at least until `exp` (it must outlive its members).
+macro_rules! lua_keep_nodes_key {
+    () => {
+        "if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIREAT', KEYS[1], exp) end
+"
+    };
+}
+
+/// KEYS: nodes zset, node hash. ARGV: node_id, lease, ttl_ms, meta JSON.
+/// Returns `{now, expires_at}`.
+static LOGIN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        lua_now!(),
+        "local ttl = tonumber(ARGV[3])
+local exp = now + ttl
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('HSET', KEYS[2], 'lease', ARGV[2], 'meta', ARGV[4],
+  'online_since', now, 'last_seen', now, 'expires_at', exp)
+redis.call('PEXPIREAT', KEYS[2], exp)
+redis.call('ZADD', KEYS[1], exp, ARGV[1])
+",
+        lua_keep_nodes_key!(),
+        "return {now, exp}
+"
+    ))
+});
+
+/// KEYS: nodes zset, node hash. ARGV: node_id, lease, ttl_ms, "1" to replace the
+/// meta with ARGV[5] / "0" to keep it. Returns `{0}` not online, `{1}` lease
+/// mismatch, `{2, expires_at}` done.
+static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        lua_now!(),
+        "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local h = redis.call('HMGET', KEYS[2], 'lease', 'expires_at')
+if not h[1] or not h[2] or tonumber(h[2]) <= now then
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return {0}
+end
+if h[1] ~= ARGV[2] then return {1} end
+local ttl = tonumber(ARGV[3])
+local exp = now + ttl
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[2], 'meta', ARGV[5], 'last_seen', now, 'expires_at', exp)
+else
+  redis.call('HSET', KEYS[2], 'last_seen', now, 'expires_at', exp)
+end
+redis.call('PEXPIREAT', KEYS[2], exp)
+redis.call('ZADD', KEYS[1], exp, ARGV[1])
+",
+        lua_keep_nodes_key!(),
+        "return {2, exp}
+"
+    ))
+});
+
+/// KEYS: nodes zset, node hash. ARGV: node_id, lease. Returns 0 not online,
+/// 1 removed, 2 lease mismatch.
+static LOGOUT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        lua_now!(),
+        "local h = redis.call('HMGET', KEYS[2], 'lease', 'expires_at')
+local online = h[1] and h[2] and tonumber(h[2]) > now
+if online and h[1] ~= ARGV[2] then return 2 end
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+if online then return 1 end
+return 0
+"
+    ))
+});
+
+/// KEYS: nodes zset. Returns `{now, {node_id...}}` for members with score > now.
+/// Read only.
+static LIST_IDS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        lua_now!(),
+        "return {now, redis.call('ZRANGE', KEYS[1], string.format('(%.0f', now), '+inf', 'BYSCORE')}
+"
+    ))
+});
+
+/// The hash fields `get` and `list` read, in this order.
+const NODE_FIELDS: [&str; 4] = ["meta", "online_since", "last_seen", "expires_at"];
+
+/// One `HMGET` reply for [`NODE_FIELDS`].
+type NodeFields = (Option<Vec<u8>>, Option<u64>, Option<u64>, Option<u64>);
+
+/// Connection tuning for [`RedisStore::connect_with`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisOptions {
+    /// Bound on establishing one connection (default 1 s).
+    pub connection_timeout: Duration,
+    /// Bound on each request's reply (default 2 s). A dead server fails calls
+    /// after this long instead of hanging; the connection is then re-established
+    /// in the background.
+    pub response_timeout: Duration,
+    /// Reconnection attempts per outage before calls start failing (default 2).
+    pub reconnect_retries: usize,
+    /// Hashes fetched per pipelined round trip by `list` (default 500).
+    pub page_size: usize,
+    /// Pages of `list` in flight at once (default 4).
+    pub page_concurrency: usize,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            connection_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(2),
+            reconnect_retries: 2,
+            page_size: 500,
+            page_concurrency: 4,
+        }
+    }
+}
+
+impl RedisOptions {
+    /// Sets [`RedisOptions::connection_timeout`].
+    pub fn connection_timeout(mut self, d: Duration) -> Self {
+        self.connection_timeout = d;
+        self
+    }
+
+    /// Sets [`RedisOptions::response_timeout`].
+    pub fn response_timeout(mut self, d: Duration) -> Self {
+        self.response_timeout = d;
+        self
+    }
+
+    /// Sets [`RedisOptions::reconnect_retries`].
+    pub fn reconnect_retries(mut self, n: usize) -> Self {
+        self.reconnect_retries = n;
+        self
+    }
+
+    /// Sets [`RedisOptions::page_size`] (at least 1).
+    pub fn page_size(mut self, n: usize) -> Self {
+        self.page_size = n.max(1);
+        self
+    }
+
+    /// Sets [`RedisOptions::page_concurrency`] (at least 1).
+    pub fn page_concurrency(mut self, n: usize) -> Self {
+        self.page_concurrency = n.max(1);
+        self
+    }
+}
+
+/// Presence state in Redis (see the [module docs](self) for the data model).
+///
+/// Cheap to clone: clones share one multiplexed, self-reconnecting connection
+/// (`redis::aio::ConnectionManager`).
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    prefix: String,
+    nodes_key: String,
+    node_key_prefix: String,
+    description: String,
+    page_size: usize,
+    page_concurrency: usize,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("description", &self.inner.description)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects to `uri` (`redis://[user:password@]host:port[/db]`) with
+    /// [`RedisOptions::default`]; keys live under `{prefix}`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] if the URI or prefix is invalid or Redis cannot be
+    /// reached (within about a second when nothing listens).
+    pub async fn connect(uri: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        Self::connect_with(uri, prefix, RedisOptions::default()).await
+    }
+
+    /// [`RedisStore::connect`] with explicit [`RedisOptions`].
+    ///
+    /// # Errors
+    /// As for [`RedisStore::connect`].
+    pub async fn connect_with(
+        uri: &str,
+        prefix: &str,
+        options: RedisOptions,
+    ) -> Result<RedisStore, StoreError> {
+        validate_prefix(prefix)?;
+        let shown = redact_uri(uri);
+        let client = redis::Client::open(uri)
+            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URI {shown:?}: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.connection_timeout))
+            .set_response_timeout(Some(options.response_timeout))
+            .set_number_of_retries(options.reconnect_retries)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot connect to {shown}: {e}")))?;
+        Ok(RedisStore {
+            conn,
+            inner: Arc::new(Inner {
+                prefix: prefix.to_owned(),
+                nodes_key: format!("{{{prefix}}}:nodes"),
+                node_key_prefix: format!("{{{prefix}}}:node:"),
+                description: format!("redis {shown} prefix {prefix}"),
+                page_size: options.page_size.max(1),
+                page_concurrency: options.page_concurrency.max(1),
+            }),
+        })
+    }
+
+    /// The key prefix this store was opened with.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The sorted set key, `{prefix}:nodes`.
+    pub fn nodes_key(&self) -> &str {
+        &self.inner.nodes_key
+    }
+
+    /// The hash key of one node, `{prefix}:node:<node_id>`.
+    pub fn node_key(&self, node: &NodeId) -> String {
+        format!("{}{}", self.inner.node_key_prefix, node.as_str())
+    }
+
+    /// Deletes every key of this prefix (`SCAN MATCH {prefix}:*` + `UNLINK`, never
+    /// `KEYS`); returns how many were deleted. Meant for tests and decommissioning:
+    /// it wipes the deployment.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] if Redis fails.
+    pub async fn delete_prefix(&self) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let pattern = format!("{}*", glob_escape(&format!("{{{}}}:", self.inner.prefix)));
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if !keys.is_empty() {
+                let n: u64 = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                deleted += n;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
+    async fn login_impl(
+        &self,
+        node: NodeId,
+        lease_id: String,
+        ttl_ms: u64,
+        meta: Meta,
+    ) -> Result<LoginOutcome, StoreError> {
+        let meta = encode_meta(&meta)?;
+        let (now, exp): (u64, u64) = LOGIN
+            .key(&self.inner.nodes_key)
+            .key(self.node_key(&node))
+            .arg(node.as_str())
+            .arg(lease_id)
+            .arg(ttl_ms)
+            .arg(meta)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(LoginOutcome {
+            online_since_ms: now,
+            expires_at_ms: exp,
+        })
+    }
+
+    async fn heartbeat_impl(
+        &self,
+        node: NodeId,
+        lease_id: String,
+        ttl_ms: u64,
+        meta: Option<Meta>,
+    ) -> Result<u64, StoreError> {
+        let (flag, meta) = match meta {
+            Some(m) => ("1", encode_meta(&m)?),
+            None => ("0", String::new()),
+        };
+        let reply: Vec<u64> = HEARTBEAT
+            .key(&self.inner.nodes_key)
+            .key(self.node_key(&node))
+            .arg(node.as_str())
+            .arg(lease_id)
+            .arg(ttl_ms)
+            .arg(flag)
+            .arg(meta)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        match reply.as_slice() {
+            [0] => Err(StoreError::NotFound),
+            [1] => Err(StoreError::LeaseMismatch),
+            [2, exp] => Ok(*exp),
+            other => Err(unexpected("heartbeat", other)),
+        }
+    }
+
+    async fn logout_impl(&self, node: NodeId, lease_id: String) -> Result<bool, StoreError> {
+        let reply: u64 = LOGOUT
+            .key(&self.inner.nodes_key)
+            .key(self.node_key(&node))
+            .arg(node.as_str())
+            .arg(lease_id)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        match reply {
+            0 => Ok(false),
+            1 => Ok(true),
+            2 => Err(StoreError::LeaseMismatch),
+            other => Err(unexpected("logout", &[other])),
+        }
+    }
+
+    async fn list_impl(&self) -> Result<Vec<Node>, StoreError> {
+        let (now, mut ids): (u64, Vec<String>) = LIST_IDS
+            .key(&self.inner.nodes_key)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        ids.sort_unstable();
+        // Futures built up front: a closure inside the stream trips the compiler's
+        // `Send` inference for higher-ranked lifetimes.
+        let fetches: Vec<_> = ids
+            .chunks(self.inner.page_size)
+            .map(|page| self.fetch_page(page, now))
+            .collect();
+        let pages = futures_util::stream::iter(fetches)
+            .buffered(self.inner.page_concurrency)
+            .try_collect::<Vec<Vec<Node>>>()
+            .await?;
+        Ok(pages.into_iter().flatten().collect())
+    }
+
+    /// One pipelined round trip: the hashes of `ids`, minus those that expired or
+    /// vanished since `now` was read.
+    async fn fetch_page(&self, ids: &[String], now: u64) -> Result<Vec<Node>, StoreError> {
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HMGET")
+                .arg(format!("{}{id}", self.inner.node_key_prefix))
+                .arg(&NODE_FIELDS[..]);
+        }
+        let replies: Vec<NodeFields> = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(ids
+            .iter()
+            .zip(replies)
+            .filter_map(|(id, fields)| to_node(id, fields, now))
+            .collect())
+    }
+
+    async fn get_impl(&self, node: NodeId) -> Result<Option<Node>, StoreError> {
+        let ((secs, micros), fields): ((u64, u64), NodeFields) = redis::pipe()
+            .cmd("TIME")
+            .cmd("HMGET")
+            .arg(self.node_key(&node))
+            .arg(&NODE_FIELDS[..])
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(to_node(node.as_str(), fields, epoch_ms(secs, micros)))
+    }
+
+    async fn now_impl(&self) -> Result<u64, StoreError> {
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(epoch_ms(secs, micros))
+    }
+
+    async fn ping_impl(&self) -> Result<(), StoreError> {
+        redis::cmd("PING")
+            .exec_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+}
+
+impl Store for RedisStore {
+    fn login(
+        &self,
+        node: &NodeId,
+        lease_id: &str,
+        ttl_ms: u64,
+        meta: Meta,
+    ) -> BoxFuture<'_, Result<LoginOutcome, StoreError>> {
+        Box::pin(self.login_impl(node.clone(), lease_id.to_owned(), ttl_ms, meta))
+    }
+
+    fn heartbeat(
+        &self,
+        node: &NodeId,
+        lease_id: &str,
+        ttl_ms: u64,
+        meta: Option<Meta>,
+    ) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(self.heartbeat_impl(node.clone(), lease_id.to_owned(), ttl_ms, meta))
+    }
+
+    fn logout(&self, node: &NodeId, lease_id: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(self.logout_impl(node.clone(), lease_id.to_owned()))
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Node>, StoreError>> {
+        Box::pin(self.list_impl())
+    }
+
+    fn get(&self, node: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>> {
+        Box::pin(self.get_impl(node.clone()))
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.ping_impl())
+    }
+
+    fn now_ms(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(self.now_impl())
+    }
+
+    fn describe(&self) -> String {
+        self.inner.description.clone()
+    }
+}
+
+/// Builds a [`Node`] from an `HMGET` reply; `None` if the hash is gone, incomplete
+/// or expired at `now`.
+fn to_node(
+    id: &str,
+    (meta, online_since, last_seen, expires_at): NodeFields,
+    now: u64,
+) -> Option<Node> {
+    let (online_since_ms, last_seen_ms, expires_at_ms) = (online_since?, last_seen?, expires_at?);
+    if expires_at_ms <= now {
+        return None;
+    }
+    let meta = match meta.as_deref() {
+        None | Some(b"") => Meta::new(),
+        Some(json) => serde_json::from_slice(json).unwrap_or_else(|e| {
+            tracing::warn!(node_id = id, error = %e, "stored meta is not a JSON object; listing it as {{}}");
+            Meta::new()
+        }),
+    };
+    Some(Node {
+        node_id: id.to_owned(),
+        meta,
+        online_since_ms,
+        last_seen_ms,
+        expires_at_ms,
+    })
+}
+
+fn epoch_ms(secs: u64, micros: u64) -> u64 {
+    secs.saturating_mul(1000).saturating_add(micros / 1000)
+}
+
+fn encode_meta(meta: &Meta) -> Result<String, StoreError> {
+    serde_json::to_string(meta)
+        .map_err(|e| StoreError::Unavailable(format!("cannot encode meta: {e}")))
+}
+
+fn unavailable(e: RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+fn unexpected(what: &str, reply: &[u64]) -> StoreError {
+    StoreError::Unavailable(format!("redis: unexpected {what} script reply {reply:?}"))
+}
+
+/// A prefix must be non-empty, at most [`MAX_PREFIX_LEN`] bytes, and free of `{`,
+/// `}` (they would break the hash tag), whitespace and control characters.
+fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= MAX_PREFIX_LEN
+        && !prefix
+            .chars()
+            .any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Unavailable(format!(
+            "invalid key prefix {prefix:?}: 1 to {MAX_PREFIX_LEN} bytes without braces, spaces or control characters"
+        )))
+    }
+}
+
+/// Escapes the glob metacharacters of `SCAN MATCH`.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Helpers for tests that need a Redis server (this crate's and the workspace's
+/// end-to-end tests). Not part of the stable API.
+#[doc(hidden)]
+pub mod test_support {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use super::RedisStore;
+
+    /// Default when `PRESENCE_TEST_REDIS_URI` is unset.
+    pub const DEFAULT_TEST_REDIS_URI: &str = "redis://127.0.0.1:6379";
+
+    /// A key prefix no other test run uses: `test-<pid>-<nanos>-<name>`.
+    pub fn unique_prefix(name: &str) -> String {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let name: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("test-{}-{nanos}-{name}", std::process::id())
+    }
+
+    /// A [`RedisStore`] on a fresh [`unique_prefix`] for the test `name`, connected to
+    /// `PRESENCE_TEST_REDIS_URI` (default [`DEFAULT_TEST_REDIS_URI`]).
+    ///
+    /// When Redis is unreachable it prints why and returns `None`, so the test can
+    /// return early (skip); with `PRESENCE_REQUIRE_REDIS=1` it panics instead, so CI
+    /// cannot silently skip. Call [`RedisStore::delete_prefix`] at the end of the test;
+    /// keys left behind by a failed test expire with their nodes anyway.
+    ///
+    /// # Panics
+    /// If Redis is unreachable and `PRESENCE_REQUIRE_REDIS=1`.
+    pub async fn redis_for_tests(name: &str) -> Option<RedisStore> {
+        let uri = std::env::var("PRESENCE_TEST_REDIS_URI")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_TEST_REDIS_URI.to_owned());
+        let required = std::env::var("PRESENCE_REQUIRE_REDIS").is_ok_and(|v| v.trim() == "1");
+        match RedisStore::connect(&uri, &unique_prefix(name)).await {
+            Ok(store) => Some(store),
+            Err(e) if required => {
+                panic!("{name}: Redis is required (PRESENCE_REQUIRE_REDIS=1) but unavailable: {e}")
+            }
+            Err(e) => {
+                eprintln!(
+                    "skipping {name}: {e} (start Redis or set PRESENCE_TEST_REDIS_URI; \
+                     PRESENCE_REQUIRE_REDIS=1 makes this a failure)"
+                );
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_validation() {
+        assert!(validate_prefix("presence").is_ok());
+        assert!(validate_prefix("test-1-2-a_b:c").is_ok());
+        for bad in ["", "a{b", "a}b", "a b", "a\nb"] {
+            assert!(validate_prefix(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_prefix(&"p".repeat(MAX_PREFIX_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn glob_escaping() {
+        assert_eq!(glob_escape("{a*b?}[c]\\"), "{a\\*b\\?}\\[c\\]\\\\");
+    }
+
+    #[test]
+    fn to_node_skips_missing_and_expired() {
+        assert!(to_node("a", (None, None, None, None), 10).is_none());
+        assert!(to_node("a", (None, Some(1), Some(1), Some(10)), 10).is_none());
+        let n = to_node(
+            "a",
+            (Some(b"{\"x\":1}".to_vec()), Some(1), Some(2), Some(11)),
+            10,
+        );
+        assert_eq!(
+            n.map(|n| (n.meta["x"].clone(), n.expires_at_ms)),
+            Some((1.into(), 11))
+        );
+        let bad_meta = to_node("a", (Some(b"[".to_vec()), Some(1), Some(2), Some(11)), 10);
+        assert_eq!(bad_meta.map(|n| n.meta.len()), Some(0));
+    }
+}

@@ -1,0 +1,740 @@
+//! One behavioural suite for every [`Store`]: each generic test below runs against
+//! [`MemoryStore`] (on paused tokio time, so expiry is exact and instant) and against
+//! [`RedisStore`] (real time, short TTLs; skipped with a message when Redis is
+//! unreachable unless `PRESENCE_REQUIRE_REDIS=1`). Backend-specific tests follow.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use presence::model::{new_lease_id, Meta, Node, NodeId};
+use presence::store::redis::test_support::{redis_for_tests, unique_prefix};
+use presence::store::{MemoryStore, RedisStore, Store, StoreError};
+use serde_json::json;
+
+/// Long enough that nothing expires during a test unless the test waits for it.
+const TTL: u64 = 60_000;
+
+struct Harness {
+    store: Arc<dyn Store>,
+    /// `Some` for Redis: cleaned up by `finish`.
+    redis: Option<RedisStore>,
+}
+
+impl Harness {
+    fn memory() -> Harness {
+        Harness {
+            store: Arc::new(MemoryStore::new()),
+            redis: None,
+        }
+    }
+
+    async fn redis(name: &str) -> Option<Harness> {
+        let redis = redis_for_tests(name).await?;
+        Some(Harness {
+            store: Arc::new(redis.clone()),
+            redis: Some(redis),
+        })
+    }
+
+    /// Lets `d` pass on the store's clock: instantly on paused time (memory), for real
+    /// against Redis.
+    async fn elapse(&self, d: Duration) {
+        if self.redis.is_some() {
+            tokio::time::sleep(d).await;
+        } else {
+            tokio::time::advance(d).await;
+        }
+    }
+
+    async fn finish(self) {
+        if let Some(redis) = self.redis {
+            let deleted = redis.delete_prefix().await;
+            assert!(deleted.is_ok(), "cleanup failed: {deleted:?}");
+        }
+    }
+}
+
+/// Runs each named generic test against both stores.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory_store {
+            $(
+                #[tokio::test(start_paused = true)]
+                async fn $name() {
+                    let h = super::Harness::memory();
+                    super::$name(&h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+        mod redis_store {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(h) = super::Harness::redis(stringify!($name)).await else {
+                        return;
+                    };
+                    super::$name(&h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    login_then_get_and_list,
+    login_times_come_from_the_store_clock,
+    get_of_unknown_node_is_none,
+    heartbeat_extends_expiry_and_keeps_online_since,
+    heartbeat_with_meta_replaces_it_without_keeps_it,
+    heartbeat_with_another_lease_is_lease_mismatch_and_changes_nothing,
+    heartbeat_of_unknown_node_is_not_found,
+    login_again_fences_the_old_lease_and_starts_a_new_session,
+    logout_removes_the_node,
+    logout_with_another_lease_is_lease_mismatch_and_keeps_the_node,
+    logout_of_unknown_node_returns_false,
+    expired_node_is_invisible_and_cannot_heartbeat,
+    heartbeats_keep_a_node_online_past_its_first_ttl,
+    list_is_sorted_by_node_id,
+    meta_round_trips_nested_json,
+    thousand_concurrent_logins_are_all_listed,
+    ping_answers,
+);
+
+fn id(s: &str) -> NodeId {
+    NodeId::parse(s).expect("test node ids are valid")
+}
+
+fn meta(v: serde_json::Value) -> Meta {
+    match v {
+        serde_json::Value::Object(m) => m,
+        other => panic!("test meta must be an object, got {other}"),
+    }
+}
+
+fn ids(nodes: &[Node]) -> Vec<&str> {
+    nodes.iter().map(|n| n.node_id.as_str()).collect()
+}
+
+fn wall_ms() -> u64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970");
+    u64::try_from(d.as_millis()).expect("fits in u64")
+}
+
+async fn list(h: &Harness) -> Vec<Node> {
+    h.store.list().await.expect("list")
+}
+
+async fn get(h: &Harness, node: &str) -> Option<Node> {
+    h.store.get(&id(node)).await.expect("get")
+}
+
+async fn login_then_get_and_list(h: &Harness) {
+    let s = &h.store;
+    let lease = new_lease_id();
+    let m = meta(json!({"hp": 10, "addr": "10.0.0.1:7000"}));
+    let out = s
+        .login(&id("n1"), &lease, TTL, m.clone())
+        .await
+        .expect("login");
+    assert_eq!(out.expires_at_ms, out.online_since_ms + TTL);
+
+    let node = get(h, "n1").await.expect("n1 is online");
+    assert_eq!(
+        node,
+        Node {
+            node_id: "n1".into(),
+            meta: m,
+            online_since_ms: out.online_since_ms,
+            last_seen_ms: out.online_since_ms,
+            expires_at_ms: out.expires_at_ms,
+        }
+    );
+    assert_eq!(list(h).await, vec![node]);
+
+    // No meta at login is an empty object, not null.
+    s.login(&id("n2"), &new_lease_id(), TTL, Meta::new())
+        .await
+        .expect("login");
+    assert_eq!(get(h, "n2").await.map(|n| n.meta), Some(Meta::new()));
+}
+
+async fn login_times_come_from_the_store_clock(h: &Harness) {
+    let before = h.store.now_ms().await.expect("now");
+    let out = h
+        .store
+        .login(&id("n"), &new_lease_id(), TTL, Meta::new())
+        .await
+        .expect("login");
+    let after = h.store.now_ms().await.expect("now");
+    assert!(before <= out.online_since_ms && out.online_since_ms <= after);
+    // The store clock is epoch milliseconds (same host here: within a minute).
+    assert!(out.online_since_ms.abs_diff(wall_ms()) < 60_000);
+}
+
+async fn get_of_unknown_node_is_none(h: &Harness) {
+    assert_eq!(get(h, "nobody").await, None);
+    assert!(list(h).await.is_empty());
+}
+
+async fn heartbeat_extends_expiry_and_keeps_online_since(h: &Harness) {
+    let s = &h.store;
+    let lease = new_lease_id();
+    let out = s
+        .login(&id("n"), &lease, TTL, Meta::new())
+        .await
+        .expect("login");
+    h.elapse(Duration::from_millis(50)).await;
+    let exp = s
+        .heartbeat(&id("n"), &lease, TTL, None)
+        .await
+        .expect("heartbeat");
+    assert!(
+        exp >= out.expires_at_ms + 50,
+        "{exp} vs {}",
+        out.expires_at_ms
+    );
+
+    let node = get(h, "n").await.expect("online");
+    assert_eq!(node.online_since_ms, out.online_since_ms);
+    assert_eq!(node.expires_at_ms, exp);
+    assert_eq!(node.last_seen_ms + TTL, exp);
+    assert!(node.last_seen_ms >= out.online_since_ms + 50);
+
+    // A heartbeat may carry another TTL; expiry is always last heartbeat + ttl.
+    let exp2 = s
+        .heartbeat(&id("n"), &lease, 5 * TTL, None)
+        .await
+        .expect("heartbeat");
+    let node = get(h, "n").await.expect("online");
+    assert_eq!(node.last_seen_ms + 5 * TTL, exp2);
+}
+
+async fn heartbeat_with_meta_replaces_it_without_keeps_it(h: &Harness) {
+    let s = &h.store;
+    let lease = new_lease_id();
+    let n = id("n");
+    s.login(&n, &lease, TTL, meta(json!({"hp": 1, "zone": "a"})))
+        .await
+        .expect("login");
+
+    s.heartbeat(&n, &lease, TTL, None).await.expect("heartbeat");
+    assert_eq!(
+        get(h, "n").await.map(|n| n.meta),
+        Some(meta(json!({"hp": 1, "zone": "a"})))
+    );
+
+    // Replaced, not merged: "zone" is gone.
+    s.heartbeat(&n, &lease, TTL, Some(meta(json!({"hp": 2}))))
+        .await
+        .expect("heartbeat");
+    assert_eq!(
+        get(h, "n").await.map(|n| n.meta),
+        Some(meta(json!({"hp": 2})))
+    );
+
+    s.heartbeat(&n, &lease, TTL, Some(Meta::new()))
+        .await
+        .expect("heartbeat");
+    assert_eq!(get(h, "n").await.map(|n| n.meta), Some(Meta::new()));
+}
+
+async fn heartbeat_with_another_lease_is_lease_mismatch_and_changes_nothing(h: &Harness) {
+    let s = &h.store;
+    let lease = "0123456789abcdef0123456789abcdef";
+    s.login(&id("n"), lease, TTL, meta(json!({"v": 1})))
+        .await
+        .expect("login");
+    let before = get(h, "n").await;
+    h.elapse(Duration::from_millis(20)).await;
+    // Exact comparison: case, prefixes and extensions of the lease are other leases.
+    for other in [
+        "0123456789ABCDEF0123456789ABCDEF",
+        "0123456789abcdef",
+        "0123456789abcdef0123456789abcdef0",
+        "",
+    ] {
+        let r = s
+            .heartbeat(&id("n"), other, TTL, Some(meta(json!({"v": 2}))))
+            .await;
+        assert_eq!(r, Err(StoreError::LeaseMismatch), "lease {other:?}");
+    }
+    assert_eq!(get(h, "n").await, before);
+}
+
+async fn heartbeat_of_unknown_node_is_not_found(h: &Harness) {
+    let r = h
+        .store
+        .heartbeat(&id("ghost"), &new_lease_id(), TTL, None)
+        .await;
+    assert_eq!(r, Err(StoreError::NotFound));
+    assert_eq!(
+        get(h, "ghost").await,
+        None,
+        "a failed heartbeat creates nothing"
+    );
+}
+
+async fn login_again_fences_the_old_lease_and_starts_a_new_session(h: &Harness) {
+    let s = &h.store;
+    let (old, new) = (new_lease_id(), new_lease_id());
+    let first = s
+        .login(&id("n"), &old, TTL, meta(json!({"boot": 1})))
+        .await
+        .expect("login");
+    h.elapse(Duration::from_millis(20)).await;
+    let second = s
+        .login(&id("n"), &new, TTL, Meta::new())
+        .await
+        .expect("re-login");
+
+    assert_eq!(
+        s.heartbeat(&id("n"), &old, TTL, None).await,
+        Err(StoreError::LeaseMismatch)
+    );
+    assert_eq!(
+        s.logout(&id("n"), &old).await,
+        Err(StoreError::LeaseMismatch)
+    );
+    assert!(s.heartbeat(&id("n"), &new, TTL, None).await.is_ok());
+
+    let node = get(h, "n").await.expect("online");
+    assert!(second.online_since_ms >= first.online_since_ms + 20);
+    assert_eq!(
+        node.online_since_ms, second.online_since_ms,
+        "a login starts a new session"
+    );
+    assert_eq!(node.meta, Meta::new(), "login replaces the meta");
+    assert_eq!(list(h).await.len(), 1);
+}
+
+async fn logout_removes_the_node(h: &Harness) {
+    let s = &h.store;
+    let lease = new_lease_id();
+    s.login(&id("a"), &lease, TTL, Meta::new())
+        .await
+        .expect("login");
+    s.login(&id("b"), &new_lease_id(), TTL, Meta::new())
+        .await
+        .expect("login");
+
+    assert_eq!(s.logout(&id("a"), &lease).await, Ok(true));
+    assert_eq!(get(h, "a").await, None);
+    assert_eq!(ids(&list(h).await), ["b"]);
+    assert_eq!(s.logout(&id("a"), &lease).await, Ok(false), "second logout");
+    assert_eq!(
+        s.heartbeat(&id("a"), &lease, TTL, None).await,
+        Err(StoreError::NotFound)
+    );
+}
+
+async fn logout_with_another_lease_is_lease_mismatch_and_keeps_the_node(h: &Harness) {
+    let s = &h.store;
+    let lease = new_lease_id();
+    s.login(&id("n"), &lease, TTL, Meta::new())
+        .await
+        .expect("login");
+    assert_eq!(
+        s.logout(&id("n"), &new_lease_id()).await,
+        Err(StoreError::LeaseMismatch)
+    );
+    assert!(get(h, "n").await.is_some());
+    assert_eq!(s.logout(&id("n"), &lease).await, Ok(true));
+}
+
+async fn logout_of_unknown_node_returns_false(h: &Harness) {
+    assert_eq!(
+        h.store.logout(&id("ghost"), &new_lease_id()).await,
+        Ok(false)
+    );
+}
+
+async fn expired_node_is_invisible_and_cannot_heartbeat(h: &Harness) {
+    let s = &h.store;
+    let ttl = 1_000;
+    let lease = new_lease_id();
+    s.login(&id("short"), &lease, ttl, Meta::new())
+        .await
+        .expect("login");
+    s.login(&id("long"), &new_lease_id(), TTL, Meta::new())
+        .await
+        .expect("login");
+    assert_eq!(ids(&list(h).await), ["long", "short"]);
+
+    h.elapse(Duration::from_millis(ttl + 200)).await;
+    assert_eq!(ids(&list(h).await), ["long"]);
+    assert_eq!(get(h, "short").await, None);
+    assert_eq!(
+        s.heartbeat(&id("short"), &lease, ttl, None).await,
+        Err(StoreError::NotFound)
+    );
+    assert_eq!(s.logout(&id("short"), &lease).await, Ok(false));
+    // Even with a wrong lease, a node that is not online is just "not removed".
+    assert_eq!(s.logout(&id("short"), &new_lease_id()).await, Ok(false));
+
+    // It can come back at once.
+    let lease2 = new_lease_id();
+    s.login(&id("short"), &lease2, TTL, Meta::new())
+        .await
+        .expect("login");
+    assert!(s.heartbeat(&id("short"), &lease2, TTL, None).await.is_ok());
+    assert_eq!(ids(&list(h).await), ["long", "short"]);
+}
+
+async fn heartbeats_keep_a_node_online_past_its_first_ttl(h: &Harness) {
+    let s = &h.store;
+    let ttl = 1_500;
+    let lease = new_lease_id();
+    s.login(&id("n"), &lease, ttl, Meta::new())
+        .await
+        .expect("login");
+    for _ in 0..3 {
+        h.elapse(Duration::from_millis(700)).await;
+        s.heartbeat(&id("n"), &lease, ttl, None)
+            .await
+            .expect("still online");
+    }
+    // 2.1 s after login, beyond the first TTL of 1.5 s.
+    assert_eq!(ids(&list(h).await), ["n"]);
+}
+
+async fn list_is_sorted_by_node_id(h: &Harness) {
+    let long = "z".repeat(256);
+    let names = [
+        "b", "a", "C", "a-1", "a.1", "a_1", "a~1", "a:1", "a@1", "a+1", "a=1", "0", "Z", "aa",
+        &long,
+    ];
+    for name in names {
+        h.store
+            .login(&id(name), &new_lease_id(), TTL, Meta::new())
+            .await
+            .expect("login");
+    }
+    let listed = list(h).await;
+    let mut expected: Vec<&str> = names.to_vec();
+    expected.sort_unstable(); // byte order
+    assert_eq!(ids(&listed), expected);
+}
+
+async fn meta_round_trips_nested_json(h: &Harness) {
+    let m = meta(json!({
+        "hp": 97, "load": 0.25, "neg": -3, "big": 9_007_199_254_740_993u64,
+        "ok": true, "none": null, "tags": ["a", "b"], "nested": {"k": {"deep": [1, {"x": "y"}]}},
+        "unicode": "żółw 🐢 \"quoted\" \\ \n", "": "empty key"
+    }));
+    h.store
+        .login(&id("n"), &new_lease_id(), TTL, m.clone())
+        .await
+        .expect("login");
+    assert_eq!(get(h, "n").await.map(|n| n.meta), Some(m.clone()));
+    assert_eq!(list(h).await.first().map(|n| &n.meta), Some(&m));
+}
+
+async fn thousand_concurrent_logins_are_all_listed(h: &Harness) {
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let store = Arc::clone(&h.store);
+            tokio::spawn(async move {
+                let node = id(&format!("node-{i:04}"));
+                store
+                    .login(&node, &new_lease_id(), TTL, meta(json!({ "i": i })))
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task").expect("login");
+    }
+    let listed = list(h).await;
+    assert_eq!(listed.len(), 1000);
+    let expected: Vec<String> = (0..1000).map(|i| format!("node-{i:04}")).collect();
+    assert_eq!(ids(&listed), expected);
+    assert!(listed.iter().enumerate().all(|(i, n)| n.meta["i"] == i));
+}
+
+async fn ping_answers(h: &Harness) {
+    assert_eq!(h.store.ping().await, Ok(()));
+    assert!(!h.store.describe().is_empty());
+}
+
+// ---------------------------------------------------------------------------------
+// MemoryStore only
+
+#[tokio::test(start_paused = true)]
+async fn memory_expiry_is_exact_to_the_millisecond() {
+    let s = MemoryStore::new();
+    let lease = new_lease_id();
+    let out = s
+        .login(&id("n"), &lease, 1_000, Meta::new())
+        .await
+        .expect("login");
+    tokio::time::advance(Duration::from_millis(999)).await;
+    assert_eq!(s.now_ms(), out.expires_at_ms - 1);
+    assert!(Store::get(&s, &id("n")).await.expect("get").is_some());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    // Online while now < expires_at: at now == expires_at it is gone.
+    assert_eq!(s.now_ms(), out.expires_at_ms);
+    assert_eq!(Store::get(&s, &id("n")).await, Ok(None));
+    assert_eq!(s.list().await, Ok(vec![]));
+    assert_eq!(
+        s.heartbeat(&id("n"), &lease, 1_000, None).await,
+        Err(StoreError::NotFound)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_sweeps_expired_records_out() {
+    let s = MemoryStore::new();
+    for i in 0..100 {
+        s.login(&id(&format!("n{i}")), &new_lease_id(), 500, Meta::new())
+            .await
+            .expect("login");
+    }
+    assert_eq!(s.len(), 100);
+    tokio::time::advance(Duration::from_millis(1_500)).await;
+    // Invisible at once, held until the next sweep, which a write triggers.
+    assert_eq!(s.list().await.map(|l| l.len()), Ok(0));
+    s.login(&id("fresh"), &new_lease_id(), TTL, Meta::new())
+        .await
+        .expect("login");
+    assert_eq!(s.len(), 1, "expired records are swept by writes");
+    tokio::time::advance(Duration::from_millis(TTL)).await;
+    assert_eq!(s.purge_expired(), 1);
+    assert!(s.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_futures_act_when_polled_not_when_created() {
+    let s = MemoryStore::new();
+    drop(s.login(&id("n"), &new_lease_id(), TTL, Meta::new()));
+    assert_eq!(Store::get(&s, &id("n")).await, Ok(None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_holds_100k_nodes() {
+    let s = MemoryStore::new();
+    let m = meta(json!({"hp": 100, "load": 0.5}));
+    for i in 0..100_000 {
+        s.login(
+            &id(&format!("node-{i:06}")),
+            &new_lease_id(),
+            TTL,
+            m.clone(),
+        )
+        .await
+        .expect("login");
+    }
+    let listed = s.list().await.expect("list");
+    assert_eq!(listed.len(), 100_000);
+    assert!(listed.windows(2).all(|w| w[0].node_id < w[1].node_id));
+    assert_eq!(listed[99_999].meta, m);
+}
+
+#[tokio::test]
+async fn memory_describes_itself_as_single_server() {
+    assert!(MemoryStore::new().describe().contains("single server"));
+}
+
+// ---------------------------------------------------------------------------------
+// RedisStore only
+
+/// A plain connection for inspecting what the store wrote.
+async fn raw() -> redis::aio::MultiplexedConnection {
+    let uri = std::env::var("PRESENCE_TEST_REDIS_URI")
+        .unwrap_or_else(|_| presence::store::redis::test_support::DEFAULT_TEST_REDIS_URI.into());
+    let client = redis::Client::open(uri).expect("uri");
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("raw connection")
+}
+
+#[tokio::test]
+async fn redis_keys_follow_the_data_model_and_expire() {
+    let Some(store) = redis_for_tests("redis_keys_follow_the_data_model_and_expire").await else {
+        return;
+    };
+    let mut conn = raw().await;
+    let lease = new_lease_id();
+    let n = id("n:1@x");
+    let out = store
+        .login(&n, &lease, 5_000, meta(json!({"hp": 3})))
+        .await
+        .expect("login");
+
+    let prefix = store.prefix().to_owned();
+    assert_eq!(store.nodes_key(), format!("{{{prefix}}}:nodes"));
+    let key = store.node_key(&n);
+    assert_eq!(key, format!("{{{prefix}}}:node:n:1@x"));
+
+    let score: Option<u64> = redis::cmd("ZSCORE")
+        .arg(store.nodes_key())
+        .arg("n:1@x")
+        .query_async(&mut conn)
+        .await
+        .expect("zscore");
+    assert_eq!(score, Some(out.expires_at_ms));
+    let (l, m, since, seen, exp): (String, String, u64, u64, u64) = redis::cmd("HMGET")
+        .arg(&key)
+        .arg(&["lease", "meta", "online_since", "last_seen", "expires_at"])
+        .query_async(&mut conn)
+        .await
+        .expect("hmget");
+    assert_eq!(
+        (l.as_str(), m.as_str(), since, seen, exp),
+        (
+            lease.as_str(),
+            r#"{"hp":3}"#,
+            out.online_since_ms,
+            out.online_since_ms,
+            out.expires_at_ms
+        )
+    );
+    for k in [key.as_str(), store.nodes_key()] {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .expect("pttl");
+        assert!((1..=5_000).contains(&pttl), "{k} has PTTL {pttl}");
+    }
+
+    // Logging the last node out leaves no key behind.
+    assert_eq!(store.logout(&n, &lease).await, Ok(true));
+    assert_eq!(store.delete_prefix().await, Ok(0));
+}
+
+#[tokio::test]
+async fn redis_prefixes_are_isolated() {
+    let Some(a) = redis_for_tests("redis_prefixes_are_isolated_a").await else {
+        return;
+    };
+    let Some(b) = redis_for_tests("redis_prefixes_are_isolated_b").await else {
+        return;
+    };
+    a.login(&id("only-in-a"), &new_lease_id(), TTL, Meta::new())
+        .await
+        .expect("login");
+    assert_eq!(b.list().await, Ok(vec![]));
+    assert_eq!(Store::get(&b, &id("only-in-a")).await, Ok(None));
+    assert_eq!(a.list().await.map(|l| l.len()), Ok(1));
+    assert!(a.delete_prefix().await.is_ok_and(|n| n >= 2));
+    assert!(b.delete_prefix().await.is_ok());
+}
+
+#[tokio::test]
+async fn redis_list_fetches_in_pages_and_skips_vanished_hashes() {
+    let Some(probe) = redis_for_tests("redis_list_pages").await else {
+        return;
+    };
+    let uri = std::env::var("PRESENCE_TEST_REDIS_URI")
+        .unwrap_or_else(|_| presence::store::redis::test_support::DEFAULT_TEST_REDIS_URI.into());
+    let options = presence::store::redis::RedisOptions::default()
+        .page_size(7)
+        .page_concurrency(3);
+    let store = RedisStore::connect_with(&uri, probe.prefix(), options)
+        .await
+        .expect("connect");
+    let names: BTreeSet<String> = (0..50).map(|i| format!("p{i:02}")).collect();
+    for name in &names {
+        store
+            .login(
+                &id(name),
+                &new_lease_id(),
+                TTL,
+                meta(json!({ "name": name })),
+            )
+            .await
+            .expect("login");
+    }
+    // A member whose hash vanished (e.g. deleted by hand) is skipped, not an error.
+    let mut conn = raw().await;
+    let _: i64 = redis::cmd("DEL")
+        .arg(store.node_key(&id("p13")))
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+
+    let listed = store.list().await.expect("list");
+    let expected: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| *n != "p13")
+        .collect();
+    assert_eq!(ids(&listed), expected);
+    assert!(listed.iter().all(|n| n.meta["name"] == n.node_id.as_str()));
+    assert!(store.delete_prefix().await.is_ok());
+}
+
+#[tokio::test]
+async fn redis_scripts_are_reloaded_after_script_flush() {
+    let Some(store) = redis_for_tests("redis_scripts_reloaded").await else {
+        return;
+    };
+    let lease = new_lease_id();
+    store
+        .login(&id("n"), &lease, TTL, Meta::new())
+        .await
+        .expect("login");
+    let mut conn = raw().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .expect("script flush");
+    assert!(store.heartbeat(&id("n"), &lease, TTL, None).await.is_ok());
+    assert_eq!(store.list().await.map(|l| l.len()), Ok(1));
+    assert_eq!(store.logout(&id("n"), &lease).await, Ok(true));
+    assert!(store.delete_prefix().await.is_ok());
+}
+
+#[tokio::test]
+async fn redis_describe_hides_credentials() {
+    let Some(store) = redis_for_tests("redis_describe").await else {
+        return;
+    };
+    let d = store.describe();
+    assert!(d.starts_with("redis ") && d.contains(store.prefix()), "{d}");
+    // A URI with a password is rejected by the server or not, but never echoed.
+    let uri = "redis://user:s3cret-pw@127.0.0.1:1/0";
+    let err = RedisStore::connect(uri, "p")
+        .await
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        err.as_deref().is_some_and(|e| !e.contains("s3cret")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn redis_unreachable_fails_fast() {
+    let started = std::time::Instant::now();
+    // Port 1 on localhost: nothing listens, the connection is refused.
+    let r = RedisStore::connect("redis://127.0.0.1:1", "p").await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn redis_rejects_bad_prefixes_and_schemes() {
+    for prefix in ["", "a{b}", "has space"] {
+        let r = RedisStore::connect("redis://127.0.0.1:6379", prefix).await;
+        assert!(
+            matches!(r, Err(StoreError::Unavailable(_))),
+            "{prefix:?}: {r:?}"
+        );
+    }
+    let r = presence::store::open(Some("mysql://x"), "p").await;
+    assert!(r.is_err());
+    let unique = unique_prefix("x");
+    assert!(unique.starts_with("test-") && unique.ends_with("-x"));
+}

@@ -1,0 +1,985 @@
+//! The breaker itself: shared state, policies, permits, and the builder.
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    future::Future,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError,
+    },
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use super::{
+    classify::{Classifier, ErrIsFailure},
+    error::{BreakerError, CircuitOpen},
+    layer::CircuitBreakerLayer,
+};
+
+/// The state of a circuit breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CircuitState {
+    /// Calls pass through; outcomes are counted against the trip policy.
+    Closed,
+    /// Calls are rejected with [`CircuitOpen`] until `open_for` has passed.
+    Open,
+    /// A limited number of trial calls pass; the rest are rejected. Enough successes
+    /// close the breaker, one failure opens it again.
+    HalfOpen,
+}
+
+impl CircuitState {
+    /// The state's name as used in logs and metrics: `closed`, `open`, `half_open`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half_open",
+        }
+    }
+
+    fn code(self) -> u64 {
+        match self {
+            CircuitState::Closed => CLOSED,
+            CircuitState::Open => OPEN,
+            CircuitState::HalfOpen => HALF_OPEN,
+        }
+    }
+
+    fn of_word(word: u64) -> Self {
+        match word & STATE_MASK {
+            CLOSED => CircuitState::Closed,
+            OPEN => CircuitState::Open,
+            _ => CircuitState::HalfOpen,
+        }
+    }
+}
+
+impl fmt::Display for CircuitState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The sliding window of the failure-rate policy
+/// ([`CircuitBreakerBuilder::failure_rate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Window {
+    /// The last `n` calls (`0` is treated as `1`).
+    Count(usize),
+    /// The calls that finished within the last `d`. The window slides in steps of
+    /// `d / 32`, so a call drops out between `31/32 d` and `d` after it finished; that
+    /// keeps memory constant whatever the call rate.
+    Time(Duration),
+}
+
+/// Counters of a breaker since it was built, for metrics. Read with
+/// [`CircuitBreaker::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BreakerStats {
+    /// Calls admitted (in the closed or half-open state).
+    pub calls: u64,
+    /// Admitted calls that finished and were classified as successes.
+    pub successes: u64,
+    /// Admitted calls that finished and were classified as failures (slow calls
+    /// included).
+    pub failures: u64,
+    /// Calls rejected with [`CircuitOpen`] without running.
+    pub rejections: u64,
+    /// State transitions.
+    pub transitions: u64,
+}
+
+/// A change of state, passed to the [`on_state_change`](CircuitBreakerBuilder::on_state_change)
+/// hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Transition {
+    /// The state before.
+    pub from: CircuitState,
+    /// The state after.
+    pub to: CircuitState,
+}
+
+type Hook = Arc<dyn Fn(Transition) + Send + Sync>;
+
+// The state word packs `generation << 2 | state`. Every transition bumps the generation,
+// so a permit remembers exactly which closed / half-open period admitted it and a late
+// result from an earlier period cannot count against the current one.
+const STATE_MASK: u64 = 0b11;
+const CLOSED: u64 = 0;
+const OPEN: u64 = 1;
+const HALF_OPEN: u64 = 2;
+const COUNT_MASK: u64 = 0xffff_ffff;
+const TIME_BUCKETS: u64 = 32;
+
+/// Default number of consecutive failures that trip the breaker.
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+/// Default time the breaker stays open before it turns half-open.
+pub const DEFAULT_OPEN_FOR: Duration = Duration::from_secs(5);
+/// Default number of half-open trial calls (and successes needed to close).
+pub const DEFAULT_HALF_OPEN_CALLS: u32 = 1;
+
+#[derive(Clone, Copy, Debug)]
+struct RatePolicy {
+    percent: f64,
+    window: Window,
+    min_calls: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Config {
+    consecutive: Option<u32>,
+    rate: Option<RatePolicy>,
+    slow_call: Option<Duration>,
+    open_for: Duration,
+    growth: Option<(f64, Duration)>,
+    half_open_calls: u32,
+}
+
+/// A circuit breaker: stops calling a dependency that keeps failing, and probes it again
+/// after a while.
+///
+/// Cloning is cheap and every clone shares one state (there is an `Arc` inside): clone it
+/// into every task, service and layer that guards the same dependency. See the
+/// [module docs](super) for the policies and a complete example.
+///
+/// # Concurrency
+///
+/// The closed-state fast path is lock-free: admitting a call is one atomic load of the
+/// state word plus a relaxed counter increment, and recording a success under the
+/// consecutive-failures policy is an atomic load (plus one compare-and-swap when it
+/// resets a non-zero failure count). A mutex is taken only
+///
+/// * for state transitions, and for admitting and recording half-open trial calls (rare
+///   by construction), and
+/// * by the failure-rate policy, to update its sliding window when a call finishes
+///   (a short critical section: a ring-buffer push and a comparison).
+///
+/// The open state rejects without the lock until `open_for` has passed. The
+/// state-change hook runs after the mutex is released.
+#[derive(Clone)]
+pub struct CircuitBreaker {
+    inner: Arc<Inner>,
+}
+
+/// Keeps `T` on a cache line of its own, so that counters written on every call do not
+/// evict the read-mostly state word from other cores' caches.
+#[repr(align(64))]
+#[derive(Default)]
+struct CacheLine<T>(T);
+
+#[derive(Default)]
+struct Counters {
+    calls: AtomicU64,
+    successes: AtomicU64,
+    failures: AtomicU64,
+    rejections: AtomicU64,
+    transitions: AtomicU64,
+}
+
+struct Inner {
+    /// `generation << 2 | state`; written only with `shared` locked.
+    state: CacheLine<AtomicU64>,
+    /// `(generation as u32) << 32 | consecutive failures` of the current closed period.
+    consecutive: AtomicU64,
+    /// When the current open period ends, in nanoseconds since `epoch`.
+    open_until: AtomicU64,
+    counters: CacheLine<Counters>,
+    shared: Mutex<Shared>,
+    config: Config,
+    epoch: Instant,
+    hook: Option<Hook>,
+}
+
+/// State that only changes with the mutex held.
+struct Shared {
+    /// Trips since the breaker was last closed, for `open_for` growth.
+    trips: u32,
+    half_open_admitted: u32,
+    half_open_successes: u32,
+    window: Option<RateWindow>,
+}
+
+impl CircuitBreaker {
+    /// A breaker with the default policy: trips after 5 consecutive failures, stays open
+    /// 5 s, then admits 1 trial call.
+    pub fn new() -> Self {
+        CircuitBreakerBuilder::new().build()
+    }
+
+    /// Starts configuring a breaker.
+    pub fn builder() -> CircuitBreakerBuilder {
+        CircuitBreakerBuilder::new()
+    }
+
+    /// A layer that puts this breaker in front of a tower service (error mode, default
+    /// classifier). Same as [`CircuitBreakerLayer::new`].
+    pub fn layer(&self) -> CircuitBreakerLayer {
+        CircuitBreakerLayer::new(self.clone())
+    }
+
+    /// The current state.
+    ///
+    /// An open breaker whose `open_for` has passed reports (and becomes) half-open here,
+    /// even before the next call arrives.
+    pub fn state(&self) -> CircuitState {
+        let inner = &*self.inner;
+        let word = inner.state.0.load(Ordering::Acquire);
+        if word & STATE_MASK == OPEN {
+            let now = inner.now_nanos();
+            if now >= inner.open_until.load(Ordering::Relaxed) {
+                let transition = {
+                    let mut shared = inner.lock();
+                    let word = inner.state.0.load(Ordering::Acquire);
+                    let due = now >= inner.open_until.load(Ordering::Relaxed);
+                    (word & STATE_MASK == OPEN && due)
+                        .then(|| inner.transition(&mut shared, word, CircuitState::HalfOpen, now))
+                };
+                inner.notify(transition);
+            }
+        }
+        CircuitState::of_word(inner.state.0.load(Ordering::Acquire))
+    }
+
+    /// The counters since the breaker was built. Each counter is exact; the five are
+    /// read one after the other, not as one atomic snapshot.
+    pub fn stats(&self) -> BreakerStats {
+        let c = &self.inner.counters.0;
+        BreakerStats {
+            calls: c.calls.load(Ordering::Relaxed),
+            successes: c.successes.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+            rejections: c.rejections.load(Ordering::Relaxed),
+            transitions: c.transitions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Asks to make one call.
+    ///
+    /// `Ok(permit)`: make the call, then report its outcome with
+    /// [`BreakerPermit::success`], [`BreakerPermit::failure`] or
+    /// [`BreakerPermit::record`]. `Err(CircuitOpen)`: do not make the call.
+    ///
+    /// This is the low-level interface the layer and [`call`](Self::call) are built on;
+    /// use it to guard code that is neither a tower service nor a single future.
+    #[inline]
+    pub fn try_acquire(&self) -> Result<BreakerPermit, CircuitOpen> {
+        let word = self.inner.state.0.load(Ordering::Acquire);
+        if word & STATE_MASK == CLOSED {
+            self.inner.counters.0.calls.fetch_add(1, Ordering::Relaxed);
+            return Ok(self.permit(word));
+        }
+        self.acquire_slow(word)
+    }
+
+    #[inline]
+    fn permit(&self, word: u64) -> BreakerPermit {
+        BreakerPermit {
+            start: self.inner.config.slow_call.map(|_| Instant::now()),
+            inner: self.inner.clone(),
+            word,
+            done: false,
+        }
+    }
+
+    #[inline(never)]
+    fn acquire_slow(&self, word: u64) -> Result<BreakerPermit, CircuitOpen> {
+        let inner = &*self.inner;
+        let mut now = None;
+        if word & STATE_MASK == OPEN {
+            let t = inner.now_nanos();
+            let until = inner.open_until.load(Ordering::Relaxed);
+            if t < until {
+                return Err(inner.reject(Duration::from_nanos(until - t)));
+            }
+            now = Some(t);
+        }
+        let mut transition = None;
+        let admitted = {
+            let mut shared = inner.lock();
+            let word = inner.state.0.load(Ordering::Acquire);
+            match word & STATE_MASK {
+                CLOSED => Ok(word),
+                OPEN => {
+                    let t = now.unwrap_or_else(|| inner.now_nanos());
+                    let until = inner.open_until.load(Ordering::Relaxed);
+                    if t < until {
+                        Err(Duration::from_nanos(until - t))
+                    } else {
+                        transition =
+                            Some(inner.transition(&mut shared, word, CircuitState::HalfOpen, t));
+                        let word = inner.state.0.load(Ordering::Relaxed);
+                        inner.admit_half_open(&mut shared, word)
+                    }
+                }
+                _ => inner.admit_half_open(&mut shared, word),
+            }
+        };
+        inner.notify(transition);
+        match admitted {
+            Ok(word) => {
+                inner.counters.0.calls.fetch_add(1, Ordering::Relaxed);
+                Ok(self.permit(word))
+            }
+            Err(retry_after) => Err(inner.reject(retry_after)),
+        }
+    }
+
+    /// Runs `f()` through the breaker: rejected at once with [`BreakerError::Open`] if
+    /// the breaker is open, otherwise awaited, and an `Err` counted as a failure.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use resilience::{BreakerError, CircuitBreaker};
+    ///
+    /// let breaker = CircuitBreaker::builder().consecutive_failures(1).build();
+    /// let r = breaker.call(|| async { Err::<(), _>("boom") }).await;
+    /// assert_eq!(r, Err(BreakerError::Inner("boom")));
+    /// let r = breaker.call(|| async { Ok::<_, &str>(1) }).await;
+    /// assert!(matches!(r, Err(BreakerError::Open(_))));
+    /// # }
+    /// ```
+    pub async fn call<F, Fut, T, E>(&self, f: F) -> Result<T, BreakerError<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.call_classified(ErrIsFailure, f).await
+    }
+
+    /// Like [`call`](Self::call), with `classifier` deciding which outcomes are failures
+    /// (an `Ok` can be one too, e.g. an HTTP `503`).
+    pub async fn call_classified<C, F, Fut, T, E>(
+        &self,
+        classifier: C,
+        f: F,
+    ) -> Result<T, BreakerError<E>>
+    where
+        C: Classifier<T, E>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let permit = self.try_acquire()?;
+        let outcome = f().await;
+        permit.record(classifier.is_failure(outcome.as_ref()));
+        outcome.map_err(BreakerError::Inner)
+    }
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        CircuitBreaker::new()
+    }
+}
+
+impl fmt::Debug for CircuitBreaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let word = self.inner.state.0.load(Ordering::Relaxed);
+        f.debug_struct("CircuitBreaker")
+            .field("state", &CircuitState::of_word(word))
+            .field("stats", &self.stats())
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // No user code runs with the lock held (the hook runs after), so a poisoned lock
+        // can only come from a panic in our own bookkeeping; the data is still coherent
+        // enough to keep serving.
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn now_nanos(&self) -> u64 {
+        nanos(Instant::now().saturating_duration_since(self.epoch))
+    }
+
+    fn reject(&self, retry_after: Duration) -> CircuitOpen {
+        self.counters.0.rejections.fetch_add(1, Ordering::Relaxed);
+        CircuitOpen { retry_after }
+    }
+
+    fn notify(&self, transition: Option<Transition>) {
+        if let (Some(t), Some(hook)) = (transition, &self.hook) {
+            hook(t);
+        }
+    }
+
+    fn admit_half_open(&self, shared: &mut Shared, word: u64) -> Result<u64, Duration> {
+        if shared.half_open_admitted < self.config.half_open_calls {
+            shared.half_open_admitted += 1;
+            Ok(word)
+        } else {
+            // Every trial slot is taken; one frees as soon as a trial finishes.
+            Err(Duration::ZERO)
+        }
+    }
+
+    /// Moves from the state in `from_word` to `to`. Caller holds the lock and has checked
+    /// that `from_word` is still current.
+    fn transition(
+        &self,
+        shared: &mut Shared,
+        from_word: u64,
+        to: CircuitState,
+        now: u64,
+    ) -> Transition {
+        let generation = (from_word >> 2).wrapping_add(1);
+        match to {
+            CircuitState::Closed => {
+                shared.trips = 0;
+                if let Some(window) = &mut shared.window {
+                    window.clear();
+                }
+                self.consecutive
+                    .store(consecutive_tag(generation << 2), Ordering::Relaxed);
+            }
+            CircuitState::Open => {
+                shared.trips = shared.trips.saturating_add(1);
+                let open_for = self.open_duration(shared.trips);
+                self.open_until
+                    .store(now.saturating_add(nanos(open_for)), Ordering::Relaxed);
+            }
+            CircuitState::HalfOpen => {
+                shared.half_open_admitted = 0;
+                shared.half_open_successes = 0;
+            }
+        }
+        // Release: whoever sees the new word also sees the fields set above.
+        self.state
+            .0
+            .store((generation << 2) | to.code(), Ordering::Release);
+        self.counters.0.transitions.fetch_add(1, Ordering::Relaxed);
+        Transition {
+            from: CircuitState::of_word(from_word),
+            to,
+        }
+    }
+
+    /// `open_for` after the `trips`-th trip in a row: `open_for * factor^(trips - 1)`,
+    /// capped.
+    fn open_duration(&self, trips: u32) -> Duration {
+        let base = self.config.open_for;
+        let Some((factor, cap)) = self.config.growth else {
+            return base;
+        };
+        let exp = i32::try_from(trips.saturating_sub(1)).unwrap_or(i32::MAX);
+        let grown = base.as_nanos() as f64 * factor.powi(exp);
+        if grown.is_finite() && grown < cap.as_nanos() as f64 {
+            Duration::from_nanos(grown.round() as u64)
+        } else {
+            cap
+        }
+    }
+
+    fn record(&self, word: u64, start: Option<Instant>, outcome: Option<bool>) {
+        let slow = match (start, self.config.slow_call) {
+            (Some(start), Some(limit)) => start.elapsed() > limit,
+            _ => false,
+        };
+        // A call abandoned after it was already slow was certainly slow: count it, or a
+        // timeout layered outside the breaker would hide a hanging dependency from it.
+        let outcome = match outcome {
+            Some(failed) => Some(failed || slow),
+            None if slow => Some(true),
+            None => None,
+        };
+        let counters = &self.counters.0;
+        match outcome {
+            Some(true) => counters.failures.fetch_add(1, Ordering::Relaxed),
+            Some(false) => counters.successes.fetch_add(1, Ordering::Relaxed),
+            None => 0,
+        };
+        if word & STATE_MASK == CLOSED {
+            if let Some(failed) = outcome {
+                self.record_closed(word, failed);
+            }
+        } else {
+            self.record_half_open(word, outcome);
+        }
+    }
+
+    #[inline]
+    fn record_closed(&self, word: u64, failed: bool) {
+        let mut tripped = false;
+        if let Some(threshold) = self.config.consecutive {
+            let tag = consecutive_tag(word);
+            let mut current = self.consecutive.load(Ordering::Relaxed);
+            if failed {
+                // Count only within this permit's closed period; stop at the threshold
+                // instead of overflowing into the tag.
+                while current & !COUNT_MASK == tag && current & COUNT_MASK < u64::from(threshold) {
+                    match self.consecutive.compare_exchange_weak(
+                        current,
+                        current + 1,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    ) {
+                        Ok(_) => {
+                            tripped = (current & COUNT_MASK) + 1 >= u64::from(threshold);
+                            break;
+                        }
+                        Err(actual) => current = actual,
+                    }
+                }
+            } else if current & COUNT_MASK != 0 && current & !COUNT_MASK == tag {
+                // Losing this race to a concurrent failure is fine: the two calls
+                // overlapped, so either order is a valid history.
+                let _ = self.consecutive.compare_exchange(
+                    current,
+                    tag,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+        }
+        if !tripped && self.config.rate.is_none() {
+            return;
+        }
+        let transition = {
+            let mut shared = self.lock();
+            if self.state.0.load(Ordering::Acquire) != word {
+                None
+            } else {
+                let now = self.now_nanos();
+                let rate_tripped = shared
+                    .window
+                    .as_mut()
+                    .is_some_and(|window| window.push(now, failed));
+                (tripped || rate_tripped)
+                    .then(|| self.transition(&mut shared, word, CircuitState::Open, now))
+            }
+        };
+        self.notify(transition);
+    }
+
+    fn record_half_open(&self, word: u64, outcome: Option<bool>) {
+        let transition = {
+            let mut shared = self.lock();
+            if self.state.0.load(Ordering::Acquire) != word {
+                return;
+            }
+            match outcome {
+                None => {
+                    shared.half_open_admitted = shared.half_open_admitted.saturating_sub(1);
+                    None
+                }
+                Some(false) => {
+                    shared.half_open_successes += 1;
+                    (shared.half_open_successes >= self.config.half_open_calls).then(|| {
+                        let now = self.now_nanos();
+                        self.transition(&mut shared, word, CircuitState::Closed, now)
+                    })
+                }
+                Some(true) => {
+                    let now = self.now_nanos();
+                    Some(self.transition(&mut shared, word, CircuitState::Open, now))
+                }
+            }
+        };
+        self.notify(transition);
+    }
+}
+
+fn consecutive_tag(word: u64) -> u64 {
+    // The low 32 bits of the generation are plenty to tell closed periods apart: a permit
+    // would have to outlive 2^32 transitions to be confused.
+    ((word >> 2) & COUNT_MASK) << 32
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Permission to make one call, from [`CircuitBreaker::try_acquire`].
+///
+/// Report the outcome with [`success`](Self::success), [`failure`](Self::failure) or
+/// [`record`](Self::record). A permit dropped without a report (the call was cancelled)
+/// counts as neither, and frees its half-open trial slot; except that, with
+/// [`slow_call`](CircuitBreakerBuilder::slow_call) set, a call abandoned after running
+/// longer than the limit counts as a (slow) failure.
+///
+/// The permit belongs to the state period that admitted it: if the breaker has changed
+/// state since, its outcome updates the counters but not the state.
+#[must_use = "report the call's outcome with success(), failure() or record()"]
+pub struct BreakerPermit {
+    inner: Arc<Inner>,
+    word: u64,
+    start: Option<Instant>,
+    done: bool,
+}
+
+impl BreakerPermit {
+    /// The call succeeded (it still counts as a failure if it was slower than
+    /// `slow_call`).
+    #[inline]
+    pub fn success(self) {
+        self.record(false);
+    }
+
+    /// The call failed.
+    #[inline]
+    pub fn failure(self) {
+        self.record(true);
+    }
+
+    /// Reports the outcome: `failed == true` is a failure.
+    #[inline]
+    pub fn record(mut self, failed: bool) {
+        self.done = true;
+        self.inner.record(self.word, self.start, Some(failed));
+    }
+
+    /// The state that admitted the call: [`Closed`](CircuitState::Closed) or
+    /// [`HalfOpen`](CircuitState::HalfOpen) (a trial call).
+    pub fn state(&self) -> CircuitState {
+        CircuitState::of_word(self.word)
+    }
+}
+
+impl Drop for BreakerPermit {
+    fn drop(&mut self) {
+        if !self.done {
+            self.inner.record(self.word, self.start, None);
+        }
+    }
+}
+
+impl fmt::Debug for BreakerPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BreakerPermit")
+            .field("state", &self.state())
+            .field("generation", &(self.word >> 2))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The failure-rate policy's sliding window. Lives under the breaker's mutex.
+enum RateWindow {
+    Count {
+        outcomes: VecDeque<bool>,
+        size: usize,
+        failures: usize,
+        min_calls: usize,
+        percent: f64,
+    },
+    Time {
+        buckets: Box<[Bucket]>,
+        width: u64,
+        min_calls: usize,
+        percent: f64,
+    },
+}
+
+#[derive(Clone, Copy, Default)]
+struct Bucket {
+    index: u64,
+    calls: u64,
+    failures: u64,
+}
+
+impl RateWindow {
+    fn new(policy: RatePolicy) -> Self {
+        let min_calls = policy.min_calls.max(1);
+        match policy.window {
+            Window::Count(size) => {
+                let size = size.max(1);
+                RateWindow::Count {
+                    outcomes: VecDeque::with_capacity(size),
+                    size,
+                    failures: 0,
+                    // More than the window holds could never be reached.
+                    min_calls: min_calls.min(size),
+                    percent: policy.percent,
+                }
+            }
+            Window::Time(d) => RateWindow::Time {
+                buckets: vec![Bucket::default(); TIME_BUCKETS as usize].into_boxed_slice(),
+                width: nanos(d).div_ceil(TIME_BUCKETS).max(1),
+                min_calls,
+                percent: policy.percent,
+            },
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            RateWindow::Count {
+                outcomes, failures, ..
+            } => {
+                outcomes.clear();
+                *failures = 0;
+            }
+            RateWindow::Time { buckets, .. } => buckets.fill(Bucket::default()),
+        }
+    }
+
+    /// Adds one outcome; `true` if the failure rate now reaches the threshold.
+    fn push(&mut self, now: u64, failed: bool) -> bool {
+        let (calls, failures, min_calls, percent) = match self {
+            RateWindow::Count {
+                outcomes,
+                size,
+                failures,
+                min_calls,
+                percent,
+            } => {
+                if outcomes.len() == *size && outcomes.pop_front() == Some(true) {
+                    *failures -= 1;
+                }
+                outcomes.push_back(failed);
+                *failures += usize::from(failed);
+                (
+                    outcomes.len() as u64,
+                    *failures as u64,
+                    *min_calls,
+                    *percent,
+                )
+            }
+            RateWindow::Time {
+                buckets,
+                width,
+                min_calls,
+                percent,
+            } => {
+                // Index 0 is never used, so a default bucket is never mistaken for a
+                // live one.
+                let index = now / *width + 1;
+                let bucket = &mut buckets[(index % TIME_BUCKETS) as usize];
+                if bucket.index != index {
+                    *bucket = Bucket {
+                        index,
+                        ..Bucket::default()
+                    };
+                }
+                bucket.calls += 1;
+                bucket.failures += u64::from(failed);
+                let (calls, failures) = buckets
+                    .iter()
+                    .filter(|b| b.index + TIME_BUCKETS > index)
+                    .fold((0, 0), |(c, f), b| (c + b.calls, f + b.failures));
+                (calls, failures, *min_calls, *percent)
+            }
+        };
+        failures > 0
+            && calls >= min_calls as u64
+            && failures as f64 * 100.0 >= percent * calls as f64
+    }
+}
+
+/// Configures a [`CircuitBreaker`]. Get one from [`CircuitBreaker::builder`].
+///
+/// Trip policies: [`consecutive_failures`](Self::consecutive_failures) (the default,
+/// 5) and/or [`failure_rate`](Self::failure_rate). Setting only `failure_rate` replaces
+/// the default; setting both trips on whichever fires first.
+#[derive(Clone)]
+#[must_use = "call .build() to get a CircuitBreaker"]
+pub struct CircuitBreakerBuilder {
+    consecutive: Option<u32>,
+    rate: Option<RatePolicy>,
+    slow_call: Option<Duration>,
+    open_for: Duration,
+    growth: Option<(f64, Duration)>,
+    half_open_calls: u32,
+    hook: Option<Hook>,
+}
+
+impl CircuitBreakerBuilder {
+    /// The defaults: 5 consecutive failures, open for 5 s, 1 half-open call.
+    pub fn new() -> Self {
+        CircuitBreakerBuilder {
+            consecutive: None,
+            rate: None,
+            slow_call: None,
+            open_for: DEFAULT_OPEN_FOR,
+            growth: None,
+            half_open_calls: DEFAULT_HALF_OPEN_CALLS,
+            hook: None,
+        }
+    }
+
+    /// Trip after `n` failures in a row (a success resets the count). `0` is treated
+    /// as `1`.
+    pub fn consecutive_failures(mut self, n: u32) -> Self {
+        self.consecutive = Some(n.max(1));
+        self
+    }
+
+    /// Trip when at least `percent` % of the calls in `window` failed, once the window
+    /// holds at least `min_calls` calls (`0` is treated as `1`; for a count window,
+    /// more than its size is treated as its size).
+    ///
+    /// Every finished call updates the window under a short mutex (see
+    /// [`CircuitBreaker`]'s concurrency notes). The window starts empty whenever the
+    /// breaker closes.
+    ///
+    /// # Panics
+    ///
+    /// If `percent` is not in `(0, 100]` (NaN included): that is a configuration bug with
+    /// no sensible reading.
+    pub fn failure_rate(mut self, percent: f64, window: Window, min_calls: usize) -> Self {
+        assert!(
+            percent > 0.0 && percent <= 100.0,
+            "failure_rate: percent must be in (0, 100], got {percent}"
+        );
+        self.rate = Some(RatePolicy {
+            percent,
+            window,
+            min_calls,
+        });
+        self
+    }
+
+    /// Calls slower than `limit` count as failures even if they succeed. Costs one clock
+    /// read per call.
+    pub fn slow_call(mut self, limit: Duration) -> Self {
+        self.slow_call = Some(limit);
+        self
+    }
+
+    /// How long the breaker stays open before it turns half-open (default 5 s).
+    pub fn open_for(mut self, d: Duration) -> Self {
+        self.open_for = d;
+        self
+    }
+
+    /// Grow `open_for` on repeated trips: the `k`-th trip in a row (a half-open trial
+    /// failed again) stays open `open_for * factor^(k-1)`, at most `cap` (but at least
+    /// `open_for`). Closing resets it.
+    ///
+    /// # Panics
+    ///
+    /// If `factor` is not a finite number `>= 1`.
+    pub fn open_for_growth(mut self, factor: f64, cap: Duration) -> Self {
+        assert!(
+            factor.is_finite() && factor >= 1.0,
+            "open_for_growth: factor must be finite and >= 1, got {factor}"
+        );
+        self.growth = Some((factor, cap));
+        self
+    }
+
+    /// How many trial calls the half-open state admits at once, and how many of them
+    /// must succeed to close the breaker (default 1; `0` is treated as `1`).
+    pub fn half_open_calls(mut self, n: u32) -> Self {
+        self.half_open_calls = n.max(1);
+        self
+    }
+
+    /// Called on every state change, after the breaker's lock is released, on the task
+    /// that caused the change. Keep it short (update a metric, log). Under concurrency two
+    /// hooks for consecutive transitions can run at the same time on different threads.
+    pub fn on_state_change<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(Transition) + Send + Sync + 'static,
+    {
+        self.hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// Builds the breaker, closed.
+    pub fn build(self) -> CircuitBreaker {
+        let consecutive = match (self.consecutive, self.rate) {
+            (None, None) => Some(DEFAULT_CONSECUTIVE_FAILURES),
+            (n, _) => n,
+        };
+        let growth = self
+            .growth
+            .map(|(factor, cap)| (factor, cap.max(self.open_for)));
+        let config = Config {
+            consecutive,
+            rate: self.rate,
+            slow_call: self.slow_call,
+            open_for: self.open_for,
+            growth,
+            half_open_calls: self.half_open_calls,
+        };
+        CircuitBreaker {
+            inner: Arc::new(Inner {
+                state: CacheLine(AtomicU64::new(CLOSED)),
+                consecutive: AtomicU64::new(consecutive_tag(CLOSED)),
+                open_until: AtomicU64::new(0),
+                counters: CacheLine::default(),
+                shared: Mutex::new(Shared {
+                    trips: 0,
+                    half_open_admitted: 0,
+                    half_open_successes: 0,
+                    window: self.rate.map(RateWindow::new),
+                }),
+                config,
+                epoch: Instant::now(),
+                hook: self.hook,
+            }),
+        }
+    }
+}
+
+impl Default for CircuitBreakerBuilder {
+    fn default() -> Self {
+        CircuitBreakerBuilder::new()
+    }
+}
+
+impl fmt::Debug for CircuitBreakerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerBuilder")
+            .field("consecutive_failures", &self.consecutive)
+            .field("failure_rate", &self.rate)
+            .field("slow_call", &self.slow_call)
+            .field("open_for", &self.open_for)
+            .field("open_for_growth", &self.growth)
+            .field("half_open_calls", &self.half_open_calls)
+            .field("on_state_change", &self.hook.is_some())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growth_is_exact_and_capped() {
+        let b = CircuitBreaker::builder()
+            .open_for(Duration::from_millis(100))
+            .open_for_growth(2.0, Duration::from_millis(500))
+            .build();
+        let d: Vec<_> = (1..=6).map(|k| b.inner.open_duration(k)).collect();
+        let ms = Duration::from_millis;
+        assert_eq!(d, [ms(100), ms(200), ms(400), ms(500), ms(500), ms(500)]);
+        assert_eq!(b.inner.open_duration(u32::MAX), ms(500));
+    }
+
+    #[test]
+    fn count_window_slides() {
+        let mut w = RateWindow::new(RatePolicy {
+            percent: 50.0,
+            window: Window::Count(4),
+            min_calls: 4,
+        });
+        assert!(!w.push(0, true));
+        assert!(!w.push(0, true));
+        assert!(!w.push(0, false));
+        assert!(w.push(0, false)); // 2 of 4
+        assert!(!w.push(0, false)); // 1 of 4: the first failure slid out
+    }
+
+    #[test]
+    fn time_window_forgets_old_buckets() {
+        let sec = 1_000_000_000;
+        let mut w = RateWindow::new(RatePolicy {
+            percent: 100.0,
+            window: Window::Time(Duration::from_secs(32)),
+            min_calls: 2,
+        });
+        assert!(!w.push(0, true));
+        assert!(w.push(31 * sec, true));
+        assert!(!w.push(64 * sec, true)); // both earlier failures are out of the window
+    }
+}

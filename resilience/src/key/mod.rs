@@ -1,0 +1,250 @@
+//! Key extractors: what a rate limiter counts requests by.
+//!
+//! A [`KeyExtractor`] looks at a request and returns the key of the bucket it draws
+//! from: nothing ([`GlobalKey`], one bucket for all), the peer IP ([`PeerIp`]), the
+//! client IP behind trusted proxies ([`TrustedProxyIp`]), a header ([`HeaderKey`]), or
+//! anything a closure computes ([`key_fn`]).
+//!
+//! When there is no key (no peer address, no such header), `extract` returns
+//! [`MissingKey`] naming what is missing, and the layer refuses the request rather than
+//! rate limit it in some shared bucket.
+//!
+//! ```
+//! use resilience::{Cidr, KeyExtractor, PeerIp, TrustedProxyIp};
+//! use std::net::{IpAddr, SocketAddr};
+//!
+//! let mut req = http::Request::new(());
+//! let missing = PeerIp.extract(&req).unwrap_err();
+//! assert!(missing.to_string().starts_with("rate limit key missing: no peer address"));
+//!
+//! // Servers put the peer address into the request extensions.
+//! req.extensions_mut().insert("203.0.113.7:50000".parse::<SocketAddr>().unwrap());
+//! assert_eq!(PeerIp.extract(&req).unwrap(), "203.0.113.7".parse::<IpAddr>().unwrap());
+//!
+//! let behind_proxy = TrustedProxyIp::new(vec!["203.0.113.0/24".parse::<Cidr>().unwrap()]);
+//! req.headers_mut().insert("x-forwarded-for", "198.51.100.23".parse().unwrap());
+//! assert_eq!(behind_proxy.extract(&req).unwrap(), "198.51.100.23".parse::<IpAddr>().unwrap());
+//! ```
+//!
+//! # Peer address convention
+//!
+//! The peer address is a [`std::net::SocketAddr`] in the request extensions, inserted by
+//! the server (for hyper: `req.extensions_mut().insert(remote_addr)` in the service you
+//! hand to `serve_connection`). With the crate feature `axum`, axum's
+//! `ConnectInfo<SocketAddr>` (from `into_make_service_with_connect_info`) works too.
+
+mod cidr;
+mod trusted_proxy;
+
+use std::{
+    borrow::Cow,
+    fmt,
+    hash::{BuildHasher, Hash, RandomState},
+    net::{IpAddr, SocketAddr},
+};
+
+use http::{HeaderName, Request};
+
+pub use self::{
+    cidr::{Cidr, CidrParseError},
+    trusted_proxy::{ForwardedHeader, TrustedProxyIp},
+};
+pub use crate::token_bucket::MissingKey;
+
+/// Finds the rate-limit key of a request.
+///
+/// Implementations must be cheap (they run on every request) and must not trust
+/// anything a client can forge unless told to (see [`TrustedProxyIp`]).
+pub trait KeyExtractor<Req>: Clone + Send + Sync + 'static {
+    /// The key buckets are kept by. It is stored for every client that is in the map,
+    /// so keep it small (an `IpAddr` is 17 bytes); avoid keys that borrow a large
+    /// buffer, such as a `HeaderValue` sliced from a request (it keeps the whole read
+    /// buffer alive).
+    type Key: Hash + Eq + Clone + Send + Sync + 'static;
+
+    /// The key of `req`, or what is missing to compute it.
+    fn extract(&self, req: &Req) -> Result<Self::Key, MissingKey>;
+}
+
+/// One bucket for all requests (key `()`); works on any request type.
+///
+/// This is what [`TokenBucketLayer::new`](crate::TokenBucketLayer::new) starts with: a
+/// global rate limit, e.g. for a client that must not exceed a server's quota.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalKey;
+
+impl<Req> KeyExtractor<Req> for GlobalKey {
+    type Key = ();
+
+    #[inline]
+    fn extract(&self, _req: &Req) -> Result<(), MissingKey> {
+        Ok(())
+    }
+}
+
+#[cfg(feature = "axum")]
+pub(crate) const PEER_MISSING: &str = "peer address (a std::net::SocketAddr or axum ConnectInfo<SocketAddr> in the request extensions)";
+#[cfg(not(feature = "axum"))]
+pub(crate) const PEER_MISSING: &str =
+    "peer address (a std::net::SocketAddr in the request extensions)";
+
+/// The peer address a server put into the request extensions.
+pub(crate) fn peer_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
+    if let Some(addr) = req.extensions().get::<SocketAddr>() {
+        return Some(*addr);
+    }
+    #[cfg(feature = "axum")]
+    if let Some(info) = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+    {
+        return Some(info.0);
+    }
+    None
+}
+
+/// Keys `http::Request`s by the IP of the connection's peer.
+///
+/// The address comes from the request extensions: a [`std::net::SocketAddr`], or with
+/// the crate feature `axum`, axum's `ConnectInfo<SocketAddr>`. Without one the request
+/// fails with [`MissingKey`] (HTTP mode: `500`), never a shared bucket. The port is
+/// ignored, and IPv4-mapped IPv6 (`::ffff:1.2.3.4`, what dual-stack sockets report) is
+/// keyed as the IPv4 address.
+///
+/// Behind a reverse proxy every request has the proxy's address: use
+/// [`TrustedProxyIp`] there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerIp;
+
+impl<B> KeyExtractor<Request<B>> for PeerIp {
+    type Key = IpAddr;
+
+    #[inline]
+    fn extract(&self, req: &Request<B>) -> Result<IpAddr, MissingKey> {
+        peer_addr(req)
+            .map(|addr| addr.ip().to_canonical())
+            .ok_or_else(|| MissingKey::new(PEER_MISSING))
+    }
+}
+
+/// Keys `http::Request`s by the value of a header, e.g. an API key.
+///
+/// The key is a 128-bit keyed digest of the value ([`HeaderDigest`]), not the value:
+/// it is 16 bytes however long the header is, the map does not keep secrets such as
+/// API keys in memory, and it does not pin hyper's read buffer the way a stored
+/// `HeaderValue` slice would. The digest is SipHash with a random per-extractor key, so
+/// clients cannot craft collisions; accidental ones are about 2^-128 likely.
+///
+/// If the header appears several times, the first line counts. A request without
+/// the header fails with [`MissingKey`] naming it.
+#[derive(Clone, Debug)]
+pub struct HeaderKey {
+    name: HeaderName,
+    hasher: RandomState,
+    missing: Cow<'static, str>,
+}
+
+impl HeaderKey {
+    /// Keys by the header `name`.
+    pub fn new(name: HeaderName) -> Self {
+        let missing = format!("header `{name}`").into();
+        HeaderKey {
+            name,
+            hasher: RandomState::new(),
+            missing,
+        }
+    }
+
+    /// The header name.
+    pub fn name(&self) -> &HeaderName {
+        &self.name
+    }
+
+    /// The key for a header value.
+    pub fn digest(&self, value: &[u8]) -> HeaderDigest {
+        // Two domain-separated 64-bit SipHashes make 128 bits.
+        let hi = self.hasher.hash_one((0u8, value));
+        let lo = self.hasher.hash_one((1u8, value));
+        HeaderDigest(u128::from(hi) << 64 | u128::from(lo))
+    }
+}
+
+/// The key [`HeaderKey`] produces: a keyed 128-bit digest of a header value.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HeaderDigest(u128);
+
+impl fmt::Debug for HeaderDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HeaderDigest({:032x})", self.0)
+    }
+}
+
+impl<B> KeyExtractor<Request<B>> for HeaderKey {
+    type Key = HeaderDigest;
+
+    fn extract(&self, req: &Request<B>) -> Result<HeaderDigest, MissingKey> {
+        req.headers()
+            .get(&self.name)
+            .map(|value| self.digest(value.as_bytes()))
+            .ok_or_else(|| MissingKey::new(self.missing.clone()))
+    }
+}
+
+/// A key extractor from a closure `Fn(&Req) -> Option<K>`; `None` is a missing key.
+///
+/// ```
+/// use resilience::{key_fn, KeyExtractor};
+///
+/// // Key by the first path segment, e.g. a tenant.
+/// let tenant = key_fn(|req: &http::Request<()>| {
+///     req.uri().path().split('/').nth(1).filter(|s| !s.is_empty()).map(str::to_owned)
+/// })
+/// .missing("tenant in the path");
+///
+/// let req = http::Request::get("/acme/items").body(()).unwrap();
+/// assert_eq!(tenant.extract(&req).unwrap(), "acme");
+/// let req = http::Request::get("/").body(()).unwrap();
+/// assert_eq!(tenant.extract(&req).unwrap_err().what(), "tenant in the path");
+/// ```
+pub fn key_fn<F>(f: F) -> FnKey<F> {
+    FnKey {
+        f,
+        missing: Cow::Borrowed("key (the key function returned None)"),
+    }
+}
+
+/// The extractor [`key_fn`] makes.
+#[derive(Clone)]
+pub struct FnKey<F> {
+    f: F,
+    missing: Cow<'static, str>,
+}
+
+impl<F> FnKey<F> {
+    /// What the [`MissingKey`] error names when the closure returns `None`.
+    pub fn missing(mut self, what: impl Into<Cow<'static, str>>) -> Self {
+        self.missing = what.into();
+        self
+    }
+}
+
+impl<F> fmt::Debug for FnKey<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FnKey")
+            .field("missing", &self.missing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Req, F, K> KeyExtractor<Req> for FnKey<F>
+where
+    F: Fn(&Req) -> Option<K> + Clone + Send + Sync + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    type Key = K;
+
+    #[inline]
+    fn extract(&self, req: &Req) -> Result<K, MissingKey> {
+        (self.f)(req).ok_or_else(|| MissingKey::new(self.missing.clone()))
+    }
+}

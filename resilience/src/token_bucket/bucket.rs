@@ -1,0 +1,506 @@
+//! [`TokenBucket`]: one lock-free bucket, and the GCRA arithmetic every bucket of the
+//! crate shares.
+
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use super::error::{InvalidRate, RateLimited};
+
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+
+/// `tau` must stay far from `u64::MAX` so `max(tat, now) + cost` cannot overflow for any
+/// `now` a process will see (2^62 ns is 146 years).
+const MAX_TAU: u64 = 1 << 62;
+
+/// Nanoseconds from `epoch` to now on tokio's clock (so paused-time tests move it).
+#[inline]
+pub(crate) fn nanos_since(epoch: Instant) -> u64 {
+    let d = Instant::now().saturating_duration_since(epoch);
+    // 2^64 ns is 584 years; saturating keeps a pathological clock from wrapping.
+    d.as_secs()
+        .saturating_mul(NANOS_PER_SEC)
+        .saturating_add(u64::from(d.subsec_nanos()))
+}
+
+/// The generic cell rate algorithm, in integer nanoseconds.
+///
+/// A bucket is a single number, its *theoretical arrival time* (TAT): the instant at
+/// which the bucket will be full again. `tat <= now` means full. Taking `n` tokens
+/// moves it to `max(tat, now) + n * interval`; that is allowed while the result is at
+/// most `tau = capacity * interval` ahead of `now`. So the whole state fits in one
+/// `AtomicU64` and an acquisition is a single compare-and-swap.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Gcra {
+    /// Nanoseconds per token, rounded *up* so the real rate never exceeds the
+    /// configured one (rates above 10^9/s are therefore capped at 10^9/s).
+    interval: u64,
+    /// `capacity * interval`.
+    tau: u64,
+    capacity: u32,
+    rate: f64,
+}
+
+/// Why a request was refused: the state it saw, and how long until it would pass.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Denied {
+    /// The TAT the decision was made on.
+    pub(crate) tat: u64,
+    /// Nanoseconds until the same request is granted; `u64::MAX`: never.
+    pub(crate) retry_after: u64,
+}
+
+impl Denied {
+    pub(crate) fn rate_limited(&self) -> RateLimited {
+        RateLimited::new(nanos_to_duration(self.retry_after))
+    }
+}
+
+/// `u64::MAX` nanoseconds stands for "never" and maps to `Duration::MAX`.
+pub(crate) fn nanos_to_duration(nanos: u64) -> Duration {
+    if nanos == u64::MAX {
+        Duration::MAX
+    } else {
+        Duration::from_nanos(nanos)
+    }
+}
+
+impl Gcra {
+    pub(crate) fn new(rate: f64, capacity: u32) -> Result<Gcra, InvalidRate> {
+        if !rate.is_finite() || rate <= 0.0 {
+            return Err(InvalidRate::new(
+                rate,
+                capacity,
+                "the rate must be a finite number above 0",
+            ));
+        }
+        if capacity == 0 {
+            return Err(InvalidRate::new(
+                rate,
+                capacity,
+                "the capacity must be at least 1",
+            ));
+        }
+        let interval = (1e9 / rate).ceil();
+        // Compared as f64 first: a tiny rate makes the interval too large for u64.
+        if interval * f64::from(capacity) > MAX_TAU as f64 {
+            return Err(InvalidRate::new(
+                rate,
+                capacity,
+                "capacity / rate must be below 146 years",
+            ));
+        }
+        let interval = (interval as u64).max(1);
+        Ok(Gcra {
+            interval,
+            tau: interval * u64::from(capacity),
+            capacity,
+            rate,
+        })
+    }
+
+    pub(crate) fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    pub(crate) fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Takes `n` tokens at `now` if they are there. `Ok` carries the new TAT.
+    #[inline]
+    pub(crate) fn acquire(&self, cell: &AtomicU64, now: u64, n: u32) -> Result<u64, Denied> {
+        // Relaxed is enough: the cell is the only shared datum, and a CAS on one location
+        // is totally ordered by itself.
+        let mut tat = cell.load(Ordering::Relaxed);
+        if n > self.capacity {
+            return Err(Denied {
+                tat,
+                retry_after: u64::MAX,
+            });
+        }
+        let cost = u64::from(n) * self.interval;
+        loop {
+            let new_tat = tat.max(now).saturating_add(cost);
+            let limit = now.saturating_add(self.tau);
+            if new_tat > limit {
+                return Err(Denied {
+                    tat,
+                    retry_after: new_tat - limit,
+                });
+            }
+            match cell.compare_exchange_weak(tat, new_tat, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Ok(new_tat),
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+
+    /// The TAT of a bucket that did not exist (so was full) after taking `n <= capacity`
+    /// tokens at `now`.
+    #[inline]
+    pub(crate) fn fresh(&self, now: u64, n: u32) -> u64 {
+        now.saturating_add(u64::from(n) * self.interval)
+    }
+
+    /// Books `n` tokens even if they are not there yet, when they will be there within
+    /// `max_wait` nanoseconds. `Ok` is how long the caller must wait before using them;
+    /// nothing is booked on `Err`.
+    pub(crate) fn reserve(
+        &self,
+        cell: &AtomicU64,
+        now: u64,
+        n: u32,
+        max_wait: u64,
+    ) -> Result<u64, Denied> {
+        let mut tat = cell.load(Ordering::Relaxed);
+        if n > self.capacity {
+            return Err(Denied {
+                tat,
+                retry_after: u64::MAX,
+            });
+        }
+        let cost = u64::from(n) * self.interval;
+        loop {
+            let new_tat = tat.max(now).saturating_add(cost);
+            let wait = new_tat.saturating_sub(now.saturating_add(self.tau));
+            if wait > max_wait {
+                return Err(Denied {
+                    tat,
+                    retry_after: wait,
+                });
+            }
+            match cell.compare_exchange_weak(tat, new_tat, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Ok(wait),
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+
+    /// Gives back `n` tokens booked by [`reserve`](Gcra::reserve) and never used.
+    ///
+    /// Moving the TAT back by their cost is exact even when later reservations were
+    /// made on top: the TAT is the sum of everything booked, and any value at or before
+    /// `now` already means "full", so saturating at 0 cannot over-fill the bucket.
+    pub(crate) fn refund(&self, cell: &AtomicU64, n: u32) {
+        let cost = u64::from(n) * self.interval;
+        let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
+            Some(tat.saturating_sub(cost))
+        });
+    }
+
+    /// Whole tokens available at `now` for a bucket at `tat`.
+    #[inline]
+    pub(crate) fn remaining(&self, tat: u64, now: u64) -> u32 {
+        let free = now.saturating_add(self.tau).saturating_sub(tat.max(now));
+        // free <= tau = capacity * interval, so the quotient fits in a u32.
+        (free / self.interval) as u32
+    }
+
+    /// Nanoseconds until a bucket at `tat` is full again.
+    #[inline]
+    pub(crate) fn until_full(&self, tat: u64, now: u64) -> u64 {
+        tat.saturating_sub(now)
+    }
+}
+
+/// A token bucket: `rate` tokens per second flow in, at most `capacity` are kept.
+///
+/// A full bucket allows a burst of `capacity` requests; after that, one request per
+/// `1 / rate` seconds. Fractional rates are fine: `TokenBucket::new(0.5, 1)` allows one
+/// request every two seconds.
+///
+/// The whole state is one `AtomicU64` (GCRA: the instant the bucket will be full again),
+/// so every operation is lock-free and allocation-free. Time comes from
+/// [`tokio::time::Instant`]: tests can run on paused time. Clones share the bucket.
+///
+/// ```
+/// use resilience::TokenBucket;
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let bucket = TokenBucket::new(10.0, 2); // 10/s, bursts of 2
+/// assert!(bucket.try_acquire().is_ok());
+/// assert!(bucket.try_acquire().is_ok());
+/// let limited = bucket.try_acquire().unwrap_err();
+/// assert_eq!(limited.retry_after, Duration::from_millis(100));
+///
+/// // `acquire` waits instead: here 100 ms, for the next token.
+/// bucket.acquire().await;
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct TokenBucket {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tat: AtomicU64,
+    gcra: Gcra,
+    epoch: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket refilling `rate_per_sec` tokens per second up to `capacity`.
+    ///
+    /// # Panics
+    ///
+    /// When the rate is not a finite number above 0, the capacity is 0, or
+    /// `capacity / rate` is absurdly long (over a century). Use
+    /// [`try_new`](TokenBucket::try_new) for parameters read at run time.
+    #[track_caller]
+    pub fn new(rate_per_sec: f64, capacity: u32) -> TokenBucket {
+        match TokenBucket::try_new(rate_per_sec, capacity) {
+            Ok(bucket) => bucket,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Like [`new`](TokenBucket::new), but returns an error instead of panicking.
+    pub fn try_new(rate_per_sec: f64, capacity: u32) -> Result<TokenBucket, InvalidRate> {
+        let gcra = Gcra::new(rate_per_sec, capacity)?;
+        Ok(TokenBucket {
+            inner: Arc::new(Inner {
+                tat: AtomicU64::new(0),
+                gcra,
+                epoch: Instant::now(),
+            }),
+        })
+    }
+
+    #[inline]
+    fn now(&self) -> u64 {
+        nanos_since(self.inner.epoch)
+    }
+
+    /// Takes one token, or tells how long until one is there.
+    #[inline]
+    pub fn try_acquire(&self) -> Result<(), RateLimited> {
+        self.try_acquire_n(1)
+    }
+
+    /// Takes `n` tokens at once, or none.
+    ///
+    /// `Err(RateLimited { retry_after })` is exact: the same call made `retry_after`
+    /// later succeeds, if nobody else took tokens meanwhile. When `n > capacity` it can
+    /// never succeed, and `retry_after` is [`Duration::MAX`].
+    #[inline]
+    pub fn try_acquire_n(&self, n: u32) -> Result<(), RateLimited> {
+        self.inner
+            .gcra
+            .acquire(&self.inner.tat, self.now(), n)
+            .map(drop)
+            .map_err(|d| d.rate_limited())
+    }
+
+    /// Takes one token, waiting (with [`tokio::time::sleep`]) until there is one.
+    ///
+    /// Waiters are served in the order they called: each books its token when it
+    /// starts waiting. Dropping the future before it completes gives the booked token
+    /// back, so cancelling is safe.
+    pub async fn acquire(&self) {
+        // A single token never exceeds the capacity (at least 1), so this cannot fail.
+        let _ = self.acquire_n(1).await;
+    }
+
+    /// Takes `n` tokens, waiting until they are there.
+    ///
+    /// `n > capacity` returns `Err` at once (`retry_after` = [`Duration::MAX`]) instead
+    /// of waiting forever. Like [`acquire`](TokenBucket::acquire), cancel-safe.
+    pub async fn acquire_n(&self, n: u32) -> Result<(), RateLimited> {
+        let now = self.now();
+        let wait = self
+            .inner
+            .gcra
+            .reserve(&self.inner.tat, now, n, u64::MAX)
+            .map_err(|d| d.rate_limited())?;
+        if wait == 0 {
+            return Ok(());
+        }
+        let reservation = self.reservation(n);
+        let deadline = self.inner.epoch + Duration::from_nanos(now) + Duration::from_nanos(wait);
+        tokio::time::sleep_until(deadline).await;
+        reservation.commit();
+        Ok(())
+    }
+
+    /// Books `n` tokens to be used within `max_wait`; returns the wait. For wait mode.
+    pub(crate) fn reserve(&self, n: u32, max_wait: Duration) -> Result<Duration, RateLimited> {
+        let max_wait = u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX);
+        self.inner
+            .gcra
+            .reserve(&self.inner.tat, self.now(), n, max_wait)
+            .map(Duration::from_nanos)
+            .map_err(|d| d.rate_limited())
+    }
+
+    /// A guard that refunds `n` booked tokens unless committed.
+    pub(crate) fn reservation(&self, n: u32) -> Reservation {
+        let bucket = self.clone();
+        Reservation::new(move || bucket.inner.gcra.refund(&bucket.inner.tat, n))
+    }
+
+    /// Takes `n` tokens and reports what is left, for the layer's `RateLimit` header.
+    #[inline]
+    pub(crate) fn check(&self, n: u32) -> Result<Acquired, Rejected> {
+        let now = self.now();
+        let gcra = &self.inner.gcra;
+        match gcra.acquire(&self.inner.tat, now, n) {
+            Ok(tat) => Ok(Acquired::new(gcra, tat, now)),
+            Err(d) => Err(Rejected::new(gcra, d, now)),
+        }
+    }
+
+    /// Whole tokens available now.
+    pub fn remaining(&self) -> u32 {
+        let tat = self.inner.tat.load(Ordering::Relaxed);
+        self.inner.gcra.remaining(tat, self.now())
+    }
+
+    /// How long until the bucket is full again (zero if it is full).
+    pub fn time_until_full(&self) -> Duration {
+        let tat = self.inner.tat.load(Ordering::Relaxed);
+        Duration::from_nanos(self.inner.gcra.until_full(tat, self.now()))
+    }
+
+    /// The refill rate in tokens per second, as configured.
+    pub fn rate(&self) -> f64 {
+        self.inner.gcra.rate()
+    }
+
+    /// The most tokens the bucket holds (the burst).
+    pub fn capacity(&self) -> u32 {
+        self.inner.gcra.capacity()
+    }
+}
+
+impl fmt::Debug for TokenBucket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenBucket")
+            .field("rate", &self.rate())
+            .field("capacity", &self.capacity())
+            .field("remaining", &self.remaining())
+            .finish()
+    }
+}
+
+/// What a successful acquisition left in the bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Acquired {
+    /// Whole tokens still available.
+    pub remaining: u32,
+    /// How long until the bucket is full again.
+    pub time_until_full: Duration,
+}
+
+impl Acquired {
+    #[inline]
+    pub(crate) fn new(gcra: &Gcra, tat: u64, now: u64) -> Acquired {
+        Acquired {
+            remaining: gcra.remaining(tat, now),
+            time_until_full: Duration::from_nanos(gcra.until_full(tat, now)),
+        }
+    }
+}
+
+/// A refusal with the bucket's fill state, for the layer's `RateLimit` header.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rejected {
+    pub(crate) limited: RateLimited,
+    pub(crate) remaining: u32,
+    pub(crate) time_until_full: Duration,
+}
+
+impl Rejected {
+    pub(crate) fn new(gcra: &Gcra, denied: Denied, now: u64) -> Rejected {
+        Rejected {
+            limited: denied.rate_limited(),
+            remaining: gcra.remaining(denied.tat, now),
+            time_until_full: Duration::from_nanos(gcra.until_full(denied.tat, now)),
+        }
+    }
+}
+
+/// Tokens booked ahead of time; given back when dropped without [`commit`].
+///
+/// [`commit`]: Reservation::commit
+pub(crate) struct Reservation {
+    refund: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl Reservation {
+    pub(crate) fn new(refund: impl FnOnce() + Send + Sync + 'static) -> Reservation {
+        Reservation {
+            refund: Some(Box::new(refund)),
+        }
+    }
+
+    /// The tokens were used: keep them booked.
+    pub(crate) fn commit(mut self) {
+        self.refund = None;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(refund) = self.refund.take() {
+            refund();
+        }
+    }
+}
+
+impl fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reservation")
+            .field("armed", &self.refund.is_some())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gcra_rejects_bad_parameters() {
+        assert!(Gcra::new(0.0, 1).is_err());
+        assert!(Gcra::new(-1.0, 1).is_err());
+        assert!(Gcra::new(f64::NAN, 1).is_err());
+        assert!(Gcra::new(f64::INFINITY, 1).is_err());
+        assert!(Gcra::new(1.0, 0).is_err());
+        assert!(Gcra::new(1e-12, u32::MAX).is_err());
+        assert!(Gcra::new(1e12, u32::MAX).is_ok());
+    }
+
+    #[test]
+    fn gcra_burst_then_rate() {
+        let g = Gcra::new(10.0, 3).unwrap();
+        let cell = AtomicU64::new(0);
+        for _ in 0..3 {
+            assert!(g.acquire(&cell, 0, 1).is_ok());
+        }
+        let d = g.acquire(&cell, 0, 1).unwrap_err();
+        assert_eq!(d.retry_after, 100_000_000);
+        assert!(g.acquire(&cell, 99_999_999, 1).is_err());
+        assert!(g.acquire(&cell, 100_000_000, 1).is_ok());
+    }
+
+    #[test]
+    fn refund_restores_tokens() {
+        let g = Gcra::new(1.0, 2).unwrap();
+        let cell = AtomicU64::new(0);
+        assert_eq!(g.reserve(&cell, 0, 2, u64::MAX).unwrap(), 0);
+        assert_eq!(g.reserve(&cell, 0, 1, u64::MAX).unwrap(), NANOS_PER_SEC);
+        g.refund(&cell, 1);
+        assert_eq!(g.remaining(cell.load(Ordering::Relaxed), 0), 0);
+        assert_eq!(g.remaining(cell.load(Ordering::Relaxed), NANOS_PER_SEC), 1);
+    }
+}

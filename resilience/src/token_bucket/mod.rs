@@ -1,0 +1,89 @@
+//! Token-bucket rate limiting: a standalone [`TokenBucket`], per-key
+//! [`KeyedTokenBuckets`], and the tower middleware [`TokenBucketLayer`].
+//!
+//! ```
+//! use std::{convert::Infallible, net::SocketAddr, time::Duration};
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::{BodyExt, Full};
+//! use resilience::{PeerIp, RateLimited, TokenBucket, TokenBucketLayer};
+//! use tower::{service_fn, Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! // Standalone: 5 tokens per second, bursts of 10.
+//! let bucket = TokenBucket::new(5.0, 10);
+//! assert!(bucket.try_acquire_n(10).is_ok());
+//! assert_eq!(bucket.try_acquire().unwrap_err(), RateLimited { retry_after: Duration::from_millis(200) });
+//! bucket.acquire().await; // sleeps 200 ms
+//!
+//! // Server side: per client IP, answering 429 over the limit.
+//! let app = service_fn(|_req: Request<Full<Bytes>>| async {
+//!     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+//! });
+//! let svc = TokenBucketLayer::new(1.0, 1).key(PeerIp).http().layer(app);
+//!
+//! let request = || {
+//!     let mut req = Request::new(Full::default());
+//!     req.extensions_mut().insert("198.51.100.4:40000".parse::<SocketAddr>().unwrap());
+//!     req
+//! };
+//! let ok = svc.clone().oneshot(request()).await.unwrap();
+//! assert_eq!(ok.status(), StatusCode::OK);
+//! let limited = svc.clone().oneshot(request()).await.unwrap();
+//! assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+//! assert_eq!(limited.headers()["retry-after"], "1");
+//! assert_eq!(limited.headers()["ratelimit-policy"], "\"default\";q=1;w=1");
+//! assert_eq!(limited.headers()["ratelimit"], "\"default\";r=0;t=1");
+//! let body = limited.into_body().collect().await.unwrap().to_bytes();
+//! assert!(body.starts_with(br#"{"error":"rate_limited""#));
+//!
+//! // Client side: wait for a token (at most 5 s) instead of failing.
+//! let client = service_fn(|req: &'static str| async move { Ok::<_, Infallible>(req) });
+//! let client = TokenBucketLayer::new(2.0, 1).wait(Duration::from_secs(5)).layer(client);
+//! let start = tokio::time::Instant::now();
+//! client.clone().oneshot("first").await.unwrap();
+//! client.clone().oneshot("second").await.unwrap(); // waited 500 ms
+//! assert_eq!(start.elapsed(), Duration::from_millis(500));
+//! # }
+//! ```
+//!
+//! # The algorithm
+//!
+//! A bucket holds up to `capacity` tokens and gains `rate` per second; a request takes
+//! one (or `n`). It is implemented as GCRA: the state is the instant the bucket will be
+//! full again, one `AtomicU64` of nanoseconds, changed by one compare-and-swap. No
+//! locks, no background task, no timer: refilling is arithmetic on the clock. The clock
+//! is [`tokio::time::Instant`], so tests can pause and advance time.
+//!
+//! Guarantee: over any interval of length `t`, at most `capacity + rate * t` tokens
+//! are granted. `retry_after` in [`RateLimited`] is exact: the same request made that
+//! much later is granted if no one else takes the tokens first.
+//!
+//! # Contract of the layer
+//!
+//! - Never fails in `poll_ready` (it only forwards the inner service's readiness);
+//!   requests are refused in `call`, without reaching the inner service.
+//! - The buckets are created when the layer is built and shared by every service it
+//!   makes and all their clones.
+//! - A request whose key cannot be found is refused with [`MissingKey`] (HTTP mode:
+//!   `500`), never counted in a shared bucket.
+//! - HTTP mode rejections are responses (`429`, with `Retry-After` rounded up to whole
+//!   seconds and never 0, and the IETF `RateLimit` / `RateLimit-Policy` fields), so the
+//!   service stays infallible for axum.
+
+mod bucket;
+mod error;
+mod future;
+mod keyed;
+mod layer;
+mod service;
+
+pub use self::{
+    bucket::{Acquired, TokenBucket},
+    error::{InvalidRate, MissingKey, RateLimited},
+    future::{HttpResponseFuture, ResponseFuture, WaitFuture},
+    keyed::{KeyedTokenBuckets, DEFAULT_MAX_KEYS},
+    layer::{Http, Reject, TokenBucketLayer, Wait},
+    service::TokenBucketService,
+};

@@ -1,0 +1,277 @@
+//! [`TokenBucketService`]: the service [`TokenBucketLayer`](super::TokenBucketLayer)
+//! wraps around yours.
+
+use std::{
+    fmt,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use tower_service::Service;
+
+use super::{
+    bucket::{Acquired, Rejected, Reservation},
+    error::MissingKey,
+    future::{
+        HttpResponseFuture, RateLimitHeaders, ResponseFuture, WaitFuture, RATELIMIT,
+        RATELIMIT_POLICY,
+    },
+    layer::{Http, Limiter, Reject, Wait},
+};
+use crate::{
+    http_response::{json_error, retry_after_secs},
+    key::{GlobalKey, KeyExtractor},
+    BoxError, ResponseBody,
+};
+
+/// A service rate limited by token buckets; made by
+/// [`TokenBucketLayer`](super::TokenBucketLayer), whose docs describe the modes.
+///
+/// `poll_ready` only asks the inner service and never fails on its own account; the
+/// decision is made in `call`, so a rejected request never reaches the inner service.
+/// Clones share the buckets.
+#[derive(Clone)]
+pub struct TokenBucketService<S, E = GlobalKey, M = Reject> {
+    inner: S,
+    extractor: E,
+    limiter: Limiter,
+    mode: M,
+}
+
+/// Why a request was not let through.
+enum Refusal {
+    Limited(Rejected),
+    Missing(MissingKey),
+}
+
+impl Refusal {
+    fn into_error(self) -> BoxError {
+        match self {
+            Refusal::Limited(r) => Box::new(r.limited),
+            Refusal::Missing(m) => Box::new(m),
+        }
+    }
+}
+
+impl<S, E, M> TokenBucketService<S, E, M> {
+    pub(crate) fn new(inner: S, extractor: E, limiter: Limiter, mode: M) -> Self {
+        TokenBucketService {
+            inner,
+            extractor,
+            limiter,
+            mode,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// Takes one token for `req`'s key.
+    #[inline]
+    fn admit<Req>(&self, req: &Req) -> Result<Acquired, Refusal>
+    where
+        E: KeyExtractor<Req>,
+    {
+        match &self.limiter {
+            // Only `TokenBucketLayer::new` builds a global limiter, and its extractor is
+            // `GlobalKey`: there is no key to extract.
+            Limiter::Global(bucket) => bucket.check(1).map_err(Refusal::Limited),
+            Limiter::Keyed(slot) => {
+                let key = self.extractor.extract(req).map_err(Refusal::Missing)?;
+                slot.get::<E::Key>()
+                    .check(&key, 1)
+                    .map_err(Refusal::Limited)
+            }
+        }
+    }
+
+    /// Books one token for `req`'s key, due within `max_wait`.
+    fn reserve<Req>(
+        &self,
+        req: &Req,
+        max_wait: Duration,
+    ) -> Result<(Duration, Option<Reservation>), BoxError>
+    where
+        E: KeyExtractor<Req>,
+    {
+        let (wait, reservation) = match &self.limiter {
+            Limiter::Global(bucket) => {
+                let wait = bucket.reserve(1, max_wait)?;
+                (wait, (!wait.is_zero()).then(|| bucket.reservation(1)))
+            }
+            Limiter::Keyed(slot) => {
+                let key = self.extractor.extract(req)?;
+                let buckets = slot.get::<E::Key>();
+                let wait = buckets.reserve(&key, 1, max_wait)?;
+                (
+                    wait,
+                    (!wait.is_zero()).then(|| buckets.reservation(&key, 1)),
+                )
+            }
+        };
+        Ok((wait, reservation))
+    }
+}
+
+impl<S, E, Req> Service<Req> for TokenBucketService<S, E, Reject>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    E: KeyExtractor<Req>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        match self.admit(&req) {
+            Ok(_) => ResponseFuture::inner(self.inner.call(req)),
+            Err(refusal) => ResponseFuture::rejected(refusal.into_error()),
+        }
+    }
+}
+
+impl<S, E, ReqBody, ResBody> Service<Request<ReqBody>> for TokenBucketService<S, E, Http>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    E: KeyExtractor<Request<ReqBody>>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = HttpResponseFuture<S::Future, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        match self.admit(&req) {
+            Ok(acquired) => {
+                let headers =
+                    ratelimit_value(acquired.remaining, acquired.time_until_full).map(|limit| {
+                        RateLimitHeaders {
+                            policy: self.mode.policy.clone(),
+                            limit,
+                        }
+                    });
+                HttpResponseFuture::inner(self.inner.call(req), headers)
+            }
+            Err(Refusal::Limited(rejected)) => {
+                HttpResponseFuture::rejected(self.mode.too_many_requests(&rejected))
+            }
+            Err(Refusal::Missing(missing)) => {
+                tracing::error!(
+                    missing = missing.what(),
+                    "rate limit key missing; answering 500"
+                );
+                HttpResponseFuture::rejected(internal_error(
+                    "rate_limit_key_missing",
+                    &missing.to_string(),
+                ))
+            }
+        }
+    }
+}
+
+impl<S, E, Req> Service<Req> for TokenBucketService<S, E, Wait>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    E: KeyExtractor<Req>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = WaitFuture<S, Req>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        match self.reserve(&req, self.mode.max_wait) {
+            Err(error) => WaitFuture::failed(error),
+            Ok((_, None)) => WaitFuture::calling(self.inner.call(req)),
+            Ok((wait, Some(reservation))) => {
+                // `self.inner` is the service that was polled ready: it goes into the
+                // future and is called after the wait; a fresh clone, to be polled
+                // before the next call, takes its place.
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                let sleep = tokio::time::sleep(wait);
+                WaitFuture::waiting(sleep, ready, req, reservation)
+            }
+        }
+    }
+}
+
+impl Http {
+    /// The 429 for a refusal.
+    fn too_many_requests<B>(&self, rejected: &Rejected) -> Response<ResponseBody<B>> {
+        let secs = retry_after_secs(rejected.limited.retry_after);
+        let (content_type, body) = match &self.body {
+            Some((content_type, body)) => (content_type.clone(), body.clone()),
+            None => (
+                HeaderValue::from_static("application/json"),
+                json_error(
+                    "rate_limited",
+                    &format!("too many requests; retry after {secs} s"),
+                ),
+            ),
+        };
+        let mut response = Response::new(ResponseBody::rejection(body));
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, content_type);
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        headers.insert(RATELIMIT_POLICY.clone(), self.policy.clone());
+        if let Some(value) = ratelimit_value(rejected.remaining, rejected.time_until_full) {
+            headers.insert(RATELIMIT.clone(), value);
+        }
+        response
+    }
+}
+
+/// `"default";r=<remaining>;t=<seconds until full, rounded up>`.
+fn ratelimit_value(remaining: u32, until_full: Duration) -> Option<HeaderValue> {
+    let t = until_full.as_secs() + u64::from(until_full.subsec_nanos() > 0);
+    HeaderValue::try_from(format!("\"default\";r={remaining};t={t}")).ok()
+}
+
+/// A `500` with the JSON error body.
+pub(crate) fn internal_error<B>(code: &str, message: &str) -> Response<ResponseBody<B>> {
+    let mut response = Response::new(ResponseBody::rejection(json_error(code, message)));
+    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+impl<S: fmt::Debug, E: fmt::Debug, M: fmt::Debug> fmt::Debug for TokenBucketService<S, E, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenBucketService")
+            .field("inner", &self.inner)
+            .field("extractor", &self.extractor)
+            .field("limiter", &self.limiter)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
