@@ -23,10 +23,11 @@
 //!
 //! `NODE_ID` is read by the client, not by the server, and is ignored here.
 //!
-//! Rules: numbers must parse and be positive (the port may be `0`); the store URI must
-//! have a known scheme. A variable set to the empty string counts as unset, except
-//! `PRESENCE_AUTH_TOKEN`: an empty token is an error, because a `$SECRET` that
-//! expanded to nothing must not silently switch authentication off.
+//! Rules: numbers must parse and be positive (the port may be `0`), durations at most
+//! one year; the store URI must have a known scheme. A variable set to the empty
+//! string counts as unset, except `PRESENCE_AUTH_TOKEN`: an empty token is an error,
+//! because a `$SECRET` that expanded to nothing must not silently switch
+//! authentication off.
 //!
 //! Tests use [`Config::from_lookup`] with a closure so they never touch the process
 //! environment.
@@ -233,11 +234,11 @@ impl Config {
             None => d.http_port,
         };
         let heartbeat = match get(ENV_HEARTBEAT_SEC) {
-            Some(v) => Duration::from_secs(positive_int(ENV_HEARTBEAT_SEC, &v)?),
+            Some(v) => duration_secs(ENV_HEARTBEAT_SEC, &v)?,
             None => d.heartbeat,
         };
         let ttl = match get(ENV_TTL_SEC) {
-            Some(v) => Duration::from_secs(positive_int(ENV_TTL_SEC, &v)?),
+            Some(v) => duration_secs(ENV_TTL_SEC, &v)?,
             None => heartbeat.saturating_mul(3),
         };
         let rate_limit_rate = match get(ENV_RATE_LIMIT_RATE) {
@@ -327,13 +328,34 @@ fn positive_int(var: &'static str, v: &str) -> Result<u64, ConfigError> {
     }
 }
 
+/// Longest accepted duration. Anything longer is a typo, and keeping times well below
+/// 2^53 ms keeps `expires_at_ms` arithmetic far from overflow and exact in JSON
+/// consumers that use doubles.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn at_most_a_year(var: &'static str, v: &str, d: Duration) -> Result<Duration, ConfigError> {
+    if d > MAX_DURATION {
+        Err(err(var, v, "too long (at most one year)"))
+    } else {
+        Ok(d)
+    }
+}
+
+fn duration_secs(var: &'static str, v: &str) -> Result<Duration, ConfigError> {
+    let d = Duration::from_secs(positive_int(var, v)?);
+    at_most_a_year(var, v, d)
+}
+
 fn duration_ms(
     get: &impl Fn(&'static str) -> Option<String>,
     var: &'static str,
     default: Duration,
 ) -> Result<Duration, ConfigError> {
     match get(var) {
-        Some(v) => Ok(Duration::from_millis(positive_int(var, &v)?)),
+        Some(v) => {
+            let d = Duration::from_millis(positive_int(var, &v)?);
+            at_most_a_year(var, &v, d)
+        }
         None => Ok(default),
     }
 }

@@ -595,6 +595,19 @@ fn client_and_keep_alive_can_be_shared_across_tasks() {
     assert_send_sync_clone::<PresenceClient>();
     assert_send::<presence::client::KeepAlive>();
     assert_send_sync_clone::<Heartbeat>();
+
+    // Every call's future can be spawned on a multi-threaded runtime.
+    fn assert_send_future<F: std::future::Future + Send>(_: F) {}
+    let (svc, _log) = fake_server(1000, |_, _| None);
+    let pc = builder(svc).build().expect("client");
+    assert_send_future(pc.login("n"));
+    assert_send_future(pc.login_with_meta("n", Meta::new()));
+    assert_send_future(pc.heartbeat("n"));
+    assert_send_future(pc.heartbeat_with_meta("n", Meta::new()));
+    assert_send_future(pc.logout("n"));
+    assert_send_future(pc.list_nodes());
+    assert_send_future(pc.get_node("n"));
+    assert_send_future(pc.keep_alive("n", Meta::new()));
 }
 
 #[test]

@@ -5,6 +5,8 @@
 //! - `direct/*`: one bucket, `TokenBucket::try_acquire` vs governor's direct `check`.
 //! - `keyed_10k/*`: 10 000 keys (IPv4 addresses), cycled, `KeyedTokenBuckets::try_acquire`
 //!   vs governor's keyed (`DashMap`) `check_key`.
+//! - `clock/*`: the cost of reading the time, which both pay on every decision.
+//! - `*_std_clock`: governor on std's `Instant` (our clock), to compare the algorithms.
 //! - `*_2threads`: two OS threads hammer the same limiter; the time is per operation per
 //!   thread (wall time of the slower thread / its operations).
 //!
@@ -25,7 +27,12 @@ use std::{
 };
 
 use criterion::{criterion_group, Criterion};
-use governor::{Quota, RateLimiter};
+use governor::{
+    clock::{Clock, MonotonicClock, QuantaClock},
+    middleware::NoOpMiddleware,
+    state::keyed::DashMapStateStore,
+    Quota, RateLimiter,
+};
 use resilience::{KeyedTokenBuckets, TokenBucket};
 
 /// Counts live heap bytes, to measure memory per key.
@@ -96,6 +103,16 @@ where
         .unwrap_or_default()
 }
 
+fn clock(c: &mut Criterion) {
+    // What a decision pays just to read the time.
+    let mut group = c.benchmark_group("clock");
+    group.bench_function("std_instant_now", |b| b.iter(std::time::Instant::now));
+    group.bench_function("tokio_instant_now", |b| b.iter(tokio::time::Instant::now));
+    let quanta = QuantaClock::default();
+    group.bench_function("governor_quanta_now", |b| b.iter(|| quanta.now()));
+    group.finish();
+}
+
 fn direct(c: &mut Criterion) {
     let mut group = c.benchmark_group("direct");
     let ours = TokenBucket::new(f64::from(RATE), RATE);
@@ -105,6 +122,11 @@ fn direct(c: &mut Criterion) {
     });
     group.bench_function("governor_check", |b| {
         b.iter(|| black_box(theirs.check().is_ok()))
+    });
+    // Same clock as ours (std `Instant`), to compare the algorithms alone.
+    let theirs_std = RateLimiter::direct_with_clock(quota(), MonotonicClock);
+    group.bench_function("governor_check_std_clock", |b| {
+        b.iter(|| black_box(theirs_std.check().is_ok()))
     });
     let ours = Arc::new(ours);
     let theirs = Arc::new(theirs);
@@ -132,10 +154,17 @@ fn keyed(c: &mut Criterion) {
     let keys: Arc<Vec<IpAddr>> = Arc::new((0..KEYS).map(key).collect());
     let ours = Arc::new(KeyedTokenBuckets::<IpAddr>::new(f64::from(RATE), RATE));
     let theirs = Arc::new(RateLimiter::<IpAddr, _, _>::keyed(quota()));
+    let theirs_std: RateLimiter<
+        IpAddr,
+        DashMapStateStore<IpAddr>,
+        MonotonicClock,
+        NoOpMiddleware<Instant>,
+    > = RateLimiter::dashmap_with_clock(quota(), MonotonicClock);
     // Every key has state before timing: this is the steady state of a busy server.
     for k in keys.iter() {
         let _ = ours.try_acquire(k);
         let _ = theirs.check_key(k);
+        let _ = theirs_std.check_key(k);
     }
 
     let mut i = 0usize;
@@ -150,6 +179,13 @@ fn keyed(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) % keys.len();
             black_box(theirs.check_key(&keys[i]).is_ok())
+        })
+    });
+    let mut i = 0usize;
+    group.bench_function("governor_check_key_std_clock", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            black_box(theirs_std.check_key(&keys[i]).is_ok())
         })
     });
     group.bench_function("resilience_try_acquire_2threads", |b| {
@@ -217,7 +253,7 @@ fn memory(_c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, memory, direct, keyed);
+criterion_group!(benches, memory, clock, direct, keyed);
 
 fn main() {
     benches();

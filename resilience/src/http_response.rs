@@ -17,17 +17,18 @@ pin_project! {
     /// rejection (`429`, `503`, `500`) that the layer produced without calling the inner
     /// service. Keeping both in one type is what lets the layers drop into `axum` with a
     /// plain `.layer(...)`: the service stays infallible and the body stays a `Body`.
+    // The variants' fields are documented by their variants; pin-project-lite does not
+    // accept doc comments on them.
+    #[allow(missing_docs)]
     #[project = ResponseBodyProj]
     pub enum ResponseBody<B> {
         /// The inner service's body.
         Inner {
-            /// The inner service's body.
             #[pin]
             body: B,
         },
         /// A rejection body produced by the layer.
         Rejection {
-            /// The rejection bytes, taken when the body is polled.
             body: Option<Bytes>,
         },
     }

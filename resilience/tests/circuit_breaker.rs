@@ -467,6 +467,12 @@ async fn dropped_trial_frees_its_half_open_slot() {
     );
     b.try_acquire().unwrap().success();
     assert_eq!(b.state(), CircuitState::Closed);
+    let s = b.stats();
+    assert_eq!(
+        (s.calls, s.successes, s.failures),
+        (3, 1, 1),
+        "calls include the cancelled"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -749,6 +755,26 @@ async fn http_mode_saturated_half_open_still_says_retry_after_1() {
     gate.release.add_permits(1);
     assert_eq!(trial.await.unwrap().unwrap().status(), StatusCode::OK);
     assert_eq!(breaker.state(), CircuitState::Closed);
+}
+
+#[cfg(feature = "axum")]
+#[tokio::test(start_paused = true)]
+async fn http_mode_drops_into_an_axum_router_with_a_plain_layer() {
+    use axum::{body::Body, routing::get, Router};
+
+    let breaker = CircuitBreaker::builder().consecutive_failures(2).build();
+    let app = Router::new()
+        .route("/", get(|| async { StatusCode::INTERNAL_SERVER_ERROR }))
+        .layer(CircuitBreakerLayer::new(breaker.clone()).http());
+    let get = || Request::get("/").body(Body::empty()).unwrap();
+    for _ in 0..2 {
+        let res = app.clone().oneshot(get()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    let res = app.oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()["retry-after"], "5");
+    assert_eq!(breaker.stats().rejections, 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -41,13 +41,22 @@ fn trusted() -> Vec<Cidr> {
 const XFF: &str = "x-forwarded-for";
 const FWD: &str = "forwarded";
 
+/// (what, header mode, peer, header name, header lines, expected key)
+type Case<'a> = (
+    &'a str,
+    ForwardedHeader,
+    &'a str,
+    &'a str,
+    &'a [&'a [u8]],
+    &'a str,
+);
+
 #[test]
 fn trusted_proxy_ip_table() {
-    // (what, header mode, peer, header name, header lines, expected key)
     let x = ForwardedHeader::XForwardedFor;
     let f = ForwardedHeader::Forwarded;
     #[rustfmt::skip]
-    let cases: &[(&str, ForwardedHeader, &str, &str, &[&[u8]], &str)] = &[
+    let cases: &[Case] = &[
         ("spoofed header from an untrusted peer is ignored",
             x, "203.0.113.9:1000", XFF, &[b"1.2.3.4"], "203.0.113.9"),
         ("spoofed chain of 'trusted' addresses from an untrusted peer is ignored",

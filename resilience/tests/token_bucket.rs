@@ -313,13 +313,13 @@ proptest! {
 #[tokio::test(start_paused = true)]
 async fn keyed_buckets_are_independent() {
     let keyed = KeyedTokenBuckets::<&'static str>::new(1.0, 2);
-    assert_eq!(keyed.try_acquire(&"a").unwrap().remaining, 1);
-    assert_eq!(keyed.try_acquire(&"a").unwrap().remaining, 0);
+    assert_eq!(keyed.try_acquire(&"a").unwrap().remaining(), 1);
+    assert_eq!(keyed.try_acquire(&"a").unwrap().remaining(), 0);
     let limited = keyed.try_acquire(&"a").unwrap_err();
     assert_eq!(limited.retry_after, Duration::from_secs(1));
     let b = keyed.try_acquire(&"b").unwrap();
-    assert_eq!(b.remaining, 1);
-    assert_eq!(b.time_until_full, Duration::from_secs(1));
+    assert_eq!(b.remaining(), 1);
+    assert_eq!(b.time_until_full(), Duration::from_secs(1));
     assert_eq!(keyed.remaining(&"a"), 0);
     assert_eq!(keyed.remaining(&"never-seen"), 2);
     assert_eq!(keyed.time_until_full(&"a"), Duration::from_secs(2));
@@ -444,7 +444,7 @@ async fn layer_state_is_shared_by_its_services_their_clones_and_layer_clones() {
     // Keyed the same way: one map for everything the layer made.
     let layer = TokenBucketLayer::new(1.0, 1).key(PeerIp);
     let ok = service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(()) });
-    let a = layer.layer(ok.clone());
+    let a = layer.layer(ok);
     let b = layer.layer(ok);
     a.oneshot(from_peer("192.0.2.1:1")).await.unwrap();
     let err = b

@@ -49,7 +49,8 @@ type Inner =
 /// callers that have no peer use [`with_default_peer`](Self::with_default_peer).
 ///
 /// ```
-/// # async fn demo() {
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
 /// use std::sync::Arc;
 /// use bytes::Bytes;
 /// use http_body_util::Full;
@@ -81,6 +82,12 @@ impl std::fmt::Debug for PresenceService {
 impl PresenceService {
     /// Builds the service stack on `store` with the limits, timeouts and auth token of
     /// `config` (its bind address and shutdown grace are for [`Server`](super::Server)).
+    ///
+    /// # Panics
+    /// If `config.rate_limit_rate` / `rate_limit_capacity` cannot make a token bucket
+    /// (rate not a finite number above 0, capacity 0, or a refill over a century).
+    /// [`Config::from_env`] and [`Config::from_lookup`] reject such values with an
+    /// error naming the variable; only a hand-edited `Config` can get here.
     pub fn new(store: Arc<dyn Store>, config: &Config) -> PresenceService {
         let metrics = Arc::new(Metrics::new());
         let breaker_metrics = metrics.clone();
@@ -94,7 +101,11 @@ impl PresenceService {
                     CircuitState::Open => 2,
                 };
                 breaker_metrics.set_circuit_state(gauge);
-                tracing::warn!(from = %t.from, to = %t.to, "store circuit breaker changed state");
+                if t.to == CircuitState::Open {
+                    tracing::warn!(from = %t.from, "store circuit breaker opened: failing fast with 503");
+                } else {
+                    tracing::info!(from = %t.from, to = %t.to, "store circuit breaker changed state");
+                }
             })
             .build();
         let state = Arc::new(State {

@@ -4,6 +4,7 @@ use std::{
     collections::VecDeque,
     fmt,
     future::Future,
+    num::NonZeroU64,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard, PoisonError,
@@ -80,7 +81,9 @@ pub enum Window {
 /// [`CircuitBreaker::stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BreakerStats {
-    /// Calls admitted (in the closed or half-open state).
+    /// Admitted calls (closed or half-open) that have finished: `successes + failures +`
+    /// the calls cancelled before they reported. Calls still running are not counted yet;
+    /// counting at the end keeps the per-call cost to one atomic increment.
     pub calls: u64,
     /// Admitted calls that finished and were classified as successes.
     pub successes: u64,
@@ -150,9 +153,9 @@ struct Config {
 /// # Concurrency
 ///
 /// The closed-state fast path is lock-free: admitting a call is one atomic load of the
-/// state word plus a relaxed counter increment, and recording a success under the
-/// consecutive-failures policy is an atomic load (plus one compare-and-swap when it
-/// resets a non-zero failure count). A mutex is taken only
+/// state word (plus the `Arc` clone the permit holds), and recording a success under the
+/// consecutive-failures policy is one relaxed counter increment and an atomic load (plus
+/// one compare-and-swap when it resets a non-zero failure count). A mutex is taken only
 ///
 /// * for state transitions, and for admitting and recording half-open trial calls (rare
 ///   by construction), and
@@ -174,7 +177,8 @@ struct CacheLine<T>(T);
 
 #[derive(Default)]
 struct Counters {
-    calls: AtomicU64,
+    /// Admitted calls dropped without a report (and not slow).
+    cancelled: AtomicU64,
     successes: AtomicU64,
     failures: AtomicU64,
     rejections: AtomicU64,
@@ -249,10 +253,13 @@ impl CircuitBreaker {
     /// read one after the other, not as one atomic snapshot.
     pub fn stats(&self) -> BreakerStats {
         let c = &self.inner.counters.0;
+        let successes = c.successes.load(Ordering::Relaxed);
+        let failures = c.failures.load(Ordering::Relaxed);
+        let cancelled = c.cancelled.load(Ordering::Relaxed);
         BreakerStats {
-            calls: c.calls.load(Ordering::Relaxed),
-            successes: c.successes.load(Ordering::Relaxed),
-            failures: c.failures.load(Ordering::Relaxed),
+            calls: successes + failures + cancelled,
+            successes,
+            failures,
             rejections: c.rejections.load(Ordering::Relaxed),
             transitions: c.transitions.load(Ordering::Relaxed),
         }
@@ -270,7 +277,6 @@ impl CircuitBreaker {
     pub fn try_acquire(&self) -> Result<BreakerPermit, CircuitOpen> {
         let word = self.inner.state.0.load(Ordering::Acquire);
         if word & STATE_MASK == CLOSED {
-            self.inner.counters.0.calls.fetch_add(1, Ordering::Relaxed);
             return Ok(self.permit(word));
         }
         self.acquire_slow(word)
@@ -279,10 +285,12 @@ impl CircuitBreaker {
     #[inline]
     fn permit(&self, word: u64) -> BreakerPermit {
         BreakerPermit {
-            start: self.inner.config.slow_call.map(|_| Instant::now()),
-            inner: self.inner.clone(),
+            start: match self.inner.config.slow_call {
+                Some(_) => self.inner.start_stamp(),
+                None => None,
+            },
+            inner: Some(self.inner.clone()),
             word,
-            done: false,
         }
     }
 
@@ -321,10 +329,7 @@ impl CircuitBreaker {
         };
         inner.notify(transition);
         match admitted {
-            Ok(word) => {
-                inner.counters.0.calls.fetch_add(1, Ordering::Relaxed);
-                Ok(self.permit(word))
-            }
+            Ok(word) => Ok(self.permit(word)),
             Err(retry_after) => Err(inner.reject(retry_after)),
         }
     }
@@ -398,6 +403,12 @@ impl Inner {
 
     fn now_nanos(&self) -> u64 {
         nanos(Instant::now().saturating_duration_since(self.epoch))
+    }
+
+    /// The start of a call as `now_nanos() + 1`: one word that is never zero, so a permit
+    /// stays three plain words and `Option` costs nothing.
+    fn start_stamp(&self) -> Option<NonZeroU64> {
+        NonZeroU64::new(self.now_nanos().saturating_add(1))
     }
 
     fn reject(&self, retry_after: Duration) -> CircuitOpen {
@@ -478,9 +489,49 @@ impl Inner {
         }
     }
 
-    fn record(&self, word: u64, start: Option<Instant>, outcome: Option<bool>) {
+    /// The common case inline: a closed-state success under the consecutive policy
+    /// without slow-call detection is a counter increment and a load.
+    #[inline]
+    fn record(&self, word: u64, start: Option<NonZeroU64>, outcome: Option<bool>) {
+        if outcome == Some(false)
+            && start.is_none()
+            && word & STATE_MASK == CLOSED
+            && self.config.rate.is_none()
+        {
+            self.counters.0.successes.fetch_add(1, Ordering::Relaxed);
+            self.reset_consecutive(word);
+        } else {
+            self.record_slow(word, start, outcome);
+        }
+    }
+
+    /// A success in the closed period `word` resets its consecutive-failure count.
+    #[inline]
+    fn reset_consecutive(&self, word: u64) {
+        if self.config.consecutive.is_none() {
+            return;
+        }
+        let tag = consecutive_tag(word);
+        let current = self.consecutive.load(Ordering::Relaxed);
+        if current & COUNT_MASK != 0 && current & !COUNT_MASK == tag {
+            // Losing this race to a concurrent failure is fine: the two calls
+            // overlapped, so either order is a valid history.
+            let _ = self.consecutive.compare_exchange(
+                current,
+                tag,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    #[inline(never)]
+    fn record_slow(&self, word: u64, start: Option<NonZeroU64>, outcome: Option<bool>) {
         let slow = match (start, self.config.slow_call) {
-            (Some(start), Some(limit)) => start.elapsed() > limit,
+            (Some(start), Some(limit)) => {
+                let elapsed = self.now_nanos().saturating_sub(start.get() - 1);
+                elapsed > nanos(limit)
+            }
             _ => false,
         };
         // A call abandoned after it was already slow was certainly slow: count it, or a
@@ -494,7 +545,7 @@ impl Inner {
         match outcome {
             Some(true) => counters.failures.fetch_add(1, Ordering::Relaxed),
             Some(false) => counters.successes.fetch_add(1, Ordering::Relaxed),
-            None => 0,
+            None => counters.cancelled.fetch_add(1, Ordering::Relaxed),
         };
         if word & STATE_MASK == CLOSED {
             if let Some(failed) = outcome {
@@ -505,38 +556,28 @@ impl Inner {
         }
     }
 
-    #[inline]
     fn record_closed(&self, word: u64, failed: bool) {
         let mut tripped = false;
-        if let Some(threshold) = self.config.consecutive {
+        if !failed {
+            self.reset_consecutive(word);
+        } else if let Some(threshold) = self.config.consecutive {
             let tag = consecutive_tag(word);
             let mut current = self.consecutive.load(Ordering::Relaxed);
-            if failed {
-                // Count only within this permit's closed period; stop at the threshold
-                // instead of overflowing into the tag.
-                while current & !COUNT_MASK == tag && current & COUNT_MASK < u64::from(threshold) {
-                    match self.consecutive.compare_exchange_weak(
-                        current,
-                        current + 1,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    ) {
-                        Ok(_) => {
-                            tripped = (current & COUNT_MASK) + 1 >= u64::from(threshold);
-                            break;
-                        }
-                        Err(actual) => current = actual,
-                    }
-                }
-            } else if current & COUNT_MASK != 0 && current & !COUNT_MASK == tag {
-                // Losing this race to a concurrent failure is fine: the two calls
-                // overlapped, so either order is a valid history.
-                let _ = self.consecutive.compare_exchange(
+            // Count only within this permit's closed period; stop at the threshold instead
+            // of overflowing into the tag.
+            while current & !COUNT_MASK == tag && current & COUNT_MASK < u64::from(threshold) {
+                match self.consecutive.compare_exchange_weak(
                     current,
-                    tag,
+                    current + 1,
                     Ordering::Relaxed,
                     Ordering::Relaxed,
-                );
+                ) {
+                    Ok(_) => {
+                        tripped = (current & COUNT_MASK) + 1 >= u64::from(threshold);
+                        break;
+                    }
+                    Err(actual) => current = actual,
+                }
             }
         }
         if !tripped && self.config.rate.is_none() {
@@ -547,13 +588,14 @@ impl Inner {
             if self.state.0.load(Ordering::Acquire) != word {
                 None
             } else {
-                let now = self.now_nanos();
                 let rate_tripped = shared
                     .window
                     .as_mut()
-                    .is_some_and(|window| window.push(now, failed));
-                (tripped || rate_tripped)
-                    .then(|| self.transition(&mut shared, word, CircuitState::Open, now))
+                    .is_some_and(|window| window.push(|| self.now_nanos(), failed));
+                (tripped || rate_tripped).then(|| {
+                    let now = self.now_nanos();
+                    self.transition(&mut shared, word, CircuitState::Open, now)
+                })
             }
         };
         self.notify(transition);
@@ -609,10 +651,11 @@ fn nanos(d: Duration) -> u64 {
 /// state since, its outcome updates the counters but not the state.
 #[must_use = "report the call's outcome with success(), failure() or record()"]
 pub struct BreakerPermit {
-    inner: Arc<Inner>,
+    /// `None` once the outcome is reported.
+    inner: Option<Arc<Inner>>,
     word: u64,
-    start: Option<Instant>,
-    done: bool,
+    /// Call start for slow-call detection, see `Inner::start_stamp`.
+    start: Option<NonZeroU64>,
 }
 
 impl BreakerPermit {
@@ -632,8 +675,16 @@ impl BreakerPermit {
     /// Reports the outcome: `failed == true` is a failure.
     #[inline]
     pub fn record(mut self, failed: bool) {
-        self.done = true;
-        self.inner.record(self.word, self.start, Some(failed));
+        self.report(failed);
+    }
+
+    /// Reports the outcome in place, for futures that hold the permit by value; later
+    /// reports and the drop are no-ops.
+    #[inline]
+    pub(crate) fn report(&mut self, failed: bool) {
+        if let Some(inner) = self.inner.take() {
+            inner.record(self.word, self.start, Some(failed));
+        }
     }
 
     /// The state that admitted the call: [`Closed`](CircuitState::Closed) or
@@ -645,8 +696,8 @@ impl BreakerPermit {
 
 impl Drop for BreakerPermit {
     fn drop(&mut self) {
-        if !self.done {
-            self.inner.record(self.word, self.start, None);
+        if let Some(inner) = self.inner.take() {
+            inner.record(self.word, self.start, None);
         }
     }
 }
@@ -720,8 +771,9 @@ impl RateWindow {
         }
     }
 
-    /// Adds one outcome; `true` if the failure rate now reaches the threshold.
-    fn push(&mut self, now: u64, failed: bool) -> bool {
+    /// Adds one outcome; `true` if the failure rate now reaches the threshold. `now` is
+    /// only read by time windows, so count windows cost no clock read.
+    fn push(&mut self, now: impl FnOnce() -> u64, failed: bool) -> bool {
         let (calls, failures, min_calls, percent) = match self {
             RateWindow::Count {
                 outcomes,
@@ -750,7 +802,7 @@ impl RateWindow {
             } => {
                 // Index 0 is never used, so a default bucket is never mistaken for a
                 // live one.
-                let index = now / *width + 1;
+                let index = now() / *width + 1;
                 let bucket = &mut buckets[(index % TIME_BUCKETS) as usize];
                 if bucket.index != index {
                     *bucket = Bucket {
@@ -963,11 +1015,11 @@ mod tests {
             window: Window::Count(4),
             min_calls: 4,
         });
-        assert!(!w.push(0, true));
-        assert!(!w.push(0, true));
-        assert!(!w.push(0, false));
-        assert!(w.push(0, false)); // 2 of 4
-        assert!(!w.push(0, false)); // 1 of 4: the first failure slid out
+        assert!(!w.push(|| 0, true));
+        assert!(!w.push(|| 0, true));
+        assert!(!w.push(|| 0, false));
+        assert!(w.push(|| 0, false)); // 2 of 4
+        assert!(!w.push(|| 0, false)); // 1 of 4: the first failure slid out
     }
 
     #[test]
@@ -978,8 +1030,8 @@ mod tests {
             window: Window::Time(Duration::from_secs(32)),
             min_calls: 2,
         });
-        assert!(!w.push(0, true));
-        assert!(w.push(31 * sec, true));
-        assert!(!w.push(64 * sec, true)); // both earlier failures are out of the window
+        assert!(!w.push(|| 0, true));
+        assert!(w.push(|| 31 * sec, true));
+        assert!(!w.push(|| 64 * sec, true)); // both earlier failures are out of the window
     }
 }

@@ -39,9 +39,9 @@ pin_project! {
         Called {
             #[pin]
             future: F,
-            // `None` once reported. Dropping the future before it completes drops the
-            // permit unreported, which frees a half-open slot (see `BreakerPermit`).
-            permit: Option<BreakerPermit>,
+            // Dropping the future before it completes drops the permit unreported, which
+            // frees a half-open slot (see `BreakerPermit`).
+            permit: BreakerPermit,
             classifier: C,
         },
         Rejected {
@@ -54,7 +54,7 @@ impl<F, C> Kind<F, C> {
     fn called(future: F, permit: BreakerPermit, classifier: C) -> Self {
         Kind::Called {
             future,
-            permit: Some(permit),
+            permit,
             classifier,
         }
     }
@@ -76,9 +76,7 @@ impl<F, C> Kind<F, C> {
                 classifier,
             } => {
                 let outcome = ready!(future.poll(cx));
-                if let Some(permit) = permit.take() {
-                    permit.record(classifier.is_failure(outcome.as_ref()));
-                }
+                permit.report(classifier.is_failure(outcome.as_ref()));
                 Poll::Ready(Ok(outcome))
             }
             KindProj::Rejected { open } => Poll::Ready(Err(*open)),

@@ -199,9 +199,7 @@ impl Gcra {
     /// Whole tokens available at `now` for a bucket at `tat`.
     #[inline]
     pub(crate) fn remaining(&self, tat: u64, now: u64) -> u32 {
-        let free = now.saturating_add(self.tau).saturating_sub(tat.max(now));
-        // free <= tau = capacity * interval, so the quotient fits in a u32.
-        (free / self.interval) as u32
+        remaining_tokens(self.interval, self.tau, tat, now)
     }
 
     /// Nanoseconds until a bucket at `tat` is full again.
@@ -209,6 +207,14 @@ impl Gcra {
     pub(crate) fn until_full(&self, tat: u64, now: u64) -> u64 {
         tat.saturating_sub(now)
     }
+}
+
+/// Whole tokens free at `now` in a bucket at `tat`.
+#[inline]
+fn remaining_tokens(interval: u64, tau: u64, tat: u64, now: u64) -> u32 {
+    let free = now.saturating_add(tau).saturating_sub(tat.max(now));
+    // free <= tau = capacity * interval, so the quotient fits in a u32.
+    (free / interval) as u32
 }
 
 /// A token bucket: `rate` tokens per second flow in, at most `capacity` are kept.
@@ -393,38 +399,62 @@ impl fmt::Debug for TokenBucket {
 }
 
 /// What a successful acquisition left in the bucket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// The figures are computed when asked for, so a caller that only wants the grant pays
+/// nothing for them.
+#[derive(Clone, Copy)]
 pub struct Acquired {
-    /// Whole tokens still available.
-    pub remaining: u32,
-    /// How long until the bucket is full again.
-    pub time_until_full: Duration,
+    interval: u64,
+    tau: u64,
+    tat: u64,
+    now: u64,
 }
 
 impl Acquired {
     #[inline]
     pub(crate) fn new(gcra: &Gcra, tat: u64, now: u64) -> Acquired {
         Acquired {
-            remaining: gcra.remaining(tat, now),
-            time_until_full: Duration::from_nanos(gcra.until_full(tat, now)),
+            interval: gcra.interval,
+            tau: gcra.tau,
+            tat,
+            now,
         }
+    }
+
+    /// Whole tokens still available right after the acquisition.
+    pub fn remaining(&self) -> u32 {
+        remaining_tokens(self.interval, self.tau, self.tat, self.now)
+    }
+
+    /// How long after the acquisition the bucket is full again.
+    pub fn time_until_full(&self) -> Duration {
+        Duration::from_nanos(self.tat.saturating_sub(self.now))
     }
 }
 
-/// A refusal with the bucket's fill state, for the layer's `RateLimit` header.
+impl fmt::Debug for Acquired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Acquired")
+            .field("remaining", &self.remaining())
+            .field("time_until_full", &self.time_until_full())
+            .finish()
+    }
+}
+
+/// A refusal with the bucket's fill state, for the layer's `RateLimit` header. Like
+/// [`Acquired`], the state is computed only if asked for.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Rejected {
     pub(crate) limited: RateLimited,
-    pub(crate) remaining: u32,
-    pub(crate) time_until_full: Duration,
+    pub(crate) state: Acquired,
 }
 
 impl Rejected {
+    #[inline]
     pub(crate) fn new(gcra: &Gcra, denied: Denied, now: u64) -> Rejected {
         Rejected {
             limited: denied.rate_limited(),
-            remaining: gcra.remaining(denied.tat, now),
-            time_until_full: Duration::from_nanos(gcra.until_full(denied.tat, now)),
+            state: Acquired::new(gcra, denied.tat, now),
         }
     }
 }

@@ -164,12 +164,10 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.admit(&req) {
             Ok(acquired) => {
-                let headers =
-                    ratelimit_value(acquired.remaining, acquired.time_until_full).map(|limit| {
-                        RateLimitHeaders {
-                            policy: self.mode.policy.clone(),
-                            limit,
-                        }
+                let headers = ratelimit_value(acquired.remaining(), acquired.time_until_full())
+                    .map(|limit| RateLimitHeaders {
+                        policy: self.mode.policy.clone(),
+                        limit,
                     });
                 HttpResponseFuture::inner(self.inner.call(req), headers)
             }
@@ -241,7 +239,9 @@ impl Http {
         headers.insert(header::CONTENT_TYPE, content_type);
         headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         headers.insert(RATELIMIT_POLICY.clone(), self.policy.clone());
-        if let Some(value) = ratelimit_value(rejected.remaining, rejected.time_until_full) {
+        if let Some(value) =
+            ratelimit_value(rejected.state.remaining(), rejected.state.time_until_full())
+        {
             headers.insert(RATELIMIT.clone(), value);
         }
         response
