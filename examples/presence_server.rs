@@ -7,6 +7,7 @@
 //! ```
 //!
 //! Without `PRESENCE_REDIS_URI` it runs on the in-memory store (one server only).
+//! With it, the server starts even when Redis is down and serves once Redis answers.
 //! A bad variable stops it with one line on stderr and exit status 2; SIGTERM or
 //! Ctrl-C drains in-flight requests and exits 0.
 
@@ -45,6 +46,13 @@ async fn main() -> ExitCode {
     // The store logs details itself (the in-memory one warns it is single-server);
     // describe() never contains credentials.
     tracing::info!(store = %store.describe(), "store opened");
+    // Redis is connected lazily: a server started before Redis serves 503 (and
+    // /readyz 503) until Redis answers, instead of exiting.
+    match tokio::time::timeout(config.store_timeout, store.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "store not reachable yet; answering 503 until it is"),
+        Err(_) => tracing::warn!("store not answering yet; answering 503 until it does"),
+    }
 
     let server = match Server::bind(&config, store).await {
         Ok(server) => server,

@@ -61,9 +61,11 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         match self.project() {
             ResponseBodyProj::Inner { body } => body.poll_frame(cx),
-            ResponseBodyProj::Rejection { body } => {
-                Poll::Ready(body.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))))
-            }
+            ResponseBodyProj::Rejection { body } => Poll::Ready(
+                body.take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
         }
     }
 

@@ -28,6 +28,7 @@ mod auth;
 mod errors;
 mod limit;
 mod metrics;
+mod outage;
 mod router;
 mod serve;
 mod service;

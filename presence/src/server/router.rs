@@ -27,6 +27,7 @@ use tower::Service;
 
 use super::errors::{bytes_response, json_response, ApiError};
 use super::metrics::{Metrics, StoreErrorKind};
+use super::outage::OutageTracker;
 use super::{RequestBody, ResponseBody, MAX_BODY_BYTES};
 use crate::model::{
     try_new_lease_id, HeartbeatResponse, LoginResponse, LogoutResponse, Meta, NodeId,
@@ -130,6 +131,7 @@ pub(crate) fn is_presence_path(path: &str) -> bool {
 pub(crate) struct State {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) breaker: CircuitBreaker,
+    pub(crate) outage: Arc<OutageTracker>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) store_timeout: Duration,
     pub(crate) ttl_ms: u64,
@@ -146,7 +148,8 @@ impl State {
     ///
     /// `NotFound` and `LeaseMismatch` are answers, so they count as breaker successes;
     /// only `Unavailable` and timeouts are failures. `node` names the node in a
-    /// `404` message.
+    /// `404` message. After an outage, the first call gives the outage back to the
+    /// leases ([`OutageTracker`]) before its own call, within the same timeout.
     async fn guarded<'s, T, F>(
         &'s self,
         node: &str,
@@ -165,9 +168,14 @@ impl State {
             }
         };
         // The store is only asked once the breaker has admitted the call.
-        let (result, kind) = match tokio::time::timeout(self.store_timeout, call(&*self.store))
-            .await
-        {
+        let started = tokio::time::Instant::now();
+        let attempt = async {
+            if self.outage.pending() {
+                self.outage.recover(&self.store).await?;
+            }
+            call(&*self.store).await
+        };
+        let (result, kind) = match tokio::time::timeout(self.store_timeout, attempt).await {
             Ok(Ok(value)) => (Ok(value), None),
             Ok(Err(StoreError::NotFound)) => (Err(ApiError::NodeNotFound(node.to_owned())), None),
             Ok(Err(StoreError::LeaseMismatch)) => (Err(ApiError::LeaseMismatch), None),
@@ -194,6 +202,7 @@ impl State {
             None => permit.success(),
             Some(kind) => {
                 self.metrics.record_store_error(kind);
+                self.outage.failed(started);
                 permit.failure();
             }
         }

@@ -1,7 +1,7 @@
 //! [`PresenceService`]: the whole server as one tower `Service`.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use resilience::circuit_breaker::{CircuitBreaker, CircuitState};
 use resilience::key::TrustedProxyIp;
 use resilience::token_bucket::TokenBucketLayer;
-use resilience::BoxError;
+use resilience::{BoxError, KeyedTokenBuckets};
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
 use tower_http::trace::TraceLayer;
@@ -21,6 +21,7 @@ use super::auth::BearerAuthLayer;
 use super::errors::ApiError;
 use super::limit::BodyLimitLayer;
 use super::metrics::{Metrics, MetricsLayer};
+use super::outage::OutageTracker;
 use super::router::{is_presence_path, Router, State};
 use super::{RequestBody, ResponseBody, MAX_BODY_BYTES};
 use crate::config::Config;
@@ -29,8 +30,9 @@ use crate::store::Store;
 /// Consecutive store failures (errors or timeouts) that open the store breaker.
 const BREAKER_FAILURES: u32 = 5;
 /// How long the store breaker stays open before it lets one trial call through.
-/// Short, because a restarted Redis should be used again within a heartbeat.
-const BREAKER_OPEN_FOR: Duration = Duration::from_secs(2);
+/// Short, because a Redis that is back should be used again within a heartbeat (and
+/// the server serves again within 2 s of it, reconnection included).
+const BREAKER_OPEN_FOR: Duration = Duration::from_secs(1);
 
 type Inner =
     BoxCloneSyncService<http::Request<RequestBody>, http::Response<ResponseBody>, Infallible>;
@@ -68,6 +70,7 @@ type Inner =
 pub struct PresenceService {
     inner: Inner,
     metrics: Arc<Metrics>,
+    rate_limiter: Option<KeyedTokenBuckets<IpAddr>>,
     default_peer: Option<SocketAddr>,
 }
 
@@ -108,17 +111,23 @@ impl PresenceService {
                 }
             })
             .build();
+        let ttl_ms = duration_ms(config.ttl);
         let state = Arc::new(State {
             store,
             breaker,
+            outage: Arc::new(OutageTracker::new(ttl_ms)),
             metrics: metrics.clone(),
             store_timeout: config.store_timeout,
-            ttl_ms: duration_ms(config.ttl),
+            ttl_ms,
             heartbeat_ms: duration_ms(config.heartbeat),
             max_meta_bytes: config.max_meta_bytes,
         });
         let router = Router::new(state);
 
+        let rate_limit = TokenBucketLayer::new(config.rate_limit_rate, config.rate_limit_capacity)
+            .key(TrustedProxyIp::new(config.trusted_proxies.clone()))
+            .http();
+        let rate_limiter = rate_limit.keyed_buckets::<IpAddr>();
         let presence = ServiceBuilder::new()
             .layer(BearerAuthLayer::new(config.auth_token.as_deref()))
             .map_response(
@@ -126,11 +135,7 @@ impl PresenceService {
                     res.map(BodyExt::boxed)
                 },
             )
-            .layer(
-                TokenBucketLayer::new(config.rate_limit_rate, config.rate_limit_capacity)
-                    .key(TrustedProxyIp::new(config.trusted_proxies.clone()))
-                    .http(),
-            )
+            .layer(rate_limit)
             .layer(BodyLimitLayer::new(MAX_BODY_BYTES))
             .service(router.clone());
 
@@ -151,6 +156,7 @@ impl PresenceService {
         PresenceService {
             inner: BoxCloneSyncService::new(stack),
             metrics,
+            rate_limiter,
             default_peer: None,
         }
     }
@@ -167,6 +173,17 @@ impl PresenceService {
     /// The metrics this service records (also served at `GET /metrics`).
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The per-client token buckets of `/presence*`, keyed by client IP: the very map
+    /// the service uses (clones share it), capped at
+    /// [`DEFAULT_MAX_KEYS`](resilience::token_bucket::DEFAULT_MAX_KEYS) keys. For
+    /// monitoring and tests.
+    pub fn rate_limiter(&self) -> &KeyedTokenBuckets<IpAddr> {
+        // Always `Some`: the layer above is keyed.
+        self.rate_limiter
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the presence rate limiter is keyed"))
     }
 }
 

@@ -22,11 +22,47 @@
 //!   (`Ok(true)`); a node that is not online gives `Ok(false)` whatever the lease;
 //!   an online node with another lease is [`StoreError::LeaseMismatch`].
 //! - [`Store::list`] returns the online nodes sorted by `node_id` (byte order).
+//!
+//! # Outages: self-preservation
+//!
+//! While the store is unreachable no node can heartbeat, so every lease runs down
+//! through no fault of the nodes; without care, a store that comes back after an
+//! outage longer than the TTL would find every node expired and the whole list would
+//! empty at once (followed by a login stampede). The rule, in the spirit of etcd
+//! (which extends leases on leader change) and Eureka (which stops expiring when
+//! renewals collapse):
+//!
+//! > **An outage of length `D` is given back to the leases it interrupted.** When the
+//! > store answers again after being unavailable for `D >= MIN_PRESERVED_OUTAGE`
+//! > (1 s), every lease that was live when the outage began and has not been renewed
+//! > since, i.e. whose `expires_at_ms` lies in `[T - D, T - D + ttl]` with `T` the
+//! > store's clock now, moves by `min(D, MAX_PRESERVED_OUTAGE)`. Each such node has
+//! > exactly the lease time left that it had when the outage began.
+//!
+//! - The server measures `D` ([`crate::server`]): from the start of the first store
+//!   call that failed (error or timeout) to the first call after the store answers
+//!   again, which calls [`Store::extend_after_outage`] before anything else reaches
+//!   the store. `D` can be too long by at most the store circuit breaker's open
+//!   interval (the first call after recovery waits for it), never too short.
+//! - A node that died during the outage is listed for the rest of its lease after the
+//!   store returns instead of disappearing during the outage: the trade every
+//!   self-preservation scheme makes.
+//! - [`RedisStore`] keeps expired records for [`MAX_PRESERVED_OUTAGE`] after their
+//!   expiry (invisible: every read compares `expires_at_ms` with the clock), so a
+//!   Redis that was paused, partitioned away or slow still has them to move. A Redis
+//!   restarted without persistence has lost them anyway; the clients' `keep_alive`
+//!   logs them in again on their next heartbeat (`404`).
+//! - Several servers on one Redis: the first to recover moves the leases and records
+//!   when; a server whose outage began before that record skips, so the outage is
+//!   given back once, not once per server.
+//! - [`MemoryStore`] lives in the server process and cannot be unreachable; its
+//!   [`Store::extend_after_outage`] is the default no-op.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::model::{Meta, Node, NodeId};
 
@@ -35,6 +71,16 @@ pub mod redis;
 
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
+
+/// Shortest outage that is given back to the leases (see the [module docs](self)):
+/// shorter ones cost a node less than a second of its lease, less than a heartbeat
+/// interval, so they are not worth a pass over every record.
+pub const MIN_PRESERVED_OUTAGE: Duration = Duration::from_secs(1);
+
+/// Longest outage that is given back to the leases, and how long [`RedisStore`] keeps
+/// expired records around so that it can (see the [module docs](self)). After a
+/// longer outage the nodes log in again by themselves.
+pub const MAX_PRESERVED_OUTAGE: Duration = Duration::from_secs(300);
 
 /// A boxed, `Send` future, as returned by the object-safe [`Store`] methods.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -113,6 +159,23 @@ pub trait Store: Send + Sync + 'static {
     /// The store clock: Unix epoch milliseconds.
     fn now_ms(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
 
+    /// Self-preservation after an outage of length `outage` (see the
+    /// [module docs](self#outages-self-preservation) for the rule): moves every lease
+    /// whose `expires_at_ms` lies in `[now - outage, now - outage + max_ttl_ms]` by
+    /// `outage`, unless another server already did so for this outage. Returns how
+    /// many leases moved.
+    ///
+    /// The default does nothing and returns `Ok(0)`: right for a store that cannot be
+    /// unreachable, like [`MemoryStore`].
+    fn extend_after_outage(
+        &self,
+        outage: Duration,
+        max_ttl_ms: u64,
+    ) -> BoxFuture<'_, Result<u64, StoreError>> {
+        let _ = (outage, max_ttl_ms);
+        Box::pin(std::future::ready(Ok(0)))
+    }
+
     /// One line for the start-up log, e.g. `memory (single server only)` or
     /// `redis redis://host:6379/ prefix presence` (credentials redacted).
     fn describe(&self) -> String;
@@ -122,15 +185,19 @@ pub trait Store: Send + Sync + 'static {
 /// `None`, `""` or `memory://` -> [`MemoryStore`] (logged at `info`: single server
 /// only); `redis://` or `rediss://` -> [`RedisStore`] with key namespace `prefix`.
 ///
+/// Redis is connected lazily ([`RedisOptions::lazy`](redis::RedisOptions::lazy)): a
+/// server started while Redis is down starts anyway, answers `503` (and `/readyz`
+/// `503`) and serves as soon as Redis answers, like after any other outage.
+///
 /// # Errors
-/// [`StoreError::Unavailable`] for an unknown scheme, an invalid prefix or when
-/// Redis cannot be reached.
+/// [`StoreError::Unavailable`] for an unknown scheme, an invalid URI or prefix.
 pub async fn open(uri: Option<&str>, prefix: &str) -> Result<Arc<dyn Store>, StoreError> {
     match uri.map(str::trim) {
         None | Some("") => Ok(memory()),
         Some(u) if has_scheme(u, "memory") => Ok(memory()),
         Some(u) if has_scheme(u, "redis") || has_scheme(u, "rediss") => {
-            Ok(Arc::new(RedisStore::connect(u, prefix).await?))
+            let options = redis::RedisOptions::default().lazy(true);
+            Ok(Arc::new(RedisStore::connect_with(u, prefix, options).await?))
         }
         Some(u) => Err(StoreError::Unavailable(format!(
             "unsupported store URI {:?}: expected memory://, redis:// or rediss://",

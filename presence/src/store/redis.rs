@@ -9,8 +9,16 @@
 //! - `{<prefix>}:nodes`: sorted set, member `node_id`, score `expires_at_ms`.
 //! - `{<prefix>}:node:<node_id>`: hash with `lease`, `meta` (JSON text),
 //!   `online_since`, `last_seen`, `expires_at` (epoch ms), and a `PEXPIREAT` at
-//!   `expires_at` as garbage collection. The sorted set itself expires when its
-//!   last member does, so an abandoned deployment leaves nothing behind.
+//!   `expires_at` + [`MAX_PRESERVED_OUTAGE`] as garbage collection. The sorted set
+//!   itself expires when its last member's hash does, so an abandoned deployment
+//!   leaves nothing behind.
+//! - `{<prefix>}:outage`: when the last outage was given back to the leases (see
+//!   [self-preservation](super#outages-self-preservation)); expires after
+//!   [`MAX_PRESERVED_OUTAGE`].
+//!
+//! Expired records stay (invisible: every read compares `expires_at` with `TIME`)
+//! for [`MAX_PRESERVED_OUTAGE`] after their expiry, so that after an outage
+//! [`Store::extend_after_outage`] still finds the leases the outage ran down.
 //!
 //! `node_id`s are [`NodeId`]s, validated before they get anywhere near a key.
 //!
@@ -19,7 +27,7 @@
 //! `login`, `heartbeat` and `logout` are one Lua script each (`EVALSHA`, loaded
 //! automatically on `NOSCRIPT`): one round trip, atomic, clock from `TIME` inside
 //! the script, and expired members are dropped from the sorted set by range
-//! (`ZREMRANGEBYSCORE`). `list` is a tiny read-only script (`TIME` +
+//! (`ZREMRANGEBYSCORE`, [`MAX_PRESERVED_OUTAGE`] after their expiry). `list` is a tiny read-only script (`TIME` +
 //! `ZRANGE (now +inf BYSCORE`) followed by the hashes, fetched with `HMGET` in
 //! pipelined pages: `1 + ceil(N / page)` round trips, never `KEYS`, never one request
 //! per node. `get` is one pipeline (`TIME` + `HMGET`).
@@ -37,7 +45,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
-use super::{redact_uri, BoxFuture, LoginOutcome, Store, StoreError};
+use super::{redact_uri, BoxFuture, LoginOutcome, Store, StoreError, MAX_PRESERVED_OUTAGE};
 use crate::model::{Meta, Node, NodeId};
 
 /// Longest accepted key prefix, in bytes.
@@ -55,25 +63,29 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     };
 }
 
-/// Keeps the sorted set alive at least until `exp` (it must outlive its members).
+/// Keeps the sorted set alive at least until `gc`, the garbage-collection time of the
+/// record just written (it must outlive its members).
 macro_rules! lua_keep_nodes_key {
     () => {
-        "if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIREAT', KEYS[1], exp) end
+        "if redis.call('PTTL', KEYS[1]) < gc - now then redis.call('PEXPIREAT', KEYS[1], gc) end
 "
     };
 }
 
-/// KEYS: nodes zset, node hash. ARGV: node_id, lease, ttl_ms, meta JSON.
+/// KEYS: nodes zset, node hash. ARGV: node_id, lease, ttl_ms, meta JSON, grace_ms
+/// (how long expired records are kept, [`MAX_PRESERVED_OUTAGE`]).
 /// Returns `{now, expires_at}`.
 static LOGIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
         "local ttl = tonumber(ARGV[3])
+local grace = tonumber(ARGV[5])
 local exp = now + ttl
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local gc = exp + grace
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - grace)
 redis.call('HSET', KEYS[2], 'lease', ARGV[2], 'meta', ARGV[4],
   'online_since', now, 'last_seen', now, 'expires_at', exp)
-redis.call('PEXPIREAT', KEYS[2], exp)
+redis.call('PEXPIREAT', KEYS[2], gc)
 redis.call('ZADD', KEYS[1], exp, ARGV[1])
 ",
         lua_keep_nodes_key!(),
@@ -83,27 +95,31 @@ redis.call('ZADD', KEYS[1], exp, ARGV[1])
 });
 
 /// KEYS: nodes zset, node hash. ARGV: node_id, lease, ttl_ms, "1" to replace the
-/// meta with ARGV[5] / "0" to keep it. Returns `{0}` not online, `{1}` lease
-/// mismatch, `{2, expires_at}` done.
+/// meta with ARGV[5] / "0" to keep it, grace_ms. Returns `{0}` not online, `{1}`
+/// lease mismatch, `{2, expires_at}` done.
+///
+/// An expired record is left alone (garbage collection takes it later): a heartbeat
+/// that was queued while Redis was paused runs before the server can give the
+/// outage back, and must not destroy the record it would restore.
 static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
-        "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+        "local grace = tonumber(ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - grace)
 local h = redis.call('HMGET', KEYS[2], 'lease', 'expires_at')
 if not h[1] or not h[2] or tonumber(h[2]) <= now then
-  redis.call('DEL', KEYS[2])
-  redis.call('ZREM', KEYS[1], ARGV[1])
   return {0}
 end
 if h[1] ~= ARGV[2] then return {1} end
 local ttl = tonumber(ARGV[3])
 local exp = now + ttl
+local gc = exp + grace
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[2], 'meta', ARGV[5], 'last_seen', now, 'expires_at', exp)
 else
   redis.call('HSET', KEYS[2], 'last_seen', now, 'expires_at', exp)
 end
-redis.call('PEXPIREAT', KEYS[2], exp)
+redis.call('PEXPIREAT', KEYS[2], gc)
 redis.call('ZADD', KEYS[1], exp, ARGV[1])
 ",
         lua_keep_nodes_key!(),
@@ -138,6 +154,64 @@ static LIST_IDS: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
+/// KEYS: outage marker. ARGV: outage_ms, grace_ms. Claims the job of giving an
+/// outage back: `{1, now}` if this caller must do it, `{0, now}` if another server
+/// already did (its recovery time is at or after this outage's start).
+static OUTAGE_CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        lua_now!(),
+        "local start = now - tonumber(ARGV[1])
+local done = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if done >= start then return {0, now} end
+redis.call('SET', KEYS[1], now, 'PX', ARGV[2])
+return {1, now}
+"
+    ))
+});
+
+/// KEYS: nodes zset. ARGV: lowest score (inclusive), highest score (inclusive),
+/// outage_ms, grace_ms, node key prefix, page size. Moves one page of the members
+/// in the range, highest first, by the outage (score and hash `expires_at`); a
+/// member whose hash is gone is garbage and removed. Returns
+/// `{handled, moved, lowest score handled}`: the next page's highest score, since
+/// every member handled has moved above it (or is gone) and ties not yet handled
+/// are still at it.
+static OUTAGE_SHIFT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "local d = tonumber(ARGV[3])
+local grace = tonumber(ARGV[4])
+local page = redis.call('ZRANGE', KEYS[1], ARGV[2], ARGV[1], 'BYSCORE', 'REV',
+  'LIMIT', 0, tonumber(ARGV[6]), 'WITHSCORES')
+local moved = 0
+local last = 0
+local lowest = 0
+for i = 1, #page, 2 do
+  local id = page[i]
+  local key = ARGV[5] .. id
+  lowest = tonumber(page[i + 1])
+  if redis.call('EXISTS', key) == 1 then
+    local exp = lowest + d
+    redis.call('HSET', key, 'expires_at', exp)
+    redis.call('PEXPIREAT', key, exp + grace)
+    redis.call('ZADD', KEYS[1], exp, id)
+    if exp > last then last = exp end
+    moved = moved + 1
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+if last > 0 and redis.call('PTTL', KEYS[1]) < last + grace - tonumber(ARGV[1]) - d then
+  redis.call('PEXPIREAT', KEYS[1], last + grace)
+end
+return {#page / 2, moved, lowest}
+",
+    )
+});
+
+/// Members moved by one [`OUTAGE_SHIFT`] call: bounds how long one script blocks
+/// Redis (a few milliseconds) when a large deployment comes back from an outage.
+const OUTAGE_PAGE: usize = 1000;
+
 /// The hash fields `get` and `list` read, in this order.
 const NODE_FIELDS: [&str; 4] = ["meta", "online_since", "last_seen", "expires_at"];
 
@@ -160,6 +234,10 @@ pub struct RedisOptions {
     pub page_size: usize,
     /// Pages of `list` in flight at once (default 4).
     pub page_concurrency: usize,
+    /// Connect on first use instead of in [`RedisStore::connect_with`] (default
+    /// `false`). A lazy store can be created while Redis is down: its calls fail with
+    /// [`StoreError::Unavailable`] until Redis answers, then it works.
+    pub lazy: bool,
 }
 
 impl Default for RedisOptions {
@@ -170,6 +248,7 @@ impl Default for RedisOptions {
             reconnect_retries: 2,
             page_size: 500,
             page_concurrency: 4,
+            lazy: false,
         }
     }
 }
@@ -204,6 +283,12 @@ impl RedisOptions {
         self.page_concurrency = n.max(1);
         self
     }
+
+    /// Sets [`RedisOptions::lazy`].
+    pub fn lazy(mut self, lazy: bool) -> Self {
+        self.lazy = lazy;
+        self
+    }
 }
 
 /// Presence state in Redis (see the [module docs](self) for the data model).
@@ -220,6 +305,7 @@ struct Inner {
     prefix: String,
     nodes_key: String,
     node_key_prefix: String,
+    outage_key: String,
     description: String,
     page_size: usize,
     page_concurrency: usize,
@@ -244,7 +330,11 @@ impl RedisStore {
         Self::connect_with(uri, prefix, RedisOptions::default()).await
     }
 
-    /// [`RedisStore::connect`] with explicit [`RedisOptions`].
+    /// [`RedisStore::connect`] with explicit [`RedisOptions`]. With
+    /// [`RedisOptions::lazy`] nothing is sent until the first call, and Redis being
+    /// unreachable is not an error here.
+    ///
+    /// Must be called within a Tokio runtime (the connection manager spawns a task).
     ///
     /// # Errors
     /// As for [`RedisStore::connect`].
@@ -263,20 +353,27 @@ impl RedisStore {
             .set_number_of_retries(options.reconnect_retries)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| StoreError::Unavailable(format!("cannot connect to {shown}: {e}")))?;
-        Ok(RedisStore {
+        let store = RedisStore {
             conn,
             inner: Arc::new(Inner {
                 prefix: prefix.to_owned(),
                 nodes_key: format!("{{{prefix}}}:nodes"),
                 node_key_prefix: format!("{{{prefix}}}:node:"),
+                outage_key: format!("{{{prefix}}}:outage"),
                 description: format!("redis {shown} prefix {prefix}"),
                 page_size: options.page_size.max(1),
                 page_concurrency: options.page_concurrency.max(1),
             }),
-        })
+        };
+        if !options.lazy {
+            store
+                .ping_impl()
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("cannot connect to {shown}: {e}")))?;
+        }
+        Ok(store)
     }
 
     /// The key prefix this store was opened with.
@@ -345,6 +442,7 @@ impl RedisStore {
             .arg(lease_id)
             .arg(ttl_ms)
             .arg(meta)
+            .arg(grace_ms())
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
@@ -373,6 +471,7 @@ impl RedisStore {
             .arg(ttl_ms)
             .arg(flag)
             .arg(meta)
+            .arg(grace_ms())
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
@@ -461,6 +560,48 @@ impl RedisStore {
         Ok(epoch_ms(secs, micros))
     }
 
+    async fn extend_after_outage_impl(
+        &self,
+        outage: Duration,
+        max_ttl_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let outage_ms = u64::try_from(outage.as_millis()).unwrap_or(u64::MAX);
+        if outage_ms == 0 {
+            return Ok(0);
+        }
+        let (claimed, now): (u64, u64) = OUTAGE_CLAIM
+            .key(&self.inner.outage_key)
+            .arg(outage_ms)
+            .arg(grace_ms())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        if claimed == 0 {
+            return Ok(0);
+        }
+        let low = now.saturating_sub(outage_ms);
+        let mut high = low.saturating_add(max_ttl_ms);
+        let mut moved = 0;
+        loop {
+            let (handled, page_moved, lowest): (u64, u64, u64) = OUTAGE_SHIFT
+                .key(&self.inner.nodes_key)
+                .arg(low)
+                .arg(high)
+                .arg(outage_ms)
+                .arg(grace_ms())
+                .arg(&self.inner.node_key_prefix)
+                .arg(OUTAGE_PAGE)
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable)?;
+            moved += page_moved;
+            if handled < OUTAGE_PAGE as u64 {
+                return Ok(moved);
+            }
+            high = lowest;
+        }
+    }
+
     async fn ping_impl(&self) -> Result<(), StoreError> {
         redis::cmd("PING")
             .exec_async(&mut self.conn.clone())
@@ -510,6 +651,14 @@ impl Store for RedisStore {
         Box::pin(self.now_impl())
     }
 
+    fn extend_after_outage(
+        &self,
+        outage: Duration,
+        max_ttl_ms: u64,
+    ) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(self.extend_after_outage_impl(outage, max_ttl_ms))
+    }
+
     fn describe(&self) -> String {
         self.inner.description.clone()
     }
@@ -540,6 +689,11 @@ fn to_node(
         last_seen_ms,
         expires_at_ms,
     })
+}
+
+/// How long expired records are kept, in ms ([`MAX_PRESERVED_OUTAGE`]).
+fn grace_ms() -> u64 {
+    u64::try_from(MAX_PRESERVED_OUTAGE.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn epoch_ms(secs: u64, micros: u64) -> u64 {

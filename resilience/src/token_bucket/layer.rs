@@ -9,7 +9,7 @@ use tower_layer::Layer;
 use super::{
     bucket::{Gcra, TokenBucket},
     error::InvalidRate,
-    keyed::{KeyedSlot, DEFAULT_MAX_KEYS},
+    keyed::{KeyedSlot, KeyedTokenBuckets, DEFAULT_MAX_KEYS},
     service::TokenBucketService,
 };
 use crate::key::GlobalKey;
@@ -238,6 +238,21 @@ impl<E, M> TokenBucketLayer<E, M> {
     /// The key extractor.
     pub fn extractor(&self) -> &E {
         &self.extractor
+    }
+
+    /// A handle to the buckets of key type `K` that the services of this layer use
+    /// (clones share state), e.g. to export the number of tracked keys as a metric or
+    /// to check the cap in a test; `None` for a global (unkeyed) layer. `K` is the
+    /// extractor's key type (`IpAddr` for [`PeerIp`](crate::PeerIp)); asking for
+    /// another type makes a separate map that no request uses.
+    pub fn keyed_buckets<K>(&self) -> Option<KeyedTokenBuckets<K>>
+    where
+        K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+    {
+        match &self.limiter {
+            Limiter::Global(_) => None,
+            Limiter::Keyed(slot) => Some(KeyedTokenBuckets::clone(&slot.get::<K>())),
+        }
     }
 }
 

@@ -1,0 +1,105 @@
+//! The server's half of self-preservation (the rule is in the
+//! [store docs](crate::store#outages-self-preservation)): noticing when the store became
+//! unavailable and when it came back, and giving the outage back to the leases before
+//! any other call reaches the store again.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::store::{Store, StoreError, MAX_PRESERVED_OUTAGE, MIN_PRESERVED_OUTAGE};
+
+/// Tracks the current store outage, if any. One per service; shared by its clones.
+pub(crate) struct OutageTracker {
+    epoch: Instant,
+    /// Start of the current outage: milliseconds after `epoch`, plus one (0 = none).
+    since: AtomicU64,
+    /// One recovery at a time; calls that arrive meanwhile wait for it.
+    recovery: tokio::sync::Mutex<()>,
+    ttl_ms: u64,
+}
+
+impl OutageTracker {
+    pub(crate) fn new(ttl_ms: u64) -> Self {
+        OutageTracker {
+            epoch: Instant::now(),
+            since: AtomicU64::new(0),
+            recovery: tokio::sync::Mutex::new(()),
+            ttl_ms,
+        }
+    }
+
+    fn stamp(&self, at: Instant) -> u64 {
+        let ms = at.saturating_duration_since(self.epoch).as_millis();
+        u64::try_from(ms).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// A store call that started at `started` failed (error or timeout): the outage
+    /// began no later than that.
+    pub(crate) fn failed(&self, started: Instant) {
+        let stamp = self.stamp(started);
+        let mut current = self.since.load(Ordering::Relaxed);
+        while current == 0 || stamp < current {
+            match self.since.compare_exchange_weak(
+                current,
+                stamp,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Whether an outage is pending recovery. One atomic load: the hot path.
+    pub(crate) fn pending(&self) -> bool {
+        self.since.load(Ordering::Relaxed) != 0
+    }
+
+    /// Gives the pending outage back to the leases (once, whoever asks first), then
+    /// clears it. Runs in its own task, so a caller that gives up (its store timeout)
+    /// cannot cut a recovery in half; later callers wait for it.
+    ///
+    /// # Errors
+    /// The store failed during the recovery: the outage stays pending.
+    pub(crate) async fn recover(
+        self: &Arc<Self>,
+        store: &Arc<dyn Store>,
+    ) -> Result<(), StoreError> {
+        let task = tokio::spawn(Self::run_recovery(self.clone(), store.clone()));
+        match task.await {
+            Ok(result) => result,
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "outage recovery task failed: {e}"
+            ))),
+        }
+    }
+
+    async fn run_recovery(this: Arc<Self>, store: Arc<dyn Store>) -> Result<(), StoreError> {
+        let _one_at_a_time = this.recovery.lock().await;
+        let since = this.since.load(Ordering::Relaxed);
+        if since == 0 {
+            return Ok(()); // recovered by the call before us
+        }
+        let outage = Duration::from_millis(this.stamp(Instant::now()).saturating_sub(since));
+        if outage >= MIN_PRESERVED_OUTAGE {
+            let given = outage.min(MAX_PRESERVED_OUTAGE);
+            let moved = store.extend_after_outage(given, this.ttl_ms).await?;
+            tracing::warn!(
+                outage = ?outage,
+                extended_by = ?given,
+                leases = moved,
+                "store is back after an outage; leases it interrupted were extended by its length"
+            );
+        } else {
+            tracing::info!(outage = ?outage, "store is back after a short outage");
+        }
+        // Failures recorded meanwhile come from calls that were sent before the store
+        // answered again: part of the outage just given back, so they are dropped.
+        this.since.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+}
