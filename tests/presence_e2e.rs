@@ -306,10 +306,14 @@ async fn healthz_readyz_and_metrics_answer_200() {
     within(30, async {
         let server = TestServer::memory(&config(&[])).await;
 
-        let health = get(&server.url("/healthz")).await;
-        health.ok_json();
-        let ready = get(&server.url("/readyz")).await;
-        ready.ok_json();
+        assert_eq!(
+            get(&server.url("/healthz")).await.ok_json(),
+            json!({"status": "ok"})
+        );
+        assert_eq!(
+            get(&server.url("/readyz")).await.ok_json(),
+            json!({"status": "ready"})
+        );
 
         // Some traffic for the counters, including a 404 on a node path.
         login(&server, "metrics-node").await;
@@ -1121,6 +1125,10 @@ async fn two_servers_on_one_redis_prefix_share_presence() {
         std::panic::resume_unwind(panic.into_panic());
     }
     cleaned.expect("delete_prefix");
+    let left = within(10, admin.delete_prefix())
+        .await
+        .expect("delete_prefix");
+    assert_eq!(left, 0, "keys left under the test prefix after cleanup");
 }
 
 /// Starts `redis-server` on `port` (no persistence) and waits until it accepts

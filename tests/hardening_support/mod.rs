@@ -160,20 +160,23 @@ pub async fn send(req: reqwest::RequestBuilder) -> Reply {
     }
 }
 
-/// `GET url`.
-pub async fn get(client: &reqwest::Client, url: &str) -> Reply {
-    send(client.get(url)).await
+/// `GET url`. The request is built before the future, which borrows nothing.
+pub fn get(client: &reqwest::Client, url: &str) -> impl Future<Output = Reply> + Send + 'static {
+    send(client.get(url))
 }
 
-/// `POST url` with a JSON body.
-pub async fn post(client: &reqwest::Client, url: &str, body: &serde_json::Value) -> Reply {
+/// `POST url` with a JSON body. The future borrows nothing.
+pub fn post(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> impl Future<Output = Reply> + Send + 'static {
     send(
         client
             .post(url)
             .header("content-type", "application/json")
             .body(body.to_string()),
     )
-    .await
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; fine for tests).

@@ -524,6 +524,18 @@ pub fn example_binary(name: &str) -> Result<PathBuf, String> {
         .join("examples")
         .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     if path.is_file() {
+        // `cargo test --test X` rebuilds this test but not the examples: say so when
+        // the binary predates it, as it may not contain the latest server code.
+        let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        if let (Some(bin), Some(test)) = (modified(&path), modified(&exe)) {
+            if bin < test {
+                eprintln!(
+                    "note: {} is older than this test binary and may be stale; \
+                     `cargo build --example {name}` refreshes it",
+                    path.display()
+                );
+            }
+        }
         Ok(path)
     } else {
         Err(format!(
