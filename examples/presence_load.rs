@@ -9,9 +9,10 @@
 //!
 //! cargo run --release --example presence_load -- --mode nodes --nodes 10000 --interval-ms 1000
 //! cargo run --release --example presence_load -- --mode flood --nodes 1000 --concurrency 64 --duration 10
-//! cargo run --release --example presence_load -- --mode list --nodes 100000 --duration 5
+//! cargo run --release --example presence_load -- --mode list --nodes 100000 --login-concurrency 64 --concurrency 1 --duration 5
 //! cargo run --release --example presence_load -- --mode bare --duration 3   # in-process bare hyper baseline
-//! cargo run --release --example presence_load -- --serve-bare 8081          # bare server only, e.g. for wrk
+//! cargo run --release --example presence_load -- --serve-bare 8081          # bare server only, in its own process
+//! cargo run --release --example presence_load -- --mode bare --url http://127.0.0.1:8081/presence --duration 10
 //! cargo run --release --example presence_load -- --help
 //! ```
 //!
@@ -51,6 +52,9 @@ OPTIONS:
     --mode MODE         nodes | flood | list | bare [default: nodes]
     --nodes N           simulated nodes, ids load-0 .. load-<N-1> [default: 100]
     --concurrency C     keep-alive HTTP/1 connections, one worker each [default: 64]
+    --login-concurrency C
+                        connections for the login phase [default: --concurrency]; e.g.
+                        log 100000 nodes in over 64, then list over 1
     --duration SECS     length of the steady phase, fractions allowed [default: 10]
     --interval-ms MS    per-node heartbeat interval in `nodes` mode, +-10% jitter [default: 1000]
     --timeout-ms MS     per-request (and per-connect) timeout [default: 5000]
@@ -66,8 +70,10 @@ MODES:
     flood   log the N nodes in, then C workers send heartbeats back to back (closed loop)
     list    log the N nodes in (none with --nodes 0), then C workers GET the list back to
             back; the nodes are not kept alive, so they expire after the server's TTL
-    bare    flood an in-process bare hyper server (fixed 200 {\"ok\":true}) exactly like
-            `flood`, as a baseline for the presence server's figures
+    bare    flood a bare hyper server (fixed 200 {\"ok\":true}) exactly like `flood`, as a
+            baseline for the presence server's figures: an in-process one, or with an
+            explicit --url the one at that address (`--serve-bare PORT` in another
+            process, like the presence server)
 
 Phases are reported separately (login, steady): requests, errors by status and by
 transport failure, throughput, and latency p50 / p99 / p99.9 / max in ms (time from
@@ -121,6 +127,11 @@ pub struct Options {
     pub nodes: usize,
     /// Number of keep-alive connections (one worker each).
     pub concurrency: usize,
+    /// Connections for the login phase; `None` means `concurrency`.
+    pub login_concurrency: Option<usize>,
+    /// `bare` mode only: flood the bare server at `url` instead of starting one in
+    /// this process (set when `--url` is given with `--mode bare`).
+    pub bare_external: bool,
     /// Length of the steady phase.
     pub duration: Duration,
     /// Per-node heartbeat interval in `nodes` mode.
@@ -140,6 +151,8 @@ impl Default for Options {
             mode: Mode::Nodes,
             nodes: 100,
             concurrency: 64,
+            login_concurrency: None,
+            bare_external: false,
             duration: Duration::from_secs(10),
             interval: Duration::from_millis(1000),
             timeout: Duration::from_millis(5000),
@@ -170,6 +183,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, St
     let mut opts = Options::default();
     let mut serve_bare = None;
     let mut duration_given = false;
+    let mut url_given = false;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let (flag, mut inline) = match arg.split_once('=') {
@@ -187,7 +201,10 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, St
         match flag.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "--json" => opts.json = true,
-            "--url" => opts.url = value()?,
+            "--url" => {
+                opts.url = value()?;
+                url_given = true;
+            }
             "--mode" => {
                 let v = value()?;
                 opts.mode = Mode::parse(&v).ok_or_else(|| {
@@ -196,6 +213,13 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, St
             }
             "--nodes" => opts.nodes = parse_number("--nodes", &value()?)?,
             "--concurrency" => opts.concurrency = parse_number("--concurrency", &value()?)?,
+            "--login-concurrency" => {
+                let c = parse_number("--login-concurrency", &value()?)?;
+                if c == 0 {
+                    return Err("--login-concurrency must be at least 1".to_owned());
+                }
+                opts.login_concurrency = Some(c);
+            }
             "--duration" => {
                 opts.duration = parse_seconds("--duration", &value()?)?;
                 duration_given = true;
@@ -217,6 +241,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, St
     if opts.concurrency == 0 {
         return Err("--concurrency must be at least 1".to_owned());
     }
+    opts.bare_external = url_given && opts.mode == Mode::Bare;
     // `list` may run without logging anyone in; the other modes need somebody to heartbeat.
     if opts.nodes == 0 && opts.mode != Mode::List {
         return Err(format!(
@@ -1177,6 +1202,14 @@ async fn node_worker(
 
 const BARE_BODY: &[u8] = b"{\"ok\":true}";
 
+/// Heartbeat bodies as `flood` sends them, with a made-up lease: the bare server
+/// reads and ignores them.
+fn bare_bodies(nodes: usize) -> Vec<Bytes> {
+    (0..nodes)
+        .map(|i| heartbeat_body(i, "0123456789abcdef0123456789abcdef"))
+        .collect()
+}
+
 async fn bare_answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
     // Read the request body like a real handler must, so the comparison is fair.
     req.into_body().collect().await?;
@@ -1221,6 +1254,27 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
     let mut phases = Vec::new();
     let mut note = None;
     let target = match opts.mode {
+        Mode::Bare if opts.bare_external => {
+            let target = Arc::new(Target::resolve(opts).await?);
+            match tokio::time::timeout(opts.timeout, TcpStream::connect(target.addr)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(format!("cannot connect to {}: {e}", target.addr)),
+                Err(_) => return Err(format!("cannot connect to {}: timed out", target.addr)),
+            }
+            let bodies = bare_bodies(opts.nodes);
+            eprintln!(
+                "presence_load: bare: flooding {} for {:.1} s over {} connections",
+                target.addr,
+                opts.duration.as_secs_f64(),
+                opts.concurrency
+            );
+            phases.push(flood_phase(&target, &bodies, opts).await);
+            note = Some(
+                "bare server at --url (start it with --serve-bare PORT in another process)"
+                    .to_owned(),
+            );
+            target
+        }
         Mode::Bare => {
             let (addr, server) = spawn_bare_server(SocketAddr::from(([127, 0, 0, 1], 0)))
                 .await
@@ -1228,9 +1282,7 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
             let url = format!("http://{addr}/presence");
             let parts = split_url(&url)?;
             let target = Arc::new(Target::new(addr, url, &parts, opts)?);
-            let bodies: Vec<Bytes> = (0..opts.nodes)
-                .map(|i| heartbeat_body(i, "0123456789abcdef0123456789abcdef"))
-                .collect();
+            let bodies = bare_bodies(opts.nodes);
             eprintln!(
                 "presence_load: bare: flooding {addr} for {:.1} s over {} connections",
                 opts.duration.as_secs_f64(),
@@ -1257,9 +1309,12 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
                 eprintln!(
                     "presence_load: login: {} nodes over {} connections",
                     opts.nodes,
-                    opts.concurrency.min(opts.nodes)
+                    opts.login_concurrency
+                        .unwrap_or(opts.concurrency)
+                        .min(opts.nodes)
                 );
-                let (stats, bodies) = login_phase(&target, opts.nodes, opts.concurrency).await;
+                let login_concurrency = opts.login_concurrency.unwrap_or(opts.concurrency);
+                let (stats, bodies) = login_phase(&target, opts.nodes, login_concurrency).await;
                 phases.push(stats);
                 heartbeats = bodies;
             }

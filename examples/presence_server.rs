@@ -50,7 +50,9 @@ async fn main() -> ExitCode {
     // /readyz 503) until Redis answers, instead of exiting.
     match tokio::time::timeout(config.store_timeout, store.ping()).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "store not reachable yet; answering 503 until it is"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "store not reachable yet; answering 503 until it is")
+        }
         Err(_) => tracing::warn!("store not answering yet; answering 503 until it does"),
     }
 

@@ -62,7 +62,10 @@ async fn login_nodes(
         )
         .await;
         assert_eq!(reply.status, 200, "login {node}: {reply:?}");
-        let lease = reply.json()["lease_id"].as_str().unwrap_or_default().to_owned();
+        let lease = reply.json()["lease_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         leases.insert(node, lease);
     }
     leases
@@ -212,7 +215,11 @@ async fn killed_redis_gives_fast_503s_and_a_restarted_one_is_used_again() {
 
         let killed_at = Instant::now();
         redis.kill();
-        let (node, lease) = leases.iter().next().map(|(n, l)| (n.clone(), l.clone())).unwrap();
+        let (node, lease) = leases
+            .iter()
+            .next()
+            .map(|(n, l)| (n.clone(), l.clone()))
+            .unwrap();
         let first = probe_outage(&client, &server, &node, &lease).await;
         let time_to_503 = killed_at.elapsed();
         let mut slowest = first;
@@ -232,7 +239,11 @@ async fn killed_redis_gives_fast_503s_and_a_restarted_one_is_used_again() {
         // Every heartbeat was answered, in time, with a reply that fits its moment:
         // 200 (Redis up), 503 (down), 404 (the restarted Redis lost the node).
         for (sent, reply) in &replies {
-            assert!(reply.elapsed <= BOUND_503, "heartbeat took {:?}", reply.elapsed);
+            assert!(
+                reply.elapsed <= BOUND_503,
+                "heartbeat took {:?}",
+                reply.elapsed
+            );
             match reply.status {
                 200 => {}
                 404 => assert!(*sent > killed_at, "404 before the restart: {reply:?}"),
@@ -275,7 +286,11 @@ async fn hung_redis_times_out_then_fails_fast_and_leases_survive_the_outage() {
         // expired when Redis answers again.
         let paused_at = Instant::now();
         redis.pause();
-        let (node, lease) = leases.iter().next().map(|(n, l)| (n.clone(), l.clone())).unwrap();
+        let (node, lease) = leases
+            .iter()
+            .next()
+            .map(|(n, l)| (n.clone(), l.clone()))
+            .unwrap();
         // Until the breaker opens, calls wait for the store timeout; never longer.
         let mut timed_out = 0;
         let mut fast_after_open = Vec::new();
@@ -297,7 +312,10 @@ async fn hung_redis_times_out_then_fails_fast_and_leases_survive_the_outage() {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(timed_out >= 1, "calls to a hung Redis waited for the store timeout");
+        assert!(
+            timed_out >= 1,
+            "calls to a hung Redis waited for the store timeout"
+        );
         fast_after_open.sort();
         assert!(
             fast_after_open.len() == 10 && fast_after_open[8] < Duration::from_millis(50),
@@ -334,7 +352,10 @@ async fn hung_redis_times_out_then_fails_fast_and_leases_survive_the_outage() {
         let mut moved_by = Vec::new();
         for (id, old) in &before {
             let new = &after[id];
-            assert_eq!(new.online_since_ms, old.online_since_ms, "{id}: same session");
+            assert_eq!(
+                new.online_since_ms, old.online_since_ms,
+                "{id}: same session"
+            );
             let shift = new.expires_at_ms.saturating_sub(old.expires_at_ms);
             moved_by.push(shift);
             assert!(
@@ -391,7 +412,9 @@ async fn server_started_while_redis_is_down_serves_once_redis_answers() {
         assert!(nodes.is_empty());
         let ready = get(&client, &server.url("/readyz")).await;
         assert_eq!(ready.status, 200, "{ready:?}");
-        println!("Redis down at start: server up and 503; serving {recovered:?} after Redis started");
+        println!(
+            "Redis down at start: server up and 503; serving {recovered:?} after Redis started"
+        );
         server.stop().await;
         drop(redis);
     })
@@ -450,6 +473,83 @@ async fn keep_alive_clients_are_back_within_a_heartbeat_after_flushall() {
             cfg.heartbeat
         );
         server.stop().await;
+    })
+    .await;
+}
+
+/// The store half of the rule, on the shared test Redis: exactly the leases that were
+/// live at the outage start and not renewed since move, by exactly the outage, across
+/// several pages of the script; a second server recovering from the same outage
+/// moves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extend_after_outage_moves_each_interrupted_lease_once() {
+    use presence::model::{new_lease_id, NodeId};
+    use presence::store::redis::test_support::redis_for_tests;
+    use presence::store::Store;
+
+    let Some(store) = redis_for_tests("extend_after_outage").await else {
+        return;
+    };
+    within(20, async {
+        const TTL: u64 = 10_000;
+        const INTERRUPTED: usize = 2500; // several pages, with ties on the same ms
+        let outage = Duration::from_millis(200);
+        let id = |s: &str| NodeId::parse(s).unwrap();
+
+        // Expired before the outage began: stays expired.
+        store
+            .login(&id("gone"), &new_lease_id(), 1, Meta::new())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Live when the outage began.
+        let logins = (0..INTERRUPTED).map(|i| {
+            let store = store.clone();
+            async move {
+                let node = id(&format!("i-{i:04}"));
+                store
+                    .login(&node, &new_lease_id(), 5_000, Meta::new())
+                    .await
+                    .unwrap()
+            }
+        });
+        let before: Vec<u64> = futures_util::future::join_all(logins)
+            .await
+            .iter()
+            .map(|o| o.expires_at_ms)
+            .collect();
+        // Renewed after the outage began (its deadline is past start + TTL).
+        let renewed = store
+            .login(&id("renewed"), &new_lease_id(), 20_000, Meta::new())
+            .await
+            .unwrap();
+
+        let moved = store.extend_after_outage(outage, TTL).await.unwrap();
+        assert_eq!(moved, INTERRUPTED as u64);
+        // Another server recovering from the same outage: nothing moves twice.
+        assert_eq!(store.extend_after_outage(outage, TTL).await.unwrap(), 0);
+
+        let listed: BTreeMap<String, Node> = store
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| (n.node_id.clone(), n))
+            .collect();
+        assert!(!listed.contains_key("gone"));
+        assert_eq!(listed["renewed"].expires_at_ms, renewed.expires_at_ms);
+        for (i, old) in before.iter().enumerate() {
+            let node = &listed[&format!("i-{i:04}")];
+            assert_eq!(node.expires_at_ms, old + 200, "{}", node.node_id);
+            assert_eq!(
+                Store::get(&store, &id(&node.node_id))
+                    .await
+                    .unwrap()
+                    .map(|n| n.expires_at_ms),
+                Some(old + 200)
+            );
+        }
+        assert!(store.delete_prefix().await.is_ok());
     })
     .await;
 }

@@ -14,7 +14,7 @@
 //! | `PRESENCE_AUTH_TOKEN` | unset | if set, `/presence*` requires `Authorization: Bearer <token>` |
 //! | `PRESENCE_STORE_TIMEOUT_MS` | `1000` | a store call slower than this is a `503` |
 //! | `PRESENCE_MAX_META_BYTES` | `4096` | meta size limit (serialized JSON) |
-//! | `PRESENCE_HEADER_TIMEOUT_MS` | `5000` | HTTP/1 request headers must arrive within this (slowloris guard) |
+//! | `PRESENCE_HEADER_TIMEOUT_MS` | `5000` | request headers must arrive within this, and a connection without a request in flight for this long is closed (HTTP/1 and HTTP/2; slowloris guard) |
 //! | `PRESENCE_REQUEST_TIMEOUT_MS` | `10000` | a whole request, body included, must finish within this (`408` otherwise) |
 //! | `PRESENCE_SHUTDOWN_GRACE_MS` | `10000` | on SIGTERM/Ctrl-C, in-flight requests get this long to finish |
 //!
@@ -105,7 +105,8 @@ pub struct Config {
     pub store_timeout: Duration,
     /// `PRESENCE_MAX_META_BYTES`: the largest accepted `meta`, serialized.
     pub max_meta_bytes: usize,
-    /// `PRESENCE_HEADER_TIMEOUT_MS`: HTTP/1 request headers must arrive within this.
+    /// `PRESENCE_HEADER_TIMEOUT_MS`: request headers must arrive within this, and a
+    /// connection (HTTP/1 or HTTP/2) with no request in flight for this long is closed.
     pub header_timeout: Duration,
     /// `PRESENCE_REQUEST_TIMEOUT_MS`: a whole request must be answered within this.
     pub request_timeout: Duration,

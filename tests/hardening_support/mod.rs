@@ -232,7 +232,10 @@ impl RedisChild {
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).expect("redis child running")
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .expect("redis child running")
     }
 
     /// SIGKILL, and waits until the process is gone (its port refuses connections).

@@ -21,12 +21,18 @@
 //!                  -> store, behind PRESENCE_STORE_TIMEOUT_MS and a circuit breaker (503)
 //! ```
 //!
+//! When the store answers again after an outage, the first call gives the outage
+//! back to the leases it interrupted before anything else reaches the store
+//! ([self-preservation](crate::store#outages-self-preservation)), so the nodes do not
+//! all expire at once.
+//!
 //! Every error is `{"error": code, "message": sentence}`, made by
 //! [`ApiError::into_response`].
 
 mod auth;
 mod errors;
 mod limit;
+mod list;
 mod metrics;
 mod outage;
 mod router;

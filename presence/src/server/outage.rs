@@ -19,15 +19,21 @@ pub(crate) struct OutageTracker {
     /// One recovery at a time; calls that arrive meanwhile wait for it.
     recovery: tokio::sync::Mutex<()>,
     ttl_ms: u64,
+    store_timeout: Duration,
 }
 
+/// Longest a recovery may take (paging through every record of a large deployment);
+/// a recovery cut off here leaves the leases it had not reached yet as they were.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl OutageTracker {
-    pub(crate) fn new(ttl_ms: u64) -> Self {
+    pub(crate) fn new(ttl_ms: u64, store_timeout: Duration) -> Self {
         OutageTracker {
             epoch: Instant::now(),
             since: AtomicU64::new(0),
             recovery: tokio::sync::Mutex::new(()),
             ttl_ms,
+            store_timeout,
         }
     }
 
@@ -84,10 +90,21 @@ impl OutageTracker {
         if since == 0 {
             return Ok(()); // recovered by the call before us
         }
+        // The outage ends when the store answers, not when we ask: a hung store
+        // (paused, partitioned) runs queued commands when it comes back, and a length
+        // measured before sending would be stale by then.
+        tokio::time::timeout(this.store_timeout, store.ping())
+            .await
+            .map_err(|_| StoreError::Unavailable("ping timed out".into()))??;
         let outage = Duration::from_millis(this.stamp(Instant::now()).saturating_sub(since));
         if outage >= MIN_PRESERVED_OUTAGE {
             let given = outage.min(MAX_PRESERVED_OUTAGE);
-            let moved = store.extend_after_outage(given, this.ttl_ms).await?;
+            let moved = tokio::time::timeout(
+                RECOVERY_TIMEOUT,
+                store.extend_after_outage(given, this.ttl_ms),
+            )
+            .await
+            .map_err(|_| StoreError::Unavailable("outage recovery timed out".into()))??;
             tracing::warn!(
                 outage = ?outage,
                 extended_by = ?given,

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tower::Service;
 
 use super::errors::{bytes_response, json_response, ApiError};
+use super::list::ListCoalescer;
 use super::metrics::{Metrics, StoreErrorKind};
 use super::outage::OutageTracker;
 use super::{RequestBody, ResponseBody, MAX_BODY_BYTES};
@@ -137,6 +138,8 @@ pub(crate) struct State {
     pub(crate) ttl_ms: u64,
     pub(crate) heartbeat_ms: u64,
     pub(crate) max_meta_bytes: usize,
+    /// Batches concurrent `GET /presence` into shared listings.
+    pub(crate) list: ListCoalescer,
 }
 
 /// How long a client should wait after a store failure that was not a breaker
@@ -150,7 +153,7 @@ impl State {
     /// only `Unavailable` and timeouts are failures. `node` names the node in a
     /// `404` message. After an outage, the first call gives the outage back to the
     /// leases ([`OutageTracker`]) before its own call, within the same timeout.
-    async fn guarded<'s, T, F>(
+    pub(crate) async fn guarded<'s, T, F>(
         &'s self,
         node: &str,
         call: impl FnOnce(&'s dyn Store) -> F,
@@ -210,7 +213,7 @@ impl State {
     }
 
     async fn handle(
-        &self,
+        self: &Arc<Self>,
         req: http::Request<RequestBody>,
     ) -> Result<http::Response<ResponseBody>, ApiError> {
         let (parts, body) = req.into_parts();
@@ -226,9 +229,9 @@ impl State {
                 Bytes::from(self.metrics.encode()),
             )),
             Route::List => {
-                let nodes = self.guarded("", |s| s.list()).await?;
-                self.metrics.set_online_nodes(nodes.len());
-                Ok(json_response(StatusCode::OK, &nodes))
+                let list = self.list.list(self).await?;
+                self.metrics.set_online_nodes(list.count);
+                Ok(bytes_response(StatusCode::OK, "application/json", list.json))
             }
             Route::Get(id) => {
                 let node = NodeId::parse(id).map_err(ApiError::InvalidNodeId)?;
@@ -401,6 +404,16 @@ async fn read_json<T: DeserializeOwned>(
             )))
         }
     };
+    // The hot path (heartbeats) deserializes straight into the wire type, without a
+    // `serde_json::Value` tree in between; the first byte tells it is an object.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        return serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::BadRequest(match e.classify() {
+                serde_json::error::Category::Data => format!("invalid body: {e}"),
+                _ => format!("the body is not valid JSON: {e}"),
+            })
+        });
+    }
     let value: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
     // serde's derived structs also accept a JSON array of the fields in order; the API

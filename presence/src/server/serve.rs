@@ -4,17 +4,21 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
-use tower::ServiceBuilder;
+use tokio::time::Instant;
+use tower::Service;
 
 use super::PresenceService;
 use crate::config::Config;
@@ -89,6 +93,10 @@ impl Server {
     /// in-flight requests finish for up to `PRESENCE_SHUTDOWN_GRACE_MS` (idle
     /// keep-alive connections are closed at once), aborts what is left and returns.
     ///
+    /// Slow and idle clients are bounded by `PRESENCE_HEADER_TIMEOUT_MS`: a connection
+    /// that sends nothing, or not a whole request header, within it is closed, and so
+    /// is one (HTTP/1 or HTTP/2) that has had no request in flight for that long.
+    ///
     /// # Errors
     /// None today; accept errors (e.g. out of file descriptors) are logged and
     /// retried, since they are usually transient. The `Result` leaves room for
@@ -110,7 +118,8 @@ impl Server {
         builder.http2().timer(TokioTimer::new());
         let builder = Arc::new(builder);
 
-        let graceful = GracefulShutdown::new();
+        // `true` once shutdown begins; every connection task watches it.
+        let (closing_tx, closing_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
 
@@ -118,29 +127,14 @@ impl Server {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let watcher = graceful.watcher();
-                        let builder = builder.clone();
-                        let service = service.clone();
-                        connections.spawn(async move {
-                            if !first_byte_within(&stream, header_timeout).await {
-                                tracing::debug!(%peer, "closing connection that sent nothing");
-                                return;
-                            }
-                            let service = ServiceBuilder::new()
-                                .map_request(move |mut req: http::Request<Incoming>| {
-                                    // Read by the rate limiter's client-IP extractor.
-                                    req.extensions_mut().insert(peer);
-                                    req
-                                })
-                                .service(service);
-                            let conn = builder.serve_connection(
-                                TokioIo::new(stream),
-                                TowerToHyperService::new(service),
-                            );
-                            if let Err(e) = watcher.watch(conn).await {
-                                tracing::debug!(%peer, error = %e, "connection ended with an error");
-                            }
-                        });
+                        connections.spawn(serve_connection(
+                            stream,
+                            peer,
+                            builder.clone(),
+                            service.clone(),
+                            header_timeout,
+                            closing_rx.clone(),
+                        ));
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning on the error.
@@ -160,10 +154,9 @@ impl Server {
             grace = ?shutdown_grace,
             "shutting down: draining in-flight requests"
         );
-        if tokio::time::timeout(shutdown_grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        let _ = closing_tx.send(true);
+        let drain = async { while connections.join_next().await.is_some() {} };
+        if tokio::time::timeout(shutdown_grace, drain).await.is_err() {
             tracing::warn!(
                 connections = connections.len(),
                 "shutdown grace period over; aborting remaining connections"
@@ -222,6 +215,161 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = terminate => {}
+    }
+}
+
+/// Serves one connection until it ends: closes it gracefully when the server shuts
+/// down (in-flight requests finish, HTTP/2 gets a GOAWAY) or when it has had no
+/// request in flight for `idle_timeout`.
+///
+/// hyper's `header_read_timeout` covers slow and idle HTTP/1 connections, but HTTP/2
+/// has no equivalent: a client that sends the preface and then nothing (or keeps a
+/// connection open without streams) would hold a task and a file descriptor forever.
+/// The idle rule here covers both protocols the same way.
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    service: PresenceService,
+    idle_timeout: Duration,
+    mut closing: watch::Receiver<bool>,
+) {
+    tokio::select! {
+        sent = first_byte_within(&stream, idle_timeout) => if !sent {
+            tracing::debug!(%peer, "closing connection that sent nothing");
+            return;
+        },
+        () = shutdown_begun(&mut closing) => return,
+    }
+    let activity = Arc::new(Activity::default());
+    let service = Tracked {
+        inner: service,
+        peer,
+        activity: activity.clone(),
+    };
+    let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+    tokio::pin!(conn);
+    let mut shutting_down = false;
+    // Set when the connection is closed for idleness: a client that does not let it
+    // close (an HTTP/2 handshake that never finishes, a peer that stops reading) is
+    // dropped at this deadline.
+    let mut hard_close: Option<Instant> = None;
+    loop {
+        let idle = activity.in_flight.load(Ordering::Acquire) == 0;
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = shutdown_begun(&mut closing), if !shutting_down => {
+                conn.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+            // The last request finished: start the idle timer afresh.
+            () = activity.idle.notified() => {}
+            () = tokio::time::sleep(idle_timeout), if idle && !shutting_down => {
+                if activity.in_flight.load(Ordering::Acquire) == 0 {
+                    tracing::debug!(%peer, "closing idle connection");
+                    conn.as_mut().graceful_shutdown();
+                    shutting_down = true;
+                    hard_close = Some(Instant::now() + IDLE_CLOSE_GRACE);
+                }
+            }
+            () = sleep_until_or_never(hard_close) => {
+                tracing::debug!(%peer, "dropping idle connection that did not close");
+                return;
+            }
+        }
+    }
+}
+
+/// How long an idle connection may take to close gracefully before it is dropped.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+async fn sleep_until_or_never(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes once the server is shutting down (or gone).
+async fn shutdown_begun(closing: &mut watch::Receiver<bool>) {
+    while !*closing.borrow_and_update() {
+        if closing.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The service of one connection: adds the peer address (read by the rate limiter's
+/// client-IP extractor) and counts the requests in flight.
+#[derive(Clone)]
+struct Tracked {
+    inner: PresenceService,
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+}
+
+impl Service<http::Request<Incoming>> for Tracked {
+    type Response = <PresenceService as Service<http::Request<Incoming>>>::Response;
+    type Error = <PresenceService as Service<http::Request<Incoming>>>::Error;
+    type Future = Counted<<PresenceService as Service<http::Request<Incoming>>>::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::<http::Request<Incoming>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.peer);
+        Counted {
+            in_flight: InFlight::enter(&self.activity),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response future that counts as one request in flight until it is dropped.
+    struct Counted<F> {
+        #[pin]
+        inner: F,
+        in_flight: InFlight,
+    }
+}
+
+impl<F: Future> Future for Counted<F> {
+    type Output = F::Output;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+/// Requests in flight on one connection.
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    /// Signalled when `in_flight` drops to zero.
+    idle: Notify,
+}
+
+/// Counts one request in flight while it lives.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn enter(activity: &Arc<Activity>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_one();
+        }
     }
 }
 

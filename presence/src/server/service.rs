@@ -115,12 +115,13 @@ impl PresenceService {
         let state = Arc::new(State {
             store,
             breaker,
-            outage: Arc::new(OutageTracker::new(ttl_ms)),
+            outage: Arc::new(OutageTracker::new(ttl_ms, config.store_timeout)),
             metrics: metrics.clone(),
             store_timeout: config.store_timeout,
             ttl_ms,
             heartbeat_ms: duration_ms(config.heartbeat),
             max_meta_bytes: config.max_meta_bytes,
+            list: Default::default(),
         });
         let router = Router::new(state);
 

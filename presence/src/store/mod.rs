@@ -66,6 +66,7 @@ use std::time::Duration;
 
 use crate::model::{Meta, Node, NodeId};
 
+mod json;
 pub mod memory;
 pub mod redis;
 
@@ -92,6 +93,17 @@ pub struct LoginOutcome {
     pub online_since_ms: u64,
     /// `online_since_ms + ttl_ms`.
     pub expires_at_ms: u64,
+}
+
+/// The online nodes as the JSON array `GET /presence` answers with: what
+/// [`Store::list_json`] returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeListJson {
+    /// How many nodes the array holds.
+    pub count: usize,
+    /// `[Node, ...]` sorted by `node_id`: the same bytes as
+    /// `serde_json::to_vec(&store.list().await?)`.
+    pub json: bytes::Bytes,
 }
 
 /// Why a store operation failed.
@@ -150,6 +162,24 @@ pub trait Store: Send + Sync + 'static {
     /// Every online node, sorted by `node_id`.
     fn list(&self) -> BoxFuture<'_, Result<Vec<Node>, StoreError>>;
 
+    /// [`Store::list`], serialized as the JSON array `GET /presence` answers with.
+    ///
+    /// The default serializes [`Store::list`]. Both stores override it to write the
+    /// array straight from their records (the meta is kept as JSON text, so it is
+    /// copied, not decoded and encoded again): for a large listing that is several
+    /// times faster and allocates one buffer instead of a tree per node.
+    fn list_json(&self) -> BoxFuture<'_, Result<NodeListJson, StoreError>> {
+        Box::pin(async move {
+            let nodes = self.list().await?;
+            let json = serde_json::to_vec(&nodes)
+                .map_err(|e| StoreError::Unavailable(format!("cannot encode the list: {e}")))?;
+            Ok(NodeListJson {
+                count: nodes.len(),
+                json: json.into(),
+            })
+        })
+    }
+
     /// One node if it is online.
     fn get(&self, node: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>>;
 
@@ -197,7 +227,9 @@ pub async fn open(uri: Option<&str>, prefix: &str) -> Result<Arc<dyn Store>, Sto
         Some(u) if has_scheme(u, "memory") => Ok(memory()),
         Some(u) if has_scheme(u, "redis") || has_scheme(u, "rediss") => {
             let options = redis::RedisOptions::default().lazy(true);
-            Ok(Arc::new(RedisStore::connect_with(u, prefix, options).await?))
+            Ok(Arc::new(
+                RedisStore::connect_with(u, prefix, options).await?,
+            ))
         }
         Some(u) => Err(StoreError::Unavailable(format!(
             "unsupported store URI {:?}: expected memory://, redis:// or rediss://",
