@@ -113,3 +113,60 @@ async fn bare_mode_completes_requests_without_errors() {
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
     assert_eq!(json["phases"][0]["name"], "steady");
 }
+
+#[test]
+fn parse_args_login_concurrency_and_external_bare() {
+    let Ok(Command::Run(opts)) = parse_args(args(&[
+        "--mode",
+        "list",
+        "--nodes",
+        "10",
+        "--login-concurrency",
+        "8",
+        "--concurrency",
+        "1",
+    ])) else {
+        panic!("expected a run");
+    };
+    assert_eq!(
+        (opts.login_concurrency, opts.concurrency, opts.bare_external),
+        (Some(8), 1, false)
+    );
+    assert!(parse_args(args(&["--login-concurrency", "0"])).is_err());
+
+    // `bare` floods its own in-process server unless a --url names another one.
+    let bare = |extra: &[&str]| match parse_args(args(&[&["--mode", "bare"][..], extra].concat())) {
+        Ok(Command::Run(opts)) => opts.bare_external,
+        other => panic!("expected a run, got {other:?}"),
+    };
+    assert!(!bare(&[]));
+    assert!(bare(&["--url", "http://127.0.0.1:8081/presence"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_mode_floods_an_external_bare_server() {
+    let (addr, server) = presence_load::spawn_bare_server(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let url = format!("http://{addr}/presence");
+    let Ok(Command::Run(opts)) = parse_args(args(&[
+        "--mode",
+        "bare",
+        "--url",
+        &url,
+        "--duration",
+        "0.3",
+        "--concurrency",
+        "2",
+        "--nodes",
+        "4",
+    ])) else {
+        panic!("expected a run");
+    };
+    let report = presence_load::run(&opts).await.unwrap();
+    server.abort();
+    let steady = report.phase("steady").expect("a steady phase");
+    assert!(steady.ok() > 0, "{}", report.summary());
+    assert_eq!(steady.errors(), 0, "{}", report.summary());
+    assert!(report.summary().contains(&addr.to_string()));
+}

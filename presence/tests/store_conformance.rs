@@ -125,8 +125,20 @@ fn wall_ms() -> u64 {
     u64::try_from(d.as_millis()).expect("fits in u64")
 }
 
+/// The listing, checked both ways a store offers it: [`Store::list_json`] (what
+/// `GET /presence` sends) must be exactly [`Store::list`] serialized.
 async fn list(h: &Harness) -> Vec<Node> {
-    h.store.list().await.expect("list")
+    let nodes = h.store.list().await.expect("list");
+    let json = h.store.list_json().await.expect("list_json");
+    let expected = serde_json::to_vec(&nodes).expect("nodes serialize");
+    assert_eq!(
+        String::from_utf8_lossy(&json.to_bytes()),
+        String::from_utf8_lossy(&expected),
+        "list_json differs from list"
+    );
+    assert_eq!(json.count, nodes.len());
+    assert_eq!(json.len(), expected.len());
+    nodes
 }
 
 async fn get(h: &Harness, node: &str) -> Option<Node> {

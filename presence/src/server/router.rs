@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tower::Service;
 
 use super::errors::{bytes_response, json_response, ApiError};
-use super::list::ListCoalescer;
+use super::list::{list_response, ListCoalescer};
 use super::metrics::{Metrics, StoreErrorKind};
 use super::outage::OutageTracker;
 use super::{RequestBody, ResponseBody, MAX_BODY_BYTES};
@@ -231,7 +231,7 @@ impl State {
             Route::List => {
                 let list = self.list.list(self).await?;
                 self.metrics.set_online_nodes(list.count);
-                Ok(bytes_response(StatusCode::OK, "application/json", list.json))
+                Ok(list_response(list))
             }
             Route::Get(id) => {
                 let node = NodeId::parse(id).map_err(ApiError::InvalidNodeId)?;
@@ -370,16 +370,21 @@ fn is_json_content_type(headers: &http::HeaderMap) -> bool {
     let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let essence = value
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    match essence.strip_prefix("application/") {
-        Some(subtype) => subtype == "json" || subtype.ends_with("+json"),
-        None => false,
-    }
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    // Compared in place: every heartbeat passes through here.
+    let Some(subtype) = essence
+        .get(.."application/".len())
+        .filter(|t| t.eq_ignore_ascii_case("application/"))
+        .map(|t| &essence[t.len()..])
+    else {
+        return false;
+    };
+    subtype.eq_ignore_ascii_case("json")
+        || subtype
+            .len()
+            .checked_sub("+json".len())
+            .and_then(|at| subtype.get(at..))
+            .is_some_and(|tail| tail.eq_ignore_ascii_case("+json"))
 }
 
 /// Checks the content type (`415`), reads the body (`413` over the limit) and

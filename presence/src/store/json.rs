@@ -16,22 +16,29 @@ use super::NodeListJson;
 /// punctuation and three 13-digit timestamps (an over-estimate is fine; it only sizes
 /// the buffer).
 pub(crate) const NODE_OVERHEAD: usize =
-    r#"{"node_id":"","meta":,"online_since_ms":,"last_seen_ms":,"expires_at_ms":},"#.len()
-        + 3 * 13;
+    r#"{"node_id":"","meta":,"online_since_ms":,"last_seen_ms":,"expires_at_ms":},"#.len() + 3 * 13;
 
-/// Builds the JSON array of a listing, one node at a time, in `node_id` order.
+/// Builds the JSON array of a listing, one node at a time, in `node_id` order, in
+/// pieces of about [`NodeListJson::CHUNK`] bytes.
 #[derive(Debug)]
 pub(crate) struct ListWriter {
+    done: Vec<Bytes>,
     buf: Vec<u8>,
     count: usize,
+    len: usize,
 }
 
 impl ListWriter {
-    /// A writer whose buffer holds `capacity` bytes before it has to grow.
-    pub(crate) fn with_capacity(capacity: usize) -> Self {
-        let mut buf = Vec::with_capacity(capacity.max(2));
+    /// A writer for a listing of about `bytes` bytes (only sizes the list of pieces).
+    pub(crate) fn with_capacity(bytes: usize) -> Self {
+        let mut buf = Vec::with_capacity(NodeListJson::CHUNK.min(bytes.max(64)));
         buf.push(b'[');
-        ListWriter { buf, count: 0 }
+        ListWriter {
+            done: Vec::with_capacity(bytes / NodeListJson::CHUNK + 1),
+            buf,
+            count: 0,
+            len: 0,
+        }
     }
 
     /// Appends one node. `meta` is its meta as serialized JSON (a JSON object, as
@@ -44,6 +51,12 @@ impl ListWriter {
         last_seen_ms: u64,
         expires_at_ms: u64,
     ) {
+        // Room for the worst case (every id byte escaped as \u00XX, 20-digit times),
+        // so that a piece never reallocates.
+        let most = 6 * node_id.len() + meta.map_or(2, <[u8]>::len) + NODE_OVERHEAD + 3 * 7 + 1;
+        if self.buf.len() + most > self.buf.capacity() {
+            self.cut(most);
+        }
         let buf = &mut self.buf;
         if self.count > 0 {
             buf.push(b',');
@@ -62,6 +75,16 @@ impl ListWriter {
         buf.push(b'}');
     }
 
+    /// Ends the current piece and starts one with room for at least `room` bytes.
+    fn cut(&mut self, room: usize) {
+        let next = Vec::with_capacity(NodeListJson::CHUNK.max(room + 1));
+        let full = std::mem::replace(&mut self.buf, next);
+        if !full.is_empty() {
+            self.len += full.len();
+            self.done.push(Bytes::from(full));
+        }
+    }
+
     /// Number of nodes written so far.
     pub(crate) fn count(&self) -> usize {
         self.count
@@ -69,15 +92,19 @@ impl ListWriter {
 
     /// Bytes written so far.
     pub(crate) fn len(&self) -> usize {
-        self.buf.len()
+        self.len + self.buf.len()
     }
 
     /// Closes the array.
     pub(crate) fn finish(mut self) -> NodeListJson {
+        if self.buf.len() == self.buf.capacity() {
+            self.cut(1);
+        }
         self.buf.push(b']');
+        self.done.push(Bytes::from(self.buf));
         NodeListJson {
             count: self.count,
-            json: Bytes::from(self.buf),
+            chunks: self.done,
         }
     }
 }
@@ -95,7 +122,9 @@ pub(crate) fn is_json_object(json: &[u8]) -> bool {
 /// Writes `s` as a JSON string. Node ids never need escaping (their alphabet is
 /// `A-Z a-z 0-9 . _ ~ : @ + = -`); anything else goes through `serde_json`.
 fn write_str(buf: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f) {
+    if s.bytes()
+        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
+    {
         buf.push(b'"');
         buf.extend_from_slice(s.as_bytes());
         buf.push(b'"');
@@ -106,16 +135,25 @@ fn write_str(buf: &mut Vec<u8>, s: &str) {
 }
 
 fn write_u64(buf: &mut Vec<u8>, mut n: u64) {
+    // Two digits at a time: listings write three 13-digit times per node.
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839\
+        4041424344454647484950515253545556575859\
+        6061626364656667686970717273747576777879\
+        8081828384858687888990919293949596979899";
     let mut digits = [0u8; 20];
     let mut i = digits.len();
-    loop {
+    while n >= 10 {
+        // `n % 100` is below 100, so the cast cannot truncate.
+        let pair = 2 * (n % 100) as usize;
+        n /= 100;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if n > 0 || i == digits.len() {
         i -= 1;
-        // `n % 10` is below 10, so the cast cannot truncate.
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        // `n` is a single digit here.
+        digits[i] = b'0' + n as u8;
     }
     buf.extend_from_slice(&digits[i..]);
 }
@@ -160,20 +198,66 @@ mod tests {
         assert_eq!(w.count(), 3);
         let list = w.finish();
         assert_eq!(list.count, 3);
-        assert_eq!(list.json, serde_json::to_vec(&nodes).unwrap());
+        assert_eq!(list.to_bytes(), serde_json::to_vec(&nodes).unwrap());
+    }
+
+    #[test]
+    fn numbers() {
+        for n in [0, 1, 9, 10, 99, 100, 101, 1_764_424_123_456, u64::MAX] {
+            let mut buf = Vec::new();
+            write_u64(&mut buf, n);
+            assert_eq!(buf, n.to_string().as_bytes());
+        }
     }
 
     #[test]
     fn empty_list() {
         let list = ListWriter::with_capacity(0).finish();
-        assert_eq!((list.count, &list.json[..]), (0, &b"[]"[..]));
+        assert_eq!((list.count, &list.to_bytes()[..]), (0, &b"[]"[..]));
+    }
+
+    #[test]
+    fn large_lists_come_in_pieces_that_never_grow() {
+        let meta = format!(r#"{{"pad":"{}"}}"#, "x".repeat(3000));
+        let mut w = ListWriter::with_capacity(1 << 20);
+        let mut nodes = Vec::new();
+        for i in 0..500 {
+            let id = format!("node-{i:04}");
+            let meta = (i % 3 == 0).then_some(meta.as_bytes());
+            w.push(&id, meta, i, i + 1, u64::MAX - i);
+            let meta = meta.map_or_else(Meta::new, |m| serde_json::from_slice(m).unwrap());
+            nodes.push(Node {
+                node_id: id,
+                meta,
+                online_since_ms: i,
+                last_seen_ms: i + 1,
+                expires_at_ms: u64::MAX - i,
+            });
+        }
+        let len = w.len();
+        let list = w.finish();
+        assert_eq!(list.len(), len + 1);
+        assert!(list.chunks.len() > 10, "{} pieces", list.chunks.len());
+        for chunk in &list.chunks {
+            assert!(chunk.len() <= NodeListJson::CHUNK + 4200, "{}", chunk.len());
+        }
+        assert_eq!(list.to_bytes(), serde_json::to_vec(&nodes).unwrap());
     }
 
     #[test]
     fn json_object_check() {
         assert!(is_json_object(br#"{"a":[1,2,{"b":null}]}"#));
         assert!(is_json_object(b" {} "));
-        for bad in [&b""[..], b"[]", b"1", b"{", b"{}}", b"{\"a\":}", b"null", b"{} x"] {
+        for bad in [
+            &b""[..],
+            b"[]",
+            b"1",
+            b"{",
+            b"{}}",
+            b"{\"a\":}",
+            b"null",
+            b"{} x",
+        ] {
             assert!(!is_json_object(bad), "{:?}", String::from_utf8_lossy(bad));
         }
     }

@@ -97,13 +97,45 @@ pub struct LoginOutcome {
 
 /// The online nodes as the JSON array `GET /presence` answers with: what
 /// [`Store::list_json`] returns.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// The text comes in pieces of about [`NodeListJson::CHUNK`] bytes rather than one
+/// buffer: a listing of 100 000 nodes is 13.6 MB, and glibc's allocator keeps
+/// freed blocks that large in the heap (its mmap threshold adapts upwards), so a
+/// server that answered them from single buffers would keep tens of megabytes it no
+/// longer uses. Small pieces are reused from one listing to the next instead.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeListJson {
     /// How many nodes the array holds.
     pub count: usize,
-    /// `[Node, ...]` sorted by `node_id`: the same bytes as
+    /// `[Node, ...]` sorted by `node_id`, in order: together the same bytes as
     /// `serde_json::to_vec(&store.list().await?)`.
-    pub json: bytes::Bytes,
+    pub chunks: Vec<bytes::Bytes>,
+}
+
+impl NodeListJson {
+    /// The size the pieces of [`NodeListJson::chunks`] are cut at (a piece ends
+    /// with the first node that reaches it).
+    pub const CHUNK: usize = 32 * 1024;
+
+    /// Length of the JSON text in bytes.
+    pub fn len(&self) -> usize {
+        self.chunks.iter().map(bytes::Bytes::len).sum()
+    }
+
+    /// `true` when there is no text at all (never for a listing, which is at least
+    /// `[]`).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The JSON text in one buffer (a copy when there is more than one piece).
+    pub fn to_bytes(&self) -> bytes::Bytes {
+        match self.chunks.as_slice() {
+            [] => bytes::Bytes::new(),
+            [one] => one.clone(),
+            many => many.concat().into(),
+        }
+    }
 }
 
 /// Why a store operation failed.
@@ -175,7 +207,7 @@ pub trait Store: Send + Sync + 'static {
                 .map_err(|e| StoreError::Unavailable(format!("cannot encode the list: {e}")))?;
             Ok(NodeListJson {
                 count: nodes.len(),
-                json: json.into(),
+                chunks: vec![json.into()],
             })
         })
     }
