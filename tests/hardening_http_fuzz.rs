@@ -14,60 +14,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use presence::config::Config;
-use presence::model::{Meta, Node, NodeId};
 use presence::server::PresenceService;
-use presence::store::{BoxFuture, LoginOutcome, MemoryStore, Store, StoreError};
+use presence::store::{FaultyStore, MemoryStore};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use tower::ServiceExt;
-
-/// A store that is always down.
-struct DownStore;
-
-fn down<T: Send + 'static>() -> BoxFuture<'static, Result<T, StoreError>> {
-    Box::pin(std::future::ready(Err(StoreError::Unavailable(
-        "down on purpose".into(),
-    ))))
-}
-
-impl Store for DownStore {
-    fn login(
-        &self,
-        _: &NodeId,
-        _: &str,
-        _: u64,
-        _: Meta,
-    ) -> BoxFuture<'_, Result<LoginOutcome, StoreError>> {
-        down()
-    }
-    fn heartbeat(
-        &self,
-        _: &NodeId,
-        _: &str,
-        _: u64,
-        _: Option<Meta>,
-    ) -> BoxFuture<'_, Result<u64, StoreError>> {
-        down()
-    }
-    fn logout(&self, _: &NodeId, _: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
-        down()
-    }
-    fn list(&self) -> BoxFuture<'_, Result<Vec<Node>, StoreError>> {
-        down()
-    }
-    fn get(&self, _: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>> {
-        down()
-    }
-    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        down()
-    }
-    fn now_ms(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        down()
-    }
-    fn describe(&self) -> String {
-        "down".into()
-    }
-}
 
 const TOKEN: &str = "s3cret-token";
 
@@ -85,7 +36,7 @@ fn services() -> Vec<PresenceService> {
     vec![
         PresenceService::new(memory.clone(), &open).with_default_peer(peer),
         PresenceService::new(memory, &authed).with_default_peer(peer),
-        PresenceService::new(Arc::new(DownStore), &open).with_default_peer(peer),
+        PresenceService::new(Arc::new(FaultyStore::down()), &open).with_default_peer(peer),
         // With a tiny burst, for 429s.
         {
             let mut limited = open.clone();

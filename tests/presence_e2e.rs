@@ -24,13 +24,12 @@ use presence::model::{Meta, Node};
 use presence::server::MAX_BODY_BYTES;
 use presence::store::redis::test_support::redis_for_tests;
 use presence::store::redis::{RedisOptions, RedisStore};
-use presence::store::Store;
+use presence::store::{FaultyStore, Store};
 use serde_json::{json, Value};
 
 use support::{
     clean_command, config, example_binary, free_port, get, login, metric_value, parse_listen_addr,
-    post_json, raw_request, redis_required, test_redis_uri, within, ChildGuard, DownStore, Reply,
-    SlowListStore, StalledStore, TestServer,
+    post_json, raw_request, redis_required, test_redis_uri, within, ChildGuard, Reply, TestServer,
 };
 
 fn meta(value: Value) -> Meta {
@@ -857,7 +856,7 @@ async fn store_unavailable_503_with_retry_after_when_the_store_is_down() {
     within(30, async {
         // A store that refuses every call, deterministically (a closed Redis port is
         // covered by the next test).
-        let store = Arc::new(DownStore::default());
+        let store = Arc::new(FaultyStore::down());
         let server = TestServer::start(&config(&[]), store.clone()).await;
 
         let ready = get(&server.url("/readyz")).await;
@@ -960,7 +959,7 @@ async fn store_unavailable_503_when_the_store_does_not_answer_in_time() {
     within(30, async {
         let server = TestServer::start(
             &config(&[("PRESENCE_STORE_TIMEOUT_MS", "150")]),
-            Arc::new(StalledStore),
+            Arc::new(FaultyStore::stalled()),
         )
         .await;
 
@@ -1015,13 +1014,13 @@ async fn request_timeout_408_for_a_body_that_never_arrives() {
 #[tokio::test]
 async fn shutdown_drains_in_flight_requests_and_stops_listening() {
     within(30, async {
-        let store = Arc::new(SlowListStore::new(Duration::from_millis(400)));
+        let store = Arc::new(FaultyStore::slow_list(Duration::from_millis(400)));
         let mut server = TestServer::start(&config(&[]), store.clone()).await;
         let url = server.base();
         let in_flight = tokio::spawn(async move { get(&url).await });
 
         // Shut down while the list call is inside the store.
-        within(10, store.started.notified()).await;
+        within(10, store.list_started.notified()).await;
         server.signal_shutdown();
         server.join().await;
 

@@ -4,7 +4,7 @@
 //! stops heartbeating is gone from the list within TTL + 50 ms (memory store on
 //! paused time, exact; Redis in real time with a short TTL).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,10 +12,10 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use presence::config::Config;
-use presence::model::{Meta, Node, NodeId};
+use presence::model::Node;
 use presence::server::PresenceService;
 use presence::store::redis::test_support::redis_for_tests;
-use presence::store::{BoxFuture, LoginOutcome, MemoryStore, NodeListJson, Store, StoreError};
+use presence::store::{FaultyStore, MemoryStore, Store};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -148,66 +148,9 @@ async fn redis_node_is_gone_from_the_list_within_ttl_plus_50ms() {
     assert!(deleted.is_ok(), "{deleted:?}");
 }
 
-/// A store whose listings take 100 ms (paused time) and are counted.
-struct SlowLists {
-    inner: MemoryStore,
-    lists: AtomicUsize,
-}
-
-impl Store for SlowLists {
-    fn login(
-        &self,
-        node: &NodeId,
-        lease_id: &str,
-        ttl_ms: u64,
-        meta: Meta,
-    ) -> BoxFuture<'_, Result<LoginOutcome, StoreError>> {
-        self.inner.login(node, lease_id, ttl_ms, meta)
-    }
-    fn heartbeat(
-        &self,
-        node: &NodeId,
-        lease_id: &str,
-        ttl_ms: u64,
-        meta: Option<Meta>,
-    ) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.inner.heartbeat(node, lease_id, ttl_ms, meta)
-    }
-    fn logout(&self, node: &NodeId, lease_id: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
-        self.inner.logout(node, lease_id)
-    }
-    fn list(&self) -> BoxFuture<'_, Result<Vec<Node>, StoreError>> {
-        self.inner.list()
-    }
-    fn list_json(&self) -> BoxFuture<'_, Result<NodeListJson, StoreError>> {
-        Box::pin(async move {
-            self.lists.fetch_add(1, Ordering::SeqCst);
-            // Read at the start, like a real store: what it returns is as of now.
-            let list = self.inner.list_json().await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            list
-        })
-    }
-    fn get(&self, node: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>> {
-        self.inner.get(node)
-    }
-    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        self.inner.ping()
-    }
-    fn now_ms(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        Store::now_ms(&self.inner)
-    }
-    fn describe(&self) -> String {
-        "slow lists".to_owned()
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn concurrent_listings_share_store_calls_but_are_never_stale() {
-    let store = Arc::new(SlowLists {
-        inner: MemoryStore::new(),
-        lists: AtomicUsize::new(0),
-    });
+    let store = Arc::new(FaultyStore::slow_list(Duration::from_millis(100)));
     let svc = service(store.clone(), Duration::from_secs(60));
     login(&svc, "early", json!({})).await;
 
@@ -217,7 +160,7 @@ async fn concurrent_listings_share_store_calls_but_are_never_stale() {
         async move { listed(&svc).await }
     });
     tokio::time::sleep(Duration::from_millis(10)).await;
-    assert_eq!(store.lists.load(Ordering::SeqCst), 1);
+    assert_eq!(store.calls.load(Ordering::SeqCst), 1);
     login(&svc, "late", json!({})).await;
 
     // ...so the requests made after the login must not get that listing: they share
@@ -233,7 +176,7 @@ async fn concurrent_listings_share_store_calls_but_are_never_stale() {
         assert_eq!(listing.await.expect("later listing"), ["early", "late"]);
     }
     assert_eq!(
-        store.lists.load(Ordering::SeqCst),
+        store.calls.load(Ordering::SeqCst),
         2,
         "21 requests, 2 store listings"
     );

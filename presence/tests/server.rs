@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -17,9 +17,9 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
 use presence::config::Config;
-use presence::model::{Meta, Node, NodeId};
+use presence::model::Node;
 use presence::server::PresenceService;
-use presence::store::{BoxFuture, LoginOutcome, MemoryStore, Store, StoreError};
+use presence::store::{FaultyStore, MemoryStore, Store};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -623,76 +623,6 @@ async fn a_request_without_a_peer_address_is_a_clear_500() {
 
 // ---------------------------------------------------------------- store failures
 
-#[derive(Clone, Copy)]
-enum Mode {
-    Fail,
-    Hang,
-}
-
-/// A store that fails or never answers, counting the calls that reach it.
-struct BrokenStore {
-    mode: Mode,
-    calls: AtomicUsize,
-}
-
-impl BrokenStore {
-    fn new(mode: Mode) -> Arc<Self> {
-        Arc::new(BrokenStore {
-            mode,
-            calls: AtomicUsize::new(0),
-        })
-    }
-
-    fn answer<T: Send + 'static>(&self) -> BoxFuture<'_, Result<T, StoreError>> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        match self.mode {
-            Mode::Fail => {
-                Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
-            }
-            Mode::Hang => Box::pin(std::future::pending()),
-        }
-    }
-}
-
-impl Store for BrokenStore {
-    fn login(
-        &self,
-        _: &NodeId,
-        _: &str,
-        _: u64,
-        _: Meta,
-    ) -> BoxFuture<'_, Result<LoginOutcome, StoreError>> {
-        self.answer()
-    }
-    fn heartbeat(
-        &self,
-        _: &NodeId,
-        _: &str,
-        _: u64,
-        _: Option<Meta>,
-    ) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.answer()
-    }
-    fn logout(&self, _: &NodeId, _: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
-        self.answer()
-    }
-    fn list(&self) -> BoxFuture<'_, Result<Vec<Node>, StoreError>> {
-        self.answer()
-    }
-    fn get(&self, _: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>> {
-        self.answer()
-    }
-    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        self.answer()
-    }
-    fn now_ms(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.answer()
-    }
-    fn describe(&self) -> String {
-        "broken".to_owned()
-    }
-}
-
 fn retry_after(r: &Reply) -> Option<u64> {
     r.headers
         .get(http::header::RETRY_AFTER)
@@ -702,7 +632,7 @@ fn retry_after(r: &Reply) -> Option<u64> {
 
 #[tokio::test(start_paused = true)]
 async fn store_unavailable_503_with_retry_after_when_the_store_fails() {
-    let store = BrokenStore::new(Mode::Fail);
+    let store = Arc::new(FaultyStore::down());
     let svc = service_with(store.clone(), &config());
     let r = send(&svc, post("/presence/login", json!({"node_id": "n-1"}))).await;
     assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable");
@@ -719,7 +649,7 @@ async fn store_unavailable_503_with_retry_after_when_the_store_fails() {
 
 #[tokio::test(start_paused = true)]
 async fn store_unavailable_503_after_the_store_timeout_when_the_store_hangs() {
-    let store = BrokenStore::new(Mode::Hang);
+    let store = Arc::new(FaultyStore::stalled());
     let svc = service_with(store.clone(), &config());
     let start = tokio::time::Instant::now();
     let r = send(&svc, get("/presence")).await;
@@ -737,7 +667,7 @@ async fn store_unavailable_503_after_the_store_timeout_when_the_store_hangs() {
 
 #[tokio::test(start_paused = true)]
 async fn the_store_breaker_opens_after_five_failures_and_then_fails_fast() {
-    let store = BrokenStore::new(Mode::Hang);
+    let store = Arc::new(FaultyStore::stalled());
     let svc = service_with(store.clone(), &config());
     for _ in 0..5 {
         let r = send(&svc, get("/presence")).await;
@@ -1045,57 +975,6 @@ async fn server_binds_port_zero_serves_and_shuts_down_gracefully() -> TestResult
     Ok(())
 }
 
-/// A memory store whose `list` takes `delay` (real time) before answering, and
-/// tells `entered` when a listing has started.
-struct SlowStore {
-    inner: MemoryStore,
-    delay: Duration,
-    entered: tokio::sync::Notify,
-}
-
-impl Store for SlowStore {
-    fn login(
-        &self,
-        n: &NodeId,
-        l: &str,
-        t: u64,
-        m: Meta,
-    ) -> BoxFuture<'_, Result<LoginOutcome, StoreError>> {
-        self.inner.login(n, l, t, m)
-    }
-    fn heartbeat(
-        &self,
-        n: &NodeId,
-        l: &str,
-        t: u64,
-        m: Option<Meta>,
-    ) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.inner.heartbeat(n, l, t, m)
-    }
-    fn logout(&self, n: &NodeId, l: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
-        self.inner.logout(n, l)
-    }
-    fn list(&self) -> BoxFuture<'_, Result<Vec<Node>, StoreError>> {
-        Box::pin(async move {
-            self.entered.notify_one();
-            tokio::time::sleep(self.delay).await;
-            self.inner.list().await
-        })
-    }
-    fn get(&self, n: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>> {
-        self.inner.get(n)
-    }
-    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        self.inner.ping()
-    }
-    fn now_ms(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        Store::now_ms(&self.inner)
-    }
-    fn describe(&self) -> String {
-        "slow".to_owned()
-    }
-}
-
 async fn start_server(
     cfg: &Config,
     store: Arc<dyn Store>,
@@ -1138,14 +1017,10 @@ async fn raw_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
 
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish() -> TestResult {
-    let store = Arc::new(SlowStore {
-        inner: MemoryStore::new(),
-        delay: Duration::from_millis(300),
-        entered: tokio::sync::Notify::new(),
-    });
+    let store = Arc::new(FaultyStore::slow_list(Duration::from_millis(300)));
     let (addr, stop, running) = start_server(&local_config(), store.clone()).await?;
     let in_flight = tokio::spawn(raw_get(addr, "/presence"));
-    tokio::time::timeout(Duration::from_secs(5), store.entered.notified()).await?;
+    tokio::time::timeout(Duration::from_secs(5), store.list_started.notified()).await?;
     let _ = stop.send(());
     let response = tokio::time::timeout(Duration::from_secs(5), in_flight).await???;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
@@ -1159,7 +1034,7 @@ async fn shutdown_aborts_what_is_left_after_the_grace_period() -> TestResult {
     cfg.store_timeout = Duration::from_secs(60);
     cfg.request_timeout = Duration::from_secs(60);
     cfg.shutdown_grace = Duration::from_millis(200);
-    let store = BrokenStore::new(Mode::Hang);
+    let store = Arc::new(FaultyStore::stalled());
     let (addr, stop, running) = start_server(&cfg, store.clone()).await?;
     let in_flight = tokio::spawn(raw_get(addr, "/presence"));
     // Wait until the request is in the store, so it is in flight when we stop.

@@ -11,19 +11,17 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use http::HeaderMap;
 use presence::config::Config;
-use presence::model::{Meta, Node, NodeId};
 use presence::server::Server;
-use presence::store::{BoxFuture, LoginOutcome, MemoryStore, Store, StoreError};
+use presence::store::{MemoryStore, Store};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// Fails the test if `fut` takes longer than `secs` instead of hanging.
@@ -331,181 +329,6 @@ pub fn metric_value(scrape: &str, series: &str) -> Option<f64> {
             .parse()
             .ok()
     })
-}
-
-// ---------------------------------------------------------------------------------------
-// Stores that misbehave on purpose
-// ---------------------------------------------------------------------------------------
-
-fn refused<T: Send + 'static>() -> BoxFuture<'static, Result<T, StoreError>> {
-    Box::pin(async {
-        Err(StoreError::Unavailable(
-            "connection refused (test store that is always down)".to_owned(),
-        ))
-    })
-}
-
-/// A store whose every call fails at once with [`StoreError::Unavailable`], like a
-/// Redis whose port is closed. Counts the calls that reached it.
-#[derive(Default)]
-pub struct DownStore {
-    /// Calls that reached the store (the circuit breaker keeps the rest away).
-    pub calls: AtomicUsize,
-}
-
-impl DownStore {
-    fn down<T: Send + 'static>(&self) -> BoxFuture<'static, Result<T, StoreError>> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        refused()
-    }
-}
-
-impl Store for DownStore {
-    fn login(
-        &self,
-        _: &NodeId,
-        _: &str,
-        _: u64,
-        _: Meta,
-    ) -> BoxFuture<'_, Result<LoginOutcome, StoreError>> {
-        self.down()
-    }
-    fn heartbeat(
-        &self,
-        _: &NodeId,
-        _: &str,
-        _: u64,
-        _: Option<Meta>,
-    ) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.down()
-    }
-    fn logout(&self, _: &NodeId, _: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
-        self.down()
-    }
-    fn list(&self) -> BoxFuture<'_, Result<Vec<Node>, StoreError>> {
-        self.down()
-    }
-    fn get(&self, _: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>> {
-        self.down()
-    }
-    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        self.down()
-    }
-    fn now_ms(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.down()
-    }
-    fn describe(&self) -> String {
-        "down (test store)".to_owned()
-    }
-}
-
-/// A store that never answers, like a Redis that accepts connections and then hangs.
-pub struct StalledStore;
-
-fn never<'a, T: Send + 'a>() -> BoxFuture<'a, Result<T, StoreError>> {
-    Box::pin(std::future::pending())
-}
-
-impl Store for StalledStore {
-    fn login(
-        &self,
-        _: &NodeId,
-        _: &str,
-        _: u64,
-        _: Meta,
-    ) -> BoxFuture<'_, Result<LoginOutcome, StoreError>> {
-        never()
-    }
-    fn heartbeat(
-        &self,
-        _: &NodeId,
-        _: &str,
-        _: u64,
-        _: Option<Meta>,
-    ) -> BoxFuture<'_, Result<u64, StoreError>> {
-        never()
-    }
-    fn logout(&self, _: &NodeId, _: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
-        never()
-    }
-    fn list(&self) -> BoxFuture<'_, Result<Vec<Node>, StoreError>> {
-        never()
-    }
-    fn get(&self, _: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>> {
-        never()
-    }
-    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        never()
-    }
-    fn now_ms(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        never()
-    }
-    fn describe(&self) -> String {
-        "stalled (test store)".to_owned()
-    }
-}
-
-/// A [`MemoryStore`] whose `list` signals [`started`](Self::started) and then takes
-/// `delay`: a request that is reliably in flight when the test wants it to be.
-pub struct SlowListStore {
-    inner: MemoryStore,
-    delay: Duration,
-    /// Notified when a `list` call starts.
-    pub started: Notify,
-}
-
-impl SlowListStore {
-    /// `list` takes `delay`.
-    pub fn new(delay: Duration) -> SlowListStore {
-        SlowListStore {
-            inner: MemoryStore::new(),
-            delay,
-            started: Notify::new(),
-        }
-    }
-}
-
-impl Store for SlowListStore {
-    fn login(
-        &self,
-        node: &NodeId,
-        lease_id: &str,
-        ttl_ms: u64,
-        meta: Meta,
-    ) -> BoxFuture<'_, Result<LoginOutcome, StoreError>> {
-        self.inner.login(node, lease_id, ttl_ms, meta)
-    }
-    fn heartbeat(
-        &self,
-        node: &NodeId,
-        lease_id: &str,
-        ttl_ms: u64,
-        meta: Option<Meta>,
-    ) -> BoxFuture<'_, Result<u64, StoreError>> {
-        self.inner.heartbeat(node, lease_id, ttl_ms, meta)
-    }
-    fn logout(&self, node: &NodeId, lease_id: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
-        self.inner.logout(node, lease_id)
-    }
-    fn list(&self) -> BoxFuture<'_, Result<Vec<Node>, StoreError>> {
-        Box::pin(async move {
-            self.started.notify_one();
-            tokio::time::sleep(self.delay).await;
-            self.inner.list().await
-        })
-    }
-    fn get(&self, node: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>> {
-        self.inner.get(node)
-    }
-    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        self.inner.ping()
-    }
-    fn now_ms(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        Store::now_ms(&self.inner)
-    }
-    fn describe(&self) -> String {
-        "slow list (test store)".to_owned()
-    }
 }
 
 // ---------------------------------------------------------------------------------------

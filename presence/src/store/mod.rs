@@ -66,10 +66,12 @@ use std::time::Duration;
 
 use crate::model::{Meta, Node, NodeId};
 
+pub mod faulty;
 mod json;
 pub mod memory;
 pub mod redis;
 
+pub use self::faulty::{Fault, FaultyStore};
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 

@@ -1,0 +1,167 @@
+//! A [`Store`] with an injected fault, for testing what is built on a store: the
+//! server's `503`s and its circuit breaker, graceful shutdown with a request in
+//! flight, listings shared by concurrent requests.
+//!
+//! ```
+//! use std::sync::{atomic::Ordering, Arc};
+//! use presence::store::{FaultyStore, Store, StoreError};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let store = Arc::new(FaultyStore::down());
+//! assert!(matches!(store.ping().await, Err(StoreError::Unavailable(_))));
+//! assert_eq!(store.calls.load(Ordering::SeqCst), 1);
+//! # }
+//! ```
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::{BoxFuture, LoginOutcome, MemoryStore, NodeListJson, Store, StoreError};
+use crate::model::{Meta, Node, NodeId};
+
+/// What a [`FaultyStore`] does wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Every call fails at once with [`StoreError::Unavailable`], like a Redis whose
+    /// port is closed.
+    Down,
+    /// No call ever answers, like a Redis that accepts connections and then hangs.
+    Stalled,
+    /// A working in-memory store whose listings read their data at once and then
+    /// take this long to answer: a listing that is reliably in flight.
+    SlowList(Duration),
+}
+
+/// A store with one [`Fault`], counting the calls the fault applies to.
+#[derive(Debug)]
+pub struct FaultyStore {
+    inner: MemoryStore,
+    fault: Fault,
+    /// Calls that reached the store: every call for [`Fault::Down`] and
+    /// [`Fault::Stalled`], the listings for [`Fault::SlowList`].
+    pub calls: AtomicUsize,
+    /// Notified each time a listing starts.
+    pub list_started: Notify,
+}
+
+impl FaultyStore {
+    /// A store with `fault`.
+    pub fn new(fault: Fault) -> FaultyStore {
+        FaultyStore {
+            inner: MemoryStore::new(),
+            fault,
+            calls: AtomicUsize::new(0),
+            list_started: Notify::new(),
+        }
+    }
+
+    /// A store whose every call fails at once ([`Fault::Down`]).
+    pub fn down() -> FaultyStore {
+        FaultyStore::new(Fault::Down)
+    }
+
+    /// A store that never answers ([`Fault::Stalled`]).
+    pub fn stalled() -> FaultyStore {
+        FaultyStore::new(Fault::Stalled)
+    }
+
+    /// A working store whose listings take `delay` ([`Fault::SlowList`]).
+    pub fn slow_list(delay: Duration) -> FaultyStore {
+        FaultyStore::new(Fault::SlowList(delay))
+    }
+
+    /// `Some(answer)` when the fault decides the call; `None` lets it through to the
+    /// working store.
+    fn fault<T: Send + 'static>(&self) -> Option<BoxFuture<'static, Result<T, StoreError>>> {
+        match self.fault {
+            Fault::Down => {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                Some(Box::pin(std::future::ready(Err(StoreError::Unavailable(
+                    "connection refused (test store that is always down)".to_owned(),
+                )))))
+            }
+            Fault::Stalled => {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                Some(Box::pin(std::future::pending()))
+            }
+            Fault::SlowList(_) => None,
+        }
+    }
+
+    /// Runs a listing under the fault: counted, announced, read at once (like a real
+    /// store, what it returns is as of its start) and answered after the delay.
+    fn listing<'a, T: Send + 'static>(
+        &'a self,
+        read: BoxFuture<'a, Result<T, StoreError>>,
+    ) -> BoxFuture<'a, Result<T, StoreError>> {
+        if let Some(answer) = self.fault() {
+            return answer;
+        }
+        let Fault::SlowList(delay) = self.fault else {
+            return read;
+        };
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.list_started.notify_one();
+            let result = read.await;
+            tokio::time::sleep(delay).await;
+            result
+        })
+    }
+}
+
+impl Store for FaultyStore {
+    fn login(
+        &self,
+        node: &NodeId,
+        lease_id: &str,
+        ttl_ms: u64,
+        meta: Meta,
+    ) -> BoxFuture<'_, Result<LoginOutcome, StoreError>> {
+        self.fault()
+            .unwrap_or_else(|| self.inner.login(node, lease_id, ttl_ms, meta))
+    }
+
+    fn heartbeat(
+        &self,
+        node: &NodeId,
+        lease_id: &str,
+        ttl_ms: u64,
+        meta: Option<Meta>,
+    ) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.fault()
+            .unwrap_or_else(|| self.inner.heartbeat(node, lease_id, ttl_ms, meta))
+    }
+
+    fn logout(&self, node: &NodeId, lease_id: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
+        self.fault()
+            .unwrap_or_else(|| self.inner.logout(node, lease_id))
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Node>, StoreError>> {
+        self.listing(self.inner.list())
+    }
+
+    fn list_json(&self) -> BoxFuture<'_, Result<NodeListJson, StoreError>> {
+        self.listing(self.inner.list_json())
+    }
+
+    fn get(&self, node: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>> {
+        self.fault().unwrap_or_else(|| self.inner.get(node))
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.fault().unwrap_or_else(|| self.inner.ping())
+    }
+
+    fn now_ms(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.fault().unwrap_or_else(|| Store::now_ms(&self.inner))
+    }
+
+    fn describe(&self) -> String {
+        format!("faulty ({:?}, test store)", self.fault)
+    }
+}
