@@ -288,7 +288,7 @@ async fn hostile_node_ids_never_reach_a_redis_key() {
         assert!(expected.contains(&status), "{path:?}: {status}");
     }
 
-    // Every key of the deployment is one of the documented ones, with a valid id.
+    // Every key of the deployment is one of the documented ones ...
     let prefix = store.prefix().to_owned();
     let client = redis::Client::open(
         std::env::var("PRESENCE_TEST_REDIS_URI").unwrap_or_else(|_| {
@@ -318,13 +318,25 @@ async fn hostile_node_ids_never_reach_a_redis_key() {
         }
         cursor = next;
     }
-    let node_key = format!("{{{prefix}}}:node:");
     for key in &keys {
-        let ok = *key == format!("{{{prefix}}}:nodes")
-            || key
-                .strip_prefix(&node_key)
-                .is_some_and(|id| NodeId::parse(id).is_ok());
+        let ok = *key == format!("{{{prefix}}}:nodes") || *key == format!("{{{prefix}}}:records");
         assert!(ok, "unexpected key {key:?}");
+    }
+    // ... and every record's field and every sorted set member is a valid id.
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("{{{prefix}}}:records"))
+        .query_async(&mut conn)
+        .await
+        .expect("hkeys");
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{{{prefix}}}:nodes"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .expect("zrange");
+    for id in fields.iter().chain(&members) {
+        assert!(NodeId::parse(id).is_ok(), "unexpected node id {id:?}");
     }
     println!(
         "hostile node ids: {rejected} requests rejected with 422, {} keys in Redis, all well-formed",

@@ -580,8 +580,7 @@ async fn redis_keys_follow_the_data_model_and_expire() {
 
     let prefix = store.prefix().to_owned();
     assert_eq!(store.nodes_key(), format!("{{{prefix}}}:nodes"));
-    let key = store.node_key(&n);
-    assert_eq!(key, format!("{{{prefix}}}:node:n:1@x"));
+    assert_eq!(store.records_key(), format!("{{{prefix}}}:records"));
 
     let score: Option<u64> = redis::cmd("ZSCORE")
         .arg(store.nodes_key())
@@ -590,33 +589,68 @@ async fn redis_keys_follow_the_data_model_and_expire() {
         .await
         .expect("zscore");
     assert_eq!(score, Some(out.expires_at_ms));
-    let (l, m, since, seen, exp): (String, String, u64, u64, u64) = redis::cmd("HMGET")
-        .arg(&key)
-        .arg(&["lease", "meta", "online_since", "last_seen", "expires_at"])
-        .query_async(&mut conn)
-        .await
-        .expect("hmget");
+    // <expires_at><last_seen><online_since>, 15 digits each, <lease length> in 5,
+    // then <lease><meta>.
+    let record = |conn: redis::aio::MultiplexedConnection| {
+        let key = store.records_key().to_owned();
+        async move {
+            let rec: String = redis::cmd("HGET")
+                .arg(key)
+                .arg("n:1@x")
+                .query_async(&mut conn.clone())
+                .await
+                .expect("hget");
+            rec
+        }
+    };
+    let since = out.online_since_ms;
     assert_eq!(
-        (l.as_str(), m.as_str(), since, seen, exp),
-        (
-            lease.as_str(),
-            r#"{"hp":3}"#,
-            out.online_since_ms,
-            out.online_since_ms,
-            out.expires_at_ms
+        record(conn.clone()).await,
+        format!(
+            r#"{:015}{since:015}{since:015}{:05}{lease}{{"hp":3}}"#,
+            out.expires_at_ms,
+            lease.len()
         )
     );
-    // Garbage collection comes MAX_PRESERVED_OUTAGE after expiry: expired records are
-    // kept that long so that an outage can be given back to them.
+    // A heartbeat renews the times and keeps lease and meta.
+    let exp = store
+        .heartbeat(&n, &lease, 5_000, None)
+        .await
+        .expect("heartbeat");
+    let seen = exp - 5_000;
+    assert_eq!(
+        record(conn.clone()).await,
+        format!(
+            r#"{exp:015}{seen:015}{since:015}{:05}{lease}{{"hp":3}}"#,
+            lease.len()
+        )
+    );
+    // One with meta replaces it.
+    let exp = store
+        .heartbeat(&n, &lease, 5_000, Some(meta(json!({"hp": 2}))))
+        .await
+        .expect("heartbeat");
+    let seen = exp - 5_000;
+    assert_eq!(
+        record(conn.clone()).await,
+        format!(
+            r#"{exp:015}{seen:015}{since:015}{:05}{lease}{{"hp":2}}"#,
+            lease.len()
+        )
+    );
+    // Garbage collection comes MAX_PRESERVED_OUTAGE after expiry (expired records are
+    // kept that long so that an outage can be given back to them); the keys live
+    // KEY_SLACK beyond the newest record's.
     let grace = presence::store::MAX_PRESERVED_OUTAGE.as_millis() as i64;
-    for k in [key.as_str(), store.nodes_key()] {
+    let slack = presence::store::redis::KEY_SLACK.as_millis() as i64;
+    for k in [store.records_key(), store.nodes_key()] {
         let pttl: i64 = redis::cmd("PTTL")
             .arg(k)
             .query_async(&mut conn)
             .await
             .expect("pttl");
         assert!(
-            (grace + 1..=grace + 5_000).contains(&pttl),
+            (grace + 1..=grace + slack + 5_000).contains(&pttl),
             "{k} has PTTL {pttl}"
         );
     }
@@ -645,7 +679,7 @@ async fn redis_prefixes_are_isolated() {
 }
 
 #[tokio::test]
-async fn redis_list_fetches_in_pages_and_skips_vanished_hashes() {
+async fn redis_list_fetches_in_pages_and_skips_vanished_records() {
     let Some(probe) = redis_for_tests("redis_list_pages").await else {
         return;
     };
@@ -657,7 +691,7 @@ async fn redis_list_fetches_in_pages_and_skips_vanished_hashes() {
     let store = RedisStore::connect_with(&uri, probe.prefix(), options)
         .await
         .expect("connect");
-    let names: BTreeSet<String> = (0..50).map(|i| format!("p{i:02}")).collect();
+    let names: BTreeSet<String> = (0..300).map(|i| format!("p{i:03}")).collect();
     for name in &names {
         store
             .login(
@@ -669,19 +703,28 @@ async fn redis_list_fetches_in_pages_and_skips_vanished_hashes() {
             .await
             .expect("login");
     }
-    // A member whose hash vanished (e.g. deleted by hand) is skipped, not an error.
+    // A member whose record vanished (e.g. deleted by hand) is skipped, not an error,
+    // and so is one whose record does not parse.
     let mut conn = raw().await;
-    let _: i64 = redis::cmd("DEL")
-        .arg(store.node_key(&id("p13")))
+    let _: i64 = redis::cmd("HDEL")
+        .arg(store.records_key())
+        .arg("p013")
         .query_async(&mut conn)
         .await
-        .expect("del");
+        .expect("hdel");
+    let _: i64 = redis::cmd("HSET")
+        .arg(store.records_key())
+        .arg("p014")
+        .arg("garbage")
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
 
     let listed = store.list().await.expect("list");
     let expected: Vec<&str> = names
         .iter()
         .map(String::as_str)
-        .filter(|n| *n != "p13")
+        .filter(|n| *n != "p013" && *n != "p014")
         .collect();
     assert_eq!(ids(&listed), expected);
     assert!(listed.iter().all(|n| n.meta["name"] == n.node_id.as_str()));

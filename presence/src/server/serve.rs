@@ -1,26 +1,26 @@
 //! [`Server`]: binds a TCP listener and serves [`PresenceService`] over HTTP/1 and
 //! HTTP/2 with hyper, until a shutdown signal.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tower::Service;
+use tower::{Service, ServiceExt};
 
-use super::PresenceService;
+use super::{PresenceService, ResponseBody};
 use crate::config::Config;
 use crate::store::Store;
 
@@ -226,6 +226,10 @@ pub async fn shutdown_signal() {
 /// has no equivalent: a client that sends the preface and then nothing (or keeps a
 /// connection open without streams) would hold a task and a file descriptor forever.
 /// The idle rule here covers both protocols the same way.
+///
+/// The idle check costs a request nothing but a clock read: requests record when the
+/// connection last went idle, and one timer per connection wakes up at the earliest
+/// time it could be idle for `idle_timeout`, then either closes it or sleeps again.
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -241,42 +245,52 @@ async fn serve_connection(
         },
         () = shutdown_begun(&mut closing) => return,
     }
-    let activity = Arc::new(Activity::default());
-    let service = Tracked {
-        inner: service,
+    // Responses are written whole (one `writev` each), so Nagle's algorithm could only
+    // delay them: a pipelined or HTTP/2 response behind an unacknowledged one would
+    // wait for the peer's delayed ACK.
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+    }
+    let activity = Arc::new(Activity::new());
+    let service = ConnectionService {
+        service: Mutex::new(service),
         peer,
         activity: activity.clone(),
     };
-    let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
+    let shutdown = shutdown_begun(&mut closing);
+    tokio::pin!(shutdown);
+    let idle_check = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle_check);
     let mut shutting_down = false;
     // Set when the connection is closed for idleness: a client that does not let it
     // close (an HTTP/2 handshake that never finishes, a peer that stops reading) is
     // dropped at this deadline.
     let mut hard_close: Option<Instant> = None;
     loop {
-        let idle = activity.in_flight.load(Ordering::Acquire) == 0;
         tokio::select! {
+            biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
                 return;
             }
-            () = shutdown_begun(&mut closing), if !shutting_down => {
+            () = shutdown.as_mut(), if !shutting_down => {
                 conn.as_mut().graceful_shutdown();
                 shutting_down = true;
             }
-            // The last request finished: start the idle timer afresh.
-            () = activity.idle.notified() => {}
-            () = tokio::time::sleep(idle_timeout), if idle && !shutting_down => {
-                if activity.in_flight.load(Ordering::Acquire) == 0 {
+            () = idle_check.as_mut(), if !shutting_down => match activity.idle_until(idle_timeout) {
+                // Busy, or not idle for long enough yet: look again when it could be.
+                Some(next_check) => idle_check.as_mut().reset(next_check),
+                None => {
                     tracing::debug!(%peer, "closing idle connection");
                     conn.as_mut().graceful_shutdown();
                     shutting_down = true;
                     hard_close = Some(Instant::now() + IDLE_CLOSE_GRACE);
                 }
-            }
+            },
             () = sleep_until_or_never(hard_close) => {
                 tracing::debug!(%peer, "dropping idle connection that did not close");
                 return;
@@ -304,30 +318,49 @@ async fn shutdown_begun(closing: &mut watch::Receiver<bool>) {
     }
 }
 
-/// The service of one connection: adds the peer address (read by the rate limiter's
-/// client-IP extractor) and counts the requests in flight.
-#[derive(Clone)]
-struct Tracked {
-    inner: PresenceService,
+/// The hyper service of one connection: adds the peer address (read by the rate
+/// limiter's client-IP extractor), counts the requests in flight, and calls the
+/// connection's own [`PresenceService`].
+///
+/// hyper-util's `TowerToHyperService` clones the tower service for every request
+/// (hyper's `Service::call` takes `&self`, tower's `&mut self`); for this stack that
+/// is a dozen reference counts shared by every core, touched twice per request. One
+/// service per connection behind an uncontended mutex (held only while `call` builds
+/// the future) keeps the shared counts out of the request path. The tower contract
+/// holds: `call` follows a `poll_ready` that returned `Ready`; if the stack is ever not
+/// ready, the request goes through a ready clone instead.
+struct ConnectionService {
+    service: Mutex<PresenceService>,
     peer: SocketAddr,
     activity: Arc<Activity>,
 }
 
-impl Service<http::Request<Incoming>> for Tracked {
-    type Response = <PresenceService as Service<http::Request<Incoming>>>::Response;
-    type Error = <PresenceService as Service<http::Request<Incoming>>>::Error;
-    type Future = Counted<<PresenceService as Service<http::Request<Incoming>>>::Future>;
+type StackFuture = <PresenceService as Service<http::Request<Incoming>>>::Future;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Service::<http::Request<Incoming>>::poll_ready(&mut self.inner, cx)
-    }
+impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
+    type Response = http::Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Counted<StackFuture>;
 
-    fn call(&mut self, mut req: http::Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
         req.extensions_mut().insert(self.peer);
-        Counted {
-            in_flight: InFlight::enter(&self.activity),
-            inner: self.inner.call(req),
-        }
+        let in_flight = InFlight::enter(&self.activity);
+        let mut cx = Context::from_waker(Waker::noop());
+        // A poisoned lock only means a panic elsewhere while calling; the service
+        // itself is still whole.
+        let mut service = self
+            .service
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let inner = match Service::<http::Request<Incoming>>::poll_ready(&mut *service, &mut cx) {
+            Poll::Ready(Ok(())) => service.call(req),
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Pending => {
+                let ready = service.clone().oneshot(req);
+                Box::pin(ready)
+            }
+        };
+        Counted { inner, in_flight }
     }
 }
 
@@ -347,12 +380,35 @@ impl<F: Future> Future for Counted<F> {
     }
 }
 
-/// Requests in flight on one connection.
-#[derive(Default)]
+/// Requests in flight on one connection, and since when it has had none.
 struct Activity {
+    started: Instant,
     in_flight: AtomicUsize,
-    /// Signalled when `in_flight` drops to zero.
-    idle: Notify,
+    /// When `in_flight` last dropped to zero, in ns since `started` (0: never, so
+    /// idle since the start).
+    idle_since_ns: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            started: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// `None` if the connection has had no request in flight for `idle_timeout`;
+    /// otherwise when that could first be the case.
+    fn idle_until(&self, idle_timeout: Duration) -> Option<Instant> {
+        let now = Instant::now();
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Some(now + idle_timeout);
+        }
+        let since = self.started + Duration::from_nanos(self.idle_since_ns.load(Ordering::Acquire));
+        let until = since + idle_timeout;
+        (until > now).then_some(until)
+    }
 }
 
 /// Counts one request in flight while it lives.
@@ -367,9 +423,11 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_one();
-        }
+        let activity = &self.0;
+        // Stamp first, then leave: whoever sees `in_flight == 0` also sees the stamp.
+        let ns = u64::try_from(activity.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        activity.idle_since_ns.fetch_max(ns, Ordering::AcqRel);
+        activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

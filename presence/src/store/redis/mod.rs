@@ -7,33 +7,47 @@
 //! one cluster slot and every script only touches keys of that slot:
 //!
 //! - `{<prefix>}:nodes`: sorted set, member `node_id`, score `expires_at_ms`.
-//! - `{<prefix>}:node:<node_id>`: hash with `lease`, `meta` (JSON text),
-//!   `online_since`, `last_seen`, `expires_at` (epoch ms), and a `PEXPIREAT` at
-//!   `expires_at` + [`MAX_PRESERVED_OUTAGE`] as garbage collection. The sorted set
-//!   itself expires when its last member's hash does, so an abandoned deployment
-//!   leaves nothing behind.
+//! - `{<prefix>}:records`: hash, field `node_id`, value the node's record:
+//!   `<expires_at><last_seen><online_since><lease length><lease><meta>`: the three
+//!   times as epoch ms in 15 zero-padded digits, the lease length in bytes in 5
+//!   digits, then the lease and the meta (JSON text) as they are, e.g.
+//!   `000001764600012000` `000001764600003000` `000001764600000000` `00032`
+//!   `6f1c…9a` `{"load":0.1}` (without the spaces). Fixed widths let the scripts
+//!   check and renew a record with substring operations, without parsing or
+//!   formatting numbers (see [`HEARTBEATS`]).
 //! - `{<prefix>}:outage`: when the last outage was given back to the leases (see
 //!   [self-preservation](super#outages-self-preservation)); expires after
 //!   [`MAX_PRESERVED_OUTAGE`].
 //!
-//! Expired records stay (invisible: every read compares `expires_at` with `TIME`)
-//! for [`MAX_PRESERVED_OUTAGE`] after their expiry, so that after an outage
-//! [`Store::extend_after_outage`] still finds the leases the outage ran down.
+//! Both `nodes` and `records` expire [`KEY_SLACK`] after the last record's garbage
+//! collection time (its expiry plus [`MAX_PRESERVED_OUTAGE`]), so an abandoned
+//! deployment leaves nothing behind. Expired records stay (invisible: every read
+//! compares `expires_at` with `TIME`) for [`MAX_PRESERVED_OUTAGE`] after their
+//! expiry, so that after an outage [`Store::extend_after_outage`] still finds the
+//! leases the outage ran down; `login` then removes them by score range.
 //!
-//! `node_id`s are [`NodeId`]s, validated before they get anywhere near a key.
+//! This differs from SPEC §6's guidance (one hash per node, with a `PEXPIRE`) on
+//! purpose: with one record per node in one hash, a batch of heartbeats is three
+//! commands in one script whatever its size (`HMGET`, `HSET`, `ZADD`), and a page of
+//! a listing is one `HMGET` whose reply is one string per node; with a hash per node
+//! both cost one command per node, which made Redis the bottleneck of the
+//! heartbeat path and of `GET /presence` (see *Performance* below).
+//!
+//! `node_id`s are [`NodeId`]s, validated before they get anywhere near a key or a
+//! field.
 //!
 //! # Operations
 //!
 //! `login`, `heartbeat` and `logout` are Lua scripts (`EVALSHA`, loaded
 //! automatically on `NOSCRIPT`): one round trip, atomic, clock from `TIME` inside
-//! the script. `login` drops expired members from the sorted set by range
-//! (`ZREMRANGEBYSCORE`, [`MAX_PRESERVED_OUTAGE`] after their expiry); `heartbeat`,
-//! the hot path, leaves that to it (every node that joins the set logs in, so the
-//! set stays bounded). Heartbeats that are waiting at the same moment share one
-//! script call (see below). `list` is one pipeline (`TIME` + `ZRANGE ... BYSCORE`)
-//! followed by the hashes, fetched with `HMGET` in pipelined pages:
-//! `1 + ceil(N / page)` round trips, never `KEYS`, never one request per node. `get`
-//! is one pipeline (`TIME` + `HMGET`).
+//! the script. `login` drops records that expired more than
+//! [`MAX_PRESERVED_OUTAGE`] ago (a bounded number per call; every node that joins
+//! the set logs in, so that keeps up); `heartbeat`, the hot path, leaves that to
+//! it. Heartbeats that are waiting at the same moment share one script call (see
+//! below). `list` is one pipeline (`TIME` + `ZRANGE ... BYSCORE`) followed by the
+//! records, fetched with `HMGET` in pipelined pages: `1 + ceil(N / page)` round
+//! trips, never `KEYS`, never one request per node. `get` is one pipeline (`TIME` +
+//! `HGET`).
 //!
 //! # Performance
 //!
@@ -42,17 +56,21 @@
 //!
 //! - Heartbeats are batched: a background task takes every heartbeat that is
 //!   waiting (up to 128) into one call of the heartbeat script, which handles each
-//!   on its own (its own lease check and result; `redis.pcall`, so a bad key fails
-//!   only its heartbeat). Redis spends about 3 µs of overhead per call and 5 µs per
-//!   heartbeat, and the server encodes one command and parses one reply per call,
-//!   so under load this about doubles what Redis can take; a lone heartbeat still
+//!   on its own (its own lease check and result) with three commands for the whole
+//!   batch: one `HMGET` of the records, one `HSET` of the renewed ones, one `ZADD`.
+//!   Redis pays its per-call and per-command overhead once per batch, and the server
+//!   encodes one command and parses one reply per batch. A lone heartbeat still
 //!   goes out at once, at the cost of one task switch. Each heartbeat still costs
 //!   one round trip.
-//! - A listing costs Redis about 0.8 µs per node (one `HMGET` each); parsing the
-//!   replies (the `redis` crate's RESP parser, about 1 µs per node) is most of
-//!   the server's share. [`Store::list_json`] writes the JSON response straight
-//!   from the replies, copying the stored meta text as it is (after checking that
-//!   it is a JSON object).
+//! - A listing costs Redis one `ZRANGE` plus one field lookup per node, in `HMGET`s
+//!   of [`RedisOptions::page_size`] fields, several in flight. It reads 2N strings,
+//!   which the `redis` crate would parse at about 0.5 µs each (more than Redis spends
+//!   on them), so it goes over a connection of its own whose replies are sliced out
+//!   of one buffer ([`bulk`]); [`Store::list_json`] writes the JSON response straight
+//!   from the records, copying the stored meta text as it is (after checking that it
+//!   is a JSON object). (`HSCAN` of the records alone would save the `ZRANGE` but
+//!   costs Redis about three times as much per record, in round trips that cannot
+//!   overlap.)
 //!
 //! Requires Redis 6.2 or newer (`ZRANGE ... BYSCORE`); single-node or a
 //! replicated primary (cluster mode is not wired up, although the key layout is
@@ -61,189 +79,31 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{StreamExt, TryStreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script};
+use redis::RedisError;
 use tokio::sync::{mpsc, oneshot};
 
-use super::json::{is_json_object, ListWriter, NODE_OVERHEAD};
+use self::batch::{batch_heartbeats, eval, evalsha, HeartbeatJob};
+use self::bulk::BulkConnection;
+use self::record::{parse_u64, to_node, Record};
+use self::scripts::{lease_header, LOGIN, LOGIN_PURGE, LOGOUT, OUTAGE_CLAIM, OUTAGE_SHIFT};
+pub use self::scripts::{KEY_SLACK, MAX_LEASE_LEN};
+use super::json::{ListWriter, NODE_OVERHEAD};
 use super::{
     redact_uri, BoxFuture, LoginOutcome, NodeListJson, Store, StoreError, MAX_PRESERVED_OUTAGE,
 };
 use crate::model::{Meta, Node, NodeId};
 
+mod batch;
+mod bulk;
+mod record;
+mod scripts;
+
 /// Longest accepted key prefix, in bytes.
 pub const MAX_PREFIX_LEN: usize = 128;
-
-/// Prelude shared by the scripts: `now` in epoch ms from the Redis clock. Redis 7
-/// replicates script effects, so `TIME` may precede writes; the guarded call makes
-/// Redis 6.2 do the same (Redis 7 has `REDIS_VERSION_NUM` and skips the deprecated
-/// call, which costs a heartbeat about 5%).
-macro_rules! lua_now {
-    () => {
-        "if not redis.REDIS_VERSION_NUM then redis.replicate_commands() end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"
-    };
-}
-
-/// Keeps the sorted set alive at least until `gc`, the garbage-collection time of the
-/// record just written (it must outlive its members).
-macro_rules! lua_keep_nodes_key {
-    () => {
-        "if redis.call('PTTL', KEYS[1]) < gc - now then redis.call('PEXPIREAT', KEYS[1], gc) end
-"
-    };
-}
-
-/// KEYS: nodes zset, node hash. ARGV: node_id, lease, ttl_ms, meta JSON, grace_ms
-/// (how long expired records are kept, [`MAX_PRESERVED_OUTAGE`]).
-/// Returns `{now, expires_at}`.
-static LOGIN: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        lua_now!(),
-        "local ttl = tonumber(ARGV[3])
-local grace = tonumber(ARGV[5])
-local exp = now + ttl
-local gc = exp + grace
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - grace)
-redis.call('HSET', KEYS[2], 'lease', ARGV[2], 'meta', ARGV[4],
-  'online_since', now, 'last_seen', now, 'expires_at', exp)
-redis.call('PEXPIREAT', KEYS[2], gc)
-redis.call('ZADD', KEYS[1], exp, ARGV[1])
-",
-        lua_keep_nodes_key!(),
-        "return {now, exp}
-"
-    ))
-});
-
-/// Heartbeats, several per call (see [`RedisStore`]'s batching). KEYS: nodes zset.
-/// ARGV: grace_ms, node key prefix, then five values per heartbeat: node_id, lease,
-/// ttl_ms, "1" to replace the meta with the fifth / "0" to keep it, meta. Returns one
-/// integer per heartbeat: `0` not online, `1` lease mismatch, `-1` failed (the key
-/// holds something else than a hash), otherwise the new `expires_at`.
-///
-/// An expired record is left alone (garbage collection takes it later): a heartbeat
-/// that was queued while Redis was paused runs before the server can give the
-/// outage back, and must not destroy the record it would restore.
-///
-/// The hot path: per heartbeat one `HMGET`, one `HSET`, `PEXPIREAT`, `ZADD`; `TIME`
-/// and the sorted set's own expiry once per call; no `ZREMRANGEBYSCORE` (login purges
-/// the set). `redis.pcall`, so that one bad key fails its own heartbeat, not the
-/// others in the call.
-static HEARTBEATS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        lua_now!(),
-        "local grace = tonumber(ARGV[1])
-local prefix = ARGV[2]
-local out = {}
-local gc = 0
-for i = 3, #ARGV - 4, 5 do
-  local id = ARGV[i]
-  local key = prefix .. id
-  local h = redis.pcall('HMGET', key, 'lease', 'expires_at')
-  if h.err then
-    out[#out + 1] = -1
-  elseif not h[1] or not h[2] or tonumber(h[2]) <= now then
-    out[#out + 1] = 0
-  elseif h[1] ~= ARGV[i + 1] then
-    out[#out + 1] = 1
-  else
-    local exp = now + tonumber(ARGV[i + 2])
-    if ARGV[i + 3] == '1' then
-      redis.call('HSET', key, 'meta', ARGV[i + 4], 'last_seen', now, 'expires_at', exp)
-    else
-      redis.call('HSET', key, 'last_seen', now, 'expires_at', exp)
-    end
-    redis.call('PEXPIREAT', key, exp + grace)
-    redis.call('ZADD', KEYS[1], exp, id)
-    if exp + grace > gc then gc = exp + grace end
-    out[#out + 1] = exp
-  end
-end
-if gc > 0 then
-",
-        lua_keep_nodes_key!(),
-        "end
-return out
-"
-    ))
-});
-
-/// KEYS: nodes zset, node hash. ARGV: node_id, lease. Returns 0 not online,
-/// 1 removed, 2 lease mismatch.
-static LOGOUT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        lua_now!(),
-        "local h = redis.call('HMGET', KEYS[2], 'lease', 'expires_at')
-local online = h[1] and h[2] and tonumber(h[2]) > now
-if online and h[1] ~= ARGV[2] then return 2 end
-redis.call('DEL', KEYS[2])
-redis.call('ZREM', KEYS[1], ARGV[1])
-if online then return 1 end
-return 0
-"
-    ))
-});
-
-/// KEYS: outage marker. ARGV: outage_ms, grace_ms. Claims the job of giving an
-/// outage back: `{1, now}` if this caller must do it, `{0, now}` if another server
-/// already did (its recovery time is at or after this outage's start).
-static OUTAGE_CLAIM: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        lua_now!(),
-        "local start = now - tonumber(ARGV[1])
-local done = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-if done >= start then return {0, now} end
-redis.call('SET', KEYS[1], now, 'PX', ARGV[2])
-return {1, now}
-"
-    ))
-});
-
-/// KEYS: nodes zset. ARGV: lowest score (inclusive), highest score (inclusive),
-/// outage_ms, grace_ms, node key prefix, page size. Moves one page of the members
-/// in the range, highest first, by the outage (score and hash `expires_at`); a
-/// member whose hash is gone is garbage and removed. Returns
-/// `{handled, moved, lowest score handled}`: the next page's highest score, since
-/// every member handled has moved above it (or is gone) and ties not yet handled
-/// are still at it.
-static OUTAGE_SHIFT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        "local d = tonumber(ARGV[3])
-local grace = tonumber(ARGV[4])
-local page = redis.call('ZRANGE', KEYS[1], ARGV[2], ARGV[1], 'BYSCORE', 'REV',
-  'LIMIT', 0, tonumber(ARGV[6]), 'WITHSCORES')
-local moved = 0
-local last = 0
-local lowest = 0
-for i = 1, #page, 2 do
-  local id = page[i]
-  local key = ARGV[5] .. id
-  lowest = tonumber(page[i + 1])
-  if redis.call('EXISTS', key) == 1 then
-    local exp = lowest + d
-    redis.call('HSET', key, 'expires_at', exp)
-    redis.call('PEXPIREAT', key, exp + grace)
-    redis.call('ZADD', KEYS[1], exp, id)
-    if exp > last then last = exp end
-    moved = moved + 1
-  else
-    redis.call('ZREM', KEYS[1], id)
-  end
-end
-if last > 0 and redis.call('PTTL', KEYS[1]) < last + grace - tonumber(ARGV[1]) - d then
-  redis.call('PEXPIREAT', KEYS[1], last + grace)
-end
-return {#page / 2, moved, lowest}
-",
-    )
-});
 
 /// How far below the estimated Redis clock a listing's `ZRANGE` starts (see
 /// [`RedisStore::live_ids`]): covers clock drift between listings. Members that
@@ -253,12 +113,6 @@ const LIST_CLOCK_MARGIN_MS: u64 = 2_000;
 /// Members moved by one [`OUTAGE_SHIFT`] call: bounds how long one script blocks
 /// Redis (a few milliseconds) when a large deployment comes back from an outage.
 const OUTAGE_PAGE: usize = 1000;
-
-/// The hash fields `get` and `list` read, in this order.
-const NODE_FIELDS: [&str; 4] = ["meta", "online_since", "last_seen", "expires_at"];
-
-/// One `HMGET` reply for [`NODE_FIELDS`].
-type NodeFields = (Option<Vec<u8>>, Option<u64>, Option<u64>, Option<u64>);
 
 /// Connection tuning for [`RedisStore::connect_with`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -272,9 +126,9 @@ pub struct RedisOptions {
     pub response_timeout: Duration,
     /// Reconnection attempts per outage before calls start failing (default 2).
     pub reconnect_retries: usize,
-    /// Hashes fetched per pipelined round trip by `list` (default 500).
+    /// Records fetched per `HMGET` by a listing (default 500).
     pub page_size: usize,
-    /// Pages of `list` in flight at once (default 4).
+    /// Listing pages in flight at once (default 4).
     pub page_concurrency: usize,
     /// Connect on first use instead of in [`RedisStore::connect_with`] (default
     /// `false`). A lazy store can be created while Redis is down: its calls fail with
@@ -345,12 +199,16 @@ pub struct RedisStore {
 
 struct Inner {
     prefix: String,
-    nodes_key: String,
-    node_key_prefix: String,
+    /// The keys every script gets: `{prefix}:nodes`, `{prefix}:records`.
+    keys: DeploymentKeys,
     outage_key: String,
     description: String,
     page_size: usize,
     page_concurrency: usize,
+    /// The listing's own connection (see [`bulk`]).
+    bulk: BulkConnection,
+    /// Nodes in the last listing: sizes the next one's buffer list.
+    list_nodes_hint: AtomicUsize,
     /// Redis clock minus the local wall clock, in ms, as of the last listing
     /// (`i64::MIN`: not known yet). Bounds the next listing's `ZRANGE`.
     clock_offset_ms: AtomicI64,
@@ -360,86 +218,11 @@ struct Inner {
     heartbeats: mpsc::UnboundedSender<HeartbeatJob>,
 }
 
-/// One heartbeat waiting for [`batch_heartbeats`].
-struct HeartbeatJob {
-    node: NodeId,
-    lease_id: String,
-    ttl_ms: u64,
-    /// The new meta, serialized; `None` keeps the stored one.
-    meta: Option<String>,
-    /// The [`HEARTBEATS`] code of this heartbeat.
-    reply: oneshot::Sender<Result<i64, StoreError>>,
-}
-
-/// Heartbeats in one [`HEARTBEATS`] call at most: bounds the call's argument list
-/// (and how long it keeps Redis busy, about 5 µs per heartbeat).
-const MAX_HEARTBEAT_BATCH: usize = 128;
-
-/// Sends the heartbeats that wait in `queue` to Redis, as many as are waiting (up
-/// to [`MAX_HEARTBEAT_BATCH`]) in one [`HEARTBEATS`] call, each call in its own
-/// task so that calls overlap on the multiplexed connection. Ends when the store
-/// (every sender) is gone.
-///
-/// Under load this is what makes a heartbeat cheap: one `EVALSHA` costs Redis about
-/// 3 µs of call overhead plus 5 µs per heartbeat in it, and the server one command
-/// to encode and one reply to parse per call instead of per heartbeat (2x the
-/// heartbeats per second of one call per heartbeat, measured with
-/// `redis-benchmark`). A lone heartbeat goes out at once, alone: batching costs it
-/// one task switch.
-async fn batch_heartbeats(
-    conn: ConnectionManager,
-    nodes_key: String,
-    node_key_prefix: String,
-    mut queue: mpsc::UnboundedReceiver<HeartbeatJob>,
-) {
-    while let Some(first) = queue.recv().await {
-        let mut jobs = vec![first];
-        // Let the other ready requests queue theirs before the call goes out.
-        tokio::task::yield_now().await;
-        while jobs.len() < MAX_HEARTBEAT_BATCH {
-            match queue.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
-        let mut call = HEARTBEATS.key(&nodes_key);
-        call.arg(grace_ms()).arg(&node_key_prefix);
-        for job in &jobs {
-            call.arg(job.node.as_str())
-                .arg(&job.lease_id)
-                .arg(job.ttl_ms)
-                .arg(if job.meta.is_some() { "1" } else { "0" })
-                .arg(job.meta.as_deref().unwrap_or(""));
-        }
-        let mut conn = conn.clone();
-        tokio::spawn(async move {
-            let codes: Result<Vec<i64>, StoreError> =
-                call.invoke_async(&mut conn).await.map_err(unavailable);
-            match codes {
-                Ok(codes) if codes.len() == jobs.len() => {
-                    for (job, code) in jobs.into_iter().zip(codes) {
-                        // The caller may have given up (timeout); nobody to tell.
-                        let _ = job.reply.send(Ok(code));
-                    }
-                }
-                Ok(codes) => {
-                    let e = StoreError::Unavailable(format!(
-                        "redis: {} heartbeat results for {} heartbeats",
-                        codes.len(),
-                        jobs.len()
-                    ));
-                    for job in jobs {
-                        let _ = job.reply.send(Err(e.clone()));
-                    }
-                }
-                Err(e) => {
-                    for job in jobs {
-                        let _ = job.reply.send(Err(e.clone()));
-                    }
-                }
-            }
-        });
-    }
+/// The two keys of a deployment, in the order the scripts take them.
+#[derive(Clone)]
+struct DeploymentKeys {
+    pub(super) nodes: String,
+    pub(super) records: String,
 }
 
 impl fmt::Debug for RedisStore {
@@ -484,27 +267,35 @@ impl RedisStore {
             .set_number_of_retries(options.reconnect_retries)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
+        let bulk = BulkConnection::new(
+            client.get_connection_info(),
+            options.connection_timeout,
+            options.response_timeout,
+        )
+        .ok_or_else(|| {
+            StoreError::Unavailable(format!(
+                "cannot connect to {shown}: TLS (rediss://) is not enabled in this build"
+            ))
+        })?;
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| StoreError::Unavailable(format!("cannot connect to {shown}: {e}")))?;
-        let nodes_key = format!("{{{prefix}}}:nodes");
-        let node_key_prefix = format!("{{{prefix}}}:node:");
+        let keys = DeploymentKeys {
+            nodes: format!("{{{prefix}}}:nodes"),
+            records: format!("{{{prefix}}}:records"),
+        };
         let (heartbeats, queue) = mpsc::unbounded_channel();
-        tokio::spawn(batch_heartbeats(
-            conn.clone(),
-            nodes_key.clone(),
-            node_key_prefix.clone(),
-            queue,
-        ));
+        tokio::spawn(batch_heartbeats(conn.clone(), keys.clone(), queue));
         let store = RedisStore {
             conn,
             inner: Arc::new(Inner {
                 prefix: prefix.to_owned(),
-                nodes_key,
-                node_key_prefix,
+                keys,
                 outage_key: format!("{{{prefix}}}:outage"),
                 description: format!("redis {shown} prefix {prefix}"),
                 page_size: options.page_size.max(1),
                 page_concurrency: options.page_concurrency.max(1),
+                bulk,
+                list_nodes_hint: AtomicUsize::new(0),
                 clock_offset_ms: AtomicI64::new(i64::MIN),
                 list_bytes_per_node: AtomicUsize::new(NODE_OVERHEAD + 32),
                 heartbeats,
@@ -526,12 +317,12 @@ impl RedisStore {
 
     /// The sorted set key, `{prefix}:nodes`.
     pub fn nodes_key(&self) -> &str {
-        &self.inner.nodes_key
+        &self.inner.keys.nodes
     }
 
-    /// The hash key of one node, `{prefix}:node:<node_id>`.
-    pub fn node_key(&self, node: &NodeId) -> String {
-        format!("{}{}", self.inner.node_key_prefix, node.as_str())
+    /// The hash of the node records, `{prefix}:records` (field: the node id).
+    pub fn records_key(&self) -> &str {
+        &self.inner.keys.records
     }
 
     /// Deletes every key of this prefix (`SCAN MATCH {prefix}:*` + `UNLINK`, never
@@ -577,16 +368,21 @@ impl RedisStore {
         ttl_ms: u64,
         meta: Meta,
     ) -> Result<LoginOutcome, StoreError> {
+        if lease_id.len() > MAX_LEASE_LEN {
+            return Err(StoreError::Unavailable(format!(
+                "redis: a lease of {} bytes is longer than the {MAX_LEASE_LEN} a record holds",
+                lease_id.len()
+            )));
+        }
         let meta = encode_meta(&meta)?;
-        let (now, exp): (u64, u64) = LOGIN
-            .key(&self.inner.nodes_key)
-            .key(self.node_key(&node))
-            .arg(node.as_str())
-            .arg(lease_id)
+        let mut call = evalsha(&LOGIN, &self.inner.keys);
+        call.arg(node.as_str())
+            .arg(lease_header(&lease_id))
             .arg(ttl_ms)
             .arg(meta)
             .arg(grace_ms())
-            .invoke_async(&mut self.conn.clone())
+            .arg(LOGIN_PURGE);
+        let (now, exp): (u64, u64) = eval(&mut self.conn.clone(), &LOGIN, &call)
             .await
             .map_err(unavailable)?;
         Ok(LoginOutcome {
@@ -606,7 +402,7 @@ impl RedisStore {
         let (reply, outcome) = oneshot::channel();
         let job = HeartbeatJob {
             node,
-            lease_id,
+            lease: lease_header(&lease_id),
             ttl_ms,
             meta,
             reply,
@@ -621,7 +417,7 @@ impl RedisStore {
             Ok(Ok(1)) => Err(StoreError::LeaseMismatch),
             Ok(Ok(exp)) if exp > 1 => Ok(exp.unsigned_abs()),
             Ok(Ok(code)) => Err(StoreError::Unavailable(format!(
-                "redis: heartbeat failed (code {code}); is the node's key a hash?"
+                "redis: unexpected heartbeat script reply {code}"
             ))),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(StoreError::Unavailable(
@@ -631,12 +427,9 @@ impl RedisStore {
     }
 
     async fn logout_impl(&self, node: NodeId, lease_id: String) -> Result<bool, StoreError> {
-        let reply: u64 = LOGOUT
-            .key(&self.inner.nodes_key)
-            .key(self.node_key(&node))
-            .arg(node.as_str())
-            .arg(lease_id)
-            .invoke_async(&mut self.conn.clone())
+        let mut call = evalsha(&LOGOUT, &self.inner.keys);
+        call.arg(node.as_str()).arg(lease_header(&lease_id));
+        let reply: u64 = eval(&mut self.conn.clone(), &LOGOUT, &call)
             .await
             .map_err(unavailable)?;
         match reply {
@@ -647,85 +440,145 @@ impl RedisStore {
         }
     }
 
-    /// The store clock and the ids of the nodes online then, sorted. May also hold
-    /// members that expired shortly before: callers drop those by `expires_at`.
+    /// Calls `each` with the id and record of every node online at the store's
+    /// clock, in `node_id` order, page by page as the pages arrive. Returns how many
+    /// members the sorted set listed (an upper bound of the nodes; sizes buffers).
     ///
-    /// `TIME` and `ZRANGE ... BYSCORE` in one pipeline, not a script: turning a
-    /// large reply into a Lua table and back costs Redis more than the range itself
-    /// (about 1.6 ms per 10 000 members). Without a script the range cannot start at
-    /// `TIME`, so it starts at the Redis clock as estimated from the previous listing
-    /// minus [`LIST_CLOCK_MARGIN_MS`], and is read again from `-inf` if that bound
-    /// turns out to be above the `TIME` of the same pipeline (which Redis ran just
-    /// before the range): no member that is online at `TIME` is ever missed.
-    async fn live_ids(&self) -> Result<(u64, Vec<String>), StoreError> {
+    /// Two exchanges on the [`BulkConnection`]: `TIME` + `ZRANGE ... BYSCORE` in one
+    /// pipeline, then `HMGET`s of [`RedisOptions::page_size`] records, up to
+    /// [`RedisOptions::page_concurrency`] in flight so that Redis answers the next
+    /// while this page is written out. Vanished, expired and unreadable records are
+    /// skipped.
+    ///
+    /// The range is not computed in a script: turning a large reply into a Lua table
+    /// and back costs Redis more than the range itself (about 1.6 ms per 10 000
+    /// members). Without a script it cannot start at `TIME`, so it starts at the
+    /// Redis clock as estimated from the previous listing minus
+    /// [`LIST_CLOCK_MARGIN_MS`], and is read again from `-inf` if that bound turns out
+    /// to be above the `TIME` of the same pipeline (which Redis ran just before the
+    /// range): no member that is online at `TIME` is ever missed.
+    async fn for_each_live(
+        &self,
+        mut each: impl FnMut(&str, Record<'_>) + Send,
+    ) -> Result<(), StoreError> {
+        let mut session = self.inner.bulk.session().await?;
         let offset = self.inner.clock_offset_ms.load(Ordering::Relaxed);
         let mut lower = (offset != i64::MIN)
             .then(|| local_epoch_ms().saturating_add_signed(offset))
             .map(|estimate| estimate.saturating_sub(LIST_CLOCK_MARGIN_MS));
-        loop {
+        let (now, ids) = loop {
             let min = lower.map_or_else(|| "-inf".to_owned(), |l| l.to_string());
-            let ((secs, micros), mut ids): ((u64, u64), Vec<String>) = redis::pipe()
+            let range = redis::pipe()
                 .cmd("TIME")
                 .cmd("ZRANGE")
-                .arg(&self.inner.nodes_key)
+                .arg(&self.inner.keys.nodes)
                 .arg(min)
                 .arg("+inf")
                 .arg("BYSCORE")
-                .query_async(&mut self.conn.clone())
-                .await
-                .map_err(unavailable)?;
-            let now = epoch_ms(secs, micros);
+                .get_packed_pipeline();
+            session.send(&range, 2).await?;
+            let time = session.reply().await?;
+            let ids = session.reply().await?;
+            let now = match (
+                time.get(0).and_then(parse_u64),
+                time.get(1).and_then(parse_u64),
+            ) {
+                (Some(secs), Some(micros)) => epoch_ms(secs, micros),
+                _ => {
+                    return Err(StoreError::Unavailable(
+                        "redis: TIME reply is not two numbers".into(),
+                    ))
+                }
+            };
             let offset = i64::try_from(now)
                 .unwrap_or(i64::MAX)
                 .saturating_sub(i64::try_from(local_epoch_ms()).unwrap_or(i64::MAX));
             self.inner.clock_offset_ms.store(offset, Ordering::Relaxed);
             match lower {
                 Some(l) if l > now => lower = None,
-                _ => {
-                    ids.sort_unstable();
-                    return Ok((now, ids));
+                _ => break (now, ids),
+            }
+        };
+        // Sorted by a 16-byte prefix computed once (most ids differ in it), the rest
+        // of the bytes only on a tie.
+        let mut order: Vec<(u128, usize)> = (0..ids.len())
+            .filter_map(|i| Some((sort_key(ids.get(i)?), i)))
+            .collect();
+        order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| ids.get(a.1).cmp(&ids.get(b.1))));
+        let pages: Vec<&[(u128, usize)]> = order.chunks(self.inner.page_size).collect();
+        let hmget = |page: &[(u128, usize)]| {
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(&self.inner.keys.records);
+            for &(_, i) in page {
+                cmd.arg(ids.get(i).unwrap_or_default());
+            }
+            cmd.get_packed_command()
+        };
+        let mut sent = 0;
+        for page in pages.iter().take(self.inner.page_concurrency) {
+            session.send(&hmget(page), 1).await?;
+            sent += 1;
+        }
+        for page in &pages {
+            let records = session.reply().await?;
+            if let Some(next) = pages.get(sent) {
+                session.send(&hmget(next), 1).await?;
+                sent += 1;
+            }
+            if records.len() != page.len() {
+                return Err(StoreError::Unavailable(format!(
+                    "redis: {} records for an HMGET of {}",
+                    records.len(),
+                    page.len()
+                )));
+            }
+            for (&(_, i), rec) in page.iter().zip(records.iter()) {
+                let (Some(id), Some(rec)) = (ids.get(i), rec) else {
+                    continue;
+                };
+                match Record::parse(rec) {
+                    Some(rec) if rec.expires_at_ms > now => {
+                        if let Some(id) = listed_id(id) {
+                            each(id, rec);
+                        }
+                    }
+                    Some(_) => {}
+                    None => tracing::warn!(
+                        node_id = %String::from_utf8_lossy(id),
+                        "stored record does not parse; not listing it"
+                    ),
                 }
             }
         }
+        Ok(())
     }
 
     async fn list_impl(&self) -> Result<Vec<Node>, StoreError> {
-        let (now, ids) = self.live_ids().await?;
-        // Futures built up front: a closure inside the stream trips the compiler's
-        // `Send` inference for higher-ranked lifetimes.
-        let fetches: Vec<_> = ids
-            .chunks(self.inner.page_size)
-            .map(|page| self.fetch_page(page))
-            .collect();
-        let pages = futures_util::stream::iter(fetches)
-            .buffered(self.inner.page_concurrency)
-            .try_collect::<Vec<Vec<NodeFields>>>()
+        let mut nodes = Vec::new();
+        self.for_each_live(|id, rec| nodes.push(to_node(id, &rec)))
             .await?;
-        Ok(ids
-            .iter()
-            .zip(pages.into_iter().flatten())
-            .filter_map(|(id, fields)| to_node(id, fields, now))
-            .collect())
+        Ok(nodes)
     }
 
-    /// [`Store::list_json`]: like `list_impl`, but each page's replies are written
-    /// into the response as they arrive, meta text as stored.
+    /// [`Store::list_json`]: each page's records are written into the response as
+    /// they arrive, meta text as stored.
     async fn list_json_impl(&self) -> Result<NodeListJson, StoreError> {
-        let (now, ids) = self.live_ids().await?;
         let per_node = self.inner.list_bytes_per_node.load(Ordering::Relaxed);
-        let mut list = ListWriter::with_capacity(ids.len().saturating_mul(per_node));
-        let fetches: Vec<_> = ids
-            .chunks(self.inner.page_size)
-            .map(|page| self.fetch_page(page))
-            .collect();
-        let mut pages = futures_util::stream::iter(fetches).buffered(self.inner.page_concurrency);
-        let mut page_ids = ids.chunks(self.inner.page_size);
-        while let Some(page) = pages.next().await {
-            let page = page?;
-            for (id, fields) in page_ids.next().unwrap_or_default().iter().zip(page) {
-                push_node(&mut list, id, fields, now);
-            }
-        }
+        let expected = self.inner.list_nodes_hint.load(Ordering::Relaxed);
+        let mut list = ListWriter::with_capacity(expected.saturating_mul(per_node));
+        self.for_each_live(|id, rec| {
+            list.push(
+                id,
+                rec.meta_json(id),
+                rec.online_since_ms,
+                rec.last_seen_ms,
+                rec.expires_at_ms,
+            );
+        })
+        .await?;
+        self.inner
+            .list_nodes_hint
+            .store(list.count(), Ordering::Relaxed);
         if let Some(per_node) = list.len().checked_div(list.count()) {
             self.inner
                 .list_bytes_per_node
@@ -734,41 +587,21 @@ impl RedisStore {
         Ok(list.finish())
     }
 
-    /// One pipelined round trip: the [`NODE_FIELDS`] of `ids`, in order.
-    async fn fetch_page(&self, ids: &[String]) -> Result<Vec<NodeFields>, StoreError> {
-        let mut pipe = redis::pipe();
-        let mut key = String::new();
-        for id in ids {
-            key.clear();
-            key.push_str(&self.inner.node_key_prefix);
-            key.push_str(id);
-            pipe.cmd("HMGET").arg(&key).arg(&NODE_FIELDS[..]);
-        }
-        let replies: Vec<NodeFields> = pipe
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
-        if replies.len() == ids.len() {
-            Ok(replies)
-        } else {
-            Err(StoreError::Unavailable(format!(
-                "redis: {} replies to a pipeline of {} HMGETs",
-                replies.len(),
-                ids.len()
-            )))
-        }
-    }
-
     async fn get_impl(&self, node: NodeId) -> Result<Option<Node>, StoreError> {
-        let ((secs, micros), fields): ((u64, u64), NodeFields) = redis::pipe()
+        let ((secs, micros), rec): ((u64, u64), Option<Vec<u8>>) = redis::pipe()
             .cmd("TIME")
-            .cmd("HMGET")
-            .arg(self.node_key(&node))
-            .arg(&NODE_FIELDS[..])
+            .cmd("HGET")
+            .arg(&self.inner.keys.records)
+            .arg(node.as_str())
             .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
-        Ok(to_node(node.as_str(), fields, epoch_ms(secs, micros)))
+        let now = epoch_ms(secs, micros);
+        Ok(rec
+            .as_deref()
+            .and_then(Record::parse)
+            .filter(|rec| rec.expires_at_ms > now)
+            .map(|rec| to_node(node.as_str(), &rec)))
     }
 
     async fn now_impl(&self) -> Result<u64, StoreError> {
@@ -802,17 +635,16 @@ impl RedisStore {
         let mut high = low.saturating_add(max_ttl_ms);
         let mut moved = 0;
         loop {
-            let (handled, page_moved, lowest): (u64, u64, u64) = OUTAGE_SHIFT
-                .key(&self.inner.nodes_key)
-                .arg(low)
+            let mut call = evalsha(&OUTAGE_SHIFT, &self.inner.keys);
+            call.arg(low)
                 .arg(high)
                 .arg(outage_ms)
                 .arg(grace_ms())
-                .arg(&self.inner.node_key_prefix)
-                .arg(OUTAGE_PAGE)
-                .invoke_async(&mut self.conn.clone())
-                .await
-                .map_err(unavailable)?;
+                .arg(OUTAGE_PAGE);
+            let (handled, page_moved, lowest): (u64, u64, u64) =
+                eval(&mut self.conn.clone(), &OUTAGE_SHIFT, &call)
+                    .await
+                    .map_err(unavailable)?;
             moved += page_moved;
             if handled < OUTAGE_PAGE as u64 {
                 return Ok(moved);
@@ -893,62 +725,13 @@ impl Store for RedisStore {
     }
 }
 
-/// Builds a [`Node`] from an `HMGET` reply; `None` if the hash is gone, incomplete
-/// or expired at `now`.
-fn to_node(
-    id: &str,
-    (meta, online_since, last_seen, expires_at): NodeFields,
-    now: u64,
-) -> Option<Node> {
-    let (online_since_ms, last_seen_ms, expires_at_ms) = (online_since?, last_seen?, expires_at?);
-    if expires_at_ms <= now {
-        return None;
-    }
-    let meta = match meta.as_deref() {
-        None | Some(b"") => Meta::new(),
-        Some(json) => serde_json::from_slice(json).unwrap_or_else(|e| {
-            tracing::warn!(node_id = id, error = %e, "stored meta is not a JSON object; listing it as {{}}");
-            Meta::new()
-        }),
-    };
-    Some(Node {
-        node_id: id.to_owned(),
-        meta,
-        online_since_ms,
-        last_seen_ms,
-        expires_at_ms,
-    })
-}
-
-/// Writes an `HMGET` reply into a listing, unless the hash is gone, incomplete or
-/// expired at `now` (what [`to_node`] drops). A meta that is not a JSON object is
-/// listed as `{}`, as [`to_node`] does.
-fn push_node(
-    list: &mut ListWriter,
-    id: &str,
-    (meta, online_since, last_seen, expires_at): NodeFields,
-    now: u64,
-) {
-    let (Some(online_since_ms), Some(last_seen_ms), Some(expires_at_ms)) =
-        (online_since, last_seen, expires_at)
-    else {
-        return;
-    };
-    if expires_at_ms <= now {
-        return;
-    }
-    let meta = match meta.as_deref() {
-        None | Some(b"") => None,
-        Some(json) if is_json_object(json) => Some(json),
-        Some(_) => {
-            tracing::warn!(
-                node_id = id,
-                "stored meta is not a JSON object; listing it as {{}}"
-            );
-            None
-        }
-    };
-    list.push(id, meta, online_since_ms, last_seen_ms, expires_at_ms);
+/// The first 16 bytes of `id` as a big-endian integer (zero-padded): sorts like the
+/// bytes themselves, up to ties.
+fn sort_key(id: &[u8]) -> u128 {
+    let mut key = [0u8; 16];
+    let n = id.len().min(16);
+    key[..n].copy_from_slice(&id[..n]);
+    u128::from_be_bytes(key)
 }
 
 /// The local wall clock in epoch ms (only to estimate the Redis clock).
@@ -958,8 +741,18 @@ fn local_epoch_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// A stored field name as a node id for a listing; `None` (logged) if it is not
+/// UTF-8, which no server writes.
+fn listed_id(id: &[u8]) -> Option<&str> {
+    let id = std::str::from_utf8(id).ok();
+    if id.is_none() {
+        tracing::warn!("stored node id is not UTF-8; not listing it");
+    }
+    id
+}
+
 /// How long expired records are kept, in ms ([`MAX_PRESERVED_OUTAGE`]).
-fn grace_ms() -> u64 {
+pub(super) fn grace_ms() -> u64 {
     u64::try_from(MAX_PRESERVED_OUTAGE.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -972,7 +765,7 @@ fn encode_meta(meta: &Meta) -> Result<String, StoreError> {
         .map_err(|e| StoreError::Unavailable(format!("cannot encode meta: {e}")))
 }
 
-fn unavailable(e: RedisError) -> StoreError {
+pub(super) fn unavailable(e: RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
 
@@ -1091,19 +884,18 @@ mod tests {
     }
 
     #[test]
-    fn to_node_skips_missing_and_expired() {
-        assert!(to_node("a", (None, None, None, None), 10).is_none());
-        assert!(to_node("a", (None, Some(1), Some(1), Some(10)), 10).is_none());
-        let n = to_node(
-            "a",
-            (Some(b"{\"x\":1}".to_vec()), Some(1), Some(2), Some(11)),
-            10,
-        );
-        assert_eq!(
-            n.map(|n| (n.meta["x"].clone(), n.expires_at_ms)),
-            Some((1.into(), 11))
-        );
-        let bad_meta = to_node("a", (Some(b"[".to_vec()), Some(1), Some(2), Some(11)), 10);
-        assert_eq!(bad_meta.map(|n| n.meta.len()), Some(0));
+    fn sort_keys_sort_like_the_bytes() {
+        let mut ids: Vec<&[u8]> = vec![
+            b"b",
+            b"a",
+            b"aaaaaaaaaaaaaaaab",
+            b"aaaaaaaaaaaaaaaaa",
+            b"",
+            b"a\x00",
+        ];
+        let mut by_key = ids.clone();
+        ids.sort_unstable();
+        by_key.sort_unstable_by(|a, b| sort_key(a).cmp(&sort_key(b)).then_with(|| a.cmp(b)));
+        assert_eq!(ids, by_key);
     }
 }

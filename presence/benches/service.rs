@@ -1,0 +1,111 @@
+//! What the presence service stack costs per request, in-process (no sockets, no
+//! HTTP parsing): a heartbeat through the whole `PresenceService` on the memory
+//! store, next to a bare `service_fn` that answers the same request with a fixed
+//! `200`, in the same run.
+//!
+//! Each iteration clones the service and sends one request, as hyper-util's
+//! `TowerToHyperService` does per request, and reads the whole response body.
+//!
+//! Run: `cargo bench -p presence --bench service -- --warm-up-time 1 --measurement-time 3`
+
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response};
+use http_body_util::{BodyExt, Full};
+use presence::config::Config;
+use presence::model::{new_lease_id, Meta, NodeId};
+use presence::server::PresenceService;
+use presence::store::{MemoryStore, Store};
+use tower::{service_fn, Service, ServiceExt};
+
+const NODES: usize = 1000;
+
+fn heartbeat_request(body: &Bytes) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::new(body.clone()));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = http::Uri::from_static("/presence/heartbeat");
+    req.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    req
+}
+
+async fn send<S>(svc: &S, req: Request<Full<Bytes>>) -> usize
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<presence::server::ResponseBody>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    let res = svc.clone().oneshot(req).await.expect("infallible");
+    assert_eq!(res.status(), 200);
+    res.into_body()
+        .collect()
+        .await
+        .map_or(0, |b| b.to_bytes().len())
+}
+
+fn stack(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let store = Arc::new(MemoryStore::new());
+    let mut config = Config::default();
+    config.rate_limit_rate = 1e9;
+    config.rate_limit_capacity = 1_000_000_000;
+    config.ttl = std::time::Duration::from_secs(3600);
+    let bodies: Vec<Bytes> = rt.block_on(async {
+        let mut bodies = Vec::new();
+        for i in 0..NODES {
+            let id = NodeId::parse(&format!("load-{i}")).expect("id");
+            let lease = new_lease_id();
+            store
+                .login(&id, &lease, 3_600_000, Meta::new())
+                .await
+                .expect("login");
+            bodies.push(Bytes::from(format!(
+                r#"{{"node_id":"load-{i}","lease_id":"{lease}"}}"#
+            )));
+        }
+        bodies
+    });
+    let service = rt.block_on(async {
+        PresenceService::new(store.clone(), &config)
+            .with_default_peer(([127, 0, 0, 1], 4000).into())
+    });
+    let bare = service_fn(|req: Request<Full<Bytes>>| async move {
+        let _ = req.into_body().collect().await;
+        let mut res = Response::new(presence::server::ResponseBody::new(
+            Full::new(Bytes::from_static(b"{\"ok\":true}")).map_err(|e: Infallible| match e {}),
+        ));
+        res.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        Ok::<_, Infallible>(res)
+    });
+
+    let mut group = c.benchmark_group("in_process");
+    let mut i = 0;
+    group.bench_function("bare_service_fn", |b| {
+        b.to_async(&rt).iter(|| {
+            i = (i + 1) % NODES;
+            let req = heartbeat_request(&bodies[i]);
+            let bare = &bare;
+            async move { black_box(send(bare, req).await) }
+        })
+    });
+    group.bench_function("heartbeat_memory_store", |b| {
+        b.to_async(&rt).iter(|| {
+            i = (i + 1) % NODES;
+            let req = heartbeat_request(&bodies[i]);
+            let service = &service;
+            async move { black_box(send(service, req).await) }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, stack);
+criterion_main!(benches);

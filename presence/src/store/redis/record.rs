@@ -1,0 +1,156 @@
+//! [`Record`]: a node as `{prefix}:records` stores it, read without copying.
+
+use super::scripts::{LEASE_LEN_DIGITS, TIME_DIGITS};
+use crate::model::Node;
+use crate::store::json::is_json_object;
+
+/// A node's record as `{prefix}:records` holds it (see the [module docs](self)),
+/// borrowed from the stored bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Record<'a> {
+    pub(super) expires_at_ms: u64,
+    pub(super) last_seen_ms: u64,
+    pub(super) online_since_ms: u64,
+    pub(super) lease: &'a [u8],
+    /// The meta as stored: JSON text, empty for none.
+    pub(super) meta: &'a [u8],
+}
+
+impl<'a> Record<'a> {
+    /// Parses `<expires_at><last_seen><online_since><lease length><lease><meta>`
+    /// (fixed-width decimal numbers); `None` if it is not that.
+    pub(super) fn parse(rec: &'a [u8]) -> Option<Record<'a>> {
+        let digits = |at: usize, len: usize| parse_u64(rec.get(at..at + len)?);
+        let t = TIME_DIGITS;
+        let expires_at_ms = digits(0, t)?;
+        let last_seen_ms = digits(t, t)?;
+        let online_since_ms = digits(2 * t, t)?;
+        let lease_len = usize::try_from(digits(3 * t, LEASE_LEN_DIGITS)?).ok()?;
+        let rest = &rec[3 * t + LEASE_LEN_DIGITS..];
+        if lease_len > rest.len() {
+            return None;
+        }
+        let (lease, meta) = rest.split_at(lease_len);
+        Some(Record {
+            expires_at_ms,
+            last_seen_ms,
+            online_since_ms,
+            lease,
+            meta,
+        })
+    }
+
+    /// The stored meta if it is a JSON object; `None` for none (listed as `{}`). A
+    /// meta that is not a JSON object is logged and listed as `{}`.
+    pub(super) fn meta_json(&self, node_id: &str) -> Option<&'a [u8]> {
+        match self.meta {
+            b"" => None,
+            json if is_json_object(json) => Some(json),
+            _ => {
+                tracing::warn!(
+                    node_id,
+                    "stored meta is not a JSON object; listing it as {{}}"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Decimal digits only (at least one), no sign, no overflow.
+pub(super) fn parse_u64(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+            .flatten()
+    })
+}
+
+/// A [`Node`] from its record (the meta decoded; one that is not a JSON object is
+/// `{}`, as in [`Store::list_json`]).
+pub(super) fn to_node(id: &str, rec: &Record<'_>) -> Node {
+    let meta = rec
+        .meta_json(id)
+        .and_then(|json| serde_json::from_slice(json).ok())
+        .unwrap_or_default();
+    Node {
+        node_id: id.to_owned(),
+        meta,
+        online_since_ms: rec.online_since_ms,
+        last_seen_ms: rec.last_seen_ms,
+        expires_at_ms: rec.expires_at_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::scripts::lease_header;
+    use super::*;
+
+    /// A record as the scripts write it.
+    fn record(exp: u64, seen: u64, since: u64, lease: &str, meta: &str) -> Vec<u8> {
+        format!(
+            "{exp:015}{seen:015}{since:015}{}{meta}",
+            lease_header(lease)
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn records_parse() {
+        let rec = record(333, 22, 1, "abcd", r#"{"x":1}"#);
+        assert_eq!(
+            String::from_utf8_lossy(&rec),
+            r#"00000000000033300000000000002200000000000000100004abcd{"x":1}"#
+        );
+        assert_eq!(
+            Record::parse(&rec),
+            Some(Record {
+                expires_at_ms: 333,
+                last_seen_ms: 22,
+                online_since_ms: 1,
+                lease: b"abcd",
+                meta: br#"{"x":1}"#,
+            })
+        );
+        let no_meta = record(3, 2, 1, "", "");
+        assert_eq!(
+            Record::parse(&no_meta).map(|r| (r.lease, r.meta)),
+            Some((&b""[..], &b""[..]))
+        );
+        let short_lease = b"00000000000033300000000000002200000000000000100005abcd";
+        let not_digits = b"00000000000033300000000000002200000000000000x00004abcd";
+        for bad in [&b""[..], b"garbage", &rec[..49], short_lease, not_digits] {
+            assert_eq!(
+                Record::parse(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn to_node_decodes_meta() {
+        let rec = record(11, 2, 1, "l", r#"{"x":1}"#);
+        let n = to_node("a", &Record::parse(&rec).expect("parses"));
+        assert_eq!((n.meta["x"].clone(), n.expires_at_ms), (1.into(), 11));
+        let bad_meta = record(11, 2, 1, "l", "[");
+        assert_eq!(
+            to_node("a", &Record::parse(&bad_meta).expect("parses"))
+                .meta
+                .len(),
+            0
+        );
+        let no_meta = record(11, 2, 1, "l", "");
+        assert_eq!(
+            to_node("a", &Record::parse(&no_meta).expect("parses"))
+                .meta
+                .len(),
+            0
+        );
+    }
+}
