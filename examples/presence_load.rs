@@ -29,15 +29,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
-use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+
+// The same allocator as `presence_server`, so that the bare hyper baseline (which runs
+// in this binary) and the presence server are compared on equal terms, and the
+// generator itself takes less of the CPU it shares with them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Command-line help, printed by `--help`.
 pub const USAGE: &str = "\
@@ -319,11 +325,11 @@ fn split_url(url: &str) -> Result<UrlParts, String> {
 struct Target {
     addr: SocketAddr,
     url: String,
-    host: HeaderValue,
-    login: Uri,
-    heartbeat: Uri,
-    list: Uri,
-    auth: Option<HeaderValue>,
+    /// `Host: ...\r\n` and, with `--auth`, `Authorization: Bearer ...\r\n`.
+    headers: String,
+    login: String,
+    heartbeat: String,
+    list: String,
     timeout: Duration,
 }
 
@@ -334,29 +340,28 @@ impl Target {
         parts: &UrlParts,
         opts: &Options,
     ) -> Result<Target, String> {
-        let path = |suffix: &str| -> Result<Uri, String> {
+        let path = |suffix: &str| -> Result<String, String> {
             let p = format!("{}{suffix}", parts.base);
             let p = if p.is_empty() { "/".to_owned() } else { p };
-            p.parse().map_err(|e| format!("bad path `{p}`: {e}"))
+            // Validated like a URI path: the request line must not be broken by it.
+            p.parse::<Uri>()
+                .map(|_| p.clone())
+                .map_err(|e| format!("bad path `{p}`: {e}"))
         };
-        let auth = match &opts.auth {
-            Some(token) => {
-                let mut v = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
-                    "--auth: the token has characters not allowed in a header".to_owned()
-                })?;
-                v.set_sensitive(true);
-                Some(v)
+        let mut headers = format!("Host: {}\r\n", parts.authority);
+        if let Some(token) = &opts.auth {
+            if HeaderValue::from_str(token).is_err() {
+                return Err("--auth: the token has characters not allowed in a header".to_owned());
             }
-            None => None,
-        };
+            headers.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
         Ok(Target {
             addr,
             url,
-            host: HeaderValue::from_str(&parts.authority).map_err(|e| format!("bad host: {e}"))?,
+            headers,
             login: path("/login")?,
             heartbeat: path("/heartbeat")?,
             list: path("")?,
-            auth,
             timeout: opts.timeout,
         })
     }
@@ -380,20 +385,27 @@ impl Target {
         Target::new(addr, opts.url.clone(), &parts, opts)
     }
 
-    fn request(&self, method: Method, uri: &Uri, body: Option<Bytes>) -> Request<Full<Bytes>> {
-        let json = body.is_some();
-        let mut req = Request::new(Full::new(body.unwrap_or_default()));
-        *req.method_mut() = method;
-        *req.uri_mut() = uri.clone();
-        let headers = req.headers_mut();
-        headers.insert(HOST, self.host.clone());
-        if json {
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    /// The whole HTTP/1.1 request, ready to write: a `POST` of `body` as JSON, or a
+    /// `GET` without one.
+    fn request(&self, path: &str, body: Option<&[u8]>) -> Bytes {
+        let mut req = Vec::with_capacity(128 + body.map_or(0, <[u8]>::len));
+        match body {
+            Some(body) => {
+                req.extend_from_slice(
+                    format!(
+                        "POST {path} HTTP/1.1\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        self.headers,
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+                req.extend_from_slice(body);
+            }
+            None => req.extend_from_slice(
+                format!("GET {path} HTTP/1.1\r\n{}\r\n", self.headers).as_bytes(),
+            ),
         }
-        if let Some(auth) = &self.auth {
-            headers.insert(AUTHORIZATION, auth.clone());
-        }
-        req
+        Bytes::from(req)
     }
 }
 
@@ -441,119 +453,226 @@ impl Exchange {
     }
 }
 
-/// One keep-alive HTTP/1 connection, re-established when it breaks.
+/// One keep-alive HTTP/1.1 connection, re-established when it breaks.
+///
+/// A client written for this tool rather than hyper's: it writes requests prepared
+/// once and reads only what it needs of the response (the status, `Content-Length`,
+/// `Connection: close`), so it costs the shared CPU a fraction of what a general
+/// client does, and leaves that to the server under test, as `wrk` does. Responses
+/// must carry a `Content-Length` (the presence server and the bare server do).
 struct Conn {
     target: Arc<Target>,
-    sender: Option<SendRequest<Full<Bytes>>>,
+    stream: Option<TcpStream>,
+    buf: BytesMut,
     connected_before: bool,
     reconnects: u64,
+}
+
+/// A response as far as the generator cares.
+struct RawResponse {
+    status: StatusCode,
+    body: Bytes,
+    bytes_in: u64,
+    close: bool,
 }
 
 impl Conn {
     fn new(target: Arc<Target>) -> Conn {
         Conn {
             target,
-            sender: None,
+            stream: None,
+            buf: BytesMut::with_capacity(16 * 1024),
             connected_before: false,
             reconnects: 0,
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, &'static str> {
-        let addr = self.target.addr;
-        let handshake = async move {
-            let stream = TcpStream::connect(addr).await.map_err(|_| "connect")?;
-            // Small request/response pairs: Nagle plus delayed ACKs could add 40 ms stalls.
-            stream.set_nodelay(true).map_err(|_| "connect")?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    async fn connect(&self) -> Result<TcpStream, &'static str> {
+        let connect = async {
+            let stream = TcpStream::connect(self.target.addr)
                 .await
                 .map_err(|_| "connect")?;
-            // A dead connection shows up as an error on the sender, which reconnects.
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            Ok(sender)
+            // Small request/response pairs: Nagle plus delayed ACKs could add 40 ms stalls.
+            stream.set_nodelay(true).map_err(|_| "connect")?;
+            Ok(stream)
         };
-        tokio::time::timeout(self.target.timeout, handshake)
+        tokio::time::timeout(self.target.timeout, connect)
             .await
             .unwrap_or(Err("connect_timeout"))
     }
 
-    async fn exchange(&mut self, req: Request<Full<Bytes>>, keep_body: bool) -> Exchange {
-        if let Some(sender) = &mut self.sender {
-            // The server may have closed the idle connection (e.g. `Connection: close`).
-            if sender.ready().await.is_err() {
-                self.sender = None;
-            }
-        }
-        if self.sender.is_none() {
-            match self.connect().await {
-                Ok(sender) => {
-                    if self.connected_before {
-                        self.reconnects += 1;
+    /// Sends `req` (a whole request from [`Target::request`]) and reads the response.
+    async fn exchange(&mut self, req: &[u8], keep_body: bool) -> Exchange {
+        // A reused connection may have been closed by the server while idle: then the
+        // request is sent again, once, on a fresh one.
+        for attempt in 0..2 {
+            let reused = self.stream.is_some();
+            if self.stream.is_none() {
+                match self.connect().await {
+                    Ok(stream) => {
+                        if self.connected_before {
+                            self.reconnects += 1;
+                        }
+                        self.connected_before = true;
+                        self.buf.clear();
+                        self.stream = Some(stream);
                     }
-                    self.connected_before = true;
-                    self.sender = Some(sender);
-                }
-                Err(kind) => return Exchange::failed(kind),
-            }
-        }
-        let Some(sender) = self.sender.as_mut() else {
-            return Exchange::failed("connect");
-        };
-        let start = Instant::now();
-        let roundtrip = async move {
-            let resp = sender.send_request(req).await.map_err(|_| "request")?;
-            let status = resp.status();
-            let mut body = resp.into_body();
-            let mut kept = Vec::new();
-            let mut bytes_in = 0u64;
-            // Read to the end (keep-alive needs it) without buffering unless asked to.
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|_| "response_body")?;
-                if let Ok(data) = frame.into_data() {
-                    bytes_in += data.len() as u64;
-                    if keep_body {
-                        kept.extend_from_slice(&data);
-                    }
+                    Err(kind) => return Exchange::failed(kind),
                 }
             }
-            Ok::<_, &'static str>((status, kept, bytes_in))
-        };
-        match tokio::time::timeout(self.target.timeout, roundtrip).await {
-            Ok(Ok((status, kept, bytes_in))) => Exchange {
-                result: Ok(status),
-                latency: Some(start.elapsed()),
-                body: Bytes::from(kept),
-                bytes_in,
-            },
-            // The connection's state is unknown after a failure: start afresh.
-            Ok(Err(kind)) => {
-                self.sender = None;
-                Exchange::failed(kind)
-            }
-            Err(_) => {
-                self.sender = None;
-                Exchange::failed("timeout")
+            let start = Instant::now();
+            let timeout = self.target.timeout;
+            let result = tokio::time::timeout(timeout, self.roundtrip(req, keep_body)).await;
+            match result {
+                Ok(Ok(res)) => {
+                    if res.close {
+                        self.stream = None;
+                    }
+                    return Exchange {
+                        result: Ok(res.status),
+                        latency: Some(start.elapsed()),
+                        body: res.body,
+                        bytes_in: res.bytes_in,
+                    };
+                }
+                // The connection's state is unknown after a failure: start afresh.
+                Ok(Err((kind, nothing_read))) => {
+                    self.stream = None;
+                    if !(reused && nothing_read && attempt == 0) {
+                        return Exchange::failed(kind);
+                    }
+                }
+                Err(_) => {
+                    self.stream = None;
+                    return Exchange::failed("timeout");
+                }
             }
         }
+        Exchange::failed("request")
     }
 
-    /// Logs node `i` in; returns its heartbeat body when that worked.
+    /// Writes the request and reads one response; on failure, the kind and whether
+    /// no byte of a response had arrived.
+    async fn roundtrip(
+        &mut self,
+        req: &[u8],
+        keep_body: bool,
+    ) -> Result<RawResponse, (&'static str, bool)> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(("request", true));
+        };
+        stream.write_all(req).await.map_err(|_| ("request", true))?;
+        // The head: up to the blank line.
+        let mut scanned = 0;
+        let head_len = loop {
+            if let Some(at) = find_head_end(&self.buf, scanned) {
+                break at;
+            }
+            if self.buf.len() > 64 * 1024 {
+                return Err(("response_head_too_large", false));
+            }
+            scanned = self.buf.len().saturating_sub(3);
+            self.buf.reserve(16 * 1024);
+            match stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Err(("response_closed", self.buf.is_empty())),
+                Ok(_) => {}
+            }
+        };
+        let head = parse_head(&self.buf[..head_len]).map_err(|kind| (kind, false))?;
+        self.buf.advance(head_len);
+        // The body: exactly Content-Length bytes, kept only when asked for.
+        let mut left = head.content_length;
+        let mut kept = BytesMut::new();
+        loop {
+            let take = self.buf.len().min(left);
+            if keep_body {
+                kept.extend_from_slice(&self.buf[..take]);
+            }
+            self.buf.advance(take);
+            left -= take;
+            if left == 0 {
+                break;
+            }
+            self.buf.reserve(64 * 1024);
+            match stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Err(("response_body", false)),
+                Ok(_) => {}
+            }
+        }
+        Ok(RawResponse {
+            status: head.status,
+            body: kept.freeze(),
+            bytes_in: (head_len + head.content_length) as u64,
+            close: head.close,
+        })
+    }
+
+    /// Logs node `i` in; returns its heartbeat request when that worked.
     async fn login(&mut self, i: usize) -> (Exchange, Option<Bytes>) {
         let req = self
             .target
-            .request(Method::POST, &self.target.login, Some(login_body(i)));
-        let mut ex = self.exchange(req, true).await;
+            .request(&self.target.login, Some(&login_body(i)));
+        let mut ex = self.exchange(&req, true).await;
         let mut heartbeat = None;
         if matches!(ex.result, Ok(status) if status.is_success()) {
             match serde_json::from_slice::<LoginReply>(&ex.body) {
-                Ok(reply) => heartbeat = Some(heartbeat_body(i, &reply.lease_id)),
+                Ok(reply) => {
+                    let body = heartbeat_body(i, &reply.lease_id);
+                    heartbeat = Some(self.target.request(&self.target.heartbeat, Some(&body)));
+                }
                 Err(_) => ex.result = Err("bad_login_reply"),
             }
         }
         (ex, heartbeat)
     }
+}
+
+/// Where the response head in `buf` ends (after its blank line), looking from `from`.
+fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+    buf.get(from..)?
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| from + at + 4)
+}
+
+/// What the generator reads from a response head.
+struct Head {
+    status: StatusCode,
+    content_length: usize,
+    close: bool,
+}
+
+fn parse_head(head: &[u8]) -> Result<Head, &'static str> {
+    let text = std::str::from_utf8(head).map_err(|_| "bad_response_head")?;
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let (version, code) = (parts.next(), parts.next());
+    if !version.is_some_and(|v| v.starts_with("HTTP/1.")) {
+        return Err("bad_status_line");
+    }
+    let status = code
+        .and_then(|c| c.parse::<u16>().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or("bad_status_line")?;
+    let mut content_length = None;
+    let mut close = version == Some("HTTP/1.0");
+    for line in lines.filter(|l| !l.is_empty()) {
+        let (name, value) = line.split_once(':').ok_or("bad_header")?;
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            content_length = Some(value.parse::<usize>().map_err(|_| "bad_content_length")?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err("chunked_response_unsupported");
+        } else if name.eq_ignore_ascii_case("connection") {
+            close = value.eq_ignore_ascii_case("close");
+        }
+    }
+    Ok(Head {
+        status,
+        content_length: content_length.ok_or("no_content_length")?,
+        close,
+    })
 }
 
 /// Sleep after a failed connect so a dead server is not hammered by a busy loop.
@@ -1047,10 +1166,10 @@ async fn login_phase(
 
 /// What a closed-loop worker sends.
 enum Work {
-    /// Heartbeats, cycling through these pre-serialized bodies (never empty).
+    /// Heartbeat requests, cycled through (never empty).
     Heartbeats(Vec<Bytes>),
     /// `GET` of the node list.
-    List,
+    List(Bytes),
 }
 
 /// Sends requests back to back on one connection until `deadline`.
@@ -1060,14 +1179,14 @@ async fn closed_loop(target: Arc<Target>, work: Work, deadline: Instant) -> Phas
     let mut next = 0;
     while Instant::now() < deadline {
         let req = match &work {
-            Work::Heartbeats(bodies) => {
-                let body = bodies[next].clone();
-                next = (next + 1) % bodies.len();
-                target.request(Method::POST, &target.heartbeat, Some(body))
+            Work::Heartbeats(requests) => {
+                let req = requests[next].clone();
+                next = (next + 1) % requests.len();
+                req
             }
-            Work::List => target.request(Method::GET, &target.list, None),
+            Work::List(req) => req.clone(),
         };
-        let ex = conn.exchange(req, false).await;
+        let ex = conn.exchange(&req, false).await;
         stats.record(&ex);
         connect_backoff(&ex).await;
     }
@@ -1101,8 +1220,15 @@ async fn flood_phase(target: &Arc<Target>, bodies: &[Bytes], opts: &Options) -> 
 async fn list_phase(target: &Arc<Target>, opts: &Options) -> PhaseStats {
     let start = Instant::now();
     let deadline = start + opts.duration;
+    let req = target.request(&target.list, None);
     let tasks = (0..opts.concurrency)
-        .map(|_| tokio::spawn(closed_loop(target.clone(), Work::List, deadline)))
+        .map(|_| {
+            tokio::spawn(closed_loop(
+                target.clone(),
+                Work::List(req.clone()),
+                deadline,
+            ))
+        })
         .collect();
     gather("steady", tasks, start).await
 }
@@ -1171,13 +1297,8 @@ async fn node_worker(
         }
         let (i, heartbeat) = &mut nodes[k];
         let mut login = heartbeat.is_none();
-        if let Some(body) = heartbeat.clone() {
-            let ex = conn
-                .exchange(
-                    target.request(Method::POST, &target.heartbeat, Some(body)),
-                    false,
-                )
-                .await;
+        if let Some(req) = heartbeat.clone() {
+            let ex = conn.exchange(&req, false).await;
             stats.record(&ex);
             // Like the client SDK: a node that is no longer online logs in again at once.
             login = ex.result == Ok(StatusCode::NOT_FOUND);
@@ -1202,11 +1323,14 @@ async fn node_worker(
 
 const BARE_BODY: &[u8] = b"{\"ok\":true}";
 
-/// Heartbeat bodies as `flood` sends them, with a made-up lease: the bare server
+/// Heartbeat requests as `flood` sends them, with a made-up lease: the bare server
 /// reads and ignores them.
-fn bare_bodies(nodes: usize) -> Vec<Bytes> {
+fn bare_requests(target: &Target, nodes: usize) -> Vec<Bytes> {
     (0..nodes)
-        .map(|i| heartbeat_body(i, "0123456789abcdef0123456789abcdef"))
+        .map(|i| {
+            let body = heartbeat_body(i, "0123456789abcdef0123456789abcdef");
+            target.request(&target.heartbeat, Some(&body))
+        })
         .collect()
 }
 
@@ -1261,7 +1385,7 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
                 Ok(Err(e)) => return Err(format!("cannot connect to {}: {e}", target.addr)),
                 Err(_) => return Err(format!("cannot connect to {}: timed out", target.addr)),
             }
-            let bodies = bare_bodies(opts.nodes);
+            let bodies = bare_requests(&target, opts.nodes);
             eprintln!(
                 "presence_load: bare: flooding {} for {:.1} s over {} connections",
                 target.addr,
@@ -1282,7 +1406,7 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
             let url = format!("http://{addr}/presence");
             let parts = split_url(&url)?;
             let target = Arc::new(Target::new(addr, url, &parts, opts)?);
-            let bodies = bare_bodies(opts.nodes);
+            let bodies = bare_requests(&target, opts.nodes);
             eprintln!(
                 "presence_load: bare: flooding {addr} for {:.1} s over {} connections",
                 opts.duration.as_secs_f64(),

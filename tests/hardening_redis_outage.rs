@@ -553,3 +553,83 @@ async fn extend_after_outage_moves_each_interrupted_lease_once() {
     })
     .await;
 }
+
+/// The sorted set only indexes expiries (scores lag the records by up to
+/// `INDEX_GRANULARITY`): the outage rule decides by each record. Here 2 700 members
+/// share one stale score across three pages; those whose record was live at the
+/// outage start move, the others (expired just before it) stay where they are and
+/// are neither moved nor listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extend_after_outage_decides_by_the_record_when_scores_lag() {
+    use presence::model::{new_lease_id, NodeId};
+    use presence::store::redis::test_support::{redis_for_tests, DEFAULT_TEST_REDIS_URI};
+    use presence::store::Store;
+
+    let Some(store) = redis_for_tests("extend_after_outage_lagging_scores").await else {
+        return;
+    };
+    within(30, async {
+        const LIVE: usize = 1500;
+        const DEAD: usize = 1200;
+        let outage = Duration::from_millis(200);
+        let id = |s: &str| NodeId::parse(s).unwrap();
+        let name = |i: usize| format!("n-{i:04}-{}", if i % 2 == 0 { "dead" } else { "live" });
+
+        let logins = (0..LIVE + DEAD).map(|i| {
+            let store = store.clone();
+            async move {
+                // Even: a 1 ms lease, expired well before the outage below begins.
+                let ttl = if i % 2 == 0 && i / 2 < DEAD { 1 } else { 5_000 };
+                let out = store
+                    .login(&id(&name(i)), &new_lease_id(), ttl, Meta::new())
+                    .await
+                    .unwrap();
+                (name(i), ttl, out.expires_at_ms)
+            }
+        });
+        let logged: Vec<(String, u64, u64)> = futures_util::future::join_all(logins).await;
+        let min_exp = logged.iter().map(|l| l.2).min().unwrap();
+        // Every score 9 s behind: stale, but within the index granularity of each
+        // record's expiry (never ahead of it).
+        let stale = min_exp - 9_000;
+        let uri = std::env::var("PRESENCE_TEST_REDIS_URI")
+            .unwrap_or_else(|_| DEFAULT_TEST_REDIS_URI.into());
+        let mut raw = redis::Client::open(uri)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(store.nodes_key());
+        for (n, _, _) in &logged {
+            zadd.arg(stale).arg(n);
+        }
+        let _: u64 = zadd.query_async(&mut raw).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+
+        let moved = store.extend_after_outage(outage, 10_000).await.unwrap();
+        let live: Vec<&(String, u64, u64)> = logged.iter().filter(|l| l.1 == 5_000).collect();
+        assert_eq!(moved, live.len() as u64);
+        let listed: BTreeMap<String, Node> = store
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| (n.node_id.clone(), n))
+            .collect();
+        assert_eq!(listed.len(), live.len());
+        for (n, _, exp) in &live {
+            assert_eq!(listed[n.as_str()].expires_at_ms, exp + 200, "{n}");
+        }
+        // The dead ones stayed in the index (purged later by login) but did not move.
+        let dead_score: Option<f64> = redis::cmd("ZSCORE")
+            .arg(store.nodes_key())
+            .arg(name(0))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(dead_score, Some(stale as f64));
+        assert!(store.delete_prefix().await.is_ok());
+    })
+    .await;
+}

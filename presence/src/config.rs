@@ -15,7 +15,7 @@
 //! | `PRESENCE_STORE_TIMEOUT_MS` | `1000` | a store call slower than this is a `503` |
 //! | `PRESENCE_MAX_META_BYTES` | `4096` | meta size limit (serialized JSON) |
 //! | `PRESENCE_HEADER_TIMEOUT_MS` | `5000` | request headers must arrive within this, and a connection without a request in flight for this long is closed (HTTP/1 and HTTP/2; slowloris guard) |
-//! | `PRESENCE_REQUEST_TIMEOUT_MS` | `10000` | a whole request, body included, must finish within this (`408` otherwise) |
+//! | `PRESENCE_REQUEST_TIMEOUT_MS` | `10000` | a request body must have arrived within this (`408` otherwise); the store call after it is bounded by `PRESENCE_STORE_TIMEOUT_MS` |
 //! | `PRESENCE_SHUTDOWN_GRACE_MS` | `10000` | on SIGTERM/Ctrl-C, in-flight requests get this long to finish |
 //!
 //! The last three are not in the SPEC table; they bound how long a slow or malicious
@@ -105,10 +105,11 @@ pub struct Config {
     pub store_timeout: Duration,
     /// `PRESENCE_MAX_META_BYTES`: the largest accepted `meta`, serialized.
     pub max_meta_bytes: usize,
-    /// `PRESENCE_HEADER_TIMEOUT_MS`: request headers must arrive within this, and a
-    /// connection (HTTP/1 or HTTP/2) with no request in flight for this long is closed.
+    /// `PRESENCE_HEADER_TIMEOUT_MS`: a connection (HTTP/1 or HTTP/2) with no request
+    /// in flight for this long is closed, so request headers must arrive within it.
     pub header_timeout: Duration,
-    /// `PRESENCE_REQUEST_TIMEOUT_MS`: a whole request must be answered within this.
+    /// `PRESENCE_REQUEST_TIMEOUT_MS`: a request body must have arrived within this
+    /// (`408`); what follows is bounded by [`store_timeout`](Self::store_timeout).
     pub request_timeout: Duration,
     /// `PRESENCE_SHUTDOWN_GRACE_MS`: how long in-flight requests may take after a
     /// shutdown signal.

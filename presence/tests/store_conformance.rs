@@ -661,6 +661,71 @@ async fn redis_keys_follow_the_data_model_and_expire() {
 }
 
 #[tokio::test]
+async fn redis_index_scores_lag_expiries_by_less_than_the_granularity() {
+    let Some(store) = redis_for_tests("redis_index_scores_lag").await else {
+        return;
+    };
+    let mut conn = raw().await;
+    let granularity = presence::store::redis::INDEX_GRANULARITY.as_millis() as u64;
+    let score = |conn: redis::aio::MultiplexedConnection, member: &'static str| {
+        let key = store.nodes_key().to_owned();
+        async move {
+            let s: Option<u64> = redis::cmd("ZSCORE")
+                .arg(key)
+                .arg(member)
+                .query_async(&mut conn.clone())
+                .await
+                .expect("zscore");
+            s
+        }
+    };
+    let lease = new_lease_id();
+    let out = store
+        .login(&id("n"), &lease, 60_000, Meta::new())
+        .await
+        .expect("login");
+    assert_eq!(score(conn.clone(), "n").await, Some(out.expires_at_ms));
+    let mut last_score = out.expires_at_ms;
+    for _ in 0..20 {
+        let exp = store
+            .heartbeat(&id("n"), &lease, 60_000, None)
+            .await
+            .expect("heartbeat");
+        let s = score(conn.clone(), "n").await.expect("a member");
+        // Written only when the expiry enters another slot; never ahead, never far behind.
+        assert!(s <= exp && exp - s < granularity, "score {s}, expiry {exp}");
+        assert!(s == last_score || s == exp, "score {s} moved to neither");
+        assert_eq!(s / granularity == last_score / granularity, s == last_score);
+        last_score = s;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // A node whose score is already in the past is still listed while its record says
+    // it is online (also once a first listing has taught the store the Redis clock,
+    // which bounds the range it reads).
+    assert_eq!(store.list().await.map(|l| l.len()), Ok(1));
+    let m = store
+        .login(&id("m"), &new_lease_id(), 3_000, Meta::new())
+        .await
+        .expect("login");
+    let _: u64 = redis::cmd("ZADD")
+        .arg(store.nodes_key())
+        .arg(m.expires_at_ms - (granularity - 1))
+        .arg("m")
+        .query_async(&mut conn)
+        .await
+        .expect("zadd");
+    let listed = store.list().await.expect("list");
+    assert_eq!(ids(&listed), vec!["m", "n"]);
+    assert_eq!(
+        Store::get(&store, &id("m"))
+            .await
+            .map(|n| n.map(|n| n.expires_at_ms)),
+        Ok(Some(m.expires_at_ms))
+    );
+    assert!(store.delete_prefix().await.is_ok());
+}
+
+#[tokio::test]
 async fn redis_prefixes_are_isolated() {
     let Some(a) = redis_for_tests("redis_prefixes_are_isolated_a").await else {
         return;

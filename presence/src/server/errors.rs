@@ -52,8 +52,8 @@ pub enum ApiError {
     InvalidNodeId(InvalidNodeId),
     /// `422 invalid_meta`: meta is not an object or is too large. The string says which.
     InvalidMeta(String),
-    /// `408 request_timeout`: the request (typically its body) took longer than
-    /// `PRESENCE_REQUEST_TIMEOUT_MS`.
+    /// `408 request_timeout`: the request body took longer than
+    /// `PRESENCE_REQUEST_TIMEOUT_MS` to arrive.
     RequestTimeout,
     /// `503 store_unavailable` with `Retry-After`: the store failed, did not answer in
     /// time, or its circuit breaker is open.

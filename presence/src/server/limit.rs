@@ -3,22 +3,25 @@
 //! Written here rather than taken from `tower_http::limit` because that layer answers
 //! a too-large `Content-Length` with its own plain-text `413`, and the API promises
 //! the JSON error shape for every error.
+//!
+//! The layer rejects what it can before the body is read (a declared length over the
+//! limit); the body reader of the router ([`read_body`](super::router)) stops at the
+//! same limit for a body without a declared length, so the body passes through this
+//! layer untouched (not wrapped and boxed again).
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use futures_util::future::{ready, Either, Ready};
 use http::header::CONTENT_LENGTH;
-use http_body_util::{BodyExt, Limited};
 use tower::{Layer, Service};
 
 use super::errors::ApiError;
 use super::{RequestBody, ResponseBody};
 
-/// Rejects a request whose `Content-Length` exceeds the limit at once, and caps the
-/// body of every other request (chunked bodies have no length up front): reading past
-/// the limit fails with [`http_body_util::LengthLimitError`], which the handler turns
-/// into the same `413`.
+/// Rejects a request whose `Content-Length` exceeds the limit at once, without
+/// reading its body; a chunked body (no length up front) is cut at the same limit by
+/// the handler that reads it, with the same `413`.
 #[derive(Clone, Copy, Debug)]
 pub struct BodyLimitLayer {
     limit: usize,
@@ -75,10 +78,6 @@ where
                 ApiError::PayloadTooLarge { limit: self.limit }.into_response()
             )));
         }
-        let limit = self.limit;
-        Either::Right(
-            self.inner
-                .call(req.map(|body| Limited::new(body, limit).boxed_unsync())),
-        )
+        Either::Right(self.inner.call(req))
     }
 }

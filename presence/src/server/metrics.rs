@@ -20,14 +20,15 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 use tower::{Layer, Service};
 
@@ -62,20 +63,127 @@ pub enum StoreErrorKind {
     CircuitOpen,
 }
 
-type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+type HistogramFamily = Family<RouteLabels, LatencyHistogram, fn() -> LatencyHistogram>;
 
-fn latency_histogram() -> Histogram {
-    // 0.5 ms .. ~8 s: in-memory calls land in the first buckets, a Redis that times
-    // out (default 1 s) in the last ones.
-    Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+/// Upper bounds of the latency buckets, in seconds: 0.5 ms .. ~8 s (in-memory calls
+/// land in the first buckets, a Redis that times out, by default after 1 s, in the
+/// last ones).
+fn latency_bounds() -> [f64; LATENCY_BUCKETS] {
+    std::array::from_fn(|i| 0.0005 * f64::powi(2.0, i32::try_from(i).unwrap_or(i32::MAX)))
+}
+
+const LATENCY_BUCKETS: usize = 15;
+
+/// A request-latency histogram that records with three atomic additions and no lock
+/// (`prometheus_client`'s `Histogram` takes a write lock per observation, which every
+/// request on every core would contend for). Encoded exactly like that `Histogram`.
+#[derive(Clone, Debug)]
+pub(crate) struct LatencyHistogram(Arc<LatencyCells>);
+
+#[derive(Debug)]
+struct LatencyCells {
+    bounds: [f64; LATENCY_BUCKETS],
+    /// Observations per bucket (not cumulative); the last one is `+Inf`.
+    counts: [AtomicU64; LATENCY_BUCKETS + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl LatencyHistogram {
+    fn new() -> Self {
+        LatencyHistogram(Arc::new(LatencyCells {
+            bounds: latency_bounds(),
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_nanos: AtomicU64::new(0),
+        }))
+    }
+
+    fn observe(&self, elapsed: std::time::Duration) {
+        let cells = &*self.0;
+        let secs = elapsed.as_secs_f64();
+        let bucket = cells
+            .bounds
+            .iter()
+            .position(|&bound| secs <= bound)
+            .unwrap_or(LATENCY_BUCKETS);
+        cells.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        cells.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let cells = &*self.0;
+        let mut buckets = [(0.0, 0); LATENCY_BUCKETS + 1];
+        for (i, bucket) in buckets.iter_mut().enumerate() {
+            // The encoder writes `f64::MAX` as `+Inf`.
+            let bound = cells.bounds.get(i).copied().unwrap_or(f64::MAX);
+            *bucket = (bound, cells.counts[i].load(Ordering::Relaxed));
+        }
+        let count = buckets.iter().map(|&(_, n)| n).sum();
+        // Nanoseconds to seconds: exact to the nanosecond for 104 days of latency.
+        #[allow(clippy::cast_precision_loss)]
+        let sum = cells.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// Every route label the server uses, in the order of [`route_index`].
+const ROUTES: [&str; 9] = [
+    "/presence/login",
+    "/presence/heartbeat",
+    "/presence/logout",
+    "/presence",
+    "/presence/{node_id}",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "unmatched",
+];
+
+/// Every method label, in the order of [`method_index`].
+const METHODS: [&str; 8] = [
+    "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "other",
+];
+
+/// The statuses the server answers with, in the order of [`status_index`]; a
+/// request counter for any other status is looked up in the family.
+const STATUSES: [u16; 14] = [
+    200, 400, 401, 404, 405, 408, 409, 413, 415, 422, 429, 500, 503, 504,
+];
+
+fn route_index(route: &str) -> Option<usize> {
+    ROUTES.iter().position(|r| *r == route)
+}
+
+fn method_index(method: &str) -> Option<usize> {
+    METHODS.iter().position(|m| *m == method)
+}
+
+fn status_index(status: u16) -> Option<usize> {
+    STATUSES.iter().position(|s| *s == status)
 }
 
 /// The server's metrics registry. Cheap to share (`Arc` inside each metric); one per
 /// [`PresenceService`](super::PresenceService).
+///
+/// Recording a request touches no lock: the counter of each route, method and
+/// status the server can answer with, and the histogram of each route, are taken
+/// from their families once (lazily) and kept in tables.
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    request_counters: Box<[OnceLock<Counter>]>,
     latency: HistogramFamily,
+    latency_by_route: Box<[LatencyHistogram]>,
     rate_limited: Counter,
     store_errors: Family<StoreErrorLabels, Counter>,
     online_nodes: Gauge,
@@ -100,7 +208,15 @@ impl Metrics {
         let mut registry = Registry::with_prefix("presence");
         let requests = Family::<RequestLabels, Counter>::default();
         let latency: HistogramFamily =
-            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+            Family::new_with_constructor(LatencyHistogram::new as fn() -> LatencyHistogram);
+        // Series appear on first use, as with the family alone.
+        let request_counters = (0..ROUTES.len() * METHODS.len() * STATUSES.len())
+            .map(|_| OnceLock::new())
+            .collect();
+        let latency_by_route = ROUTES
+            .iter()
+            .map(|&route| latency.get_or_create_owned(&RouteLabels { route }))
+            .collect();
         let rate_limited = Counter::default();
         let store_errors = Family::<StoreErrorLabels, Counter>::default();
         // Present from the start (at 0): an alert on `rate()` needs the series to exist
@@ -144,7 +260,9 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            request_counters,
             latency,
+            latency_by_route,
             rate_limited,
             store_errors,
             online_nodes,
@@ -170,16 +288,34 @@ impl Metrics {
         status: http::StatusCode,
         elapsed: std::time::Duration,
     ) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route,
-                method,
-                status: status.as_u16(),
-            })
-            .inc();
-        self.latency
-            .get_or_create(&RouteLabels { route })
-            .observe(elapsed.as_secs_f64());
+        let labels = RequestLabels {
+            route,
+            method,
+            status: status.as_u16(),
+        };
+        let slot = match (
+            route_index(route),
+            method_index(method),
+            status_index(labels.status),
+        ) {
+            (Some(r), Some(m), Some(s)) => self
+                .request_counters
+                .get((r * METHODS.len() + m) * STATUSES.len() + s),
+            _ => None,
+        };
+        match slot {
+            Some(slot) => slot
+                .get_or_init(|| self.requests.get_or_create_owned(&labels))
+                .inc(),
+            None => self.requests.get_or_create(&labels).inc(),
+        };
+        match route_index(route).and_then(|r| self.latency_by_route.get(r)) {
+            Some(histogram) => histogram.observe(elapsed),
+            None => self
+                .latency
+                .get_or_create(&RouteLabels { route })
+                .observe(elapsed),
+        }
         if status == http::StatusCode::TOO_MANY_REQUESTS {
             self.rate_limited.inc();
         }
@@ -221,7 +357,13 @@ fn method_label(method: &http::Method) -> &'static str {
 }
 
 /// Records `presence_http_requests_total` and the latency histogram for every
-/// request that passes through it.
+/// request that passes through it, and logs each request at `debug` (target
+/// `presence::server::metrics`): method, route template, status, latency. A `500` is
+/// logged at `error`.
+///
+/// This is also the server's request log: the route, status and latency are at hand
+/// here, and `tower_http`'s `TraceLayer` would wrap (and the stack re-box) every
+/// response body to log the same thing.
 #[derive(Clone, Debug)]
 pub struct MetricsLayer {
     metrics: Arc<Metrics>,
@@ -254,12 +396,10 @@ pub struct MetricsService<S> {
 impl<S, B> Service<http::Request<B>> for MetricsService<S>
 where
     S: Service<http::Request<B>, Response = http::Response<ResponseBody>, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = http::Response<ResponseBody>;
     type Error = Infallible;
-    type Future =
-        Pin<Box<dyn Future<Output = Result<http::Response<ResponseBody>, Infallible>> + Send>>;
+    type Future = MetricsFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -268,13 +408,59 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let route = route_label(req.method(), req.uri().path());
         let method = method_label(req.method());
-        let metrics = self.metrics.clone();
-        let start = tokio::time::Instant::now();
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let response = fut.await?;
-            metrics.record_request(route, method, response.status(), start.elapsed());
-            Ok(response)
-        })
+        MetricsFuture {
+            start: tokio::time::Instant::now(),
+            inner: self.inner.call(req),
+            metrics: self.metrics.clone(),
+            route,
+            method,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Response future of [`MetricsService`]: records the request when the response
+    /// head is ready.
+    pub struct MetricsFuture<F> {
+        #[pin]
+        inner: F,
+        metrics: Arc<Metrics>,
+        route: &'static str,
+        method: &'static str,
+        start: tokio::time::Instant,
+    }
+}
+
+impl<F> Future for MetricsFuture<F>
+where
+    F: Future<Output = Result<http::Response<ResponseBody>, Infallible>>,
+{
+    type Output = Result<http::Response<ResponseBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx))?;
+        let elapsed = this.start.elapsed();
+        let status = response.status();
+        this.metrics
+            .record_request(this.route, this.method, status, elapsed);
+        if status == http::StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(
+                method = this.method,
+                route = this.route,
+                status = status.as_u16(),
+                ?elapsed,
+                "request failed"
+            );
+        } else {
+            tracing::debug!(
+                method = this.method,
+                route = this.route,
+                status = status.as_u16(),
+                ?elapsed,
+                "request"
+            );
+        }
+        Poll::Ready(Ok(response))
     }
 }

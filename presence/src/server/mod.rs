@@ -10,16 +10,21 @@
 //! The stack, outermost first:
 //!
 //! ```text
-//! tracing (tower-http TraceLayer)
-//! metrics (requests by route/method/status, latency)        -> GET /metrics
-//! request timeout (PRESENCE_REQUEST_TIMEOUT_MS, 408)
+//! metrics (requests by route/method/status, latency) and a debug log line per request
+//!                                                            -> GET /metrics
 //! ├─ /healthz /readyz /metrics (and unknown paths) ─────────┐
 //! └─ /presence*: bearer auth (401)                           │
 //!                token bucket per client IP (429 + Retry-After)
 //!                16 KiB body limit (413)                     │
 //!                router <────────────────────────────────────┘
+//!                  -> body within PRESENCE_REQUEST_TIMEOUT_MS (408)
 //!                  -> store, behind PRESENCE_STORE_TIMEOUT_MS and a circuit breaker (503)
 //! ```
+//!
+//! Around the stack, [`Server`] closes connections that have had no request in
+//! flight for `PRESENCE_HEADER_TIMEOUT_MS` (silent clients, half-sent heads, idle
+//! keep-alive and HTTP/2 connections). Each phase of a request has one bound, and a
+//! bound only costs a timer when the phase does not complete at once.
 //!
 //! When the store answers again after an outage, the first call gives the outage
 //! back to the leases it interrupted before anything else reaches the store
@@ -30,6 +35,7 @@
 //! [`ApiError::into_response`].
 
 mod auth;
+mod deadline;
 mod errors;
 mod limit;
 mod list;
@@ -49,7 +55,7 @@ use resilience::BoxError;
 pub use self::auth::{BearerAuth, BearerAuthLayer};
 pub use self::errors::ApiError;
 pub use self::limit::{BodyLimit, BodyLimitLayer};
-pub use self::metrics::{Metrics, MetricsLayer, MetricsService, StoreErrorKind};
+pub use self::metrics::{Metrics, MetricsFuture, MetricsLayer, MetricsService, StoreErrorKind};
 pub use self::serve::{serve, shutdown_signal, Server};
 pub use self::service::{service, PresenceService};
 

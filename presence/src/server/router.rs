@@ -9,6 +9,7 @@
 //! ids: a `GET` on them is the node lookup (`GET /presence/{node_id}`), a `POST` is the
 //! action, so such a node can still be fetched.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -19,20 +20,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{Method, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError};
+use http_body_util::BodyExt;
 use resilience::circuit_breaker::CircuitBreaker;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tower::Service;
 
+use super::deadline::{deadline, TimedOut};
 use super::errors::{bytes_response, json_response, ApiError};
 use super::list::{list_response, ListCoalescer};
 use super::metrics::{Metrics, StoreErrorKind};
 use super::outage::OutageTracker;
 use super::{RequestBody, ResponseBody, MAX_BODY_BYTES};
-use crate::model::{
-    try_new_lease_id, HeartbeatResponse, LoginResponse, LogoutResponse, Meta, NodeId,
-};
+use crate::model::{try_new_lease_id, LoginResponse, LogoutResponse, Meta, NodeId};
+use crate::store::json::write_u64;
 use crate::store::{Store, StoreError};
 
 /// A matched route.
@@ -135,6 +136,8 @@ pub(crate) struct State {
     pub(crate) outage: Arc<OutageTracker>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) store_timeout: Duration,
+    /// How long a request body may take to arrive (`408` after it).
+    pub(crate) body_timeout: Duration,
     pub(crate) ttl_ms: u64,
     pub(crate) heartbeat_ms: u64,
     pub(crate) max_meta_bytes: usize,
@@ -171,14 +174,16 @@ impl State {
             }
         };
         // The store is only asked once the breaker has admitted the call.
-        let started = tokio::time::Instant::now();
         let attempt = async {
             if self.outage.pending() {
                 self.outage.recover(&self.store).await?;
             }
             call(&*self.store).await
         };
-        let (result, kind) = match tokio::time::timeout(self.store_timeout, attempt).await {
+        let attempt = deadline(self.store_timeout, attempt);
+        tokio::pin!(attempt);
+        let outcome = attempt.as_mut().await;
+        let (result, kind) = match outcome {
             Ok(Ok(value)) => (Ok(value), None),
             Ok(Err(StoreError::NotFound)) => (Err(ApiError::NodeNotFound(node.to_owned())), None),
             Ok(Err(StoreError::LeaseMismatch)) => (Err(ApiError::LeaseMismatch), None),
@@ -191,7 +196,7 @@ impl State {
                     Some(StoreErrorKind::Unavailable),
                 )
             }
-            Err(_elapsed) => {
+            Err(TimedOut { .. }) => {
                 tracing::warn!(timeout = ?self.store_timeout, "store call timed out");
                 (
                     Err(ApiError::StoreUnavailable {
@@ -205,6 +210,11 @@ impl State {
             None => permit.success(),
             Some(kind) => {
                 self.metrics.record_store_error(kind);
+                // A call that failed at its first poll started just now.
+                let started = attempt
+                    .as_ref()
+                    .armed_at()
+                    .unwrap_or_else(tokio::time::Instant::now);
                 self.outage.failed(started);
                 permit.failure();
             }
@@ -241,7 +251,7 @@ impl State {
                 }
             }
             Route::Login => {
-                let req: LoginWire = read_json(&parts.headers, body).await?;
+                let req: LoginWire = read_json(&parts.headers, body, self.body_timeout).await?;
                 let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
                 let meta = self.check_meta(req.meta)?.unwrap_or_default();
                 let lease_id = try_new_lease_id()
@@ -263,7 +273,13 @@ impl State {
                 ))
             }
             Route::Heartbeat => {
-                let req: HeartbeatWire = read_json(&parts.headers, body).await?;
+                // The hot path: ids are borrowed from the body, not copied, and the
+                // body every client sends is taken apart without a JSON parser.
+                let bytes = read_body(&parts.headers, body, self.body_timeout).await?;
+                let req: HeartbeatWire<'_> = match plain_heartbeat(&bytes) {
+                    Some(req) => req,
+                    None => parse_json(&bytes)?,
+                };
                 let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
                 let meta = self.check_meta(req.meta)?;
                 let expires_at_ms = self
@@ -271,17 +287,14 @@ impl State {
                         s.heartbeat(&node, &req.lease_id, self.ttl_ms, meta)
                     })
                     .await?;
-                Ok(json_response(
+                Ok(bytes_response(
                     StatusCode::OK,
-                    &HeartbeatResponse {
-                        node_id: node.into_string(),
-                        lease_id: req.lease_id,
-                        expires_at_ms,
-                    },
+                    "application/json",
+                    heartbeat_reply(node.as_str(), &req.lease_id, expires_at_ms),
                 ))
             }
             Route::Logout => {
-                let req: LogoutWire = read_json(&parts.headers, body).await?;
+                let req: LogoutWire = read_json(&parts.headers, body, self.body_timeout).await?;
                 let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
                 let removed = self
                     .guarded(&req.node_id, |s| s.logout(&node, &req.lease_id))
@@ -351,11 +364,79 @@ struct LoginWire {
 }
 
 #[derive(Deserialize)]
-struct HeartbeatWire {
-    node_id: String,
-    lease_id: String,
+struct HeartbeatWire<'a> {
+    #[serde(borrow)]
+    node_id: Cow<'a, str>,
+    #[serde(borrow)]
+    lease_id: Cow<'a, str>,
     #[serde(default)]
     meta: Option<serde_json::Value>,
+}
+
+/// A heartbeat body of exactly the form the SDK (and any `serde_json` client)
+/// sends, `{"node_id":"<id>","lease_id":"<lease>"}` with no escapes, no whitespace
+/// and no meta, taken apart by hand; `None` for anything else, which the JSON parser
+/// then reads (and judges). For the bodies it accepts, the result is what the parser
+/// would give (a property test checks this).
+fn plain_heartbeat(body: &[u8]) -> Option<HeartbeatWire<'_>> {
+    let rest = body.strip_prefix(br#"{"node_id":""#)?;
+    let (node_id, rest) = plain_string(rest)?;
+    let rest = rest.strip_prefix(br#","lease_id":""#)?;
+    let (lease_id, rest) = plain_string(rest)?;
+    (rest == b"}").then_some(HeartbeatWire {
+        node_id: Cow::Borrowed(node_id),
+        lease_id: Cow::Borrowed(lease_id),
+        meta: None,
+    })
+}
+
+/// The JSON string body up to its closing quote, if it needs no unescaping (no `\`,
+/// no control character), and what follows the quote.
+fn plain_string(s: &[u8]) -> Option<(&str, &[u8])> {
+    let end = s
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+    if s[end] != b'"' {
+        return None;
+    }
+    Some((std::str::from_utf8(&s[..end]).ok()?, &s[end + 1..]))
+}
+
+/// The [`HeartbeatResponse`](crate::model::HeartbeatResponse) JSON, written by hand
+/// into a buffer of exactly its size (so `Bytes` takes it without another
+/// allocation): every heartbeat answers with it. The node id never needs escaping
+/// (see [`NodeId`]); the lease does only if the client sent an odd one.
+fn heartbeat_reply(node_id: &str, lease_id: &str, expires_at_ms: u64) -> Bytes {
+    let plain = |s: &str| {
+        s.bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    };
+    if !plain(lease_id) {
+        return match serde_json::to_vec(&crate::model::HeartbeatResponse {
+            node_id: node_id.to_owned(),
+            lease_id: lease_id.to_owned(),
+            expires_at_ms,
+        }) {
+            Ok(json) => Bytes::from(json),
+            // A struct of strings and a number always serializes.
+            Err(_) => Bytes::from_static(b"{}"),
+        };
+    }
+    let head: [&[u8]; 5] = [
+        br#"{"node_id":""#,
+        node_id.as_bytes(),
+        br#"","lease_id":""#,
+        lease_id.as_bytes(),
+        br#"","expires_at_ms":"#,
+    ];
+    let digits = expires_at_ms.checked_ilog10().map_or(1, |d| d as usize + 1);
+    let mut out = Vec::with_capacity(head.iter().map(|p| p.len()).sum::<usize>() + digits + 1);
+    for part in head {
+        out.extend_from_slice(part);
+    }
+    write_u64(&mut out, expires_at_ms);
+    out.push(b'}');
+    Bytes::from(out)
 }
 
 #[derive(Deserialize)]
@@ -392,43 +473,88 @@ fn is_json_content_type(headers: &http::HeaderMap) -> bool {
 async fn read_json<T: DeserializeOwned>(
     headers: &http::HeaderMap,
     body: RequestBody,
+    timeout: Duration,
 ) -> Result<T, ApiError> {
+    let bytes = read_body(headers, body, timeout).await?;
+    parse_json(&bytes)
+}
+
+/// Checks the content type (`415`) and reads the body (`413` past
+/// [`MAX_BODY_BYTES`], `408` if it has not arrived within `timeout`: a client that
+/// trickles its body).
+///
+/// A body that arrives as one piece (as a small request body does) is taken as it
+/// is, without the buffer list of `collect`; and if it is there already, no timer is
+/// set at all (see [`deadline`]).
+async fn read_body(
+    headers: &http::HeaderMap,
+    body: RequestBody,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
     if !is_json_content_type(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let bytes = match body.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+    deadline(timeout, collect_body(body))
+        .await
+        .unwrap_or(Err(ApiError::RequestTimeout))
+}
+
+/// The body's bytes (`413` past [`MAX_BODY_BYTES`]).
+async fn collect_body(mut body: RequestBody) -> Result<Bytes, ApiError> {
+    let mut first: Option<Bytes> = None;
+    let mut rest: Vec<u8> = Vec::new();
+    let mut read = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::BadRequest(format!("could not read the request body: {e}")))?;
+        // Trailers carry nothing a JSON body needs.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        // A body without a declared length (chunked) stops here; a declared one over
+        // the limit was refused before it was read (`BodyLimit`).
+        read = read.saturating_add(data.len());
+        if read > MAX_BODY_BYTES {
             return Err(ApiError::PayloadTooLarge {
                 limit: MAX_BODY_BYTES,
-            })
+            });
         }
-        Err(e) => {
-            return Err(ApiError::BadRequest(format!(
-                "could not read the request body: {e}"
-            )))
+        match &first {
+            None => first = Some(data),
+            Some(head) => {
+                if rest.is_empty() {
+                    rest.extend_from_slice(head);
+                }
+                rest.extend_from_slice(&data);
+            }
         }
-    };
+    }
+    Ok(if rest.is_empty() {
+        first.unwrap_or_default()
+    } else {
+        Bytes::from(rest)
+    })
+}
+
+/// Deserializes a request body (`400` if it is not the expected JSON object).
+fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
     // The hot path (heartbeats) deserializes straight into the wire type, without a
     // `serde_json::Value` tree in between; the first byte tells it is an object.
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
-        return serde_json::from_slice(&bytes).map_err(|e| {
+        return serde_json::from_slice(bytes).map_err(|e| {
             ApiError::BadRequest(match e.classify() {
                 serde_json::error::Category::Data => format!("invalid body: {e}"),
                 _ => format!("the body is not valid JSON: {e}"),
             })
         });
     }
-    let value: serde_json::Value = serde_json::from_slice(&bytes)
+    // Not an object. Say whether it is JSON at all. (serde's derived structs would
+    // also accept a JSON array of the fields in order; the API takes objects only.)
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
         .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
-    // serde's derived structs also accept a JSON array of the fields in order; the API
-    // takes objects only.
-    if !value.is_object() {
-        return Err(ApiError::BadRequest(
-            "the body must be a JSON object".to_owned(),
-        ));
-    }
-    serde_json::from_value(value).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
+    Err(ApiError::BadRequest(
+        "the body must be a JSON object".to_owned(),
+    ))
 }
 
 /// The innermost service: routes and handles a request.
@@ -510,6 +636,62 @@ mod tests {
         );
         assert_eq!(route_label(&Method::GET, "/wp-admin"), "unmatched");
         assert_eq!(route_label(&Method::POST, "/healthz"), "/healthz");
+    }
+
+    #[test]
+    fn plain_heartbeats_are_read_by_hand_and_the_rest_by_serde() {
+        let ok = plain_heartbeat(br#"{"node_id":"n-1","lease_id":"abc"}"#).expect("plain");
+        assert_eq!((&*ok.node_id, &*ok.lease_id), ("n-1", "abc"));
+        for other in [
+            &br#"{"node_id":"n","lease_id":"a","meta":{}}"#[..],
+            br#"{ "node_id":"n","lease_id":"a"}"#,
+            br#"{"lease_id":"a","node_id":"n"}"#,
+            br#"{"node_id":"n\u0041","lease_id":"a"}"#,
+            br#"{"node_id":"n","lease_id":"a"} "#,
+            br#"{"node_id":"n","lease_id":"a""#,
+            b"{\"node_id\":\"n\x01\",\"lease_id\":\"a\"}",
+        ] {
+            assert!(
+                plain_heartbeat(other).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(other)
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the hand reader accepts, serde reads the same way.
+        #[test]
+        fn plain_heartbeats_agree_with_serde(
+            node in "[ -~]{0,12}|.{0,6}",
+            lease in "[ -~]{0,40}|.{0,6}",
+            tail in proptest::sample::select(vec!["}", "} ", ",\"x\":1}", ""]),
+        ) {
+            let body = format!(r#"{{"node_id":"{node}","lease_id":"{lease}"{tail}"#);
+            if let Some(fast) = plain_heartbeat(body.as_bytes()) {
+                let slow: HeartbeatWire<'_> = serde_json::from_str(&body).expect("valid JSON");
+                proptest::prop_assert_eq!(&*fast.node_id, &*slow.node_id);
+                proptest::prop_assert_eq!(&*fast.lease_id, &*slow.lease_id);
+                proptest::prop_assert!(slow.meta.is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn heartbeat_replies_are_what_serde_writes() {
+        for (id, lease, exp) in [
+            ("n-1", "0123456789abcdef0123456789abcdef", 1_764_600_000_123),
+            ("a", "", 0),
+            ("b", "we\"ird\\lease\u{1}é", u64::MAX),
+        ] {
+            let expected = serde_json::to_vec(&crate::model::HeartbeatResponse {
+                node_id: id.to_owned(),
+                lease_id: lease.to_owned(),
+                expires_at_ms: exp,
+            })
+            .unwrap();
+            assert_eq!(heartbeat_reply(id, lease, exp), expected, "{lease:?}");
+        }
     }
 
     #[test]

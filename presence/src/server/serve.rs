@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -93,6 +93,7 @@ impl Server {
     /// in-flight requests finish for up to `PRESENCE_SHUTDOWN_GRACE_MS` (idle
     /// keep-alive connections are closed at once), aborts what is left and returns.
     ///
+    /// HTTP/1 and HTTP/2 (prior knowledge, `h2c`) are told apart by the first bytes.
     /// Slow and idle clients are bounded by `PRESENCE_HEADER_TIMEOUT_MS`: a connection
     /// that sends nothing, or not a whole request header, within it is closed, and so
     /// is one (HTTP/1 or HTTP/2) that has had no request in flight for that long.
@@ -110,13 +111,7 @@ impl Server {
             shutdown_grace,
         } = self;
 
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout);
-        builder.http2().timer(TokioTimer::new());
-        let builder = Arc::new(builder);
+        let builders = Arc::new(Builders::new());
 
         // `true` once shutdown begins; every connection task watches it.
         let (closing_tx, closing_rx) = watch::channel(false);
@@ -130,7 +125,7 @@ impl Server {
                         connections.spawn(serve_connection(
                             stream,
                             peer,
-                            builder.clone(),
+                            builders.clone(),
                             service.clone(),
                             header_timeout,
                             closing_rx.clone(),
@@ -230,21 +225,27 @@ pub async fn shutdown_signal() {
 /// The idle check costs a request nothing but a clock read: requests record when the
 /// connection last went idle, and one timer per connection wakes up at the earliest
 /// time it could be idle for `idle_timeout`, then either closes it or sleeps again.
+/// It also stands in for hyper's `header_read_timeout` (one timer per request): an
+/// HTTP/1 connection stuck in half a request head has nothing in flight, so it is
+/// closed `idle_timeout` after its last response (or its first byte).
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
     service: PresenceService,
     idle_timeout: Duration,
     mut closing: watch::Receiver<bool>,
 ) {
-    tokio::select! {
-        sent = first_byte_within(&stream, idle_timeout) => if !sent {
-            tracing::debug!(%peer, "closing connection that sent nothing");
-            return;
+    let protocol = tokio::select! {
+        sent = first_bytes_within(&stream, idle_timeout) => match sent {
+            Some(protocol) => protocol,
+            None => {
+                tracing::debug!(%peer, "closing connection that sent nothing");
+                return;
+            }
         },
         () = shutdown_begun(&mut closing) => return,
-    }
+    };
     // Responses are written whole (one `writev` each), so Nagle's algorithm could only
     // delay them: a pipelined or HTTP/2 response behind an unacknowledged one would
     // wait for the peer's delayed ACK.
@@ -257,7 +258,56 @@ async fn serve_connection(
         peer,
         activity: activity.clone(),
     };
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let io = TokioIo::new(stream);
+    match protocol {
+        Protocol::Http1 => {
+            let conn = builders.http1.serve_connection(io, service);
+            drive(conn, peer, &activity, idle_timeout, closing, false).await;
+        }
+        Protocol::Http2 => {
+            let conn = builders.http2.serve_connection(io, service);
+            drive(conn, peer, &activity, idle_timeout, closing, true).await;
+        }
+    }
+}
+
+/// hyper's connection builders, one per protocol. The protocol is told apart by
+/// [`first_bytes_within`] (which only peeks), so the connection is served by the
+/// protocol's own builder, without the auto builder's read-ahead and replay of the
+/// first bytes on every read.
+struct Builders {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new() -> Builders {
+        // No `header_read_timeout` for HTTP/1: hyper would arm a timer for every
+        // request head. The idle rule of `drive` bounds slow and silent clients
+        // instead, for HTTP/1 and HTTP/2 alike, with one timer per connection.
+        let http1 = hyper::server::conn::http1::Builder::new();
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2.timer(TokioTimer::new());
+        Builders { http1, http2 }
+    }
+}
+
+/// Drives one connection until it ends: closes it gracefully when the server shuts
+/// down, and when it has had no request in flight for `idle_timeout` (see
+/// [`serve_connection`]). An idle HTTP/1 connection is simply closed (it has nothing
+/// in flight, perhaps half a request head, which a graceful close would wait for);
+/// an idle HTTP/2 one gets a GOAWAY first.
+async fn drive<C>(
+    conn: C,
+    peer: SocketAddr,
+    activity: &Activity,
+    idle_timeout: Duration,
+    mut closing: watch::Receiver<bool>,
+    http2: bool,
+) where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
     tokio::pin!(conn);
     let shutdown = shutdown_begun(&mut closing);
     tokio::pin!(shutdown);
@@ -284,6 +334,10 @@ async fn serve_connection(
             () = idle_check.as_mut(), if !shutting_down => match activity.idle_until(idle_timeout) {
                 // Busy, or not idle for long enough yet: look again when it could be.
                 Some(next_check) => idle_check.as_mut().reset(next_check),
+                None if !http2 => {
+                    tracing::debug!(%peer, "closing idle connection");
+                    return;
+                }
                 None => {
                     tracing::debug!(%peer, "closing idle connection");
                     conn.as_mut().graceful_shutdown();
@@ -431,15 +485,43 @@ impl Drop for InFlight {
     }
 }
 
-/// Waits until the client has sent at least one byte.
+/// The protocol a connection speaks, as far as its first bytes tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    /// It begins with the HTTP/2 preface (`PRI * HTTP/2.0...`).
+    Http2,
+}
+
+/// Waits until the client has sent something, and tells from its first bytes which
+/// protocol it speaks; `None` if it sent nothing within `timeout`.
 ///
-/// hyper's `header_read_timeout` only starts once the auto builder has sniffed the
-/// protocol, so without this a client that connects and stays silent would hold a
-/// connection (and a file descriptor) forever.
-async fn first_byte_within(stream: &TcpStream, timeout: Duration) -> bool {
-    let mut buf = [0u8; 1];
-    matches!(
-        tokio::time::timeout(timeout, stream.peek(&mut buf)).await,
-        Ok(Ok(n)) if n > 0
-    )
+/// hyper only starts to read (and time) a connection once it is served, so without
+/// this a client that connects and stays silent would hold a connection (and a file
+/// descriptor) forever. Three bytes tell the protocols apart; when fewer have come
+/// (the first ones of `POST` or `PUT`, say), it waits a moment for the rest.
+async fn first_bytes_within(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 3];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            // Silent (or gone) for the whole timeout, or still stuck on one or two
+            // bytes at its end: nothing to serve.
+            _ => return None,
+        };
+        // HTTP/1 cannot begin with "PRI" (there is no such method).
+        if n == buf.len() || !b"PRI".starts_with(&buf[..n]) {
+            return Some(if buf[..n] == *b"PRI" {
+                Protocol::Http2
+            } else {
+                Protocol::Http1
+            });
+        }
+        // `peek` returns at once while those bytes are buffered: wait a moment.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        if Instant::now() >= deadline {
+            return None;
+        }
+    }
 }

@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http_body::Body;
 use http_body_util::BodyExt;
 use resilience::circuit_breaker::{CircuitBreaker, CircuitState};
@@ -15,10 +16,8 @@ use resilience::token_bucket::TokenBucketLayer;
 use resilience::{BoxError, KeyedTokenBuckets};
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
-use tower_http::trace::TraceLayer;
 
 use super::auth::BearerAuthLayer;
-use super::errors::ApiError;
 use super::limit::BodyLimitLayer;
 use super::metrics::{Metrics, MetricsLayer};
 use super::outage::OutageTracker;
@@ -37,7 +36,7 @@ const BREAKER_OPEN_FOR: Duration = Duration::from_secs(1);
 type Inner =
     BoxCloneSyncService<http::Request<RequestBody>, http::Response<ResponseBody>, Infallible>;
 
-/// The presence server as a tower service: tracing -> metrics -> request timeout ->
+/// The presence server as a tower service: metrics (and a debug log line) ->
 /// (for `/presence*`: bearer auth -> per-client token bucket -> 16 KiB body limit) ->
 /// router -> store (behind a timeout and a circuit breaker).
 ///
@@ -118,6 +117,7 @@ impl PresenceService {
             outage: Arc::new(OutageTracker::new(ttl_ms, config.store_timeout)),
             metrics: metrics.clone(),
             store_timeout: config.store_timeout,
+            body_timeout: config.request_timeout,
             ttl_ms,
             heartbeat_ms: duration_ms(config.heartbeat),
             max_meta_bytes: config.max_meta_bytes,
@@ -127,13 +127,14 @@ impl PresenceService {
 
         let rate_limit = TokenBucketLayer::new(config.rate_limit_rate, config.rate_limit_capacity)
             .key(TrustedProxyIp::new(config.trusted_proxies.clone()))
-            .http();
+            .http()
+            .headers_on_success(false);
         let rate_limiter = rate_limit.keyed_buckets::<IpAddr>();
         let presence = ServiceBuilder::new()
             .layer(BearerAuthLayer::new(config.auth_token.as_deref()))
             .map_response(
                 |res: http::Response<resilience::ResponseBody<ResponseBody>>| {
-                    res.map(BodyExt::boxed)
+                    res.map(unwrap_limited)
                 },
             )
             .layer(rate_limit)
@@ -141,18 +142,13 @@ impl PresenceService {
             .service(router.clone());
 
         let dispatch = Dispatch {
-            presence: BoxCloneSyncService::new(presence),
+            presence,
             ops: router,
         };
 
         let stack = ServiceBuilder::new()
-            .map_response(|res: http::Response<_>| res.map(BodyExt::boxed))
-            .layer(TraceLayer::new_for_http())
             .layer(MetricsLayer::new(metrics.clone()))
-            .service(RequestTimeout {
-                inner: dispatch,
-                timeout: config.request_timeout,
-            });
+            .service(dispatch);
 
         PresenceService {
             inner: BoxCloneSyncService::new(stack),
@@ -221,18 +217,34 @@ where
     }
 }
 
-/// Sends `/presence*` through auth, rate limit and body limit; `/healthz`,
+/// The token bucket's response body as the stack's own: the router's body as it is
+/// (no second box), or the bucket's `429` / `500` body.
+fn unwrap_limited(body: resilience::ResponseBody<ResponseBody>) -> ResponseBody {
+    match body {
+        resilience::ResponseBody::Inner { body } => body,
+        resilience::ResponseBody::Rejection { body } => super::full(body.unwrap_or_default()),
+    }
+}
+
+/// Sends `/presence*` through auth, rate limit and body limit (`P`); `/healthz`,
 /// `/readyz`, `/metrics` (and unknown paths, for their `404`) straight to the router.
 #[derive(Clone)]
-struct Dispatch {
-    presence: Inner,
+struct Dispatch<P> {
+    presence: P,
     ops: Router,
 }
 
-impl Service<http::Request<RequestBody>> for Dispatch {
+impl<P> Service<http::Request<RequestBody>> for Dispatch<P>
+where
+    P: Service<
+        http::Request<RequestBody>,
+        Response = http::Response<ResponseBody>,
+        Error = Infallible,
+    >,
+{
     type Response = http::Response<ResponseBody>;
     type Error = Infallible;
-    type Future = <Inner as Service<http::Request<RequestBody>>>::Future;
+    type Future = Either<P::Future, <Router as Service<http::Request<RequestBody>>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // The router is always ready; only the presence stack could make us wait.
@@ -241,43 +253,9 @@ impl Service<http::Request<RequestBody>> for Dispatch {
 
     fn call(&mut self, req: http::Request<RequestBody>) -> Self::Future {
         if is_presence_path(req.uri().path()) {
-            self.presence.call(req)
+            Either::Left(self.presence.call(req))
         } else {
-            self.ops.call(req)
+            Either::Right(self.ops.call(req))
         }
-    }
-}
-
-/// Answers `408 request_timeout` when the inner service takes longer than `timeout`
-/// (in practice: a client that trickles its body). `tower::timeout` would turn this
-/// into an error, and the stack promises `Error = Infallible`.
-///
-/// Not generic on purpose: over a generic inner service, rustc cannot prove the boxed
-/// future `Send` for the boxed-error request body (a known higher-ranked lifetime
-/// limitation), and this layer has exactly one inner service.
-#[derive(Clone)]
-struct RequestTimeout {
-    inner: Dispatch,
-    timeout: Duration,
-}
-
-impl Service<http::Request<RequestBody>> for RequestTimeout {
-    type Response = http::Response<ResponseBody>;
-    type Error = Infallible;
-    type Future = <Inner as Service<http::Request<RequestBody>>>::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<RequestBody>) -> Self::Future {
-        let fut = self.inner.call(req);
-        let timeout = self.timeout;
-        Box::pin(async move {
-            match tokio::time::timeout(timeout, fut).await {
-                Ok(result) => result,
-                Err(_elapsed) => Ok(ApiError::RequestTimeout.into_response()),
-            }
-        })
     }
 }

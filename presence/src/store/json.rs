@@ -134,7 +134,8 @@ fn write_str(buf: &mut Vec<u8>, s: &str) {
     }
 }
 
-fn write_u64(buf: &mut Vec<u8>, mut n: u64) {
+/// Appends `n` in decimal.
+pub(crate) fn write_u64(buf: &mut Vec<u8>, mut n: u64) {
     // Two digits at a time: listings write three 13-digit times per node.
     const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
         2021222324252627282930313233343536373839\

@@ -67,7 +67,7 @@ use std::time::Duration;
 use crate::model::{Meta, Node, NodeId};
 
 pub mod faulty;
-mod json;
+pub(crate) mod json;
 pub mod memory;
 pub mod redis;
 

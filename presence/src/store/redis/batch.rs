@@ -1,6 +1,7 @@
 //! Heartbeats batched into calls of the [`HEARTBEATS`] script, and the hand-built
 //! `EVALSHA` commands the store uses for every script.
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use redis::aio::ConnectionManager;
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind};
 use tokio::sync::{mpsc, oneshot};
@@ -26,10 +27,21 @@ pub(super) struct HeartbeatJob {
 /// and how long it keeps Redis busy.
 const MAX_HEARTBEAT_BATCH: usize = 128;
 
-/// Sends the heartbeats that wait in `queue` to Redis, as many as are waiting (up
-/// to [`MAX_HEARTBEAT_BATCH`]) in one [`HEARTBEATS`] call, each call in its own
-/// task so that calls overlap on the multiplexed connection. Ends when the store
-/// (every sender) is gone.
+/// [`HEARTBEATS`] calls in flight at once. While they are, new heartbeats wait in
+/// the queue and go out together in the next call: under load the batches grow with
+/// the load instead of the calls multiplying. Two, so that Redis has the next call
+/// while the reply to the last one travels back.
+const MAX_CALLS_IN_FLIGHT: usize = 2;
+
+/// The outcome of one [`HEARTBEATS`] call, with the heartbeats it carried.
+type Call = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (Vec<HeartbeatJob>, Result<Vec<i64>, StoreError>)> + Send>,
+>;
+
+/// Sends the heartbeats that wait in `queue` to Redis: as many as are waiting (up
+/// to [`MAX_HEARTBEAT_BATCH`]) in one [`HEARTBEATS`] call, at most
+/// [`MAX_CALLS_IN_FLIGHT`] calls at a time, pipelined on the multiplexed connection.
+/// Ends when the store (every sender) is gone and the last call has answered.
 ///
 /// Under load this is what makes a heartbeat cheap: Redis pays the call and its
 /// three commands once per batch, not per heartbeat, and the server one command to
@@ -38,70 +50,108 @@ const MAX_HEARTBEAT_BATCH: usize = 128;
 ///
 /// A batch holds heartbeats with one TTL (the script takes it once) and at most one
 /// per node (so none has to see another's write); the first heartbeat that does not
-/// fit starts the next batch, so each node's heartbeats stay in order.
+/// fit starts the next batch, so each node's heartbeats stay in order (the
+/// connection keeps the calls in order).
 pub(super) async fn batch_heartbeats(
     conn: ConnectionManager,
     keys: DeploymentKeys,
     mut queue: mpsc::UnboundedReceiver<HeartbeatJob>,
 ) {
-    let grace = grace_ms();
+    let mut calls: FuturesUnordered<Call> = FuturesUnordered::new();
     let mut next: Option<HeartbeatJob> = None;
+    let mut open = true;
     loop {
-        let first = match next.take() {
-            Some(job) => job,
-            None => match queue.recv().await {
-                Some(job) => job,
-                None => return,
+        let room = calls.len() < MAX_CALLS_IN_FLIGHT;
+        tokio::select! {
+            biased;
+            Some((jobs, codes)) = calls.next(), if !calls.is_empty() => answer(jobs, codes),
+            first = next_job(&mut next, &mut queue), if room && open => match first {
+                Some(first) => {
+                    // Let the other ready requests queue theirs before the call goes out.
+                    tokio::task::yield_now().await;
+                    let jobs = fill_batch(first, &mut queue, &mut next);
+                    calls.push(call(conn.clone(), &keys, jobs));
+                }
+                None => open = false,
             },
-        };
-        let ttl_ms = first.ttl_ms;
-        let mut jobs = vec![first];
-        // Let the other ready requests queue theirs before the call goes out.
-        tokio::task::yield_now().await;
-        while jobs.len() < MAX_HEARTBEAT_BATCH {
-            match queue.try_recv() {
-                // Linear, but over at most MAX_HEARTBEAT_BATCH short ids.
-                Ok(job) if job.ttl_ms == ttl_ms && jobs.iter().all(|j| j.node != job.node) => {
-                    jobs.push(job);
-                }
-                Ok(job) => {
-                    next = Some(job);
-                    break;
-                }
-                Err(_) => break,
-            }
+            else => return,
         }
-        // The command is built by hand rather than through `Script::key/arg`, which
-        // allocates every argument on its own before copying it into the command.
-        let mut call = evalsha(&HEARTBEATS, &keys);
-        call.arg(grace).arg(ttl_ms);
-        for job in &jobs {
-            call.arg(job.node.as_str())
-                .arg(&job.lease)
-                .arg(job.meta.as_deref().unwrap_or(""));
-        }
-        let mut conn = conn.clone();
-        tokio::spawn(async move {
-            let codes: Result<Vec<i64>, StoreError> = eval(&mut conn, &HEARTBEATS, &call)
-                .await
-                .map_err(unavailable);
-            let codes = match codes {
-                Ok(codes) if codes.len() == jobs.len() => codes.into_iter().map(Ok).collect(),
-                Ok(codes) => {
-                    let e = StoreError::Unavailable(format!(
-                        "redis: {} heartbeat results for {} heartbeats",
-                        codes.len(),
-                        jobs.len()
-                    ));
-                    vec![Err(e); jobs.len()]
-                }
-                Err(e) => vec![Err(e); jobs.len()],
-            };
-            for (job, code) in jobs.into_iter().zip(codes) {
-                // The caller may have given up (timeout); nobody to tell.
-                let _ = job.reply.send(code);
+    }
+}
+
+/// The heartbeat that starts the next batch: the one left over, or the next queued.
+async fn next_job(
+    next: &mut Option<HeartbeatJob>,
+    queue: &mut mpsc::UnboundedReceiver<HeartbeatJob>,
+) -> Option<HeartbeatJob> {
+    match next.take() {
+        Some(job) => Some(job),
+        None => queue.recv().await,
+    }
+}
+
+/// `first` and the queued heartbeats that fit in its batch; the first one that does
+/// not goes to `next`.
+fn fill_batch(
+    first: HeartbeatJob,
+    queue: &mut mpsc::UnboundedReceiver<HeartbeatJob>,
+    next: &mut Option<HeartbeatJob>,
+) -> Vec<HeartbeatJob> {
+    let ttl_ms = first.ttl_ms;
+    let mut jobs = vec![first];
+    while jobs.len() < MAX_HEARTBEAT_BATCH {
+        match queue.try_recv() {
+            // Linear, but over at most MAX_HEARTBEAT_BATCH short ids.
+            Ok(job) if job.ttl_ms == ttl_ms && jobs.iter().all(|j| j.node != job.node) => {
+                jobs.push(job);
             }
-        });
+            Ok(job) => {
+                *next = Some(job);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    jobs
+}
+
+/// One [`HEARTBEATS`] call for `jobs`. The command is built by hand rather than
+/// through `Script::key/arg`, which allocates every argument on its own before
+/// copying it into the command.
+fn call(mut conn: ConnectionManager, keys: &DeploymentKeys, jobs: Vec<HeartbeatJob>) -> Call {
+    let mut cmd = evalsha(&HEARTBEATS, keys);
+    cmd.arg(grace_ms())
+        .arg(jobs.first().map_or(0, |j| j.ttl_ms));
+    for job in &jobs {
+        cmd.arg(job.node.as_str())
+            .arg(&job.lease)
+            .arg(job.meta.as_deref().unwrap_or(""));
+    }
+    Box::pin(async move {
+        let codes = eval(&mut conn, &HEARTBEATS, &cmd)
+            .await
+            .map_err(unavailable);
+        (jobs, codes)
+    })
+}
+
+/// Hands each heartbeat of a call its result.
+fn answer(jobs: Vec<HeartbeatJob>, codes: Result<Vec<i64>, StoreError>) {
+    let codes = match codes {
+        Ok(codes) if codes.len() == jobs.len() => codes.into_iter().map(Ok).collect(),
+        Ok(codes) => {
+            let e = StoreError::Unavailable(format!(
+                "redis: {} heartbeat results for {} heartbeats",
+                codes.len(),
+                jobs.len()
+            ));
+            vec![Err(e); jobs.len()]
+        }
+        Err(e) => vec![Err(e); jobs.len()],
+    };
+    for (job, code) in jobs.into_iter().zip(codes) {
+        // The caller may have given up (timeout); nobody to tell.
+        let _ = job.reply.send(code);
     }
 }
 

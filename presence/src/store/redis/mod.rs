@@ -6,7 +6,11 @@
 //! Every key carries the hash tag `{<prefix>}`, so all keys of a deployment live in
 //! one cluster slot and every script only touches keys of that slot:
 //!
-//! - `{<prefix>}:nodes`: sorted set, member `node_id`, score `expires_at_ms`.
+//! - `{<prefix>}:nodes`: sorted set, member `node_id`, score `expires_at_ms` to
+//!   within [`INDEX_GRANULARITY`] (10 s): the score is never ahead of the record's
+//!   expiry and lags it by less than that, because a heartbeat only writes it when
+//!   the expiry moves into another 10-second slot. It is an index for ranges
+//!   (listing, purge, outage); the record decides.
 //! - `{<prefix>}:records`: hash, field `node_id`, value the node's record:
 //!   `<expires_at><last_seen><online_since><lease length><lease><meta>`: the three
 //!   times as epoch ms in 15 zero-padded digits, the lease length in bytes in 5
@@ -90,7 +94,7 @@ use self::batch::{batch_heartbeats, eval, evalsha, HeartbeatJob};
 use self::bulk::BulkConnection;
 use self::record::{parse_u64, to_node, Record};
 use self::scripts::{lease_header, LOGIN, LOGIN_PURGE, LOGOUT, OUTAGE_CLAIM, OUTAGE_SHIFT};
-pub use self::scripts::{KEY_SLACK, MAX_LEASE_LEN};
+pub use self::scripts::{INDEX_GRANULARITY, KEY_SLACK, MAX_LEASE_LEN};
 use super::json::{ListWriter, NODE_OVERHEAD};
 use super::{
     redact_uri, BoxFuture, LoginOutcome, NodeListJson, Store, StoreError, MAX_PRESERVED_OUTAGE,
@@ -381,7 +385,8 @@ impl RedisStore {
             .arg(ttl_ms)
             .arg(meta)
             .arg(grace_ms())
-            .arg(LOGIN_PURGE);
+            .arg(LOGIN_PURGE)
+            .arg(index_granularity_ms());
         let (now, exp): (u64, u64) = eval(&mut self.conn.clone(), &LOGIN, &call)
             .await
             .map_err(unavailable)?;
@@ -454,8 +459,9 @@ impl RedisStore {
     /// and back costs Redis more than the range itself (about 1.6 ms per 10 000
     /// members). Without a script it cannot start at `TIME`, so it starts at the
     /// Redis clock as estimated from the previous listing minus
-    /// [`LIST_CLOCK_MARGIN_MS`], and is read again from `-inf` if that bound turns out
-    /// to be above the `TIME` of the same pipeline (which Redis ran just before the
+    /// [`LIST_CLOCK_MARGIN_MS`] and [`INDEX_GRANULARITY`] (scores lag expiries by less
+    /// than that), and is read again from `-inf` if that bound turns out to be above
+    /// `TIME - INDEX_GRANULARITY` of the same pipeline (which Redis ran just before the
     /// range): no member that is online at `TIME` is ever missed.
     async fn for_each_live(
         &self,
@@ -465,7 +471,7 @@ impl RedisStore {
         let offset = self.inner.clock_offset_ms.load(Ordering::Relaxed);
         let mut lower = (offset != i64::MIN)
             .then(|| local_epoch_ms().saturating_add_signed(offset))
-            .map(|estimate| estimate.saturating_sub(LIST_CLOCK_MARGIN_MS));
+            .map(|estimate| estimate.saturating_sub(LIST_CLOCK_MARGIN_MS + index_granularity_ms()));
         let (now, ids) = loop {
             let min = lower.map_or_else(|| "-inf".to_owned(), |l| l.to_string());
             let range = redis::pipe()
@@ -495,7 +501,8 @@ impl RedisStore {
                 .saturating_sub(i64::try_from(local_epoch_ms()).unwrap_or(i64::MAX));
             self.inner.clock_offset_ms.store(offset, Ordering::Relaxed);
             match lower {
-                Some(l) if l > now => lower = None,
+                // Every node online at `now` has a score above `now - granularity`.
+                Some(l) if l.saturating_add(index_granularity_ms()) > now => lower = None,
                 _ => break (now, ids),
             }
         };
@@ -631,8 +638,12 @@ impl RedisStore {
         if claimed == 0 {
             return Ok(0);
         }
-        let low = now.saturating_sub(outage_ms);
-        let mut high = low.saturating_add(max_ttl_ms);
+        let exp_low = now.saturating_sub(outage_ms);
+        let exp_high = exp_low.saturating_add(max_ttl_ms);
+        // Scores lag expiries by less than INDEX_GRANULARITY.
+        let low = exp_low.saturating_sub(index_granularity_ms());
+        let mut high = exp_high;
+        let mut skip = 0;
         let mut moved = 0;
         loop {
             let mut call = evalsha(&OUTAGE_SHIFT, &self.inner.keys);
@@ -640,8 +651,11 @@ impl RedisStore {
                 .arg(high)
                 .arg(outage_ms)
                 .arg(grace_ms())
-                .arg(OUTAGE_PAGE);
-            let (handled, page_moved, lowest): (u64, u64, u64) =
+                .arg(OUTAGE_PAGE)
+                .arg(exp_low)
+                .arg(exp_high)
+                .arg(skip);
+            let (handled, page_moved, lowest, stayed): (u64, u64, u64, u64) =
                 eval(&mut self.conn.clone(), &OUTAGE_SHIFT, &call)
                     .await
                     .map_err(unavailable)?;
@@ -649,6 +663,12 @@ impl RedisStore {
             if handled < OUTAGE_PAGE as u64 {
                 return Ok(moved);
             }
+            // A page all at the score it started at adds to those to skip there.
+            skip = if lowest == high {
+                skip + stayed
+            } else {
+                stayed
+            };
             high = lowest;
         }
     }
@@ -752,6 +772,11 @@ fn listed_id(id: &[u8]) -> Option<&str> {
 }
 
 /// How long expired records are kept, in ms ([`MAX_PRESERVED_OUTAGE`]).
+/// [`INDEX_GRANULARITY`] in ms.
+fn index_granularity_ms() -> u64 {
+    u64::try_from(INDEX_GRANULARITY.as_millis()).unwrap_or(u64::MAX)
+}
+
 pub(super) fn grace_ms() -> u64 {
     u64::try_from(MAX_PRESERVED_OUTAGE.as_millis()).unwrap_or(u64::MAX)
 }

@@ -71,6 +71,20 @@ end
     };
 }
 
+/// How far a node's score in `{prefix}:nodes` may lag behind its record's
+/// `expires_at` (it is never ahead): a heartbeat updates the score only when the
+/// expiry moves into another slot of this width (see [`HEARTBEATS`]). Readers of the
+/// sorted set widen their score ranges by it and decide by the record.
+pub const INDEX_GRANULARITY: Duration = Duration::from_secs(10);
+
+/// The leading digits of a 15-digit time that name its [`INDEX_GRANULARITY`] slot
+/// (15 - 11 = 4 digits cut off: 10 000 ms).
+macro_rules! lua_index_digits {
+    () => {
+        "11"
+    };
+}
+
 /// Records that one `login` removes at most (expired more than
 /// [`MAX_PRESERVED_OUTAGE`](crate::store::MAX_PRESERVED_OUTAGE) ago): bounds the call, and keeps up since every record
 /// comes from a login.
@@ -78,14 +92,16 @@ pub(super) const LOGIN_PURGE: usize = 64;
 
 /// KEYS: nodes zset, records hash. ARGV: node_id, lease header (see
 /// [`lease_header`]), ttl_ms, meta JSON, grace_ms (how long expired records are
-/// kept, [`MAX_PRESERVED_OUTAGE`](crate::store::MAX_PRESERVED_OUTAGE)), purge limit. Returns `{now, expires_at}`.
+/// kept, [`MAX_PRESERVED_OUTAGE`](crate::store::MAX_PRESERVED_OUTAGE)), purge limit,
+/// [`INDEX_GRANULARITY`] in ms. Returns `{now, expires_at}`.
 pub(super) static LOGIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
         lua_keep!(),
         "local grace = tonumber(ARGV[5])
 local exp = now + tonumber(ARGV[3])
-local old = redis.call('ZRANGE', KEYS[1], '-inf', now - grace, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[6]))
+local old = redis.call('ZRANGE', KEYS[1], '-inf', now - grace - tonumber(ARGV[7]),
+  'BYSCORE', 'LIMIT', 0, tonumber(ARGV[6]))
 if #old > 0 then
   redis.call('HDEL', KEYS[2], unpack(old))
   redis.call('ZREM', KEYS[1], unpack(old))
@@ -107,10 +123,13 @@ return {now, exp}
 ///
 /// The hot path, written for what Lua is slow at in Redis (number formatting about
 /// 1 µs, pattern matching about as much): per call `TIME`, one `HMGET` for all
-/// records, one `HSET` and one `ZADD` for all renewed ones, the keys' expiry once
-/// per [`KEY_SLACK`], and two numbers formatted; per heartbeat one substring
-/// comparison for the expiry (fixed-width times compare as strings), one plain
-/// `find` for the lease and one concatenation. A record that is expired is left
+/// records, one `HSET` for all renewed ones, the keys' expiry once per
+/// [`KEY_SLACK`], and two numbers formatted; per heartbeat two substring
+/// comparisons (fixed-width times compare as strings), one plain `find` for the
+/// lease and one concatenation. The sorted set is only written for a renewal that
+/// moves the expiry into another [`INDEX_GRANULARITY`] slot (one `ZADD` for those,
+/// if any): its scores stay within that of the records' expiry, at a fraction of the
+/// cost of a `ZADD` per heartbeat (the most expensive command of the batch). A record that is expired is left
 /// alone (`0`): a heartbeat that was queued while Redis was paused runs before the
 /// server can give the outage back, and must not destroy the record it would
 /// restore. A record that does not parse counts as not online, so the node logs in
@@ -123,12 +142,15 @@ pub(super) static HEARTBEATS: LazyLock<Script> = LazyLock::new(|| {
         "local grace = tonumber(ARGV[1])
 local exp = now + tonumber(ARGV[2])
 local exp_s = string.format('%015d', exp)
+local bucket = string.sub(exp_s, 1, ",
+        lua_index_digits!(),
+        ")
 local n = (#ARGV - 2) / 3
 local ids = {}
 for i = 1, n do ids[i] = ARGV[3 * i] end
 local recs = redis.call('HMGET', KEYS[2], unpack(ids))
 local out, hset, zadd = {}, {}, {}
-local w = 0
+local w, z = 0, 0
 for i = 1, n do
   local rec = recs[i]
   local code = 0
@@ -147,8 +169,13 @@ for i = 1, n do
       w = w + 2
       hset[w - 1] = ids[i]
       hset[w] = new
-      zadd[w - 1] = exp_s
-      zadd[w] = ids[i]
+      if string.sub(rec, 1, ",
+        lua_index_digits!(),
+        ") ~= bucket then
+        z = z + 2
+        zadd[z - 1] = exp_s
+        zadd[z] = ids[i]
+      end
       code = exp
     end
   end
@@ -156,7 +183,7 @@ for i = 1, n do
 end
 if w > 0 then
   redis.call('HSET', KEYS[2], unpack(hset))
-  redis.call('ZADD', KEYS[1], unpack(zadd))
+  if z > 0 then redis.call('ZADD', KEYS[1], unpack(zadd)) end
   keep(exp + grace)
 end
 return out
@@ -198,12 +225,16 @@ return {1, now}
 });
 
 /// KEYS: nodes zset, records hash. ARGV: lowest score (inclusive), highest score
-/// (inclusive), outage_ms, grace_ms, page size. Moves one page of the members in
-/// the range, highest first, by the outage (score and the record's `expires_at`); a
-/// member whose record is gone (or does not parse) is garbage and removed. Returns
-/// `{handled, moved, lowest score handled}`: the next page's highest score, since
-/// every member handled has moved above it (or is gone) and ties not yet handled
-/// are still at it.
+/// (inclusive), outage_ms, grace_ms, page size, lowest and highest `expires_at` to
+/// move (inclusive), members to skip. Moves one page of the members in the score
+/// range, highest score first: those whose record's `expires_at` is in the range
+/// move by the outage (record and score); a member whose record is gone (or does
+/// not parse) is garbage and removed; the others stay (a score lags its record's
+/// expiry by up to [`INDEX_GRANULARITY`], so the score range is that much wider than
+/// the expiry range). Returns `{handled, moved, lowest score handled, stayed}`,
+/// `stayed` being how many members handled stayed at that lowest score: the next
+/// page is the range up to that score, skipping them (every member moved has moved
+/// above it).
 pub(super) static OUTAGE_SHIFT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
@@ -211,25 +242,32 @@ pub(super) static OUTAGE_SHIFT: LazyLock<Script> = LazyLock::new(|| {
         lua_valid!(),
         "local d = tonumber(ARGV[3])
 local grace = tonumber(ARGV[4])
+local exp_low, exp_high = tonumber(ARGV[6]), tonumber(ARGV[7])
 local page = redis.call('ZRANGE', KEYS[1], ARGV[2], ARGV[1], 'BYSCORE', 'REV',
-  'LIMIT', 0, tonumber(ARGV[5]), 'WITHSCORES')
+  'LIMIT', tonumber(ARGV[8]), tonumber(ARGV[5]), 'WITHSCORES')
 local ids = {}
 for i = 1, #page, 2 do ids[#ids + 1] = page[i] end
-if #ids == 0 then return {0, 0, 0} end
+if #ids == 0 then return {0, 0, 0, 0} end
 local recs = redis.call('HMGET', KEYS[2], unpack(ids))
 local hset, zadd, gone = {}, {}, {}
-local last = 0
-local lowest = 0
+local last, lowest, stayed = 0, 0, 0
 for j = 1, #ids do
-  lowest = tonumber(page[2 * j])
+  local score = tonumber(page[2 * j])
+  if score ~= lowest then stayed = 0 end
+  lowest = score
   local rec = recs[j]
   if rec and valid(rec) then
-    local exp = lowest + d
-    hset[#hset + 1] = ids[j]
-    hset[#hset + 1] = string.format('%015d', exp) .. string.sub(rec, 16)
-    zadd[#zadd + 1] = exp
-    zadd[#zadd + 1] = ids[j]
-    if exp > last then last = exp end
+    local e = tonumber(string.sub(rec, 1, 15))
+    if e >= exp_low and e <= exp_high then
+      local exp = e + d
+      hset[#hset + 1] = ids[j]
+      hset[#hset + 1] = string.format('%015d', exp) .. string.sub(rec, 16)
+      zadd[#zadd + 1] = exp
+      zadd[#zadd + 1] = ids[j]
+      if exp > last then last = exp end
+    else
+      stayed = stayed + 1
+    end
   else
     gone[#gone + 1] = ids[j]
   end
@@ -243,7 +281,7 @@ if #hset > 0 then
   redis.call('ZADD', KEYS[1], unpack(zadd))
   keep(last + grace)
 end
-return {#ids, #hset / 2, lowest}
+return {#ids, #hset / 2, lowest, stayed}
 "
     ))
 });
@@ -288,6 +326,10 @@ mod tests {
     #[test]
     fn key_slack_matches_the_scripts() {
         assert_eq!(lua_key_slack_ms!(), KEY_SLACK.as_millis().to_string());
+        // 15-digit times, cut to their first `lua_index_digits!()` digits, name slots
+        // of INDEX_GRANULARITY.
+        let cut: u32 = lua_index_digits!().parse().expect("a number");
+        assert_eq!(10u128.pow(15 - cut), INDEX_GRANULARITY.as_millis());
         assert!(LOGIN.get_hash().len() == 40 && HEARTBEATS.get_hash() != LOGIN.get_hash());
     }
 }
