@@ -363,7 +363,7 @@ fn fuzzed_requests_never_panic_and_errors_are_json() {
                 (
                     http::Response::from_parts(
                         parts,
-                        Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
+                        presence::server::ResponseBody::full(Bytes::new()),
                     ),
                     bytes,
                 )

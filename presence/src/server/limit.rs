@@ -13,7 +13,6 @@ use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use futures_util::future::{ready, Either, Ready};
-use http::header::CONTENT_LENGTH;
 use tower::{Layer, Service};
 
 use super::errors::ApiError;
@@ -68,12 +67,10 @@ where
     }
 
     fn call(&mut self, req: http::Request<RequestBody>) -> Self::Future {
-        let declared = req
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|len| len > self.limit as u64) {
+        // hyper's body knows its declared `Content-Length` (the lower bound of its size
+        // hint); other bodies say what they know the same way.
+        let declared = http_body::Body::size_hint(req.body()).lower();
+        if declared > self.limit as u64 {
             return Either::Left(ready(Ok(
                 ApiError::PayloadTooLarge { limit: self.limit }.into_response()
             )));

@@ -16,16 +16,10 @@
 //! logged in before the request is in it, one that expired before it is not). The
 //! price is a wait for the running listing, at most one listing's time.
 
-use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use http::header::{HeaderValue, CONTENT_TYPE};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 
 use super::errors::ApiError;
 use super::router::State;
@@ -84,44 +78,9 @@ async fn run(
 
 /// The `200` response of a listing: its pieces as the body, the length up front.
 pub(crate) fn list_response(list: NodeListJson) -> http::Response<ResponseBody> {
-    let body = ListBody {
-        remaining: list.len() as u64,
-        chunks: list.chunks.into_iter(),
-    };
-    let mut response = http::Response::new(body.boxed());
+    let mut response = http::Response::new(ResponseBody::pieces(list.chunks));
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
-}
-
-/// A body made of shared pieces, sent one frame each with an exact size hint (so
-/// the response has a `Content-Length`, like a single buffer would).
-struct ListBody {
-    chunks: std::vec::IntoIter<Bytes>,
-    remaining: u64,
-}
-
-impl Body for ListBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let chunk = self.chunks.find(|c| !c.is_empty());
-        if let Some(chunk) = &chunk {
-            self.remaining = self.remaining.saturating_sub(chunk.len() as u64);
-        }
-        Poll::Ready(chunk.map(|c| Ok(Frame::data(c))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.remaining == 0
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.remaining)
-    }
 }

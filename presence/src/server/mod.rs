@@ -35,6 +35,7 @@
 //! [`ApiError::into_response`].
 
 mod auth;
+mod body;
 mod deadline;
 mod errors;
 mod limit;
@@ -45,29 +46,19 @@ mod router;
 mod serve;
 mod service;
 
-use std::convert::Infallible;
-
 use bytes::Bytes;
-use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
-use http_body_util::{BodyExt, Full};
-use resilience::BoxError;
 
 pub use self::auth::{BearerAuth, BearerAuthLayer};
+pub use self::body::{RequestBody, ResponseBody};
 pub use self::errors::ApiError;
 pub use self::limit::{BodyLimit, BodyLimitLayer};
 pub use self::metrics::{Metrics, MetricsFuture, MetricsLayer, MetricsService, StoreErrorKind};
 pub use self::serve::{serve, shutdown_signal, Server};
-pub use self::service::{service, PresenceService};
+pub use self::service::{service, PresenceService, ResponseFuture};
 
 /// Largest accepted request body on `/presence*` (16 KiB).
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
-/// The request body type inside the stack: whatever the caller sent, boxed.
-pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// The response body of [`PresenceService`]: always a complete in-memory body.
-pub type ResponseBody = BoxBody<Bytes, Infallible>;
-
 fn full(bytes: Bytes) -> ResponseBody {
-    Full::new(bytes).boxed()
+    ResponseBody::full(bytes)
 }

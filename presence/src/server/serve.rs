@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use futures_util::future::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
@@ -18,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
 
 use super::{PresenceService, ResponseBody};
@@ -389,7 +391,10 @@ struct ConnectionService {
     activity: Arc<Activity>,
 }
 
-type StackFuture = <PresenceService as Service<http::Request<Incoming>>>::Future;
+type StackFuture = Either<
+    <PresenceService as Service<http::Request<Incoming>>>::Future,
+    Oneshot<PresenceService, http::Request<Incoming>>,
+>;
 
 impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
     type Response = http::Response<ResponseBody>;
@@ -407,12 +412,9 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let inner = match Service::<http::Request<Incoming>>::poll_ready(&mut *service, &mut cx) {
-            Poll::Ready(Ok(())) => service.call(req),
+            Poll::Ready(Ok(())) => Either::Left(service.call(req)),
             Poll::Ready(Err(never)) => match never {},
-            Poll::Pending => {
-                let ready = service.clone().oneshot(req);
-                Box::pin(ready)
-            }
+            Poll::Pending => Either::Right(service.clone().oneshot(req)),
         };
         Counted { inner, in_flight }
     }

@@ -9,17 +9,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::Either;
 use http_body::Body;
-use http_body_util::BodyExt;
 use resilience::circuit_breaker::{CircuitBreaker, CircuitState};
 use resilience::key::TrustedProxyIp;
 use resilience::token_bucket::TokenBucketLayer;
+use resilience::token_bucket::{Http, TokenBucketService};
 use resilience::{BoxError, KeyedTokenBuckets};
-use tower::util::BoxCloneSyncService;
+use tower::util::MapResponse;
 use tower::{Service, ServiceBuilder};
 
-use super::auth::BearerAuthLayer;
-use super::limit::BodyLimitLayer;
-use super::metrics::{Metrics, MetricsLayer};
+use super::auth::{BearerAuth, BearerAuthLayer};
+use super::limit::{BodyLimit, BodyLimitLayer};
+use super::metrics::{Metrics, MetricsLayer, MetricsService};
 use super::outage::OutageTracker;
 use super::router::{is_presence_path, Router, State};
 use super::{RequestBody, ResponseBody, MAX_BODY_BYTES};
@@ -33,8 +33,17 @@ const BREAKER_FAILURES: u32 = 5;
 /// the server serves again within 2 s of it, reconnection included).
 const BREAKER_OPEN_FOR: Duration = Duration::from_secs(1);
 
-type Inner =
-    BoxCloneSyncService<http::Request<RequestBody>, http::Response<ResponseBody>, Infallible>;
+/// The `/presence*` branch: auth, rate limit, body limit, router.
+type PresenceBranch = BearerAuth<
+    MapResponse<TokenBucketService<BodyLimit<Router>, TrustedProxyIp, Http>, LimitedResponse>,
+>;
+
+/// The token bucket's response as the stack's own (see [`unwrap_limited`]).
+type LimitedResponse =
+    fn(http::Response<resilience::ResponseBody<ResponseBody>>) -> http::Response<ResponseBody>;
+
+/// The whole stack, as a concrete type: no box for its future, no dynamic call.
+type Inner = MetricsService<Dispatch<PresenceBranch>>;
 
 /// The presence server as a tower service: metrics (and a debug log line) ->
 /// (for `/presence*`: bearer auth -> per-client token bucket -> 16 KiB body limit) ->
@@ -132,11 +141,7 @@ impl PresenceService {
         let rate_limiter = rate_limit.keyed_buckets::<IpAddr>();
         let presence = ServiceBuilder::new()
             .layer(BearerAuthLayer::new(config.auth_token.as_deref()))
-            .map_response(
-                |res: http::Response<resilience::ResponseBody<ResponseBody>>| {
-                    res.map(unwrap_limited)
-                },
-            )
+            .map_response(limited_response as LimitedResponse)
             .layer(rate_limit)
             .layer(BodyLimitLayer::new(MAX_BODY_BYTES))
             .service(router.clone());
@@ -151,7 +156,7 @@ impl PresenceService {
             .service(dispatch);
 
         PresenceService {
-            inner: BoxCloneSyncService::new(stack),
+            inner: stack,
             metrics,
             rate_limiter,
             default_peer: None,
@@ -200,21 +205,52 @@ where
 {
     type Response = http::Response<ResponseBody>;
     type Error = Infallible;
-    type Future = <Inner as Service<http::Request<RequestBody>>>::Future;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Service::<http::Request<RequestBody>>::poll_ready(&mut self.inner, cx)
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let mut req = req.map(|body| body.map_err(Into::into).boxed_unsync());
+        let mut req = req.map(RequestBody::new);
         if let Some(peer) = self.default_peer {
             if req.extensions().get::<SocketAddr>().is_none() {
                 req.extensions_mut().insert(peer);
             }
         }
-        self.inner.call(req)
+        ResponseFuture {
+            inner: self.inner.call(req),
+        }
     }
+}
+
+pin_project_lite::pin_project! {
+    /// Response future of [`PresenceService`]: the stack's own future, not boxed.
+    pub struct ResponseFuture {
+        #[pin]
+        inner: <Inner as Service<http::Request<RequestBody>>>::Future,
+    }
+}
+
+impl std::future::Future for ResponseFuture {
+    type Output = Result<http::Response<ResponseBody>, Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+impl std::fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+/// The token bucket's response as the stack's own.
+fn limited_response(
+    res: http::Response<resilience::ResponseBody<ResponseBody>>,
+) -> http::Response<ResponseBody> {
+    res.map(unwrap_limited)
 }
 
 /// The token bucket's response body as the stack's own: the router's body as it is

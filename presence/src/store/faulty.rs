@@ -114,29 +114,33 @@ impl FaultyStore {
 }
 
 impl Store for FaultyStore {
-    fn login(
-        &self,
-        node: &NodeId,
-        lease_id: &str,
+    fn login<'a>(
+        &'a self,
+        node: &'a NodeId,
+        lease_id: &'a str,
         ttl_ms: u64,
         meta: Meta,
-    ) -> BoxFuture<'_, Result<LoginOutcome, StoreError>> {
+    ) -> BoxFuture<'a, Result<LoginOutcome, StoreError>> {
         self.fault()
             .unwrap_or_else(|| self.inner.login(node, lease_id, ttl_ms, meta))
     }
 
-    fn heartbeat(
-        &self,
-        node: &NodeId,
-        lease_id: &str,
+    fn heartbeat<'a>(
+        &'a self,
+        node: &'a NodeId,
+        lease_id: &'a str,
         ttl_ms: u64,
         meta: Option<Meta>,
-    ) -> BoxFuture<'_, Result<u64, StoreError>> {
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
         self.fault()
             .unwrap_or_else(|| self.inner.heartbeat(node, lease_id, ttl_ms, meta))
     }
 
-    fn logout(&self, node: &NodeId, lease_id: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
+    fn logout<'a>(
+        &'a self,
+        node: &'a NodeId,
+        lease_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
         self.fault()
             .unwrap_or_else(|| self.inner.logout(node, lease_id))
     }
@@ -149,7 +153,7 @@ impl Store for FaultyStore {
         self.listing(self.inner.list_json())
     }
 
-    fn get(&self, node: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>> {
+    fn get<'a>(&'a self, node: &'a NodeId) -> BoxFuture<'a, Result<Option<Node>, StoreError>> {
         self.fault().unwrap_or_else(|| self.inner.get(node))
     }
 

@@ -376,31 +376,32 @@ fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 // The futures copy their arguments and act when polled, not when created, like any
 // other future (a timed-out or dropped call that never ran has no effect).
 impl Store for MemoryStore {
-    fn login(
-        &self,
-        node: &NodeId,
-        lease_id: &str,
+    fn login<'a>(
+        &'a self,
+        node: &'a NodeId,
+        lease_id: &'a str,
         ttl_ms: u64,
         meta: Meta,
-    ) -> BoxFuture<'_, Result<LoginOutcome, StoreError>> {
-        let (node, lease_id) = (node.clone(), lease_id.to_owned());
-        Box::pin(async move { self.login_sync(&node, &lease_id, ttl_ms, &meta) })
+    ) -> BoxFuture<'a, Result<LoginOutcome, StoreError>> {
+        Box::pin(async move { self.login_sync(node, lease_id, ttl_ms, &meta) })
     }
 
-    fn heartbeat(
-        &self,
-        node: &NodeId,
-        lease_id: &str,
+    fn heartbeat<'a>(
+        &'a self,
+        node: &'a NodeId,
+        lease_id: &'a str,
         ttl_ms: u64,
         meta: Option<Meta>,
-    ) -> BoxFuture<'_, Result<u64, StoreError>> {
-        let (node, lease_id) = (node.clone(), lease_id.to_owned());
-        Box::pin(async move { self.heartbeat_sync(&node, &lease_id, ttl_ms, meta.as_ref()) })
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move { self.heartbeat_sync(node, lease_id, ttl_ms, meta.as_ref()) })
     }
 
-    fn logout(&self, node: &NodeId, lease_id: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
-        let (node, lease_id) = (node.clone(), lease_id.to_owned());
-        Box::pin(async move { self.logout_sync(&node, &lease_id) })
+    fn logout<'a>(
+        &'a self,
+        node: &'a NodeId,
+        lease_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move { self.logout_sync(node, lease_id) })
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<Node>, StoreError>> {
@@ -411,9 +412,8 @@ impl Store for MemoryStore {
         Box::pin(async move { Ok(self.list_json_sync()) })
     }
 
-    fn get(&self, node: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>> {
-        let node = node.clone();
-        Box::pin(async move { self.get_sync(&node) })
+    fn get<'a>(&'a self, node: &'a NodeId) -> BoxFuture<'a, Result<Option<Node>, StoreError>> {
+        Box::pin(async move { self.get_sync(node) })
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {

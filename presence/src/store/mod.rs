@@ -166,32 +166,37 @@ impl std::error::Error for StoreError {}
 
 /// Presence state storage. Object safe: servers hold an `Arc<dyn Store>`.
 ///
-/// The returned futures borrow only `self`; arguments are copied as needed, so a
-/// caller may drop them before awaiting. See the [module docs](self) for the exact
-/// semantics every implementation follows.
+/// The returned futures may borrow the arguments (keep them until the future is
+/// done), so an implementation copies only what must outlive the call; they do
+/// nothing until polled. See the [module docs](self) for the exact semantics every
+/// implementation follows.
 pub trait Store: Send + Sync + 'static {
     /// Starts a new session for `node` under `lease_id` (always succeeds unless the
     /// store is unavailable), replacing any previous session and lease.
-    fn login(
-        &self,
-        node: &NodeId,
-        lease_id: &str,
+    fn login<'a>(
+        &'a self,
+        node: &'a NodeId,
+        lease_id: &'a str,
         ttl_ms: u64,
         meta: Meta,
-    ) -> BoxFuture<'_, Result<LoginOutcome, StoreError>>;
+    ) -> BoxFuture<'a, Result<LoginOutcome, StoreError>>;
 
     /// Extends an online node's session; returns the new `expires_at_ms`.
     /// `Some(meta)` replaces the meta, `None` keeps it.
-    fn heartbeat(
-        &self,
-        node: &NodeId,
-        lease_id: &str,
+    fn heartbeat<'a>(
+        &'a self,
+        node: &'a NodeId,
+        lease_id: &'a str,
         ttl_ms: u64,
         meta: Option<Meta>,
-    ) -> BoxFuture<'_, Result<u64, StoreError>>;
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
 
     /// Ends an online node's session; `Ok(false)` if it was not online.
-    fn logout(&self, node: &NodeId, lease_id: &str) -> BoxFuture<'_, Result<bool, StoreError>>;
+    fn logout<'a>(
+        &'a self,
+        node: &'a NodeId,
+        lease_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
     /// Every online node, sorted by `node_id`.
     fn list(&self) -> BoxFuture<'_, Result<Vec<Node>, StoreError>>;
@@ -215,7 +220,7 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// One node if it is online.
-    fn get(&self, node: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>>;
+    fn get<'a>(&'a self, node: &'a NodeId) -> BoxFuture<'a, Result<Option<Node>, StoreError>>;
 
     /// Succeeds when the store answers (readiness probe).
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;

@@ -367,8 +367,8 @@ impl RedisStore {
 
     async fn login_impl(
         &self,
-        node: NodeId,
-        lease_id: String,
+        node: &NodeId,
+        lease_id: &str,
         ttl_ms: u64,
         meta: Meta,
     ) -> Result<LoginOutcome, StoreError> {
@@ -381,7 +381,7 @@ impl RedisStore {
         let meta = encode_meta(&meta)?;
         let mut call = evalsha(&LOGIN, &self.inner.keys);
         call.arg(node.as_str())
-            .arg(lease_header(&lease_id))
+            .arg(lease_header(lease_id))
             .arg(ttl_ms)
             .arg(meta)
             .arg(grace_ms())
@@ -398,16 +398,16 @@ impl RedisStore {
 
     async fn heartbeat_impl(
         &self,
-        node: NodeId,
-        lease_id: String,
+        node: &NodeId,
+        lease_id: &str,
         ttl_ms: u64,
         meta: Option<Meta>,
     ) -> Result<u64, StoreError> {
         let meta = meta.as_ref().map(encode_meta).transpose()?;
         let (reply, outcome) = oneshot::channel();
         let job = HeartbeatJob {
-            node,
-            lease: lease_header(&lease_id),
+            node: node.clone(),
+            lease: lease_header(lease_id),
             ttl_ms,
             meta,
             reply,
@@ -431,9 +431,9 @@ impl RedisStore {
         }
     }
 
-    async fn logout_impl(&self, node: NodeId, lease_id: String) -> Result<bool, StoreError> {
+    async fn logout_impl(&self, node: &NodeId, lease_id: &str) -> Result<bool, StoreError> {
         let mut call = evalsha(&LOGOUT, &self.inner.keys);
-        call.arg(node.as_str()).arg(lease_header(&lease_id));
+        call.arg(node.as_str()).arg(lease_header(lease_id));
         let reply: u64 = eval(&mut self.conn.clone(), &LOGOUT, &call)
             .await
             .map_err(unavailable)?;
@@ -594,7 +594,7 @@ impl RedisStore {
         Ok(list.finish())
     }
 
-    async fn get_impl(&self, node: NodeId) -> Result<Option<Node>, StoreError> {
+    async fn get_impl(&self, node: &NodeId) -> Result<Option<Node>, StoreError> {
         let ((secs, micros), rec): ((u64, u64), Option<Vec<u8>>) = redis::pipe()
             .cmd("TIME")
             .cmd("HGET")
@@ -688,28 +688,32 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
-    fn login(
-        &self,
-        node: &NodeId,
-        lease_id: &str,
+    fn login<'a>(
+        &'a self,
+        node: &'a NodeId,
+        lease_id: &'a str,
         ttl_ms: u64,
         meta: Meta,
-    ) -> BoxFuture<'_, Result<LoginOutcome, StoreError>> {
-        Box::pin(self.login_impl(node.clone(), lease_id.to_owned(), ttl_ms, meta))
+    ) -> BoxFuture<'a, Result<LoginOutcome, StoreError>> {
+        Box::pin(self.login_impl(node, lease_id, ttl_ms, meta))
     }
 
-    fn heartbeat(
-        &self,
-        node: &NodeId,
-        lease_id: &str,
+    fn heartbeat<'a>(
+        &'a self,
+        node: &'a NodeId,
+        lease_id: &'a str,
         ttl_ms: u64,
         meta: Option<Meta>,
-    ) -> BoxFuture<'_, Result<u64, StoreError>> {
-        Box::pin(self.heartbeat_impl(node.clone(), lease_id.to_owned(), ttl_ms, meta))
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(self.heartbeat_impl(node, lease_id, ttl_ms, meta))
     }
 
-    fn logout(&self, node: &NodeId, lease_id: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
-        Box::pin(self.logout_impl(node.clone(), lease_id.to_owned()))
+    fn logout<'a>(
+        &'a self,
+        node: &'a NodeId,
+        lease_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.logout_impl(node, lease_id))
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<Node>, StoreError>> {
@@ -720,8 +724,8 @@ impl Store for RedisStore {
         Box::pin(self.list_json_impl())
     }
 
-    fn get(&self, node: &NodeId) -> BoxFuture<'_, Result<Option<Node>, StoreError>> {
-        Box::pin(self.get_impl(node.clone()))
+    fn get<'a>(&'a self, node: &'a NodeId) -> BoxFuture<'a, Result<Option<Node>, StoreError>> {
+        Box::pin(self.get_impl(node))
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
