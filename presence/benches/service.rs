@@ -1,10 +1,12 @@
 //! What the presence service stack costs per request, in-process (no sockets, no
 //! HTTP parsing): a heartbeat through the whole `PresenceService` on the memory
-//! store, next to a bare `service_fn` that answers the same request with a fixed
-//! `200`, in the same run.
+//! store and on Redis (when `PRESENCE_TEST_REDIS_URI`, default
+//! `redis://127.0.0.1:6379`, answers; that run includes a Redis round trip), next to
+//! a bare `service_fn` that answers the same request with a fixed `200`, in the same
+//! run.
 //!
-//! Each iteration clones the service and sends one request, as hyper-util's
-//! `TowerToHyperService` does per request, and reads the whole response body.
+//! Each iteration sends one request through a clone of the service and reads the
+//! whole response body.
 //!
 //! Run: `cargo bench -p presence --bench service -- --warm-up-time 1 --measurement-time 3`
 
@@ -104,6 +106,35 @@ fn stack(c: &mut Criterion) {
             async move { black_box(send(service, req).await) }
         })
     });
+    // The same on Redis, if there is one (one heartbeat at a time: no batching).
+    let redis = rt.block_on(async {
+        let store = presence::store::redis::test_support::redis_for_tests("bench_service").await?;
+        let mut bodies = Vec::new();
+        for i in 0..NODES {
+            let id = NodeId::parse(&format!("load-{i}")).expect("id");
+            let lease = new_lease_id();
+            store
+                .login(&id, &lease, 3_600_000, Meta::new())
+                .await
+                .expect("login");
+            bodies.push(Bytes::from(format!(
+                r#"{{"node_id":"load-{i}","lease_id":"{lease}"}}"#
+            )));
+        }
+        let service = PresenceService::new(Arc::new(store.clone()), &config)
+            .with_default_peer(([127, 0, 0, 1], 4000).into());
+        Some((store, service, bodies))
+    });
+    if let Some((store, service, bodies)) = &redis {
+        group.bench_function("heartbeat_redis_store", |b| {
+            b.to_async(&rt).iter(|| {
+                i = (i + 1) % NODES;
+                let req = heartbeat_request(&bodies[i]);
+                async move { black_box(send(service, req).await) }
+            })
+        });
+        let _ = rt.block_on(store.delete_prefix());
+    }
     group.finish();
 }
 

@@ -272,27 +272,7 @@ impl State {
                     },
                 ))
             }
-            Route::Heartbeat => {
-                // The hot path: ids are borrowed from the body, not copied, and the
-                // body every client sends is taken apart without a JSON parser.
-                let bytes = read_body(&parts.headers, body, self.body_timeout).await?;
-                let req: HeartbeatWire<'_> = match plain_heartbeat(&bytes) {
-                    Some(req) => req,
-                    None => parse_json(&bytes)?,
-                };
-                let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
-                let meta = self.check_meta(req.meta)?;
-                let expires_at_ms = self
-                    .guarded(&req.node_id, |s| {
-                        s.heartbeat(&node, &req.lease_id, self.ttl_ms, meta)
-                    })
-                    .await?;
-                Ok(bytes_response(
-                    StatusCode::OK,
-                    "application/json",
-                    heartbeat_reply(node.as_str(), &req.lease_id, expires_at_ms),
-                ))
-            }
+            Route::Heartbeat => self.heartbeat(&parts.headers, body).await,
             Route::Logout => {
                 let req: LogoutWire = read_json(&parts.headers, body, self.body_timeout).await?;
                 let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
@@ -308,6 +288,33 @@ impl State {
                 ))
             }
         }
+    }
+
+    /// `POST /presence/heartbeat`, the hot path: its own future (see [`Router`]), ids
+    /// borrowed from the body rather than copied, and the body every client sends
+    /// taken apart without a JSON parser.
+    async fn heartbeat(
+        &self,
+        headers: &http::HeaderMap,
+        body: RequestBody,
+    ) -> Result<http::Response<ResponseBody>, ApiError> {
+        let bytes = read_body(headers, body, self.body_timeout).await?;
+        let req: HeartbeatWire<'_> = match plain_heartbeat(&bytes) {
+            Some(req) => req,
+            None => parse_json(&bytes)?,
+        };
+        let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
+        let meta = self.check_meta(req.meta)?;
+        let expires_at_ms = self
+            .guarded(&req.node_id, |s| {
+                s.heartbeat(&node, &req.lease_id, self.ttl_ms, meta)
+            })
+            .await?;
+        Ok(bytes_response(
+            StatusCode::OK,
+            "application/json",
+            heartbeat_reply(node.as_str(), &req.lease_id, expires_at_ms),
+        ))
     }
 
     /// `meta` must be a JSON object (`null` or absent means "none") of at most
@@ -379,27 +386,30 @@ struct HeartbeatWire<'a> {
 /// then reads (and judges). For the bodies it accepts, the result is what the parser
 /// would give (a property test checks this).
 fn plain_heartbeat(body: &[u8]) -> Option<HeartbeatWire<'_>> {
-    let rest = body.strip_prefix(br#"{"node_id":""#)?;
-    let (node_id, rest) = plain_string(rest)?;
-    let rest = rest.strip_prefix(br#","lease_id":""#)?;
-    let (lease_id, rest) = plain_string(rest)?;
-    (rest == b"}").then_some(HeartbeatWire {
-        node_id: Cow::Borrowed(node_id),
-        lease_id: Cow::Borrowed(lease_id),
+    let inner = body
+        .strip_prefix(br#"{"node_id":""#)?
+        .strip_suffix(br#""}"#)?;
+    // The node id is the short part: it ends at the first quote.
+    let end = inner.iter().position(|&b| b == b'"')?;
+    let (node_id, rest) = inner.split_at(end);
+    let lease_id = rest.strip_prefix(br#"","lease_id":""#)?;
+    // No quote in the lease either, so the `"}` stripped above closed it.
+    if !plain_json_text(node_id) || !plain_json_text(lease_id) {
+        return None;
+    }
+    Some(HeartbeatWire {
+        node_id: Cow::Borrowed(std::str::from_utf8(node_id).ok()?),
+        lease_id: Cow::Borrowed(std::str::from_utf8(lease_id).ok()?),
         meta: None,
     })
 }
 
-/// The JSON string body up to its closing quote, if it needs no unescaping (no `\`,
-/// no control character), and what follows the quote.
-fn plain_string(s: &[u8]) -> Option<(&str, &[u8])> {
-    let end = s
-        .iter()
-        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
-    if s[end] != b'"' {
-        return None;
-    }
-    Some((std::str::from_utf8(&s[..end]).ok()?, &s[end + 1..]))
+/// Whether `s` is the same inside a JSON string as outside: no quote, no backslash,
+/// no control character. Without an early exit, so the loop runs on whole words.
+fn plain_json_text(s: &[u8]) -> bool {
+    s.iter().fold(true, |plain, &b| {
+        plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
+    })
 }
 
 /// The [`HeartbeatResponse`](crate::model::HeartbeatResponse) JSON, written by hand
@@ -587,6 +597,20 @@ impl Service<http::Request<RequestBody>> for Router {
 
     fn call(&mut self, req: http::Request<RequestBody>) -> Self::Future {
         let state = self.state.clone();
+        // A heartbeat gets a future of its own: the one of `handle` is sized for the
+        // largest route, and every request would move all of it into its box.
+        if matches!(
+            resolve(req.method(), req.uri().path()),
+            Ok(Route::Heartbeat)
+        ) {
+            return Box::pin(async move {
+                let (parts, body) = req.into_parts();
+                Ok(state
+                    .heartbeat(&parts.headers, body)
+                    .await
+                    .unwrap_or_else(ApiError::into_response))
+            });
+        }
         Box::pin(async move {
             Ok(state
                 .handle(req)

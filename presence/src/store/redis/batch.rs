@@ -27,11 +27,13 @@ pub(super) struct HeartbeatJob {
 /// and how long it keeps Redis busy.
 const MAX_HEARTBEAT_BATCH: usize = 128;
 
-/// [`HEARTBEATS`] calls in flight at once. While they are, new heartbeats wait in
-/// the queue and go out together in the next call: under load the batches grow with
-/// the load instead of the calls multiplying. Two, so that Redis has the next call
-/// while the reply to the last one travels back.
-const MAX_CALLS_IN_FLIGHT: usize = 2;
+/// [`HEARTBEATS`] calls in flight at once. While one is, new heartbeats wait in the
+/// queue and go out together in the next call (group commit): under load the
+/// batches grow with the load instead of the calls multiplying, and each call costs
+/// Redis and the server a fixed overhead (the script call, a command to encode, a
+/// reply to parse, a read and a write each side). The price is that a heartbeat may
+/// wait for the call in flight, a fraction of a millisecond.
+const MAX_CALLS_IN_FLIGHT: usize = 1;
 
 /// The outcome of one [`HEARTBEATS`] call, with the heartbeats it carried.
 type Call = std::pin::Pin<
@@ -40,7 +42,7 @@ type Call = std::pin::Pin<
 
 /// Sends the heartbeats that wait in `queue` to Redis: as many as are waiting (up
 /// to [`MAX_HEARTBEAT_BATCH`]) in one [`HEARTBEATS`] call, at most
-/// [`MAX_CALLS_IN_FLIGHT`] calls at a time, pipelined on the multiplexed connection.
+/// [`MAX_CALLS_IN_FLIGHT`] calls at a time.
 /// Ends when the store (every sender) is gone and the last call has answered.
 ///
 /// Under load this is what makes a heartbeat cheap: Redis pays the call and its
@@ -119,7 +121,13 @@ fn fill_batch(
 /// through `Script::key/arg`, which allocates every argument on its own before
 /// copying it into the command.
 fn call(mut conn: ConnectionManager, keys: &DeploymentKeys, jobs: Vec<HeartbeatJob>) -> Call {
-    let mut cmd = evalsha(&HEARTBEATS, keys);
+    // Two numbers (grace, TTL) and three strings per heartbeat.
+    let bytes = jobs
+        .iter()
+        .map(|j| j.node.as_str().len() + j.lease.len() + j.meta.as_ref().map_or(0, String::len))
+        .sum::<usize>()
+        + 40;
+    let mut cmd = evalsha(&HEARTBEATS, keys, 2 + 3 * jobs.len(), bytes);
     cmd.arg(grace_ms())
         .arg(jobs.first().map_or(0, |j| j.ttl_ms));
     for job in &jobs {
@@ -156,9 +164,24 @@ fn answer(jobs: Vec<HeartbeatJob>, codes: Result<Vec<i64>, StoreError>) {
 }
 
 /// `EVALSHA <script> 2 <nodes> <records>`, to which the caller adds the arguments.
-pub(super) fn evalsha(script: &Script, keys: &DeploymentKeys) -> Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(script.get_hash())
+///
+/// `args` and `bytes` are how many more arguments, of how many bytes in all, the
+/// caller adds: the command's buffers are allocated once at that size instead of
+/// growing argument by argument.
+pub(super) fn evalsha(script: &Script, keys: &DeploymentKeys, args: usize, bytes: usize) -> Cmd {
+    let fixed = [
+        "EVALSHA",
+        script.get_hash(),
+        "2",
+        &keys.nodes,
+        &keys.records,
+    ];
+    let mut cmd = Cmd::with_capacity(
+        fixed.len() + args,
+        fixed.iter().map(|a| a.len()).sum::<usize>() + bytes,
+    );
+    cmd.arg("EVALSHA")
+        .arg(script.get_hash())
         .arg(2)
         .arg(&keys.nodes)
         .arg(&keys.records);

@@ -379,7 +379,12 @@ impl RedisStore {
             )));
         }
         let meta = encode_meta(&meta)?;
-        let mut call = evalsha(&LOGIN, &self.inner.keys);
+        let mut call = evalsha(
+            &LOGIN,
+            &self.inner.keys,
+            6,
+            128 + lease_id.len() + meta.len(),
+        );
         call.arg(node.as_str())
             .arg(lease_header(lease_id))
             .arg(ttl_ms)
@@ -432,7 +437,12 @@ impl RedisStore {
     }
 
     async fn logout_impl(&self, node: &NodeId, lease_id: &str) -> Result<bool, StoreError> {
-        let mut call = evalsha(&LOGOUT, &self.inner.keys);
+        let mut call = evalsha(
+            &LOGOUT,
+            &self.inner.keys,
+            2,
+            8 + node.as_str().len() + lease_id.len(),
+        );
         call.arg(node.as_str()).arg(lease_header(lease_id));
         let reply: u64 = eval(&mut self.conn.clone(), &LOGOUT, &call)
             .await
@@ -646,7 +656,7 @@ impl RedisStore {
         let mut skip = 0;
         let mut moved = 0;
         loop {
-            let mut call = evalsha(&OUTAGE_SHIFT, &self.inner.keys);
+            let mut call = evalsha(&OUTAGE_SHIFT, &self.inner.keys, 8, 128);
             call.arg(low)
                 .arg(high)
                 .arg(outage_ms)

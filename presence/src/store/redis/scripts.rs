@@ -305,7 +305,17 @@ pub(super) fn lease_header(lease: &str) -> String {
     if lease.len() > MAX_LEASE_LEN {
         return "x".to_owned();
     }
-    format!("{:0width$}{lease}", lease.len(), width = LEASE_LEN_DIGITS)
+    let mut header = String::with_capacity(LEASE_LEN_DIGITS + lease.len());
+    let mut len = lease.len();
+    let mut digits = [b'0'; LEASE_LEN_DIGITS];
+    for d in digits.iter_mut().rev() {
+        // A single decimal digit.
+        *d = b'0' + (len % 10) as u8;
+        len /= 10;
+    }
+    header.extend(digits.iter().map(|&d| char::from(d)));
+    header.push_str(lease);
+    header
 }
 
 #[cfg(test)]
