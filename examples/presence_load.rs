@@ -39,11 +39,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-// The same allocator as `presence_server`, so that the bare hyper baseline (which runs
-// in this binary) and the presence server are compared on equal terms, and the
-// generator itself takes less of the CPU it shares with them.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Command-line help, printed by `--help`.
 pub const USAGE: &str = "\

@@ -17,13 +17,6 @@ use presence::config::Config;
 use presence::server::{shutdown_signal, Server};
 use tracing_subscriber::EnvFilter;
 
-// glibc's allocator spends about a tenth of the server's CPU on requests whose
-// buffers are freed on another thread than the one that allocated them (profiled with
-// `perf`); mimalloc's per-thread free lists do not. The binary picks the allocator;
-// the `presence` library never does.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
