@@ -39,7 +39,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-
 /// Command-line help, printed by `--help`.
 pub const USAGE: &str = "\
 presence_load: load generator for the presence HTTP API (meant for loopback use)
