@@ -17,7 +17,11 @@
 //! ```
 //!
 //! Build with `--release`: a debug build mostly measures the generator itself. The generator
-//! and the server share the machine's cores, so compare modes within one machine only.
+//! and the server share the machine's cores, so compare modes within one machine only. To
+//! take little of that shared CPU, the generator speaks HTTP/1.1 through a small client of
+//! its own (`Conn`: one keep-alive connection, requests written from ready-made bytes,
+//! responses framed by `Content-Length`), as `wrk` does, rather than through hyper's client;
+//! the bare server (`--serve-bare`) is plain hyper.
 //! The run is bounded: the steady phase stops after `--duration`, every request has a
 //! timeout, and the only address contacted is the one in `--url` (meant for loopback).
 
