@@ -1114,7 +1114,7 @@ async fn gather(
 }
 
 /// Logs in nodes `0..n` with `concurrency` workers pulling from a shared counter.
-/// Returns each node's heartbeat body (None where the login failed).
+/// Returns each node's heartbeat request (None where the login failed).
 async fn login_phase(
     target: &Arc<Target>,
     n: usize,
@@ -1193,17 +1193,17 @@ async fn closed_loop(target: Arc<Target>, work: Work, deadline: Instant) -> Phas
 }
 
 /// `flood` / `bare`: each worker cycles over its own share of the nodes.
-async fn flood_phase(target: &Arc<Target>, bodies: &[Bytes], opts: &Options) -> PhaseStats {
+async fn flood_phase(target: &Arc<Target>, requests: &[Bytes], opts: &Options) -> PhaseStats {
     let c = opts.concurrency;
     let start = Instant::now();
     let deadline = start + opts.duration;
     let tasks = (0..c)
         .map(|w| {
-            let mine: Vec<Bytes> = if w < bodies.len() {
-                bodies.iter().skip(w).step_by(c).cloned().collect()
+            let mine: Vec<Bytes> = if w < requests.len() {
+                requests.iter().skip(w).step_by(c).cloned().collect()
             } else {
                 // More connections than nodes: several connections share a node.
-                vec![bodies[w % bodies.len()].clone()]
+                vec![requests[w % requests.len()].clone()]
             };
             tokio::spawn(closed_loop(
                 target.clone(),
@@ -1383,14 +1383,14 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
                 Ok(Err(e)) => return Err(format!("cannot connect to {}: {e}", target.addr)),
                 Err(_) => return Err(format!("cannot connect to {}: timed out", target.addr)),
             }
-            let bodies = bare_requests(&target, opts.nodes);
+            let requests = bare_requests(&target, opts.nodes);
             eprintln!(
                 "presence_load: bare: flooding {} for {:.1} s over {} connections",
                 target.addr,
                 opts.duration.as_secs_f64(),
                 opts.concurrency
             );
-            phases.push(flood_phase(&target, &bodies, opts).await);
+            phases.push(flood_phase(&target, &requests, opts).await);
             note = Some(
                 "bare server at --url (start it with --serve-bare PORT in another process)"
                     .to_owned(),
@@ -1404,13 +1404,13 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
             let url = format!("http://{addr}/presence");
             let parts = split_url(&url)?;
             let target = Arc::new(Target::new(addr, url, &parts, opts)?);
-            let bodies = bare_requests(&target, opts.nodes);
+            let requests = bare_requests(&target, opts.nodes);
             eprintln!(
                 "presence_load: bare: flooding {addr} for {:.1} s over {} connections",
                 opts.duration.as_secs_f64(),
                 opts.concurrency
             );
-            phases.push(flood_phase(&target, &bodies, opts).await);
+            phases.push(flood_phase(&target, &requests, opts).await);
             server.abort();
             note = Some(
                 "bare hyper server in this process: it shares the cores with the generator"
@@ -1436,9 +1436,9 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
                         .min(opts.nodes)
                 );
                 let login_concurrency = opts.login_concurrency.unwrap_or(opts.concurrency);
-                let (stats, bodies) = login_phase(&target, opts.nodes, login_concurrency).await;
+                let (stats, requests) = login_phase(&target, opts.nodes, login_concurrency).await;
                 phases.push(stats);
-                heartbeats = bodies;
+                heartbeats = requests;
             }
             eprintln!(
                 "presence_load: steady: {} for {:.1} s over at most {} connections",
@@ -1450,12 +1450,12 @@ pub async fn run(opts: &Options) -> Result<Report, String> {
                 Mode::Nodes => phases.push(nodes_phase(&target, heartbeats, opts).await),
                 Mode::List => phases.push(list_phase(&target, opts).await),
                 _ => {
-                    let bodies: Vec<Bytes> = heartbeats.into_iter().flatten().collect();
-                    if bodies.is_empty() {
+                    let requests: Vec<Bytes> = heartbeats.into_iter().flatten().collect();
+                    if requests.is_empty() {
                         note =
                             Some("no node could log in; the steady phase was skipped".to_owned());
                     } else {
-                        phases.push(flood_phase(&target, &bodies, opts).await);
+                        phases.push(flood_phase(&target, &requests, opts).await);
                     }
                 }
             }

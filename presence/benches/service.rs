@@ -36,6 +36,23 @@ fn heartbeat_request(body: &Bytes) -> Request<Full<Bytes>> {
     req
 }
 
+/// Logs in `NODES` nodes; returns their heartbeat bodies.
+async fn log_in(store: &dyn Store) -> Vec<Bytes> {
+    let mut bodies = Vec::with_capacity(NODES);
+    for i in 0..NODES {
+        let id = NodeId::parse(&format!("load-{i}")).expect("id");
+        let lease = new_lease_id();
+        store
+            .login(&id, &lease, 3_600_000, Meta::new())
+            .await
+            .expect("login");
+        bodies.push(Bytes::from(format!(
+            r#"{{"node_id":"load-{i}","lease_id":"{lease}"}}"#
+        )));
+    }
+    bodies
+}
+
 async fn send<S>(svc: &S, req: Request<Full<Bytes>>) -> usize
 where
     S: Service<Request<Full<Bytes>>, Response = Response<presence::server::ResponseBody>> + Clone,
@@ -59,21 +76,7 @@ fn stack(c: &mut Criterion) {
     config.rate_limit_rate = 1e9;
     config.rate_limit_capacity = 1_000_000_000;
     config.ttl = std::time::Duration::from_secs(3600);
-    let bodies: Vec<Bytes> = rt.block_on(async {
-        let mut bodies = Vec::new();
-        for i in 0..NODES {
-            let id = NodeId::parse(&format!("load-{i}")).expect("id");
-            let lease = new_lease_id();
-            store
-                .login(&id, &lease, 3_600_000, Meta::new())
-                .await
-                .expect("login");
-            bodies.push(Bytes::from(format!(
-                r#"{{"node_id":"load-{i}","lease_id":"{lease}"}}"#
-            )));
-        }
-        bodies
-    });
+    let bodies = rt.block_on(log_in(&*store));
     let service = rt.block_on(async {
         PresenceService::new(store.clone(), &config)
             .with_default_peer(([127, 0, 0, 1], 4000).into())
@@ -109,18 +112,7 @@ fn stack(c: &mut Criterion) {
     // The same on Redis, if there is one (one heartbeat at a time: no batching).
     let redis = rt.block_on(async {
         let store = presence::store::redis::test_support::redis_for_tests("bench_service").await?;
-        let mut bodies = Vec::new();
-        for i in 0..NODES {
-            let id = NodeId::parse(&format!("load-{i}")).expect("id");
-            let lease = new_lease_id();
-            store
-                .login(&id, &lease, 3_600_000, Meta::new())
-                .await
-                .expect("login");
-            bodies.push(Bytes::from(format!(
-                r#"{{"node_id":"load-{i}","lease_id":"{lease}"}}"#
-            )));
-        }
+        let bodies = log_in(&store).await;
         let service = PresenceService::new(Arc::new(store.clone()), &config)
             .with_default_peer(([127, 0, 0, 1], 4000).into());
         Some((store, service, bodies))

@@ -293,11 +293,8 @@ impl Metrics {
             method,
             status: status.as_u16(),
         };
-        let slot = match (
-            route_index(route),
-            method_index(method),
-            status_index(labels.status),
-        ) {
+        let route_at = route_index(route);
+        let slot = match (route_at, method_index(method), status_index(labels.status)) {
             (Some(r), Some(m), Some(s)) => self
                 .request_counters
                 .get((r * METHODS.len() + m) * STATUSES.len() + s),
@@ -309,7 +306,7 @@ impl Metrics {
                 .inc(),
             None => self.requests.get_or_create(&labels).inc(),
         };
-        match route_index(route).and_then(|r| self.latency_by_route.get(r)) {
+        match route_at.and_then(|r| self.latency_by_route.get(r)) {
             Some(histogram) => histogram.observe(elapsed),
             None => self
                 .latency

@@ -417,11 +417,7 @@ fn plain_json_text(s: &[u8]) -> bool {
 /// allocation): every heartbeat answers with it. The node id never needs escaping
 /// (see [`NodeId`]); the lease does only if the client sent an odd one.
 fn heartbeat_reply(node_id: &str, lease_id: &str, expires_at_ms: u64) -> Bytes {
-    let plain = |s: &str| {
-        s.bytes()
-            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-    };
-    if !plain(lease_id) {
+    if !plain_json_text(lease_id.as_bytes()) {
         return match serde_json::to_vec(&crate::model::HeartbeatResponse {
             node_id: node_id.to_owned(),
             lease_id: lease_id.to_owned(),

@@ -336,12 +336,11 @@ async fn drive<C>(
             () = idle_check.as_mut(), if !shutting_down => match activity.idle_until(idle_timeout) {
                 // Busy, or not idle for long enough yet: look again when it could be.
                 Some(next_check) => idle_check.as_mut().reset(next_check),
-                None if !http2 => {
-                    tracing::debug!(%peer, "closing idle connection");
-                    return;
-                }
                 None => {
                     tracing::debug!(%peer, "closing idle connection");
+                    if !http2 {
+                        return;
+                    }
                     conn.as_mut().graceful_shutdown();
                     shutting_down = true;
                     hard_close = Some(Instant::now() + IDLE_CLOSE_GRACE);

@@ -38,7 +38,7 @@ type PresenceBranch = BearerAuth<
     MapResponse<TokenBucketService<BodyLimit<Router>, TrustedProxyIp, Http>, LimitedResponse>,
 >;
 
-/// The token bucket's response as the stack's own (see [`unwrap_limited`]).
+/// The token bucket's response as the stack's own (see [`limited_response`]).
 type LimitedResponse =
     fn(http::Response<resilience::ResponseBody<ResponseBody>>) -> http::Response<ResponseBody>;
 
@@ -246,20 +246,15 @@ impl std::fmt::Debug for ResponseFuture {
     }
 }
 
-/// The token bucket's response as the stack's own.
+/// The token bucket's response as the stack's own: the router's body as it is (no
+/// second box), or the bucket's `429` / `500` body.
 fn limited_response(
     res: http::Response<resilience::ResponseBody<ResponseBody>>,
 ) -> http::Response<ResponseBody> {
-    res.map(unwrap_limited)
-}
-
-/// The token bucket's response body as the stack's own: the router's body as it is
-/// (no second box), or the bucket's `429` / `500` body.
-fn unwrap_limited(body: resilience::ResponseBody<ResponseBody>) -> ResponseBody {
-    match body {
+    res.map(|body| match body {
         resilience::ResponseBody::Inner { body } => body,
         resilience::ResponseBody::Rejection { body } => super::full(body.unwrap_or_default()),
-    }
+    })
 }
 
 /// Sends `/presence*` through auth, rate limit and body limit (`P`); `/healthz`,

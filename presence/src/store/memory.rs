@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 use super::json::{ListWriter, NODE_OVERHEAD};
-use super::{BoxFuture, LoginOutcome, NodeListJson, Store, StoreError};
+use super::{sort_key, BoxFuture, LoginOutcome, NodeListJson, Store, StoreError};
 use crate::model::{Meta, Node, NodeId};
 
 const SHARDS: usize = 32;
@@ -256,7 +256,7 @@ impl MemoryStore {
             for (id, e) in map.iter().filter(|(_, e)| e.online(now)) {
                 bytes += id.len() + e.meta.as_deref().map_or(2, str::len) + NODE_OVERHEAD;
                 rows.push(Row {
-                    key: sort_key(id),
+                    key: sort_key(id.as_bytes()),
                     id: id.clone(),
                     meta: e.meta.clone(),
                     online_since_ms: e.online_since_ms,
@@ -308,15 +308,6 @@ struct Row {
     online_since_ms: u64,
     last_seen_ms: u64,
     expires_at_ms: u64,
-}
-
-/// The first 16 bytes of `id`, big-endian, zero-padded: ordered like the ids
-/// themselves (a shorter id that is a prefix of a longer one sorts first either way).
-fn sort_key(id: &str) -> u128 {
-    let mut bytes = [0u8; 16];
-    let n = id.len().min(16);
-    bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
-    u128::from_be_bytes(bytes)
 }
 
 /// A copy of one record taken under the lock and decoded after releasing it.

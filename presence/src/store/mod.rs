@@ -290,6 +290,17 @@ fn has_scheme(uri: &str, scheme: &str) -> bool {
         .is_some_and(|head| head.eq_ignore_ascii_case(&format!("{scheme}://")))
 }
 
+/// The first 16 bytes of a node id as a big-endian integer (zero-padded): ordered
+/// like the ids themselves up to ties (a shorter id that is a prefix of a longer one
+/// sorts first either way). Both stores sort listings on it, so that most
+/// comparisons end without following a pointer.
+pub(crate) fn sort_key(id: &[u8]) -> u128 {
+    let mut key = [0u8; 16];
+    let n = id.len().min(16);
+    key[..n].copy_from_slice(&id[..n]);
+    u128::from_be_bytes(key)
+}
+
 /// `uri` with any `user:password@` part replaced by `***@`, for logs and errors.
 pub(crate) fn redact_uri(uri: &str) -> String {
     let Some(scheme_end) = uri.find("://") else {
@@ -306,6 +317,22 @@ pub(crate) fn redact_uri(uri: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sort_keys_sort_like_the_bytes() {
+        let mut ids: Vec<&[u8]> = vec![
+            b"b",
+            b"a",
+            b"aaaaaaaaaaaaaaaab",
+            b"aaaaaaaaaaaaaaaaa",
+            b"",
+            b"a\x00",
+        ];
+        let mut by_key = ids.clone();
+        ids.sort_unstable();
+        by_key.sort_unstable_by(|a, b| sort_key(a).cmp(&sort_key(b)).then_with(|| a.cmp(b)));
+        assert_eq!(ids, by_key);
+    }
 
     #[test]
     fn redacts_credentials() {

@@ -257,33 +257,15 @@ impl Http {
 /// Written into a stack buffer: this runs for every request that passes, and
 /// `format!` would allocate a `String` only to copy it into the header value.
 fn ratelimit_value(remaining: u32, until_full: Duration) -> Option<HeaderValue> {
-    let t = until_full.as_secs() + u64::from(until_full.subsec_nanos() > 0);
-    let mut buf = [0u8; 64];
-    let mut at = 0;
-    for part in [
-        &b"\"default\";r="[..],
-        decimal(u64::from(remaining), &mut [0; 20]),
-        b";t=",
-        decimal(t, &mut [0; 20]),
-    ] {
-        buf.get_mut(at..at + part.len())?.copy_from_slice(part);
-        at += part.len();
-    }
-    HeaderValue::from_bytes(&buf[..at]).ok()
-}
+    use std::io::Write;
 
-/// `n` in decimal, written at the end of `digits`.
-fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        // `n % 10` is a single digit.
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &digits[i..];
-        }
-    }
+    let t = until_full.as_secs() + u64::from(until_full.subsec_nanos() > 0);
+    // 12 + 10 + 3 + 20 bytes at most.
+    let mut buf = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    write!(cursor, "\"default\";r={remaining};t={t}").ok()?;
+    let len = usize::try_from(cursor.position()).ok()?;
+    HeaderValue::from_bytes(buf.get(..len)?).ok()
 }
 
 /// A `500` with the JSON error body.

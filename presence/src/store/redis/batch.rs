@@ -181,11 +181,9 @@ pub(super) fn evalsha(script: &Script, keys: &DeploymentKeys, args: usize, bytes
         fixed.len() + args,
         fixed.iter().map(|a| a.len()).sum::<usize>() + bytes,
     );
-    cmd.arg("EVALSHA")
-        .arg(script.get_hash())
-        .arg(2)
-        .arg(&keys.nodes)
-        .arg(&keys.records);
+    for arg in fixed {
+        cmd.arg(arg);
+    }
     cmd
 }
 

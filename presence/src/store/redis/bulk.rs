@@ -26,6 +26,7 @@ use redis::{ConnectionAddr, ConnectionInfo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, MutexGuard};
 
+use super::record::parse_u64;
 use crate::store::StoreError;
 
 /// Largest bulk string accepted, in bytes: far above any id (256 bytes) or record
@@ -155,7 +156,7 @@ impl Bulks {
 
 impl BulkConnection {
     /// A connection to what `info` names, or `None` if it is not a plain TCP or Unix
-    /// socket address (TLS): listings then go through the `redis` crate.
+    /// socket address (TLS, which this build does not speak).
     pub(super) fn new(
         info: &ConnectionInfo,
         connect_timeout: Duration,
@@ -259,32 +260,28 @@ impl BulkConnection {
 impl Open {
     /// The next reply, which must be an array of bulk strings or nils.
     async fn next_reply(&mut self) -> Result<Bulks, StoreError> {
-        let mut decoder = Decoder::default();
-        loop {
-            match decoder.decode(&mut self.buf) {
-                Ok(Some(Decoded::Bulks(bulks))) => return Ok(bulks),
-                Ok(Some(Decoded::Error(e))) => {
-                    return Err(StoreError::Unavailable(format!("redis: {e}")))
-                }
-                Ok(Some(Decoded::Status(s))) => {
-                    return Err(protocol(&format!("status {s:?} where an array was due")))
-                }
-                Ok(None) => self.fill().await?,
-                Err(e) => return Err(protocol(e)),
-            }
+        match self.next_decoded().await? {
+            Decoded::Bulks(bulks) => Ok(bulks),
+            Decoded::Error(e) => Err(server_error(&e)),
+            Decoded::Status(s) => Err(protocol(&format!("status {s:?} where an array was due"))),
         }
     }
 
     /// The next reply, which must be a simple string (`+OK`).
     async fn next_status(&mut self) -> Result<(), StoreError> {
+        match self.next_decoded().await? {
+            Decoded::Status(_) => Ok(()),
+            Decoded::Error(e) => Err(server_error(&e)),
+            Decoded::Bulks(_) => Err(protocol("array where OK was due")),
+        }
+    }
+
+    /// The next reply, reading until it is complete.
+    async fn next_decoded(&mut self) -> Result<Decoded, StoreError> {
         let mut decoder = Decoder::default();
         loop {
             match decoder.decode(&mut self.buf) {
-                Ok(Some(Decoded::Status(_))) => return Ok(()),
-                Ok(Some(Decoded::Error(e))) => {
-                    return Err(StoreError::Unavailable(format!("redis: {e}")))
-                }
-                Ok(Some(Decoded::Bulks(_))) => return Err(protocol("array where OK was due")),
+                Ok(Some(reply)) => return Ok(reply),
                 Ok(None) => self.fill().await?,
                 Err(e) => return Err(protocol(e)),
             }
@@ -405,16 +402,17 @@ fn line_at(buf: &[u8], at: usize) -> Option<(&[u8], usize)> {
     (rest.get(cr + 1) == Some(&b'\n')).then(|| (&rest[..cr], at + cr + 2))
 }
 
-/// A non-negative decimal length.
+/// A non-negative decimal length (at most 18 digits).
 fn parse_len(digits: &[u8]) -> Option<usize> {
-    if digits.is_empty() || digits.len() > 18 {
+    if digits.len() > 18 {
         return None;
     }
-    digits.iter().try_fold(0usize, |n, &d| {
-        d.is_ascii_digit()
-            .then(|| n.checked_mul(10)?.checked_add(usize::from(d - b'0')))
-            .flatten()
-    })
+    usize::try_from(parse_u64(digits)?).ok()
+}
+
+/// A Redis error reply.
+fn server_error(e: &str) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
 }
 
 fn closed() -> StoreError {

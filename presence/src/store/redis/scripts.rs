@@ -86,8 +86,8 @@ macro_rules! lua_index_digits {
 }
 
 /// Records that one `login` removes at most (expired more than
-/// [`MAX_PRESERVED_OUTAGE`](crate::store::MAX_PRESERVED_OUTAGE) ago): bounds the call, and keeps up since every record
-/// comes from a login.
+/// [`MAX_PRESERVED_OUTAGE`](crate::store::MAX_PRESERVED_OUTAGE) ago): bounds the call,
+/// and keeps up since every record comes from a login.
 pub(super) const LOGIN_PURGE: usize = 64;
 
 /// KEYS: nodes zset, records hash. ARGV: node_id, lease header (see
@@ -114,8 +114,8 @@ return {now, exp}
     ))
 });
 
-/// Heartbeats, several per call (see [`RedisStore`](super::RedisStore)'s batching), all with the same
-/// TTL and each of another node. KEYS: nodes zset, records hash. ARGV: grace_ms,
+/// Heartbeats, several per call (see [`RedisStore`](super::RedisStore)'s batching),
+/// all with the same TTL and each of another node. KEYS: nodes zset, records hash. ARGV: grace_ms,
 /// ttl_ms, then three values per heartbeat: node_id, lease header (see
 /// [`lease_header`]), the new meta (`""` keeps the stored one). Returns one integer
 /// per heartbeat: `0` not online, `1` lease mismatch, otherwise the new
@@ -129,8 +129,8 @@ return {now, exp}
 /// lease and one concatenation. The sorted set is only written for a renewal that
 /// moves the expiry into another [`INDEX_GRANULARITY`] slot (one `ZADD` for those,
 /// if any): its scores stay within that of the records' expiry, at a fraction of the
-/// cost of a `ZADD` per heartbeat (the most expensive command of the batch). A record that is expired is left
-/// alone (`0`): a heartbeat that was queued while Redis was paused runs before the
+/// cost of a `ZADD` per heartbeat (the most expensive command of the batch). A record
+/// that is expired is left alone (`0`): a heartbeat that was queued while Redis was paused runs before the
 /// server can give the outage back, and must not destroy the record it would
 /// restore. A record that does not parse counts as not online, so the node logs in
 /// again and replaces it.
@@ -294,7 +294,8 @@ pub(super) const TIME_DIGITS: usize = 15;
 pub(super) const LEASE_LEN_DIGITS: usize = 5;
 
 /// Longest lease a record can hold, in bytes. The server issues 32-character
-/// leases; a longer one given to [`Store::login`](crate::store::Store::login) directly is refused.
+/// leases; a longer one given to [`Store::login`](crate::store::Store::login) directly
+/// is refused.
 pub const MAX_LEASE_LEN: usize = 99_999;
 
 /// A lease as the scripts take it: its length in [`LEASE_LEN_DIGITS`] digits, then
@@ -305,17 +306,7 @@ pub(super) fn lease_header(lease: &str) -> String {
     if lease.len() > MAX_LEASE_LEN {
         return "x".to_owned();
     }
-    let mut header = String::with_capacity(LEASE_LEN_DIGITS + lease.len());
-    let mut len = lease.len();
-    let mut digits = [b'0'; LEASE_LEN_DIGITS];
-    for d in digits.iter_mut().rev() {
-        // A single decimal digit.
-        *d = b'0' + (len % 10) as u8;
-        len /= 10;
-    }
-    header.extend(digits.iter().map(|&d| char::from(d)));
-    header.push_str(lease);
-    header
+    format!("{:0width$}{lease}", lease.len(), width = LEASE_LEN_DIGITS)
 }
 
 #[cfg(test)]
