@@ -1,4 +1,4 @@
-//! `presence_load`: load generator for the presence HTTP API (SPEC section 5).
+//! `presence_load`: load generator for the presence HTTP API (README, Performance).
 //!
 //! Start the server with rate limiting effectively off (all the load comes from one IP,
 //! and the default per-client bucket is 30 requests/s), then point the generator at it:

@@ -1,4 +1,4 @@
-//! The presence server, configured from the environment (SPEC §4).
+//! The presence server, configured from the environment (README, Configuration).
 //!
 //! ```text
 //! cargo run --example presence_server

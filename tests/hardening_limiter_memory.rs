@@ -81,7 +81,7 @@ fn client(i: u32) -> IpAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_client_ips_keep_the_limiter_at_its_cap() {
     tokio::time::timeout(Duration::from_secs(60), async {
-        // SPEC default burst; a slow refill so that the abuser check below does not
+        // The default burst; a slow refill so that the abuser check below does not
         // depend on how fast this machine runs the flood.
         let mut config = Config::default();
         config.rate_limit_rate = 1.0;

@@ -4,8 +4,8 @@
 //!   port 0: the login / list / heartbeat / get / logout round trip, re-login after
 //!   expiry, `keep_alive`.
 //! - Raw HTTP (reqwest, and hand-written requests where reqwest cannot produce the
-//!   case): every row of the SPEC §3 error table with its status, JSON error shape and
-//!   headers, plus the `200`s of `/healthz`, `/readyz` and `/metrics`.
+//!   case): every row of the error table in docs/http-api.md with its status, JSON
+//!   error shape and headers, plus the `200`s of `/healthz`, `/readyz` and `/metrics`.
 //! - Two servers sharing one Redis prefix, and a real Redis going away and coming back
 //!   (these skip when Redis is unavailable, unless `PRESENCE_REQUIRE_REDIS=1`).
 //! - The `presence_server` example binary: bad configuration exits 2 with one line,
@@ -526,15 +526,15 @@ async fn method_not_allowed_405_with_allow_header() {
         use reqwest::Method;
 
         for (method, path, allow) in [
-            (Method::DELETE, "/presence/login", "GET, POST"),
-            (Method::PUT, "/presence/heartbeat", "GET, POST"),
-            (Method::PATCH, "/presence/logout", "GET, POST"),
-            (Method::POST, "/presence", "GET"),
-            (Method::DELETE, "/presence/node-1", "GET"),
-            (Method::POST, "/presence/node-1", "GET"),
-            (Method::POST, "/healthz", "GET"),
-            (Method::PUT, "/readyz", "GET"),
-            (Method::DELETE, "/metrics", "GET"),
+            (Method::DELETE, "/presence/login", "GET, HEAD, POST"),
+            (Method::PUT, "/presence/heartbeat", "GET, HEAD, POST"),
+            (Method::PATCH, "/presence/logout", "GET, HEAD, POST"),
+            (Method::POST, "/presence", "GET, HEAD"),
+            (Method::DELETE, "/presence/node-1", "GET, HEAD"),
+            (Method::POST, "/presence/node-1", "GET, HEAD"),
+            (Method::POST, "/healthz", "GET, HEAD"),
+            (Method::PUT, "/readyz", "GET, HEAD"),
+            (Method::DELETE, "/metrics", "GET, HEAD"),
         ] {
             let reply = Reply::send(http.request(method.clone(), server.url(path))).await;
             reply.assert_error(405, "method_not_allowed");

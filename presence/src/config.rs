@@ -1,4 +1,4 @@
-//! Server configuration from the environment (SPEC §4).
+//! Server configuration from the environment (the README's Configuration section).
 //!
 //! | variable | default | meaning |
 //! |---|---|---|
@@ -10,16 +10,21 @@
 //! | `PRESENCE_TTL_SEC` | 3 x heartbeat | how long a node stays online without a heartbeat |
 //! | `PRESENCE_RATE_LIMIT_RATE` | `30` | per-client refill, requests/s (fractions allowed) |
 //! | `PRESENCE_RATE_LIMIT_CAPACITY` | `60` | per-client burst |
-//! | `PRESENCE_TRUSTED_PROXIES` | empty | comma-separated CIDRs whose `X-Forwarded-For` is believed |
+//! | `PRESENCE_TRUSTED_PROXIES` | empty | comma-separated CIDRs whose `X-Forwarded-For` or `Forwarded` is believed (a request carrying both is keyed by its peer) |
 //! | `PRESENCE_AUTH_TOKEN` | unset | if set, `/presence*` requires `Authorization: Bearer <token>` |
 //! | `PRESENCE_STORE_TIMEOUT_MS` | `1000` | a store call slower than this is a `503` |
 //! | `PRESENCE_MAX_META_BYTES` | `4096` | meta size limit (serialized JSON) |
 //! | `PRESENCE_HEADER_TIMEOUT_MS` | `5000` | request headers must arrive within this, and a connection without a request in flight for this long is closed (HTTP/1 and HTTP/2; slowloris guard) |
 //! | `PRESENCE_REQUEST_TIMEOUT_MS` | `10000` | a request body must have arrived within this (`408` otherwise); the store call after it is bounded by `PRESENCE_STORE_TIMEOUT_MS` |
 //! | `PRESENCE_SHUTDOWN_GRACE_MS` | `10000` | on SIGTERM/Ctrl-C, in-flight requests get this long to finish |
+//! | `PRESENCE_WRITE_STALL_TIMEOUT_MS` | `30000` | a connection whose client has not taken any response bytes for this long, while a response waits to be written, is closed (a reader that keeps reading is never cut) |
+//! | `PRESENCE_MAX_HEADER_BYTES` | `65536` | largest request head (HTTP/1) or header list (HTTP/2); at least 8192 |
+//! | `PRESENCE_MAX_STREAMS_PER_CONNECTION` | `100` | concurrent HTTP/2 streams per connection |
+//! | `PRESENCE_MAX_CONNECTIONS` | `10000` | open client connections; further ones wait in the listen backlog until one closes |
 //!
-//! The last three are not in the SPEC table; they bound how long a slow or malicious
-//! client can hold a connection, and how long a shutdown may take.
+//! `PRESENCE_HEADER_TIMEOUT_MS` and the variables after it bound how long (and how
+//! much) a slow or malicious client can hold a connection, and how long a shutdown
+//! may take.
 //!
 //! `NODE_ID` is read by the client, not by the server, and is ignored here.
 //!
@@ -70,13 +75,25 @@ pub const ENV_HEADER_TIMEOUT_MS: &str = "PRESENCE_HEADER_TIMEOUT_MS";
 pub const ENV_REQUEST_TIMEOUT_MS: &str = "PRESENCE_REQUEST_TIMEOUT_MS";
 /// Environment variable: the graceful shutdown budget in milliseconds.
 pub const ENV_SHUTDOWN_GRACE_MS: &str = "PRESENCE_SHUTDOWN_GRACE_MS";
+/// Environment variable: how long a response may wait for the client to read, in ms.
+pub const ENV_WRITE_STALL_TIMEOUT_MS: &str = "PRESENCE_WRITE_STALL_TIMEOUT_MS";
+/// Environment variable: the largest request head / header list in bytes.
+pub const ENV_MAX_HEADER_BYTES: &str = "PRESENCE_MAX_HEADER_BYTES";
+/// Environment variable: concurrent HTTP/2 streams per connection.
+pub const ENV_MAX_STREAMS_PER_CONNECTION: &str = "PRESENCE_MAX_STREAMS_PER_CONNECTION";
+/// Environment variable: open client connections at most.
+pub const ENV_MAX_CONNECTIONS: &str = "PRESENCE_MAX_CONNECTIONS";
+
+/// The smallest accepted `PRESENCE_MAX_HEADER_BYTES`: hyper's HTTP/1 read buffer
+/// cannot be smaller.
+pub const MIN_HEADER_BYTES: usize = 8192;
 
 /// URI schemes accepted in `PRESENCE_REDIS_URI`.
 pub const STORE_SCHEMES: [&str; 3] = ["redis://", "rediss://", "memory://"];
 
 /// The presence server's configuration. Build it with [`Config::from_env`],
-/// [`Config::from_lookup`] or [`Config::default`] (the SPEC defaults) and adjust the
-/// public fields.
+/// [`Config::from_lookup`] or [`Config::default`] (the documented defaults) and adjust
+/// the public fields.
 #[derive(Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Config {
@@ -114,10 +131,21 @@ pub struct Config {
     /// `PRESENCE_SHUTDOWN_GRACE_MS`: how long in-flight requests may take after a
     /// shutdown signal.
     pub shutdown_grace: Duration,
+    /// `PRESENCE_WRITE_STALL_TIMEOUT_MS`: a connection whose client takes no response
+    /// bytes for this long, while a response is waiting to be written, is closed.
+    pub write_stall_timeout: Duration,
+    /// `PRESENCE_MAX_HEADER_BYTES`: the largest request head (HTTP/1) or header list
+    /// (HTTP/2); at least [`MIN_HEADER_BYTES`].
+    pub max_header_bytes: usize,
+    /// `PRESENCE_MAX_STREAMS_PER_CONNECTION`: concurrent HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
+    /// `PRESENCE_MAX_CONNECTIONS`: open client connections at most; past it, new
+    /// connections wait in the listen backlog while the open ones are served.
+    pub max_connections: usize,
 }
 
 impl Default for Config {
-    /// The SPEC §4 defaults (in-memory store, `0.0.0.0:8080`, ...).
+    /// The documented defaults (in-memory store, `0.0.0.0:8080`, ...).
     fn default() -> Self {
         Config {
             store_uri: None,
@@ -135,6 +163,10 @@ impl Default for Config {
             header_timeout: Duration::from_millis(5000),
             request_timeout: Duration::from_millis(10_000),
             shutdown_grace: Duration::from_millis(10_000),
+            write_stall_timeout: Duration::from_millis(30_000),
+            max_header_bytes: 64 * 1024,
+            max_streams_per_connection: 100,
+            max_connections: 10_000,
         }
     }
 }
@@ -161,6 +193,13 @@ impl fmt::Debug for Config {
             .field("header_timeout", &self.header_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("write_stall_timeout", &self.write_stall_timeout)
+            .field("max_header_bytes", &self.max_header_bytes)
+            .field(
+                "max_streams_per_connection",
+                &self.max_streams_per_connection,
+            )
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -285,6 +324,31 @@ impl Config {
         let header_timeout = duration_ms(&get, ENV_HEADER_TIMEOUT_MS, d.header_timeout)?;
         let request_timeout = duration_ms(&get, ENV_REQUEST_TIMEOUT_MS, d.request_timeout)?;
         let shutdown_grace = duration_ms(&get, ENV_SHUTDOWN_GRACE_MS, d.shutdown_grace)?;
+        let write_stall_timeout =
+            duration_ms(&get, ENV_WRITE_STALL_TIMEOUT_MS, d.write_stall_timeout)?;
+        let max_header_bytes = match get(ENV_MAX_HEADER_BYTES) {
+            Some(v) => match usize::try_from(positive_int(ENV_MAX_HEADER_BYTES, &v)?) {
+                Ok(n) if n >= MIN_HEADER_BYTES => n,
+                _ => {
+                    return Err(err(
+                        ENV_MAX_HEADER_BYTES,
+                        &v,
+                        format!("must be at least {MIN_HEADER_BYTES}"),
+                    ))
+                }
+            },
+            None => d.max_header_bytes,
+        };
+        let max_streams_per_connection = match get(ENV_MAX_STREAMS_PER_CONNECTION) {
+            Some(v) => u32::try_from(positive_int(ENV_MAX_STREAMS_PER_CONNECTION, &v)?)
+                .map_err(|_| err(ENV_MAX_STREAMS_PER_CONNECTION, &v, "too large"))?,
+            None => d.max_streams_per_connection,
+        };
+        let max_connections = match get(ENV_MAX_CONNECTIONS) {
+            Some(v) => usize::try_from(positive_int(ENV_MAX_CONNECTIONS, &v)?)
+                .map_err(|_| err(ENV_MAX_CONNECTIONS, &v, "too large"))?,
+            None => d.max_connections,
+        };
 
         Ok(Config {
             store_uri,
@@ -302,6 +366,10 @@ impl Config {
             header_timeout,
             request_timeout,
             shutdown_grace,
+            write_stall_timeout,
+            max_header_bytes,
+            max_streams_per_connection,
+            max_connections,
         })
     }
 

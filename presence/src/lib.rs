@@ -12,7 +12,7 @@
 //! - [`store`]: where presence lives. [`store::MemoryStore`] for a single server (the
 //!   default), [`store::RedisStore`] for any number of stateless servers sharing one
 //!   Redis (Lua scripts, one round trip per call, the Redis clock).
-//! - [`server`]: the HTTP API (SPEC §3) as one `tower::Service`
+//! - [`server`]: the HTTP API (docs/http-api.md) as one `tower::Service`
 //!   ([`server::PresenceService`]) composed from the [`resilience`] layers, and a hyper
 //!   server that runs it ([`server::Server`]). [`config::Config`] reads the environment.
 //! - [`client`]: [`client::PresenceClient`], itself a tower stack (rate limiter, circuit

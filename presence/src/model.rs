@@ -1,4 +1,5 @@
-//! The presence data model and the JSON wire types of the HTTP API (SPEC §3).
+//! The presence data model and the JSON wire types of the HTTP API (see
+//! docs/http-api.md).
 //!
 //! Request types carry `node_id` as a plain `String` on purpose: a body with a
 //! syntactically valid JSON shape but an invalid node id is a `422 invalid_node_id`,
@@ -60,6 +61,9 @@ fn is_node_id_char(c: char) -> bool {
 fn validate(s: &str) -> Result<(), InvalidNodeId> {
     if s.is_empty() {
         return Err(InvalidNodeId::Empty);
+    }
+    if RESERVED_NODE_IDS.contains(&s) {
+        return Err(InvalidNodeId::Reserved);
     }
     if let Some((index, ch)) = s.char_indices().find(|&(_, c)| !is_node_id_char(c)) {
         return Err(InvalidNodeId::InvalidChar { ch, index });
@@ -135,7 +139,14 @@ pub enum InvalidNodeId {
         /// Its byte offset in the id.
         index: usize,
     },
+    /// The id is one of [`RESERVED_NODE_IDS`]: it names a route under `/presence/`.
+    Reserved,
 }
+
+/// Node ids that name routes under `/presence/` (`POST /presence/login`,
+/// `GET /presence/watch`, ...) and so can never be a node's: `GET /presence/{id}`
+/// must mean one thing.
+pub const RESERVED_NODE_IDS: [&str; 5] = ["login", "heartbeat", "logout", "watch", "stats"];
 
 impl fmt::Display for InvalidNodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -148,6 +159,11 @@ impl fmt::Display for InvalidNodeId {
             InvalidNodeId::InvalidChar { ch, index } => write!(
                 f,
                 "node_id contains {ch:?} at byte {index}; only A-Z a-z 0-9 . _ ~ : @ + = - are allowed"
+            ),
+            InvalidNodeId::Reserved => write!(
+                f,
+                "node_id is reserved: {} name routes and cannot be node ids",
+                RESERVED_NODE_IDS.join(", ")
             ),
         }
     }
@@ -244,7 +260,8 @@ pub struct LogoutResponse {
 /// Every error response body: `{"error": "<code>", "message": "<human sentence>"}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// Machine-readable code, e.g. `lease_mismatch` (SPEC §3 table).
+    /// Machine-readable code, e.g. `lease_mismatch` (the error table of
+    /// docs/http-api.md lists them all).
     pub error: String,
     /// Human-readable sentence.
     pub message: String,

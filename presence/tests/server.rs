@@ -209,13 +209,13 @@ async fn login_heartbeat_get_list_logout_round_trip() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn heartbeat_without_meta_keeps_it_and_a_node_named_login_can_be_fetched() {
+async fn heartbeat_without_meta_keeps_it() {
     let svc = memory_service();
     let r = send(
         &svc,
         post(
             "/presence/login",
-            json!({"node_id": "login", "meta": {"v": "1.2"}}),
+            json!({"node_id": "svc-1", "meta": {"v": "1.2"}}),
         ),
     )
     .await;
@@ -224,12 +224,12 @@ async fn heartbeat_without_meta_keeps_it_and_a_node_named_login_can_be_fetched()
         &svc,
         post(
             "/presence/heartbeat",
-            json!({"node_id": "login", "lease_id": lease}),
+            json!({"node_id": "svc-1", "lease_id": lease}),
         ),
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    let r = send(&svc, get("/presence/login")).await;
+    let r = send(&svc, get("/presence/svc-1")).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["meta"], json!({"v": "1.2"}));
 }
@@ -343,13 +343,13 @@ async fn not_found_404_for_unknown_routes_and_offline_nodes() {
 async fn method_not_allowed_405_sets_allow() {
     let svc = memory_service();
     for (method, path, allow) in [
-        (Method::PUT, "/presence/login", "GET, POST"),
-        (Method::DELETE, "/presence/heartbeat", "GET, POST"),
-        (Method::POST, "/presence", "GET"),
-        (Method::POST, "/presence/n-1", "GET"),
-        (Method::DELETE, "/presence/n-1", "GET"),
-        (Method::POST, "/healthz", "GET"),
-        (Method::POST, "/metrics", "GET"),
+        (Method::PUT, "/presence/login", "GET, HEAD, POST"),
+        (Method::DELETE, "/presence/heartbeat", "GET, HEAD, POST"),
+        (Method::POST, "/presence", "GET, HEAD"),
+        (Method::POST, "/presence/n-1", "GET, HEAD"),
+        (Method::DELETE, "/presence/n-1", "GET, HEAD"),
+        (Method::POST, "/healthz", "GET, HEAD"),
+        (Method::POST, "/metrics", "GET, HEAD"),
     ] {
         let r = send(&svc, request(method.clone(), path, Some("{}".into()))).await;
         assert_error(&r, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
@@ -469,11 +469,30 @@ async fn invalid_node_id_422_in_bodies_and_paths() {
         .await;
         assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_node_id");
     }
-    // Ids are never percent-decoded: `%` is not a node id character.
-    for path in ["/presence/a%20b", "/presence/%41", "/presence/"] {
+    // Path ids are percent-decoded, then validated: what decoding yields must be
+    // an id (`%2F` is no path separator, `%FF` is no UTF-8).
+    for path in [
+        "/presence/a%20b",
+        "/presence/a%2Fb",
+        "/presence/a%2fb",
+        "/presence/%FF",
+        "/presence/",
+    ] {
         let r = send(&svc, get(path)).await;
         assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_node_id");
     }
+    // Ids that name routes are reserved, in bodies and paths alike.
+    for id in ["login", "heartbeat", "logout", "watch", "stats"] {
+        let r = send(&svc, post("/presence/login", json!({"node_id": id}))).await;
+        assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_node_id");
+        assert!(r.text.contains("reserved"), "{id}: {}", r.text);
+        let r = send(&svc, get(&format!("/presence/{id}"))).await;
+        assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_node_id");
+        assert!(r.text.contains("reserved"), "GET {id}: {}", r.text);
+    }
+    let r = send(&svc, get("/presence/%41")).await;
+    assert_error(&r, StatusCode::NOT_FOUND, "not_found");
+    assert!(r.text.contains(r#"\"A\""#), "decoded id named: {}", r.text);
     // The node id is checked before meta.
     let r = send(
         &svc,

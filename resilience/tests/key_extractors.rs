@@ -55,6 +55,7 @@ type Case<'a> = (
 fn trusted_proxy_ip_table() {
     let x = ForwardedHeader::XForwardedFor;
     let f = ForwardedHeader::Forwarded;
+    let e = ForwardedHeader::Either;
     #[rustfmt::skip]
     let cases: &[Case] = &[
         ("spoofed header from an untrusted peer is ignored",
@@ -87,8 +88,10 @@ fn trusted_proxy_ip_table() {
             x, "10.0.0.1:1000", XFF, &[b"::ffff:198.51.100.7"], "198.51.100.7"),
         ("untrusted IPv4-mapped peer is keyed as IPv4",
             x, "[::ffff:203.0.113.9]:443", XFF, &[b"1.2.3.4"], "203.0.113.9"),
-        ("empty list elements are skipped",
-            x, "10.0.0.1:1000", XFF, &[b"198.51.100.7, , 10.1.1.1"], "198.51.100.7"),
+        ("empty list element after a trusted hop is malformed: key on that hop",
+            x, "10.0.0.1:1000", XFF, &[b"198.51.100.7, , 10.1.1.1"], "10.1.1.1"),
+        ("empty last element is malformed: key on the peer",
+            x, "10.0.0.1:1000", XFF, &[b"198.51.100.7, "], "10.0.0.1"),
         ("malformed rightmost entry: the peer wrote it, key on the peer",
             x, "10.0.0.1:1000", XFF, &[b"198.51.100.7, garbage"], "10.0.0.1"),
         ("malformed entry after a trusted hop: key on that hop",
@@ -128,6 +131,15 @@ fn trusted_proxy_ip_table() {
             f, "203.0.113.9:1000", FWD, &[b"for=198.51.100.7"], "203.0.113.9"),
         ("Forwarded mode ignores X-Forwarded-For",
             f, "10.0.0.1:1000", XFF, &[b"198.51.100.7"], "10.0.0.1"),
+
+        ("Either: X-Forwarded-For alone is read",
+            e, "10.0.0.1:1000", XFF, &[b"198.51.100.7"], "198.51.100.7"),
+        ("Either: Forwarded alone is read",
+            e, "10.0.0.1:1000", FWD, &[b"for=5.6.0.2"], "5.6.0.2"),
+        ("Either: Forwarded quoted, with proto, For=, IPv6 with port",
+            e, "10.0.0.1:1000", FWD, &[b"proto=https;For=\"[2001:db8::9]:80\""], "2001:db8::9"),
+        ("Either: spoofed by an untrusted peer is ignored",
+            e, "203.0.113.9:1000", FWD, &[b"for=5.6.0.2"], "203.0.113.9"),
     ];
     for (what, mode, peer, header, lines, want) in cases {
         let extractor = TrustedProxyIp::new(trusted()).header(*mode);
@@ -135,6 +147,15 @@ fn trusted_proxy_ip_table() {
         let got = extractor.extract(&req).unwrap();
         assert_eq!(got, ip(want), "{what}");
     }
+}
+
+#[test]
+fn trusted_proxy_ip_either_believes_neither_header_when_both_are_sent() {
+    let extractor = TrustedProxyIp::new(trusted()).header(ForwardedHeader::Either);
+    let mut req = request(Some("10.0.0.1:1000"), XFF, &[b"198.51.100.7"]);
+    req.headers_mut()
+        .insert("forwarded", HeaderValue::from_static("for=198.51.100.8"));
+    assert_eq!(extractor.extract(&req).unwrap(), ip("10.0.0.1"));
 }
 
 #[test]

@@ -32,7 +32,7 @@ pub fn redis_required() -> bool {
 }
 
 /// A test configuration: 127.0.0.1, port 0, no practical rate limit, the given store
-/// timeout; everything else the SPEC defaults.
+/// timeout; everything else the defaults.
 pub fn config(store_timeout: Duration) -> Config {
     let mut c = Config::default();
     c.http_host = "127.0.0.1".into();

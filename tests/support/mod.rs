@@ -191,7 +191,7 @@ impl Reply {
         );
     }
 
-    /// Asserts the SPEC §3 error shape: `status`, JSON content type, a body that is
+    /// Asserts the API's error shape: `status`, JSON content type, a body that is
     /// exactly `{"error": code, "message": <non-empty sentence>}`. Returns the message.
     pub fn assert_error(&self, status: u16, code: &str) -> String {
         assert_eq!(

@@ -60,7 +60,7 @@ pub enum ClientError {
     Server {
         /// The HTTP status code.
         status: u16,
-        /// The machine-readable `error` field of the body (SPEC §3), or
+        /// The machine-readable `error` field of the body (docs/http-api.md), or
         /// `http_<status>` when the body was not the JSON error shape.
         code: String,
         /// The human-readable `message` of the body.

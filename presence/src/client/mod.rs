@@ -80,7 +80,7 @@ use crate::model::{
     Node, NodeId,
 };
 
-/// A client of the presence HTTP API (SPEC §3).
+/// A client of the presence HTTP API (docs/http-api.md).
 ///
 /// Cheap to clone: clones share the stack (breaker, rate limiter, connection pool)
 /// and the remembered leases.

@@ -22,6 +22,10 @@ use resilience::BoxError;
 /// body type is boxed.
 pub struct RequestBody {
     kind: RequestKind,
+    /// The most bytes the handlers read of it (`413` past it): what the
+    /// [`BodyLimit`](super::BodyLimit) in front of them set, else
+    /// [`MAX_BODY_BYTES`](super::MAX_BODY_BYTES).
+    limit: usize,
 }
 
 enum RequestKind {
@@ -46,6 +50,7 @@ impl RequestBody {
         {
             return RequestBody {
                 kind: RequestKind::Incoming(incoming),
+                limit: super::MAX_BODY_BYTES,
             };
         }
         let kind = match slot {
@@ -57,7 +62,19 @@ impl RequestBody {
                     .boxed_unsync(),
             ),
         };
-        RequestBody { kind }
+        RequestBody {
+            kind,
+            limit: super::MAX_BODY_BYTES,
+        }
+    }
+
+    /// The most bytes of this body a handler reads; a longer body is `413`.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    pub(crate) fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
     }
 }
 

@@ -1,5 +1,5 @@
 //! Every error the server answers with, and the one function that turns it into an
-//! HTTP response (SPEC §3 error table).
+//! HTTP response (the error table of docs/http-api.md).
 //!
 //! Keeping the status, the code and the headers of every error in a single `match`
 //! is what keeps the API consistent: a new error variant cannot get a response shape
@@ -46,8 +46,9 @@ pub enum ApiError {
         /// The limit in bytes.
         limit: usize,
     },
-    /// `415 unsupported_media_type`: a POST without a JSON content type.
-    UnsupportedMediaType,
+    /// `415 unsupported_media_type`: a POST without one JSON content type in UTF-8, or
+    /// with a transfer coding other than `chunked`. The string says which.
+    UnsupportedMediaType(String),
     /// `422 invalid_node_id`.
     InvalidNodeId(InvalidNodeId),
     /// `422 invalid_meta`: meta is not an object or is too large. The string says which.
@@ -61,6 +62,9 @@ pub enum ApiError {
         /// Sent as `Retry-After`, in whole seconds rounded up (at least 1).
         retry_after: Duration,
     },
+    /// `503 store_unavailable` with `Retry-After`: the store answered but refused the
+    /// write (out of memory, read-only replica). The string is for the log only.
+    StoreRefused(String),
     /// `500 internal`: a bug or an exhausted OS resource; the string is for the log
     /// only and is not sent to the client.
     Internal(String),
@@ -68,8 +72,8 @@ pub enum ApiError {
 
 impl ApiError {
     /// The HTTP response for this error: status, `{"error": code, "message": sentence}`
-    /// body and the headers the SPEC requires (`Allow`, `Retry-After`,
-    /// `WWW-Authenticate`).
+    /// body and the headers the API documents for it (`Allow`, `Retry-After`,
+    /// `WWW-Authenticate`; see docs/http-api.md).
     pub fn into_response(self) -> http::Response<ResponseBody> {
         let mut extra: Option<(http::HeaderName, HeaderValue)> = None;
         let (status, code, message) = match self {
@@ -110,10 +114,10 @@ impl ApiError {
                 "payload_too_large",
                 format!("the request body is larger than {limit} bytes"),
             ),
-            ApiError::UnsupportedMediaType => (
+            ApiError::UnsupportedMediaType(why) => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
-                "the request body must be JSON (`Content-Type: application/json`)".to_owned(),
+                why,
             ),
             ApiError::InvalidNodeId(why) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -135,6 +139,18 @@ impl ApiError {
                     format!("the presence store is unavailable; retry after {secs} s"),
                 )
             }
+            ApiError::StoreRefused(detail) => {
+                tracing::warn!(%detail, "store refused a write");
+                let secs = retry_after_secs(STORE_REFUSED_RETRY_AFTER);
+                extra = Some((RETRY_AFTER, HeaderValue::from(secs)));
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    format!(
+                        "the presence store refuses writes (out of memory or read-only); reads still work; retry after {secs} s"
+                    ),
+                )
+            }
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 (
@@ -151,6 +167,9 @@ impl ApiError {
         response
     }
 }
+
+/// How long a client should wait after the store refused a write.
+const STORE_REFUSED_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// A JSON response with `status` and `body` serialized.
 pub(crate) fn json_response(

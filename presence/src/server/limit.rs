@@ -75,6 +75,74 @@ where
                 ApiError::PayloadTooLarge { limit: self.limit }.into_response()
             )));
         }
+        // A body without a declared length (chunked) is cut where it passes the
+        // limit, by whoever reads it.
+        let mut req = req;
+        req.body_mut().set_limit(self.limit);
         Either::Right(self.inner.call(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use tower::{service_fn, ServiceExt};
+
+    /// A service that reads the body as the handlers do: `413` past its limit.
+    async fn read(
+        req: http::Request<RequestBody>,
+    ) -> Result<http::Response<ResponseBody>, Infallible> {
+        Ok(
+            match super::super::router::collect_body(req.into_body()).await {
+                Ok(bytes) => http::Response::new(ResponseBody::full(bytes)),
+                Err(e) => e.into_response(),
+            },
+        )
+    }
+
+    fn chunked(len: usize) -> RequestBody {
+        // A stream has no declared length, as a chunked request body.
+        let chunks = vec![Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(
+            vec![b'x'; len],
+        )))];
+        RequestBody::new(StreamBody::new(futures_util::stream::iter(chunks)))
+    }
+
+    #[tokio::test]
+    async fn the_layer_limit_holds_for_declared_and_chunked_bodies() {
+        let svc = BodyLimitLayer::new(8).layer(service_fn(read));
+        for (what, body, status) in [
+            (
+                "declared, over",
+                RequestBody::new(Full::new(Bytes::from_static(b"0123456789"))),
+                413,
+            ),
+            (
+                "declared, at",
+                RequestBody::new(Full::new(Bytes::from_static(b"01234567"))),
+                200,
+            ),
+            ("chunked, over", chunked(9), 413),
+            ("chunked, at", chunked(8), 200),
+        ] {
+            let res = svc.clone().oneshot(http::Request::new(body)).await.unwrap();
+            assert_eq!(res.status(), status, "{what}");
+            if status == 413 {
+                let bytes = res.into_body().collect().await.unwrap().to_bytes();
+                assert!(
+                    String::from_utf8_lossy(&bytes).contains("larger than 8 bytes"),
+                    "{what}: names the layer's limit"
+                );
+            }
+        }
+        // Above the default: a layer may also allow more than 16 KiB.
+        let svc = BodyLimitLayer::new(64 * 1024).layer(service_fn(read));
+        let res = svc
+            .oneshot(http::Request::new(chunked(20_000)))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
     }
 }

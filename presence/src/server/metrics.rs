@@ -57,6 +57,8 @@ struct StoreErrorLabels {
 pub enum StoreErrorKind {
     /// The store answered with an error.
     Unavailable,
+    /// The store is up but refused a write (out of memory, read-only).
+    Refused,
     /// The store did not answer within `PRESENCE_STORE_TIMEOUT_MS`.
     Timeout,
     /// The circuit breaker rejected the call without asking the store.
@@ -321,6 +323,7 @@ impl Metrics {
     pub(crate) fn record_store_error(&self, kind: StoreErrorKind) {
         let kind = match kind {
             StoreErrorKind::Unavailable => "unavailable",
+            StoreErrorKind::Refused => "refused",
             StoreErrorKind::Timeout => "timeout",
             StoreErrorKind::CircuitOpen => "circuit_open",
         };

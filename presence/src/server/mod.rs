@@ -1,5 +1,5 @@
-//! The presence HTTP server (SPEC §3): a tower service stack, and a hyper server
-//! that runs it.
+//! The presence HTTP server (the API is described in docs/http-api.md): a tower
+//! service stack, and a hyper server that runs it.
 //!
 //! - [`PresenceService`]: the whole API as one `tower::Service<http::Request<B>>`;
 //!   use it in-process (tests, or as a [`PresenceClient`](crate::client) transport),

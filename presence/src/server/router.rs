@@ -5,9 +5,10 @@
 //! `404` vs `405` + `Allow` decided in the same place. A router crate would add a
 //! dependency (and its own error responses to re-map into our JSON shape) for no gain.
 //!
-//! `/presence/login`, `/presence/heartbeat` and `/presence/logout` are also valid node
-//! ids: a `GET` on them is the node lookup (`GET /presence/{node_id}`), a `POST` is the
-//! action, so such a node can still be fetched.
+//! `login`, `heartbeat`, `logout`, `watch` and `stats` are reserved node ids
+//! ([`RESERVED_NODE_IDS`](crate::model::RESERVED_NODE_IDS)): a `GET` on
+//! `/presence/login` resolves as a node lookup and answers `422 invalid_node_id`
+//! saying the id is reserved; a `POST` is the action.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -31,7 +32,7 @@ use super::errors::{bytes_response, json_response, ApiError};
 use super::list::{list_response, ListCoalescer};
 use super::metrics::{Metrics, StoreErrorKind};
 use super::outage::OutageTracker;
-use super::{RequestBody, ResponseBody, MAX_BODY_BYTES};
+use super::{RequestBody, ResponseBody};
 use crate::model::{try_new_lease_id, LoginResponse, LogoutResponse, Meta, NodeId};
 use crate::store::json::write_u64;
 use crate::store::{Store, StoreError};
@@ -49,8 +50,10 @@ pub(crate) enum Route<'a> {
     Metrics,
 }
 
-const GET: &str = "GET";
-const GET_POST: &str = "GET, POST";
+// `HEAD` is served wherever `GET` is (RFC 9110 9.3.2): the same status and headers,
+// no body. Load balancers' health probes often use it.
+const GET: &str = "GET, HEAD";
+const GET_POST: &str = "GET, HEAD, POST";
 
 /// The routing table: the route for `method` + `path`, or the `404` / `405` error.
 pub(crate) fn resolve<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, ApiError> {
@@ -67,7 +70,7 @@ pub(crate) fn resolve<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, A
             };
             let route = match *method {
                 Method::POST => Some(action),
-                Method::GET => Some(Route::Get(&path["/presence/".len()..])),
+                Method::GET | Method::HEAD => Some(Route::Get(&path["/presence/".len()..])),
                 _ => None,
             };
             (route, GET_POST)
@@ -87,7 +90,16 @@ pub(crate) fn resolve<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, A
 }
 
 fn method_is<'a>(method: &Method, expected: Method, route: Route<'a>) -> Option<Route<'a>> {
-    (*method == expected).then_some(route)
+    let head_of_get = expected == Method::GET && *method == Method::HEAD;
+    (*method == expected || head_of_get).then_some(route)
+}
+
+/// A node id as it stands in a path segment, percent-decoded (`svc%40host%3A7000` is
+/// `svc@host:7000`, as `encodeURIComponent` writes it). What decoding yields is then
+/// validated like any id, so `%2F` is an invalid id, never a path separator (and bytes
+/// that are not UTF-8 become U+FFFD, an invalid character too).
+fn decode_node_id(segment: &str) -> Cow<'_, str> {
+    percent_encoding::percent_decode_str(segment).decode_utf8_lossy()
 }
 
 /// The metrics label of a request: its route template, `unmatched` if there is none.
@@ -153,7 +165,9 @@ impl State {
     /// Runs one store call under the store timeout and the circuit breaker.
     ///
     /// `NotFound` and `LeaseMismatch` are answers, so they count as breaker successes;
-    /// only `Unavailable` and timeouts are failures. `node` names the node in a
+    /// so does `Refused` (Redis out of memory or read-only: it still answers reads,
+    /// so the breaker must not take reads and `/readyz` down with the writes). Only
+    /// `Unavailable` and timeouts are failures. `node` names the node in a
     /// `404` message. After an outage, the first call gives the outage back to the
     /// leases ([`OutageTracker`]) before its own call, within the same timeout.
     pub(crate) async fn guarded<'s, T, F>(
@@ -187,6 +201,10 @@ impl State {
             Ok(Ok(value)) => (Ok(value), None),
             Ok(Err(StoreError::NotFound)) => (Err(ApiError::NodeNotFound(node.to_owned())), None),
             Ok(Err(StoreError::LeaseMismatch)) => (Err(ApiError::LeaseMismatch), None),
+            Ok(Err(StoreError::Refused(why))) => {
+                self.metrics.record_store_error(StoreErrorKind::Refused);
+                (Err(ApiError::StoreRefused(why)), None)
+            }
             Ok(Err(StoreError::Unavailable(why))) => {
                 tracing::warn!(reason = %why, "store call failed");
                 (
@@ -244,8 +262,9 @@ impl State {
                 Ok(list_response(list))
             }
             Route::Get(id) => {
-                let node = NodeId::parse(id).map_err(ApiError::InvalidNodeId)?;
-                match self.guarded(id, |s| s.get(&node)).await? {
+                let id = decode_node_id(id);
+                let node = NodeId::parse(&id).map_err(ApiError::InvalidNodeId)?;
+                match self.guarded(&id, |s| s.get(&node)).await? {
                     Some(found) => Ok(json_response(StatusCode::OK, &found)),
                     None => Err(ApiError::NodeNotFound(node.into_string())),
                 }
@@ -361,8 +380,8 @@ struct Status {
 }
 
 // The wire types of the POST bodies. `meta` is a raw `Value` here (not the model's
-// `Option<Meta>`) so that a non-object meta is a `422 invalid_meta`, as the SPEC
-// says, rather than a `400` from the deserializer.
+// `Option<Meta>`) so that a non-object meta is a `422 invalid_meta`, as
+// docs/http-api.md says, rather than a `400` from the deserializer.
 #[derive(Deserialize)]
 struct LoginWire {
     node_id: String,
@@ -451,34 +470,63 @@ struct LogoutWire {
     lease_id: String,
 }
 
-/// `application/json` or any `application/*+json`, parameters (`; charset=utf-8`)
-/// allowed, case-insensitive.
-fn is_json_content_type(headers: &http::HeaderMap) -> bool {
-    let Some(value) = headers.get(CONTENT_TYPE) else {
-        return false;
+/// The request's body framing and type, or the `415` that says what is wrong: one
+/// `Content-Type` of `application/json` or any `application/*+json`
+/// (case-insensitive), in UTF-8 (no `charset`, or `charset=utf-8`), and no transfer
+/// coding but `chunked` (a `gzip` body would otherwise be read as if it were JSON).
+fn check_json_content(headers: &http::HeaderMap) -> Result<(), ApiError> {
+    let refuse = |why: &str| Err(ApiError::UnsupportedMediaType(why.to_owned()));
+    let mut types = headers.get_all(CONTENT_TYPE).iter();
+    let value = match (types.next(), types.next()) {
+        (Some(value), None) => value,
+        (None, _) => {
+            return refuse("the request body must be JSON (`Content-Type: application/json`)")
+        }
+        (Some(_), Some(_)) => return refuse("the request has more than one `Content-Type`"),
     };
+    if let Some(coding) = headers.get(http::header::TRANSFER_ENCODING) {
+        if !coding.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return refuse("no transfer coding but `chunked` is supported");
+        }
+    }
     // What every heartbeat carries, compared as it is.
     if value.as_bytes() == b"application/json" {
-        return true;
+        return Ok(());
     }
-    let Ok(value) = value.to_str() else {
-        return false;
-    };
-    let essence = value.split(';').next().unwrap_or_default().trim();
+    let mut parts = value.to_str().unwrap_or_default().split(';');
+    let essence = parts.next().unwrap_or_default().trim();
     // Compared in place: every heartbeat passes through here.
-    let Some(subtype) = essence
+    let is_json = essence
         .get(.."application/".len())
         .filter(|t| t.eq_ignore_ascii_case("application/"))
         .map(|t| &essence[t.len()..])
-    else {
-        return false;
-    };
-    subtype.eq_ignore_ascii_case("json")
-        || subtype
-            .len()
-            .checked_sub("+json".len())
-            .and_then(|at| subtype.get(at..))
-            .is_some_and(|tail| tail.eq_ignore_ascii_case("+json"))
+        .is_some_and(|subtype| {
+            subtype.eq_ignore_ascii_case("json")
+                || subtype
+                    .len()
+                    .checked_sub("+json".len())
+                    .and_then(|at| subtype.get(at..))
+                    .is_some_and(|tail| tail.eq_ignore_ascii_case("+json"))
+        });
+    if !is_json {
+        return refuse("the request body must be JSON (`Content-Type: application/json`)");
+    }
+    let utf8 = parts.all(|param| match param.split_once('=') {
+        Some((name, value)) if name.trim().eq_ignore_ascii_case("charset") => {
+            let value = value.trim();
+            let value = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value);
+            value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8")
+        }
+        _ => true,
+    });
+    if utf8 {
+        Ok(())
+    } else {
+        refuse("the request body must be UTF-8 JSON (no `charset` other than `utf-8`)")
+    }
 }
 
 /// Checks the content type (`415`), reads the body (`413` over the limit) and
@@ -493,7 +541,7 @@ async fn read_json<T: DeserializeOwned>(
 }
 
 /// Checks the content type (`415`) and reads the body (`413` past
-/// [`MAX_BODY_BYTES`], `408` if it has not arrived within `timeout`: a client that
+/// the body's limit (default [`MAX_BODY_BYTES`](super::MAX_BODY_BYTES)), `408` if it has not arrived within `timeout`: a client that
 /// trickles its body).
 ///
 /// A body that arrives as one piece (as a small request body does) is taken as it
@@ -504,16 +552,15 @@ async fn read_body(
     body: RequestBody,
     timeout: Duration,
 ) -> Result<Bytes, ApiError> {
-    if !is_json_content_type(headers) {
-        return Err(ApiError::UnsupportedMediaType);
-    }
+    check_json_content(headers)?;
     deadline(timeout, collect_body(body))
         .await
         .unwrap_or(Err(ApiError::RequestTimeout))
 }
 
-/// The body's bytes (`413` past [`MAX_BODY_BYTES`]).
-async fn collect_body(mut body: RequestBody) -> Result<Bytes, ApiError> {
+/// The body's bytes (`413` past its [`limit`](RequestBody::limit)).
+pub(crate) async fn collect_body(mut body: RequestBody) -> Result<Bytes, ApiError> {
+    let limit = body.limit();
     let mut first: Option<Bytes> = None;
     let mut rest: Vec<u8> = Vec::new();
     let mut read = 0usize;
@@ -527,10 +574,8 @@ async fn collect_body(mut body: RequestBody) -> Result<Bytes, ApiError> {
         // A body without a declared length (chunked) stops here; a declared one over
         // the limit was refused before it was read (`BodyLimit`).
         read = read.saturating_add(data.len());
-        if read > MAX_BODY_BYTES {
-            return Err(ApiError::PayloadTooLarge {
-                limit: MAX_BODY_BYTES,
-            });
+        if read > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
         }
         match &first {
             None => first = Some(data),
@@ -607,13 +652,29 @@ impl Service<http::Request<RequestBody>> for Router {
                     .unwrap_or_else(ApiError::into_response))
             });
         }
+        let head = req.method() == Method::HEAD;
         Box::pin(async move {
-            Ok(state
+            let res = state
                 .handle(req)
                 .await
-                .unwrap_or_else(ApiError::into_response))
+                .unwrap_or_else(ApiError::into_response);
+            Ok(if head { without_body(res) } else { res })
         })
     }
+}
+
+/// The answer to a `HEAD`: the `GET` response's status and headers, its length as
+/// `Content-Length`, no body. (hyper would drop the body on the wire by itself; an
+/// in-process caller gets the same answer.)
+fn without_body(res: http::Response<ResponseBody>) -> http::Response<ResponseBody> {
+    use http_body::Body as _;
+    let (mut parts, body) = res.into_parts();
+    if let Some(len) = body.size_hint().exact() {
+        parts
+            .headers
+            .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    }
+    http::Response::from_parts(parts, ResponseBody::full(Bytes::new()))
 }
 
 #[cfg(test)]
@@ -728,13 +789,40 @@ mod tests {
             if let Ok(v) = http::HeaderValue::from_str(v) {
                 m.insert(CONTENT_TYPE, v);
             }
-            is_json_content_type(&m)
+            check_json_content(&m).is_ok()
         };
         assert!(h("application/json"));
         assert!(h("Application/JSON; charset=utf-8"));
+        assert!(h("application/json; charset=\"UTF-8\""));
         assert!(h("application/merge-patch+json"));
         assert!(!h("text/plain"));
         assert!(!h("application/jsonx"));
-        assert!(!is_json_content_type(&http::HeaderMap::new()));
+        assert!(!h("application/json; charset=utf-16"));
+        assert!(!h("application/json; charset=iso-8859-1"));
+        assert!(check_json_content(&http::HeaderMap::new()).is_err());
+
+        let mut two = http::HeaderMap::new();
+        two.append(
+            CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        two.append(CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+        assert!(check_json_content(&two).is_err());
+
+        let mut gzip = http::HeaderMap::new();
+        gzip.insert(
+            CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        gzip.insert(
+            http::header::TRANSFER_ENCODING,
+            http::HeaderValue::from_static("gzip, chunked"),
+        );
+        assert!(check_json_content(&gzip).is_err());
+        gzip.insert(
+            http::header::TRANSFER_ENCODING,
+            http::HeaderValue::from_static("chunked"),
+        );
+        assert!(check_json_content(&gzip).is_ok());
     }
 }

@@ -16,14 +16,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
 
 use super::{PresenceService, ResponseBody};
-use crate::config::Config;
+use crate::config::{Config, MIN_HEADER_BYTES};
 use crate::store::Store;
 
 /// A bound, not yet running presence server.
@@ -46,8 +46,20 @@ pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     service: PresenceService,
-    header_timeout: Duration,
+    limits: ConnectionLimits,
     shutdown_grace: Duration,
+    max_connections: usize,
+    builders: Arc<Builders>,
+}
+
+/// What bounds one connection (from the [`Config`]).
+#[derive(Clone, Copy, Debug)]
+struct ConnectionLimits {
+    /// No request in flight for this long: closed (`PRESENCE_HEADER_TIMEOUT_MS`).
+    idle: Duration,
+    /// A response waiting for the client to read for this long: closed
+    /// (`PRESENCE_WRITE_STALL_TIMEOUT_MS`).
+    write_stall: Duration,
 }
 
 impl Server {
@@ -81,8 +93,13 @@ impl Server {
             listener,
             local_addr,
             service,
-            header_timeout: config.header_timeout,
+            limits: ConnectionLimits {
+                idle: config.header_timeout,
+                write_stall: config.write_stall_timeout,
+            },
             shutdown_grace: config.shutdown_grace,
+            max_connections: config.max_connections,
+            builders: Arc::new(Builders::new(config)),
         })
     }
 
@@ -98,7 +115,11 @@ impl Server {
     /// HTTP/1 and HTTP/2 (prior knowledge, `h2c`) are told apart by the first bytes.
     /// Slow and idle clients are bounded by `PRESENCE_HEADER_TIMEOUT_MS`: a connection
     /// that sends nothing, or not a whole request header, within it is closed, and so
-    /// is one (HTTP/1 or HTTP/2) that has had no request in flight for that long.
+    /// is one (HTTP/1 or HTTP/2) that has had no request in flight for that long. A
+    /// request stays in flight until its response body has been written, so a slow
+    /// reader that keeps reading is never cut; one that stops reading is closed after
+    /// `PRESENCE_WRITE_STALL_TIMEOUT_MS`. At most `PRESENCE_MAX_CONNECTIONS`
+    /// connections are served at once; further ones wait in the listen backlog.
     ///
     /// # Errors
     /// None today; accept errors (e.g. out of file descriptors) are logged and
@@ -109,11 +130,14 @@ impl Server {
             listener,
             local_addr: _,
             service,
-            header_timeout,
+            limits,
             shutdown_grace,
+            max_connections,
+            builders,
         } = self;
-
-        let builders = Arc::new(Builders::new());
+        // One permit per open connection: at the cap, the loop stops accepting (the
+        // kernel's backlog holds new connections) while open ones are still served.
+        let slots = Arc::new(Semaphore::new(max_connections));
 
         // `true` once shutdown begins; every connection task watches it.
         let (closing_tx, closing_rx) = watch::channel(false);
@@ -121,17 +145,26 @@ impl Server {
         tokio::pin!(shutdown);
 
         loop {
+            let next = async {
+                // Never closed, so this only waits.
+                let slot = slots.clone().acquire_owned().await.ok();
+                (slot, listener.accept().await)
+            };
             tokio::select! {
-                accepted = listener.accept() => match accepted {
+                (slot, accepted) = next => match accepted {
                     Ok((stream, peer)) => {
-                        connections.spawn(serve_connection(
+                        let conn = serve_connection(
                             stream,
                             peer,
                             builders.clone(),
                             service.clone(),
-                            header_timeout,
+                            limits,
                             closing_rx.clone(),
-                        ));
+                        );
+                        connections.spawn(async move {
+                            conn.await;
+                            drop(slot);
+                        });
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning on the error.
@@ -235,11 +268,11 @@ async fn serve_connection(
     peer: SocketAddr,
     builders: Arc<Builders>,
     service: PresenceService,
-    idle_timeout: Duration,
+    limits: ConnectionLimits,
     mut closing: watch::Receiver<bool>,
 ) {
     let protocol = tokio::select! {
-        sent = first_bytes_within(&stream, idle_timeout) => match sent {
+        sent = first_bytes_within(&stream, limits.idle) => match sent {
             Some(protocol) => protocol,
             None => {
                 tracing::debug!(%peer, "closing connection that sent nothing");
@@ -264,11 +297,11 @@ async fn serve_connection(
     match protocol {
         Protocol::Http1 => {
             let conn = builders.http1.serve_connection(io, service);
-            drive(conn, peer, &activity, idle_timeout, closing, false).await;
+            drive(conn, peer, &activity, limits, closing, false).await;
         }
         Protocol::Http2 => {
             let conn = builders.http2.serve_connection(io, service);
-            drive(conn, peer, &activity, idle_timeout, closing, true).await;
+            drive(conn, peer, &activity, limits, closing, true).await;
         }
     }
 }
@@ -277,19 +310,26 @@ async fn serve_connection(
 /// [`first_bytes_within`] (which only peeks), so the connection is served by the
 /// protocol's own builder, without the auto builder's read-ahead and replay of the
 /// first bytes on every read.
+#[derive(Debug)]
 struct Builders {
     http1: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
 impl Builders {
-    fn new() -> Builders {
+    fn new(config: &Config) -> Builders {
         // No `header_read_timeout` for HTTP/1: hyper would arm a timer for every
         // request head. The idle rule of `drive` bounds slow and silent clients
         // instead, for HTTP/1 and HTTP/2 alike, with one timer per connection.
-        let http1 = hyper::server::conn::http1::Builder::new();
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        // hyper's default read buffer grows to ~400 KB for one request head: a
+        // thousand half-sent heads would hold 400 MB. Past the cap hyper answers 431.
+        http1.max_buf_size(config.max_header_bytes.max(MIN_HEADER_BYTES));
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        http2.timer(TokioTimer::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(config.max_streams_per_connection)
+            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
         Builders { http1, http2 }
     }
 }
@@ -303,7 +343,7 @@ async fn drive<C>(
     conn: C,
     peer: SocketAddr,
     activity: &Activity,
-    idle_timeout: Duration,
+    limits: ConnectionLimits,
     mut closing: watch::Receiver<bool>,
     http2: bool,
 ) where
@@ -313,7 +353,7 @@ async fn drive<C>(
     tokio::pin!(conn);
     let shutdown = shutdown_begun(&mut closing);
     tokio::pin!(shutdown);
-    let idle_check = tokio::time::sleep(idle_timeout);
+    let idle_check = tokio::time::sleep(limits.idle.min(limits.write_stall));
     tokio::pin!(idle_check);
     let mut shutting_down = false;
     // Set when the connection is closed for idleness: a client that does not let it
@@ -333,10 +373,17 @@ async fn drive<C>(
                 conn.as_mut().graceful_shutdown();
                 shutting_down = true;
             }
-            () = idle_check.as_mut(), if !shutting_down => match activity.idle_until(idle_timeout) {
+            // Also while shutting down: a client that stops reading must not hold the
+            // drain until the grace period ends.
+            () = idle_check.as_mut() => match activity.check(limits) {
                 // Busy, or not idle for long enough yet: look again when it could be.
-                Some(next_check) => idle_check.as_mut().reset(next_check),
-                None => {
+                Check::Again(next_check) => idle_check.as_mut().reset(next_check),
+                Check::Stalled => {
+                    tracing::debug!(%peer, "closing connection whose client stopped reading");
+                    return;
+                }
+                Check::Idle if shutting_down => idle_check.as_mut().reset(Instant::now() + limits.idle),
+                Check::Idle => {
                     tracing::debug!(%peer, "closing idle connection");
                     if !http2 {
                         return;
@@ -396,7 +443,7 @@ type StackFuture = Either<
 >;
 
 impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
-    type Response = http::Response<ResponseBody>;
+    type Response = http::Response<TrackedBody>;
     type Error = Infallible;
     type Future = Counted<StackFuture>;
 
@@ -415,33 +462,125 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
             Poll::Ready(Err(never)) => match never {},
             Poll::Pending => Either::Right(service.clone().oneshot(req)),
         };
-        Counted { inner, in_flight }
+        Counted {
+            inner,
+            in_flight: Some(in_flight),
+        }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A response future that counts as one request in flight until it is dropped.
+    /// A response future that counts as one request in flight, and hands that count
+    /// on to the response body: a request is in flight until its body is written.
     struct Counted<F> {
         #[pin]
         inner: F,
-        in_flight: InFlight,
+        in_flight: Option<InFlight>,
     }
 }
 
-impl<F: Future> Future for Counted<F> {
-    type Output = F::Output;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.project().inner.poll(cx)
+impl<F> Future for Counted<F>
+where
+    F: Future<Output = Result<http::Response<ResponseBody>, Infallible>>,
+{
+    type Output = Result<http::Response<TrackedBody>, Infallible>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = std::task::ready!(this.inner.poll(cx))?;
+        let in_flight = this.in_flight.take();
+        Poll::Ready(Ok(res.map(|body| TrackedBody {
+            body,
+            in_flight,
+            handed_out: false,
+        })))
     }
 }
 
-/// Requests in flight on one connection, and since when it has had none.
+/// A response body that keeps its request in flight until it is written (or
+/// dropped), and tells the connection when a frame it handed out has not been taken
+/// by the client yet.
+///
+/// hyper asks for the next frame only once it has written the last one (HTTP/1: the
+/// socket took it; HTTP/2: the stream's flow-control window had room), so "a frame
+/// was handed out and the next one not asked for" is exactly "the client is not
+/// reading". A single-frame body (every JSON answer but a listing) never counts as
+/// waiting.
+pub(crate) struct TrackedBody {
+    body: ResponseBody,
+    in_flight: Option<InFlight>,
+    handed_out: bool,
+}
+
+impl TrackedBody {
+    fn taken(&mut self) {
+        if std::mem::take(&mut self.handed_out) {
+            if let Some(InFlight(activity)) = &self.in_flight {
+                activity.progress();
+                activity.waiting_bodies.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        this.taken();
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(Some(_))) && !this.body.is_end_stream() {
+            if let Some(InFlight(activity)) = &this.in_flight {
+                activity.progress();
+                activity.waiting_bodies.fetch_add(1, Ordering::AcqRel);
+                this.handed_out = true;
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        self.taken();
+    }
+}
+
+/// Requests in flight on one connection, since when it has had none, and whether
+/// its client is reading the responses.
 struct Activity {
     started: Instant,
     in_flight: AtomicUsize,
     /// When `in_flight` last dropped to zero, in ns since `started` (0: never, so
     /// idle since the start).
     idle_since_ns: AtomicU64,
+    /// Response bodies whose last frame the client has not taken yet.
+    waiting_bodies: AtomicUsize,
+    /// When a response body last handed out a frame or was asked for the next one,
+    /// in ns since `started`.
+    progress_ns: AtomicU64,
+}
+
+/// What [`Activity::check`] found.
+enum Check {
+    /// Nothing in flight for the idle timeout.
+    Idle,
+    /// A response has waited for the client to read for the write-stall timeout.
+    Stalled,
+    /// Neither yet: look again then.
+    Again(Instant),
 }
 
 impl Activity {
@@ -450,19 +589,45 @@ impl Activity {
             started: Instant::now(),
             in_flight: AtomicUsize::new(0),
             idle_since_ns: AtomicU64::new(0),
+            waiting_bodies: AtomicUsize::new(0),
+            progress_ns: AtomicU64::new(0),
         }
     }
 
-    /// `None` if the connection has had no request in flight for `idle_timeout`;
-    /// otherwise when that could first be the case.
-    fn idle_until(&self, idle_timeout: Duration) -> Option<Instant> {
+    fn elapsed_ns(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn at(&self, ns: &AtomicU64) -> Instant {
+        self.started + Duration::from_nanos(ns.load(Ordering::Acquire))
+    }
+
+    fn progress(&self) {
+        self.progress_ns
+            .fetch_max(self.elapsed_ns(), Ordering::AcqRel);
+    }
+
+    /// Whether the connection is idle or stalled under `limits`, or when it could
+    /// first be.
+    fn check(&self, limits: ConnectionLimits) -> Check {
         let now = Instant::now();
         if self.in_flight.load(Ordering::Acquire) > 0 {
-            return Some(now + idle_timeout);
+            if self.waiting_bodies.load(Ordering::Acquire) == 0 {
+                return Check::Again(now + limits.idle.min(limits.write_stall));
+            }
+            let until = self.at(&self.progress_ns) + limits.write_stall;
+            return if until > now {
+                Check::Again(until)
+            } else {
+                Check::Stalled
+            };
         }
-        let since = self.started + Duration::from_nanos(self.idle_since_ns.load(Ordering::Acquire));
-        let until = since + idle_timeout;
-        (until > now).then_some(until)
+        let until = self.at(&self.idle_since_ns) + limits.idle;
+        if until > now {
+            Check::Again(until)
+        } else {
+            Check::Idle
+        }
     }
 }
 
@@ -480,8 +645,9 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let activity = &self.0;
         // Stamp first, then leave: whoever sees `in_flight == 0` also sees the stamp.
-        let ns = u64::try_from(activity.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        activity.idle_since_ns.fetch_max(ns, Ordering::AcqRel);
+        activity
+            .idle_since_ns
+            .fetch_max(activity.elapsed_ns(), Ordering::AcqRel);
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }

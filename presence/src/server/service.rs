@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::future::Either;
 use http_body::Body;
 use resilience::circuit_breaker::{CircuitBreaker, CircuitState};
-use resilience::key::TrustedProxyIp;
+use resilience::key::{ForwardedHeader, TrustedProxyIp};
 use resilience::token_bucket::TokenBucketLayer;
 use resilience::token_bucket::{Http, TokenBucketService};
 use resilience::{BoxError, KeyedTokenBuckets};
@@ -135,7 +135,11 @@ impl PresenceService {
         let router = Router::new(state);
 
         let rate_limit = TokenBucketLayer::new(config.rate_limit_rate, config.rate_limit_capacity)
-            .key(TrustedProxyIp::new(config.trusted_proxies.clone()))
+            .key(
+                // Proxies of either kind: `X-Forwarded-For` (nginx, most balancers)
+                // or RFC 7239 `Forwarded`; a request with both is keyed by its peer.
+                TrustedProxyIp::new(config.trusted_proxies.clone()).header(ForwardedHeader::Either),
+            )
             .http()
             .headers_on_success(false);
         let rate_limiter = rate_limit.keyed_buckets::<IpAddr>();

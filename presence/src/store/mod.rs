@@ -150,6 +150,10 @@ pub enum StoreError {
     /// The store could not be reached or answered unexpectedly; the message says
     /// why (it never contains credentials).
     Unavailable(String),
+    /// The store is up but refuses this write: out of memory (`OOM`), a read-only
+    /// replica (`READONLY`), a failed snapshot (`MISCONF`). Reads still work, so this
+    /// does not count against the store's health.
+    Refused(String),
 }
 
 impl fmt::Display for StoreError {
@@ -158,6 +162,7 @@ impl fmt::Display for StoreError {
             StoreError::NotFound => f.write_str("node is not online"),
             StoreError::LeaseMismatch => f.write_str("lease is not the node's current lease"),
             StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
+            StoreError::Refused(why) => write!(f, "store refused the write: {why}"),
         }
     }
 }
@@ -250,7 +255,7 @@ pub trait Store: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
-/// Opens the store a URI names (SPEC §4 `PRESENCE_REDIS_URI`):
+/// Opens the store a URI names (`PRESENCE_REDIS_URI`, see the README's Configuration):
 /// `None`, `""` or `memory://` -> [`MemoryStore`] (logged at `info`: single server
 /// only); `redis://` or `rediss://` -> [`RedisStore`] with key namespace `prefix`.
 ///

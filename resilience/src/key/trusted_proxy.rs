@@ -22,15 +22,16 @@ pub enum ForwardedHeader {
     XForwardedFor,
     /// RFC 7239 `Forwarded: for=client;proto=https, for="[2001:db8::1]:4711"`.
     Forwarded,
+    /// Whichever of the two the request carries, for proxies of either kind. A
+    /// request that carries **both** is keyed by its peer (the nearest trusted hop):
+    /// one of the two came from the client, and there is no telling which, so
+    /// neither is believed. A client can thereby only put itself into its proxy's
+    /// bucket, never get a fresh one.
+    Either,
 }
 
-impl ForwardedHeader {
-    fn name(self) -> HeaderName {
-        match self {
-            ForwardedHeader::XForwardedFor => HeaderName::from_static("x-forwarded-for"),
-            ForwardedHeader::Forwarded => header::FORWARDED,
-        }
-    }
+fn x_forwarded_for() -> HeaderName {
+    HeaderName::from_static("x-forwarded-for")
 }
 
 /// Keys requests by client IP when the server sits behind reverse proxies.
@@ -121,20 +122,32 @@ impl TrustedProxyIp {
             return peer;
         }
         let mut nearest_trusted = peer;
-        let name = self.header.name();
+        let xff = x_forwarded_for();
+        let forwarded = match self.header {
+            ForwardedHeader::XForwardedFor => false,
+            ForwardedHeader::Forwarded => true,
+            ForwardedHeader::Either => match (
+                headers.contains_key(&xff),
+                headers.contains_key(header::FORWARDED),
+            ) {
+                (true, true) => return peer,
+                (false, forwarded) => forwarded,
+                (true, false) => false,
+            },
+        };
+        let name = if forwarded { header::FORWARDED } else { xff };
         for line in headers.get_all(&name).iter().rev() {
             let Ok(line) = line.to_str() else {
                 return nearest_trusted;
             };
             for entry in line.rsplit(',') {
                 let entry = entry.trim();
-                if entry.is_empty() {
-                    // HTTP lists allow empty elements ("a, , b").
-                    continue;
-                }
-                let parsed = match self.header {
-                    ForwardedHeader::XForwardedFor => parse_node(entry),
-                    ForwardedHeader::Forwarded => parse_forwarded_element(entry),
+                // An empty element ("a, " or "a, , b") is malformed here: a proxy
+                // always writes an address, so an empty one stops the walk too.
+                let parsed = if forwarded {
+                    parse_forwarded_element(entry)
+                } else {
+                    parse_node(entry)
                 };
                 let Some(ip) = parsed else {
                     return nearest_trusted;

@@ -189,12 +189,27 @@ pub(super) fn evalsha(script: &Script, keys: &DeploymentKeys, args: usize, bytes
 
 /// Runs an [`evalsha`] command; on `NOSCRIPT` (a Redis restarted or after `SCRIPT
 /// FLUSH`) loads the script and runs it again.
+///
+/// A connection that turns out to be dead (Redis closed it for idleness, `CLIENT
+/// KILL`, a failover) is replaced and the call sent once more: the manager only
+/// notices a dead connection when a call fails on it, and the first call after an
+/// idle period must not be a `503` for that. Sending again is safe: every script
+/// either did not run, or runs again to the same state (a login or heartbeat
+/// under the same lease writes the same record; a logout already done answers
+/// `removed: false`).
 pub(super) async fn eval<T: FromRedisValue>(
     conn: &mut ConnectionManager,
     script: &Script,
     cmd: &Cmd,
 ) -> Result<T, RedisError> {
-    match cmd.query_async(conn).await {
+    let first = match cmd.query_async(conn).await {
+        Err(e) if e.is_unrecoverable_error() => {
+            tracing::debug!(error = %e, "redis connection lost; reconnecting and sending again");
+            cmd.query_async(conn).await
+        }
+        other => other,
+    };
+    match first {
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
             script.load_async(conn).await?;
             cmd.query_async(conn).await

@@ -185,6 +185,11 @@ impl BulkConnection {
     /// The connection, for one exchange at a time: opened (or reopened) if need be.
     pub(super) async fn session(&self) -> Result<Session<'_>, StoreError> {
         let mut slot = self.conn.lock().await;
+        if slot.as_mut().is_some_and(|open| !open.is_alive()) {
+            // Closed by Redis while idle (its `timeout`, `CLIENT KILL`, a failover):
+            // open a new one rather than fail the listing on the old one.
+            *slot = None;
+        }
         if slot.is_none() {
             *slot = Some(self.open().await?);
         }
@@ -258,6 +263,19 @@ impl BulkConnection {
 }
 
 impl Open {
+    /// Whether the connection is still open, as far as can be told without waiting:
+    /// Redis sends nothing unasked, so a readable socket means it closed (or sent an
+    /// error and closed).
+    fn is_alive(&mut self) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        matches!(
+            std::pin::Pin::new(&mut self.io).poll_read(&mut cx, &mut buf),
+            std::task::Poll::Pending
+        )
+    }
+
     /// The next reply, which must be an array of bulk strings or nils.
     async fn next_reply(&mut self) -> Result<Bulks, StoreError> {
         match self.next_decoded().await? {
@@ -412,7 +430,12 @@ fn parse_len(digits: &[u8]) -> Option<usize> {
 
 /// A Redis error reply.
 fn server_error(e: &str) -> StoreError {
-    StoreError::Unavailable(format!("redis: {e}"))
+    let code = e.split_ascii_whitespace().next();
+    if super::refuses_writes(code) {
+        StoreError::Refused(format!("redis: {e}"))
+    } else {
+        StoreError::Unavailable(format!("redis: {e}"))
+    }
 }
 
 fn closed() -> StoreError {

@@ -1,5 +1,5 @@
 //! [`RedisStore`]: presence state in Redis, shared by any number of stateless
-//! servers (SPEC §6).
+//! servers.
 //!
 //! # Data model
 //!
@@ -30,7 +30,7 @@
 //! expiry, so that after an outage [`Store::extend_after_outage`] still finds the
 //! leases the outage ran down; `login` then removes them by score range.
 //!
-//! This differs from SPEC §6's guidance (one hash per node, with a `PEXPIRE`) on
+//! This differs from the obvious layout (one hash per node, with a `PEXPIRE`) on
 //! purpose: with one record per node in one hash, a batch of heartbeats is three
 //! commands in one script whatever its size (`HMGET`, `HSET`, `ZADD`), and a page of
 //! a listing is one `HMGET` whose reply is one string per node; with a hash per node
@@ -796,8 +796,20 @@ fn encode_meta(meta: &Meta) -> Result<String, StoreError> {
         .map_err(|e| StoreError::Unavailable(format!("cannot encode meta: {e}")))
 }
 
+/// A Redis error as a store error: [`StoreError::Refused`] when Redis answered but
+/// will not write (`OOM`, `READONLY`, `MISCONF`, or `NOSCRIPT` that reloading did not
+/// cure), [`StoreError::Unavailable`] otherwise.
 pub(super) fn unavailable(e: RedisError) -> StoreError {
-    StoreError::Unavailable(format!("redis: {e}"))
+    if refuses_writes(e.code()) {
+        StoreError::Refused(format!("redis: {e}"))
+    } else {
+        StoreError::Unavailable(format!("redis: {e}"))
+    }
+}
+
+/// Whether a Redis error code says "up, but not writing".
+pub(super) fn refuses_writes(code: Option<&str>) -> bool {
+    matches!(code, Some("OOM" | "READONLY" | "MISCONF" | "NOSCRIPT"))
 }
 
 fn unexpected(what: &str, reply: &[u64]) -> StoreError {
