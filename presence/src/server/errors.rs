@@ -36,7 +36,7 @@ pub enum ApiError {
     NodeNotFound(String),
     /// `405 method_not_allowed`, with `Allow` set to the given methods.
     MethodNotAllowed {
-        /// Value of the `Allow` header, e.g. `"GET, POST"`.
+        /// Value of the `Allow` header, e.g. `"GET, HEAD, POST"`.
         allow: &'static str,
     },
     /// `409 lease_mismatch`: the lease is not the node's current lease.
