@@ -4,8 +4,9 @@
 //! returning an error, so the layered service stays infallible and axum needs no
 //! `HandleErrorLayer`.
 //!
-//! - The whole router is behind `TokenBucketLayer::new(..).key(PeerIp).http()`: one bucket
-//!   per client IP. `PeerIp` reads axum's `ConnectInfo<SocketAddr>` (the `resilience` crate's
+//! - The whole router is behind
+//!   `TokenBucketLayer::builder(rate, burst).key(PeerIp).build().http()`: one bucket per
+//!   client IP. `PeerIp` reads axum's `ConnectInfo<SocketAddr>` (the `resilience` crate's
 //!   `axum` feature), which `into_make_service_with_connect_info::<SocketAddr>()` inserts.
 //!   Over the limit: `429` with `Retry-After`, `RateLimit` and `RateLimit-Policy`.
 //! - `GET /upstream` (a stand-in for a call to a flaky dependency; `?fail=true` makes it
@@ -36,7 +37,7 @@ use axum::{
     routing::get,
     Router,
 };
-use resilience::{key::PeerIp, CircuitBreaker, CircuitBreakerLayer, TokenBucketLayer};
+use resilience::{key::PeerIp, Burst, CircuitBreaker, CircuitBreakerLayer, Rate, TokenBucketLayer};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -86,8 +87,9 @@ pub fn app(limits: &Limits, state: AppState) -> Router {
         )
         .with_state(state)
         .layer(
-            TokenBucketLayer::new(limits.rate_per_sec, limits.burst)
+            TokenBucketLayer::builder(Rate::per_second(limits.rate_per_sec), Burst(limits.burst))
                 .key(PeerIp)
+                .build()
                 .http(),
         )
 }

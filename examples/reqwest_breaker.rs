@@ -26,7 +26,8 @@ use std::{
 
 use axum::{http::StatusCode, routing::get, Router};
 use resilience::{
-    BoxError, CircuitBreaker, CircuitBreakerLayer, CircuitOpen, HttpClassifier, TokenBucketLayer,
+    BoxError, Burst, CircuitBreaker, CircuitBreakerLayer, CircuitOpen, HttpClassifier, Rate,
+    TokenBucketLayer,
 };
 use tokio::net::TcpListener;
 use tower::{util::BoxCloneService, Service, ServiceBuilder, ServiceExt};
@@ -80,7 +81,7 @@ pub fn layered(
     max_wait: Duration,
 ) -> Client {
     let svc = ServiceBuilder::new()
-        .layer(TokenBucketLayer::new(rate_per_sec, burst).wait(max_wait))
+        .layer(TokenBucketLayer::new(Rate::per_second(rate_per_sec), Burst(burst)).wait(max_wait))
         .layer(CircuitBreakerLayer::new(breaker).classifier(HttpClassifier))
         .service(client);
     BoxCloneService::new(svc)

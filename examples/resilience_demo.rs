@@ -4,9 +4,10 @@
 //!   `CircuitBreakerLayer::new(breaker).http()`: after 3 failures in a row the breaker opens
 //!   and answers `503 Service Unavailable` with `Retry-After` for 2 s without calling the
 //!   handler, then lets one trial call through (half-open) to decide whether to close again.
-//! - `GET /limited` sits behind `TokenBucketLayer::new(5.0, 10).key(PeerIp).http()`: each
-//!   client IP gets a burst of 10 and 5 requests/s after that; beyond it the answer is
-//!   `429 Too Many Requests` with `Retry-After`, `RateLimit` and `RateLimit-Policy`.
+//! - `GET /limited` sits behind
+//!   `TokenBucketLayer::builder(Rate::per_second(5.0), Burst(10)).key(PeerIp).build().http()`:
+//!   each client IP gets a burst of 10 and 5 requests/s after that; beyond it the answer
+//!   is `429 Too Many Requests` with `Retry-After`, `RateLimit` and `RateLimit-Policy`.
 //!
 //! `PeerIp` reads the peer's `std::net::SocketAddr` from the request extensions, so the
 //! accept loop inserts it there once per connection (hyper itself does not).
@@ -35,7 +36,7 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use resilience::{
-    key::PeerIp, CircuitBreaker, CircuitBreakerLayer, ResponseBody, TokenBucketLayer,
+    key::PeerIp, Burst, CircuitBreaker, CircuitBreakerLayer, Rate, ResponseBody, TokenBucketLayer,
 };
 use tokio::net::TcpListener;
 use tower::{util::BoxCloneService, ServiceBuilder, ServiceExt};
@@ -119,8 +120,9 @@ pub fn app(config: &DemoConfig) -> Demo {
 
     let limited = ServiceBuilder::new()
         .layer(
-            TokenBucketLayer::new(config.rate_per_sec, config.burst)
+            TokenBucketLayer::builder(Rate::per_second(config.rate_per_sec), Burst(config.burst))
                 .key(PeerIp)
+                .build()
                 .http(),
         )
         .service_fn(|_req: Request<Incoming>| async {

@@ -23,8 +23,8 @@
 use std::{future::Future, net::IpAddr, net::SocketAddr, sync::Arc, time::Duration};
 
 use resilience::{
-    key::key_fn, BoxError, CircuitBreaker, CircuitBreakerLayer, CircuitOpen, RateLimited,
-    TokenBucketLayer,
+    key::key_fn, retry_after_secs, BoxError, Burst, CircuitBreaker, CircuitBreakerLayer,
+    CircuitOpen, Rate, RateLimited, TokenBucketLayer,
 };
 use tokio::net::TcpListener;
 use tonic::{
@@ -57,9 +57,11 @@ pub async fn serve(
         Some(info.remote_addr()?.ip())
     })
     .missing("peer address (tonic's TcpConnectInfo) in request extensions");
-    let rate_limit = ServiceBuilder::new()
-        .map_err(rejection_to_status)
-        .layer(TokenBucketLayer::new(rate_per_sec, burst).key(peer_ip));
+    let rate_limit = ServiceBuilder::new().map_err(rejection_to_status).layer(
+        TokenBucketLayer::builder(Rate::per_second(rate_per_sec), Burst(burst))
+            .key(peer_ip)
+            .build(),
+    );
 
     Server::builder()
         .layer(rate_limit)
@@ -75,10 +77,7 @@ fn rejection_to_status(err: BoxError) -> Status {
             let mut status = Status::resource_exhausted(limited.to_string());
             // gRPC has no Retry-After header; the same value in metadata lets a client wait
             // exactly as long. Whole seconds, rounded up, as in HTTP.
-            let wait = limited.retry_after;
-            let secs = (wait.as_secs())
-                .saturating_add(u64::from(wait.subsec_nanos() > 0))
-                .max(1);
+            let secs = retry_after_secs(limited.retry_after);
             status
                 .metadata_mut()
                 .insert("retry-after", MetadataValue::from(secs));

@@ -87,7 +87,7 @@ async fn a_million_client_ips_keep_the_limiter_at_its_cap() {
         config.rate_limit_rate = 1.0;
         let service = PresenceService::new(Arc::new(MemoryStore::new()), &config);
         let limiter = service.rate_limiter().clone();
-        assert_eq!(limiter.max_key_count(), DEFAULT_MAX_KEYS);
+        assert_eq!(limiter.max_keys(), DEFAULT_MAX_KEYS);
         assert!(limiter.is_empty());
         let before = live();
 

@@ -1,172 +1,335 @@
-//! Smoke tests for the `presence_load` example: its argument parsing, its histogram, and
-//! a short `bare` run against the built-in bare hyper server (no presence server needed).
+//! The `presence_load` example, run as the built binary (`tests/load`): its command line
+//! (help, bad usage exits 2), each mode against a presence server in this process or a
+//! bare server, the README's way of reading the steady req/s, and the fast failure on a
+//! dead server. Skipped, saying why, when the binary has not been built.
 
-// The example is compiled as a module here; its `main` and some helpers go unused.
-#[allow(dead_code)]
-#[path = "../examples/presence_load.rs"]
-mod presence_load;
+mod load;
+mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use presence_load::{parse_args, Command, Histogram, Mode};
+use load::{assert_clean, LoadGen};
+use support::{config, free_port, parse_listen_addr, within, TestServer};
 
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| (*s).to_owned()).collect()
+/// A presence server with the per-client rate limit out of the way (all the load comes
+/// from one IP), plus `vars`.
+async fn presence_server(vars: &[(&str, &str)]) -> TestServer {
+    let mut all = vec![
+        ("PRESENCE_RATE_LIMIT_RATE", "1000000"),
+        ("PRESENCE_RATE_LIMIT_CAPACITY", "1000000"),
+    ];
+    all.extend_from_slice(vars);
+    TestServer::memory(&config(&all)).await
 }
 
-#[test]
-fn parse_args_reads_flags_in_both_spellings() {
-    let cmd = parse_args(args(&[
-        "--mode=flood",
-        "--nodes",
-        "5",
-        "--concurrency=3",
-        "--duration",
-        "0.25",
-        "--url",
-        "http://localhost:9000/presence",
-        "--json",
-    ]))
-    .unwrap();
-    let Command::Run(opts) = cmd else {
-        panic!("expected a run, got {cmd:?}");
+#[tokio::test]
+async fn help_lists_every_flag_and_mode() {
+    let Some(gen) = LoadGen::find() else {
+        return;
     };
-    assert_eq!(opts.mode, Mode::Flood);
-    assert_eq!(opts.nodes, 5);
-    assert_eq!(opts.concurrency, 3);
-    assert_eq!(opts.duration, Duration::from_millis(250));
-    assert_eq!(opts.url, "http://localhost:9000/presence");
-    assert!(opts.json);
+    within(60, async {
+        let run = gen.run(&["--help"]).await;
+        run.assert_code(0);
+        let help = run.output();
+        for word in [
+            "--url",
+            "--mode",
+            "--nodes",
+            "--concurrency",
+            "--login-concurrency",
+            "--duration",
+            "--interval-ms",
+            "--timeout-ms",
+            "--auth",
+            "--json",
+            "--serve-bare",
+            "nodes:",
+            "flood:",
+            "list:",
+            "bare:",
+            "Exit status",
+        ] {
+            assert!(help.contains(word), "no {word} in the help:\n{help}");
+        }
+        gen.run(&["-h"]).await.assert_code(0);
+    })
+    .await;
 }
 
-#[test]
-fn parse_args_rejects_bad_input() {
-    for bad in [
-        &["--mode", "storm"][..],
-        &["--nodes", "many"],
-        &["--duration", "0"],
-        &["--duration", "-1"],
-        &["--concurrency", "0"],
-        &["--url", "https://127.0.0.1/presence"],
-        &["--url"],
-        &["--json=yes"],
-        &["--frobnicate"],
-    ] {
-        assert!(parse_args(args(bad)).is_err(), "{bad:?} was accepted");
-    }
-}
-
-#[test]
-fn parse_args_help_and_serve_bare() {
-    assert!(matches!(parse_args(args(&["--help"])), Ok(Command::Help)));
-    assert!(matches!(
-        parse_args(args(&["--serve-bare", "8081"])),
-        Ok(Command::ServeBare {
-            port: 8081,
-            duration: None
-        })
-    ));
-}
-
-#[test]
-fn histogram_quantiles_are_within_one_percent() {
-    let mut h = Histogram::default();
-    // 1 us .. 100 ms in 1 us steps.
-    for us in 1..=100_000u64 {
-        h.record(us * 1_000);
-    }
-    for (q, exact) in [
-        (0.5, 50_000_000u64),
-        (0.99, 99_000_000),
-        (0.999, 99_900_000),
-    ] {
-        let got = h.quantile(q);
-        let err = (got as f64 - exact as f64).abs() / exact as f64;
-        assert!(err < 0.01, "q{q}: got {got}, exact {exact}");
-    }
-    assert_eq!(h.max(), 100_000_000);
-    assert_eq!(h.count(), 100_000);
+#[tokio::test]
+async fn bad_usage_exits_2_with_a_message() {
+    let Some(gen) = LoadGen::find() else {
+        return;
+    };
+    within(60, async {
+        for bad in [
+            &["--mode", "storm"][..],
+            &["--nodes", "many"],
+            &["--duration", "0"],
+            &["--duration", "-1"],
+            &["--concurrency", "0"],
+            &["--login-concurrency", "0"],
+            &["--interval-ms", "0"],
+            &["--url", "https://127.0.0.1/presence"],
+            &["--url", "http://127.0.0.1/presence?x=1"],
+            &["--url"],
+            &["--json=yes"],
+            &["--auth", "bad\ttoken\u{7f}"],
+            &["--mode", "flood", "--nodes", "0"],
+            &["--frobnicate"],
+        ] {
+            let run = gen.run(bad).await;
+            run.assert_code(2);
+            assert!(run.line("error: ").is_some(), "{}", run.output());
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bare_mode_completes_requests_without_errors() {
-    let cmd = parse_args(args(&[
-        "--mode",
-        "bare",
-        "--duration",
-        "0.5",
-        "--concurrency",
-        "4",
-        "--nodes",
-        "10",
-    ]))
-    .unwrap();
-    let Command::Run(opts) = cmd else {
-        panic!("expected a run, got {cmd:?}");
+async fn flood_reads_both_flag_spellings_and_the_readme_reads_its_rate() {
+    let Some(gen) = LoadGen::find() else {
+        return;
     };
-    let report = presence_load::run(&opts).await.unwrap();
-    let steady = report.phase("steady").expect("a steady phase");
-    assert!(steady.requests() > 0, "no requests: {}", report.summary());
-    assert_eq!(steady.errors(), 0, "{}", report.summary());
-    assert_eq!(steady.latency().count(), steady.requests());
-    assert!(report.success());
-    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
-    assert_eq!(json["phases"][0]["name"], "steady");
-}
-
-#[test]
-fn parse_args_login_concurrency_and_external_bare() {
-    let Ok(Command::Run(opts)) = parse_args(args(&[
-        "--mode",
-        "list",
-        "--nodes",
-        "10",
-        "--login-concurrency",
-        "8",
-        "--concurrency",
-        "1",
-    ])) else {
-        panic!("expected a run");
-    };
-    assert_eq!(
-        (opts.login_concurrency, opts.concurrency, opts.bare_external),
-        (Some(8), 1, false)
-    );
-    assert!(parse_args(args(&["--login-concurrency", "0"])).is_err());
-
-    // `bare` floods its own in-process server unless a --url names another one.
-    let bare = |extra: &[&str]| match parse_args(args(&[&["--mode", "bare"][..], extra].concat())) {
-        Ok(Command::Run(opts)) => opts.bare_external,
-        other => panic!("expected a run, got {other:?}"),
-    };
-    assert!(!bare(&[]));
-    assert!(bare(&["--url", "http://127.0.0.1:8081/presence"]));
+    within(60, async {
+        let server = presence_server(&[]).await;
+        let url = server.base();
+        let run = gen
+            .run(&[
+                "--mode=flood",
+                "--nodes",
+                "5",
+                "--concurrency=3",
+                "--duration",
+                "0.25",
+                "--url",
+                &url,
+                "--json",
+            ])
+            .await;
+        run.assert_code(0);
+        let report = run.report();
+        assert_eq!(report["mode"], "flood", "{}", run.output());
+        assert_eq!(report["url"], url.as_str());
+        assert_eq!(report["nodes"], 5);
+        assert_eq!(report["concurrency"], 3);
+        assert_eq!(report["duration_s"], 0.25);
+        let login = run.phase("login");
+        assert_clean(&login, &run);
+        assert_eq!(login["ok"], 5, "{}", run.output());
+        assert_clean(&run.phase("steady"), &run);
+        assert!(run.steady_rps() > 0.0, "{}", run.output());
+        assert!(run
+            .line("presence_load: login: 5 nodes over 3 connections")
+            .is_some());
+        server.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bare_mode_floods_an_external_bare_server() {
-    let (addr, server) = presence_load::spawn_bare_server(([127, 0, 0, 1], 0).into())
-        .await
-        .unwrap();
-    let url = format!("http://{addr}/presence");
-    let Ok(Command::Run(opts)) = parse_args(args(&[
-        "--mode",
-        "bare",
-        "--url",
-        &url,
-        "--duration",
-        "0.3",
-        "--concurrency",
-        "2",
-        "--nodes",
-        "4",
-    ])) else {
-        panic!("expected a run");
+async fn list_logs_in_over_its_own_connections() {
+    let Some(gen) = LoadGen::find() else {
+        return;
     };
-    let report = presence_load::run(&opts).await.unwrap();
-    server.abort();
-    let steady = report.phase("steady").expect("a steady phase");
-    assert!(steady.ok() > 0, "{}", report.summary());
-    assert_eq!(steady.errors(), 0, "{}", report.summary());
-    assert!(report.summary().contains(&addr.to_string()));
+    within(60, async {
+        let server = presence_server(&[]).await;
+        let url = server.base();
+        let run = gen
+            .run(&[
+                "--mode",
+                "list",
+                "--nodes",
+                "10",
+                "--login-concurrency",
+                "8",
+                "--concurrency",
+                "1",
+                "--duration",
+                "0.3",
+                "--url",
+                &url,
+                "--json",
+            ])
+            .await;
+        run.assert_code(0);
+        assert!(
+            run.line("presence_load: login: 10 nodes over 8 connections")
+                .is_some(),
+            "{}",
+            run.output()
+        );
+        assert_eq!(run.phase("login")["ok"], 10, "{}", run.output());
+        let steady = run.phase("steady");
+        assert_clean(&steady, &run);
+        // Every listing carries the ten nodes.
+        let per_listing = steady["bytes_in"].as_u64().unwrap() / steady["ok"].as_u64().unwrap();
+        assert!(per_listing > 10 * "load-0".len() as u64, "{}", run.output());
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_mode_keeps_a_schedule_and_auth_is_sent() {
+    let Some(gen) = LoadGen::find() else {
+        return;
+    };
+    within(60, async {
+        let server = presence_server(&[("PRESENCE_AUTH_TOKEN", "s3cret")]).await;
+        let url = server.base();
+        let nodes_run = |auth: Option<&'static str>| {
+            let mut args = vec![
+                "--mode",
+                "nodes",
+                "--nodes",
+                "20",
+                "--interval-ms",
+                "100",
+                "--concurrency",
+                "4",
+                "--duration",
+                "0.5",
+                "--url",
+                &url,
+                "--json",
+            ];
+            args.extend(auth.iter().flat_map(|token| ["--auth", token]));
+            args
+        };
+        let run = gen.run(&nodes_run(Some("s3cret"))).await;
+        run.assert_code(0);
+        assert_clean(&run.phase("steady"), &run);
+        let schedule = &run.phase("steady")["schedule"];
+        assert_eq!(schedule["target_rps"], 200.0, "{}", run.output());
+        assert!(
+            run.line("steady: schedule target 200.0 req/s").is_some(),
+            "{}",
+            run.output()
+        );
+
+        // Without the token every login is refused: no steady success, exit status 1.
+        let run = gen.run(&nodes_run(None)).await;
+        run.assert_code(1);
+        assert_eq!(
+            run.phase("login")["status_errors"]["401"],
+            20,
+            "{}",
+            run.output()
+        );
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_mode_floods_its_own_server() {
+    let Some(gen) = LoadGen::find() else {
+        return;
+    };
+    within(60, async {
+        let run = gen
+            .run(&[
+                "--mode",
+                "bare",
+                "--duration",
+                "0.5",
+                "--concurrency",
+                "4",
+                "--nodes",
+                "10",
+                "--json",
+            ])
+            .await;
+        run.assert_code(0);
+        assert_clean(&run.phase("steady"), &run);
+        let note = run.report()["note"].as_str().unwrap_or_default().to_owned();
+        assert!(note.contains("in this process"), "{}", run.output());
+        assert!(run.steady_rps() > 0.0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_bare_serves_until_stopped_and_bare_mode_floods_it() {
+    let Some(gen) = LoadGen::find() else {
+        return;
+    };
+    within(60, async {
+        // Until Ctrl-C (here: until the guard kills it).
+        let server = gen.spawn(&["--serve-bare", "0"]);
+        let (addr, seen) = server.find_line(Duration::from_secs(15), |line| {
+            line.strip_prefix("bare hyper server on ")
+                .and_then(|rest| parse_listen_addr(&format!("listening on {rest}")))
+        });
+        let addr = addr.unwrap_or_else(|| panic!("no address in {seen:?}"));
+        let url = format!("http://{addr}/presence");
+        let run = gen
+            .run(&[
+                "--mode",
+                "bare",
+                "--url",
+                &url,
+                "--duration",
+                "0.3",
+                "--concurrency",
+                "2",
+                "--nodes",
+                "4",
+                "--json",
+            ])
+            .await;
+        run.assert_code(0);
+        assert_clean(&run.phase("steady"), &run);
+        let report = run.report();
+        assert_eq!(report["addr"], addr.to_string(), "{}", run.output());
+        assert!(
+            report["note"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("--serve-bare"),
+            "{}",
+            run.output()
+        );
+        drop(server);
+
+        // With --duration it stops by itself, with status 0.
+        let run = gen.run(&["--serve-bare", "0", "--duration", "0.2"]).await;
+        run.assert_code(0);
+        assert!(
+            run.line("bare hyper server on http://127.0.0.1:").is_some(),
+            "{}",
+            run.output()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_dead_server_fails_the_run_at_once() {
+    let Some(gen) = LoadGen::find() else {
+        return;
+    };
+    within(60, async {
+        let url = format!("http://127.0.0.1:{}/presence", free_port());
+        for mode in ["flood", "list", "nodes", "bare"] {
+            let started = Instant::now();
+            let run = gen
+                .run(&["--mode", mode, "--url", &url, "--duration", "30"])
+                .await;
+            run.assert_code(1);
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{}",
+                run.output()
+            );
+            assert!(
+                run.line("presence_load: cannot connect to 127.0.0.1:")
+                    .is_some(),
+                "{}",
+                run.output()
+            );
+        }
+    })
+    .await;
 }

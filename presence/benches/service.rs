@@ -83,9 +83,9 @@ fn stack(c: &mut Criterion) {
     });
     let bare = service_fn(|req: Request<Full<Bytes>>| async move {
         let _ = req.into_body().collect().await;
-        let mut res = Response::new(presence::server::ResponseBody::new(
-            Full::new(Bytes::from_static(b"{\"ok\":true}")).map_err(|e: Infallible| match e {}),
-        ));
+        let mut res = Response::new(presence::server::ResponseBody::new(Full::new(
+            Bytes::from_static(b"{\"ok\":true}"),
+        )));
         res.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         Ok::<_, Infallible>(res)

@@ -20,6 +20,7 @@
 //! | `PRESENCE_WRITE_STALL_TIMEOUT_MS` | `30000` | a connection whose client has not taken any response bytes for this long, while a response waits to be written, is closed (a reader that keeps reading is never cut) |
 //! | `PRESENCE_MAX_HEADER_BYTES` | `65536` | largest request head (HTTP/1) or header list (HTTP/2); at least 8192 |
 //! | `PRESENCE_MAX_STREAMS_PER_CONNECTION` | `100` | concurrent HTTP/2 streams per connection |
+//! | `PRESENCE_CORS_ORIGINS` | empty | comma-separated origins (`https://ops.example.com`) whose browser pages may call the API, or `*` for any; empty allows none |
 //! | `PRESENCE_MAX_CONNECTIONS` | `10000` | open client connections; further ones wait in the listen backlog until one closes |
 //!
 //! `PRESENCE_HEADER_TIMEOUT_MS` and the variables after it bound how long (and how
@@ -38,10 +39,11 @@
 //! environment.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::time::Duration;
 
-use resilience::key::Cidr;
-use resilience::token_bucket::TokenBucket;
+use ipnet::IpNet;
+use resilience::{Burst, Rate, TokenBucket};
 
 use crate::store::redact_uri;
 
@@ -81,6 +83,8 @@ pub const ENV_WRITE_STALL_TIMEOUT_MS: &str = "PRESENCE_WRITE_STALL_TIMEOUT_MS";
 pub const ENV_MAX_HEADER_BYTES: &str = "PRESENCE_MAX_HEADER_BYTES";
 /// Environment variable: concurrent HTTP/2 streams per connection.
 pub const ENV_MAX_STREAMS_PER_CONNECTION: &str = "PRESENCE_MAX_STREAMS_PER_CONNECTION";
+/// Environment variable: the origins allowed by CORS (comma-separated, or `*`).
+pub const ENV_CORS_ORIGINS: &str = "PRESENCE_CORS_ORIGINS";
 /// Environment variable: open client connections at most.
 pub const ENV_MAX_CONNECTIONS: &str = "PRESENCE_MAX_CONNECTIONS";
 
@@ -115,7 +119,7 @@ pub struct Config {
     /// `PRESENCE_RATE_LIMIT_CAPACITY`: per-client burst.
     pub rate_limit_capacity: u32,
     /// `PRESENCE_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` / `Forwarded` is believed.
-    pub trusted_proxies: Vec<Cidr>,
+    pub trusted_proxies: Vec<IpNet>,
     /// `PRESENCE_AUTH_TOKEN`: if set, `/presence*` requires this bearer token.
     pub auth_token: Option<String>,
     /// `PRESENCE_STORE_TIMEOUT_MS`: a store call slower than this is a `503`.
@@ -139,6 +143,9 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// `PRESENCE_MAX_STREAMS_PER_CONNECTION`: concurrent HTTP/2 streams per connection.
     pub max_streams_per_connection: u32,
+    /// `PRESENCE_CORS_ORIGINS`: origins (`scheme://host[:port]`, or `*` for any) whose
+    /// browser pages may call the API; empty allows none (no CORS headers at all).
+    pub cors_origins: Vec<String>,
     /// `PRESENCE_MAX_CONNECTIONS`: open client connections at most; past it, new
     /// connections wait in the listen backlog while the open ones are served.
     pub max_connections: usize,
@@ -167,6 +174,7 @@ impl Default for Config {
             max_header_bytes: 64 * 1024,
             max_streams_per_connection: 100,
             max_connections: 10_000,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -200,6 +208,7 @@ impl fmt::Debug for Config {
                 &self.max_streams_per_connection,
             )
             .field("max_connections", &self.max_connections)
+            .field("cors_origins", &self.cors_origins)
             .finish()
     }
 }
@@ -255,58 +264,8 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let get = |var: &'static str| lookup(var).filter(|v| !v.is_empty());
         let d = Config::default();
-
-        let store_uri = get(ENV_REDIS_URI)
-            .map(|v| parse_store_uri(&v))
-            .transpose()?;
-        let key_prefix = match get(ENV_KEY_PREFIX) {
-            Some(v) => parse_prefix(&v)?,
-            None => d.key_prefix,
-        };
-        let http_host = match get(ENV_HTTP_HOST) {
-            Some(v) => parse_host(&v)?,
-            None => d.http_host,
-        };
-        let http_port = match get(ENV_HTTP_PORT) {
-            Some(v) => v
-                .trim()
-                .parse::<u16>()
-                .map_err(|_| err(ENV_HTTP_PORT, &v, "not a port number (0-65535)"))?,
-            None => d.http_port,
-        };
-        let heartbeat = match get(ENV_HEARTBEAT_SEC) {
-            Some(v) => duration_secs(ENV_HEARTBEAT_SEC, &v)?,
-            None => d.heartbeat,
-        };
-        let ttl = match get(ENV_TTL_SEC) {
-            Some(v) => duration_secs(ENV_TTL_SEC, &v)?,
-            None => heartbeat.saturating_mul(3),
-        };
-        let rate_limit_rate = match get(ENV_RATE_LIMIT_RATE) {
-            Some(v) => match v.trim().parse::<f64>() {
-                Ok(r) if r.is_finite() && r > 0.0 => r,
-                _ => return Err(err(ENV_RATE_LIMIT_RATE, &v, "not a positive number")),
-            },
-            None => d.rate_limit_rate,
-        };
-        let rate_limit_capacity = match get(ENV_RATE_LIMIT_CAPACITY) {
-            Some(v) => u32::try_from(positive_int(ENV_RATE_LIMIT_CAPACITY, &v)?)
-                .map_err(|_| err(ENV_RATE_LIMIT_CAPACITY, &v, "too large"))?,
-            None => d.rate_limit_capacity,
-        };
-        // The rate and burst must also make a workable bucket (e.g. not one that takes
-        // a century to refill); checked here so a bad value is a config error naming
-        // the variable, not a panic when the server starts.
-        if let Err(e) = TokenBucket::try_new(rate_limit_rate, rate_limit_capacity) {
-            let (var, value) = match get(ENV_RATE_LIMIT_RATE) {
-                Some(v) => (ENV_RATE_LIMIT_RATE, v),
-                None => (
-                    ENV_RATE_LIMIT_CAPACITY,
-                    get(ENV_RATE_LIMIT_CAPACITY).unwrap_or_default(),
-                ),
-            };
-            return Err(err(var, &value, e.reason()));
-        }
+        let heartbeat = value(&get, ENV_HEARTBEAT_SEC, d.heartbeat, duration_secs)?;
+        let (rate_limit_rate, rate_limit_capacity) = rate_limit(&get, &d)?;
         let trusted_proxies = match get(ENV_TRUSTED_PROXIES) {
             Some(v) => parse_cidrs(&v)?,
             None => d.trusted_proxies,
@@ -315,61 +274,53 @@ impl Config {
             Some(v) => Some(parse_token(v)?),
             None => None,
         };
-        let store_timeout = duration_ms(&get, ENV_STORE_TIMEOUT_MS, d.store_timeout)?;
-        let max_meta_bytes = match get(ENV_MAX_META_BYTES) {
-            Some(v) => usize::try_from(positive_int(ENV_MAX_META_BYTES, &v)?)
-                .map_err(|_| err(ENV_MAX_META_BYTES, &v, "too large"))?,
-            None => d.max_meta_bytes,
-        };
-        let header_timeout = duration_ms(&get, ENV_HEADER_TIMEOUT_MS, d.header_timeout)?;
-        let request_timeout = duration_ms(&get, ENV_REQUEST_TIMEOUT_MS, d.request_timeout)?;
-        let shutdown_grace = duration_ms(&get, ENV_SHUTDOWN_GRACE_MS, d.shutdown_grace)?;
-        let write_stall_timeout =
-            duration_ms(&get, ENV_WRITE_STALL_TIMEOUT_MS, d.write_stall_timeout)?;
-        let max_header_bytes = match get(ENV_MAX_HEADER_BYTES) {
-            Some(v) => match usize::try_from(positive_int(ENV_MAX_HEADER_BYTES, &v)?) {
-                Ok(n) if n >= MIN_HEADER_BYTES => n,
-                _ => {
-                    return Err(err(
-                        ENV_MAX_HEADER_BYTES,
-                        &v,
-                        format!("must be at least {MIN_HEADER_BYTES}"),
-                    ))
-                }
-            },
-            None => d.max_header_bytes,
-        };
-        let max_streams_per_connection = match get(ENV_MAX_STREAMS_PER_CONNECTION) {
-            Some(v) => u32::try_from(positive_int(ENV_MAX_STREAMS_PER_CONNECTION, &v)?)
-                .map_err(|_| err(ENV_MAX_STREAMS_PER_CONNECTION, &v, "too large"))?,
-            None => d.max_streams_per_connection,
-        };
-        let max_connections = match get(ENV_MAX_CONNECTIONS) {
-            Some(v) => usize::try_from(positive_int(ENV_MAX_CONNECTIONS, &v)?)
-                .map_err(|_| err(ENV_MAX_CONNECTIONS, &v, "too large"))?,
-            None => d.max_connections,
-        };
-
         Ok(Config {
-            store_uri,
-            key_prefix,
-            http_host,
-            http_port,
+            store_uri: get(ENV_REDIS_URI)
+                .map(|v| parse_store_uri(&v))
+                .transpose()?,
+            key_prefix: value(&get, ENV_KEY_PREFIX, d.key_prefix, |_, v| parse_prefix(v))?,
+            http_host: value(&get, ENV_HTTP_HOST, d.http_host, |_, v| parse_host(v))?,
+            http_port: value(&get, ENV_HTTP_PORT, d.http_port, |var, v| {
+                v.trim()
+                    .parse::<u16>()
+                    .map_err(|_| err(var, v, "not a port number (0-65535)"))
+            })?,
             heartbeat,
-            ttl,
+            ttl: value(
+                &get,
+                ENV_TTL_SEC,
+                heartbeat.saturating_mul(3),
+                duration_secs,
+            )?,
             rate_limit_rate,
             rate_limit_capacity,
             trusted_proxies,
             auth_token,
-            store_timeout,
-            max_meta_bytes,
-            header_timeout,
-            request_timeout,
-            shutdown_grace,
-            write_stall_timeout,
-            max_header_bytes,
-            max_streams_per_connection,
-            max_connections,
+            store_timeout: value(&get, ENV_STORE_TIMEOUT_MS, d.store_timeout, millis)?,
+            max_meta_bytes: value(&get, ENV_MAX_META_BYTES, d.max_meta_bytes, count)?,
+            header_timeout: value(&get, ENV_HEADER_TIMEOUT_MS, d.header_timeout, millis)?,
+            request_timeout: value(&get, ENV_REQUEST_TIMEOUT_MS, d.request_timeout, millis)?,
+            shutdown_grace: value(&get, ENV_SHUTDOWN_GRACE_MS, d.shutdown_grace, millis)?,
+            write_stall_timeout: value(
+                &get,
+                ENV_WRITE_STALL_TIMEOUT_MS,
+                d.write_stall_timeout,
+                millis,
+            )?,
+            max_header_bytes: value(&get, ENV_MAX_HEADER_BYTES, d.max_header_bytes, |var, v| {
+                match count::<usize>(var, v)? {
+                    n if n >= MIN_HEADER_BYTES => Ok(n),
+                    _ => Err(err(var, v, format!("must be at least {MIN_HEADER_BYTES}"))),
+                }
+            })?,
+            max_streams_per_connection: value(
+                &get,
+                ENV_MAX_STREAMS_PER_CONNECTION,
+                d.max_streams_per_connection,
+                count,
+            )?,
+            max_connections: value(&get, ENV_MAX_CONNECTIONS, d.max_connections, count)?,
+            cors_origins: value(&get, ENV_CORS_ORIGINS, d.cors_origins, parse_origins)?,
         })
     }
 
@@ -389,6 +340,88 @@ fn err(var: &'static str, value: &str, reason: impl Into<String>) -> ConfigError
         value: value.to_owned(),
         reason: reason.into(),
     }
+}
+
+/// The value of `var` read by `parse`, or `default` when it is unset.
+fn value<T>(
+    get: &impl Fn(&'static str) -> Option<String>,
+    var: &'static str,
+    default: T,
+    parse: impl FnOnce(&'static str, &str) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
+    match get(var) {
+        Some(v) => parse(var, &v),
+        None => Ok(default),
+    }
+}
+
+/// Comma-separated origins: `*`, or each `http(s)://host[:port]` with no path.
+fn parse_origins(var: &'static str, v: &str) -> Result<Vec<String>, ConfigError> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(|origin| {
+            let host = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            let valid = origin == "*"
+                || host.is_some_and(|h| {
+                    !h.is_empty() && !h.contains('/') && http::HeaderValue::from_str(origin).is_ok()
+                });
+            if valid {
+                Ok(origin.to_owned())
+            } else {
+                Err(err(
+                    var,
+                    v,
+                    format!("{origin:?} is not an origin like https://host[:port] (or *)"),
+                ))
+            }
+        })
+        .collect()
+}
+
+/// A positive integer that fits `T`.
+fn count<T: TryFrom<u64>>(var: &'static str, v: &str) -> Result<T, ConfigError> {
+    T::try_from(positive_int(var, v)?).map_err(|_| err(var, v, "too large"))
+}
+
+/// `PRESENCE_RATE_LIMIT_RATE` and `PRESENCE_RATE_LIMIT_CAPACITY`, which together
+/// must make a workable bucket (e.g. not one that takes a century to refill):
+/// checked here, so a bad pair is a config error naming a variable, not a panic when
+/// the server starts.
+fn rate_limit(
+    get: &impl Fn(&'static str) -> Option<String>,
+    d: &Config,
+) -> Result<(f64, u32), ConfigError> {
+    let rate_limit_rate = match get(ENV_RATE_LIMIT_RATE) {
+        Some(v) => match v.trim().parse::<f64>() {
+            Ok(r) if r.is_finite() && r > 0.0 => r,
+            _ => return Err(err(ENV_RATE_LIMIT_RATE, &v, "not a positive number")),
+        },
+        None => d.rate_limit_rate,
+    };
+    let rate_limit_capacity = match get(ENV_RATE_LIMIT_CAPACITY) {
+        Some(v) => u32::try_from(positive_int(ENV_RATE_LIMIT_CAPACITY, &v)?)
+            .map_err(|_| err(ENV_RATE_LIMIT_CAPACITY, &v, "too large"))?,
+        None => d.rate_limit_capacity,
+    };
+    // The rate and burst must also make a workable bucket (e.g. not one that takes
+    // a century to refill); checked here so a bad value is a config error naming
+    // the variable, not a panic when the server starts.
+    if let Err(e) = Rate::try_per_second(rate_limit_rate)
+        .and_then(|rate| TokenBucket::try_new(rate, Burst(rate_limit_capacity)))
+    {
+        let (var, value) = match get(ENV_RATE_LIMIT_RATE) {
+            Some(v) => (ENV_RATE_LIMIT_RATE, v),
+            None => (
+                ENV_RATE_LIMIT_CAPACITY,
+                get(ENV_RATE_LIMIT_CAPACITY).unwrap_or_default(),
+            ),
+        };
+        return Err(err(var, &value, e.reason()));
+    }
+    Ok((rate_limit_rate, rate_limit_capacity))
 }
 
 fn positive_int(var: &'static str, v: &str) -> Result<u64, ConfigError> {
@@ -416,18 +449,9 @@ fn duration_secs(var: &'static str, v: &str) -> Result<Duration, ConfigError> {
     at_most_a_year(var, v, d)
 }
 
-fn duration_ms(
-    get: &impl Fn(&'static str) -> Option<String>,
-    var: &'static str,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    match get(var) {
-        Some(v) => {
-            let d = Duration::from_millis(positive_int(var, &v)?);
-            at_most_a_year(var, &v, d)
-        }
-        None => Ok(default),
-    }
+fn millis(var: &'static str, v: &str) -> Result<Duration, ConfigError> {
+    let d = Duration::from_millis(positive_int(var, v)?);
+    at_most_a_year(var, v, d)
 }
 
 fn parse_store_uri(v: &str) -> Result<String, ConfigError> {
@@ -483,23 +507,38 @@ fn parse_host(v: &str) -> Result<String, ConfigError> {
     }
 }
 
-fn parse_cidrs(v: &str) -> Result<Vec<Cidr>, ConfigError> {
+fn parse_cidrs(v: &str) -> Result<Vec<IpNet>, ConfigError> {
     v.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| {
-            s.parse::<Cidr>().map_err(|e| {
+            parse_cidr(s).map_err(|why| {
                 err(
                     ENV_TRUSTED_PROXIES,
                     v,
                     format!(
-                        "{s:?} is not a CIDR (like 10.0.0.0/8 or ::1/128) or IP address: {}",
-                        e.reason()
+                        "{s:?} is not a CIDR (like 10.0.0.0/8 or ::1/128) or IP address: {why}"
                     ),
                 )
             })
         })
         .collect()
+}
+
+/// `10.0.0.0/8`, `2001:db8::/32`, or a bare address as a single host (`/32`, `/128`).
+/// A network with bits set past its prefix (`10.0.0.1/8`) is refused: in a trust list
+/// it is more likely a typo than a network.
+fn parse_cidr(s: &str) -> Result<IpNet, &'static str> {
+    if let Ok(addr) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(addr));
+    }
+    let net = s
+        .parse::<IpNet>()
+        .map_err(|_| "not an address, or an address/prefix length")?;
+    if net.addr() != net.network() {
+        return Err("the address has bits set after the prefix length");
+    }
+    Ok(net)
 }
 
 fn parse_token(v: String) -> Result<String, ConfigError> {

@@ -56,6 +56,13 @@ pub mod config;
 pub mod model;
 pub mod server;
 pub mod store;
+mod wire;
+
+/// `d` in whole milliseconds, saturating (the durations here are configuration values
+/// and outages, far below `u64::MAX` ms).
+pub(crate) fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 
 pub use client::{ClientError, PresenceClient};
 pub use config::Config;

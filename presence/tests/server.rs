@@ -86,7 +86,7 @@ where
     let (parts, body) = res.into_parts();
     let bytes = match body.collect().await {
         Ok(c) => c.to_bytes(),
-        Err(never) => match never {},
+        Err(e) => panic!("the response body failed: {e}"),
     };
     let text = String::from_utf8_lossy(&bytes).into_owned();
     Reply {
@@ -872,6 +872,8 @@ fn config_reads_every_variable() {
     assert_eq!(c.rate_limit_rate, 0.5);
     assert_eq!(c.rate_limit_capacity, 3);
     assert_eq!(c.trusted_proxies.len(), 2);
+    // A bare address is a single host.
+    assert_eq!(c.trusted_proxies[1].to_string(), "192.168.1.1/32");
     assert_eq!(c.auth_token.as_deref(), Some("tok"));
     assert_eq!(c.store_timeout, Duration::from_millis(250));
     assert_eq!(c.max_meta_bytes, 100);
@@ -913,6 +915,7 @@ fn config_bad_values_name_the_variable_and_the_value() {
         ("PRESENCE_RATE_LIMIT_CAPACITY", "0"),
         ("PRESENCE_RATE_LIMIT_CAPACITY", "5000000000"),
         ("PRESENCE_TRUSTED_PROXIES", "10.0.0.0/8,nope"),
+        ("PRESENCE_TRUSTED_PROXIES", "10.0.0.1/8"),
         ("PRESENCE_REDIS_URI", "http://localhost:6379"),
         ("PRESENCE_REDIS_URI", "localhost:6379"),
         ("PRESENCE_KEY_PREFIX", "a{b}"),

@@ -33,7 +33,7 @@ use governor::{
     state::keyed::DashMapStateStore,
     Quota, RateLimiter,
 };
-use resilience::{KeyedTokenBuckets, TokenBucket};
+use resilience::{Burst, KeyedTokenBuckets, Rate, TokenBucket};
 
 /// Counts live heap bytes, to measure memory per key.
 struct Counting;
@@ -115,7 +115,7 @@ fn clock(c: &mut Criterion) {
 
 fn direct(c: &mut Criterion) {
     let mut group = c.benchmark_group("direct");
-    let ours = TokenBucket::new(f64::from(RATE), RATE);
+    let ours = TokenBucket::new(Rate::per_second(f64::from(RATE)), Burst(RATE));
     let theirs = RateLimiter::direct(quota());
     group.bench_function("resilience_try_acquire", |b| {
         b.iter(|| black_box(ours.try_acquire().is_ok()))
@@ -152,7 +152,10 @@ fn direct(c: &mut Criterion) {
 fn keyed(c: &mut Criterion) {
     let mut group = c.benchmark_group("keyed_10k");
     let keys: Arc<Vec<IpAddr>> = Arc::new((0..KEYS).map(key).collect());
-    let ours = Arc::new(KeyedTokenBuckets::<IpAddr>::new(f64::from(RATE), RATE));
+    let ours = Arc::new(KeyedTokenBuckets::<IpAddr>::new(
+        Rate::per_second(f64::from(RATE)),
+        Burst(RATE),
+    ));
     let theirs = Arc::new(RateLimiter::<IpAddr, _, _>::keyed(quota()));
     let theirs_std: RateLimiter<
         IpAddr,
@@ -224,7 +227,7 @@ fn memory(_c: &mut Criterion) {
     );
     for n in [10_000u32, 100_000, 1_000_000] {
         let (bytes, ours) = live_bytes(|| {
-            let ours = KeyedTokenBuckets::<IpAddr>::new(1.0, 10);
+            let ours = KeyedTokenBuckets::<IpAddr>::new(Rate::per_second(1.0), Burst(10));
             for i in 0..n {
                 let _ = ours.try_acquire(&key(i));
             }

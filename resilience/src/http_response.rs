@@ -86,13 +86,6 @@ where
     }
 }
 
-/// Seconds for a `Retry-After` header: whole seconds rounded up, never 0, because a client
-/// told "0" would retry at once and be rejected again.
-pub(crate) fn retry_after_secs(d: std::time::Duration) -> u64 {
-    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    secs.max(1)
-}
-
 /// The JSON error body both layers use by default: `{"error": code, "message": message}`.
 pub(crate) fn json_error(code: &str, message: &str) -> Bytes {
     let mut out = String::with_capacity(32 + code.len() + message.len());
@@ -120,15 +113,6 @@ fn push_json_string(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn retry_after_rounds_up_and_is_never_zero() {
-        assert_eq!(retry_after_secs(Duration::from_millis(200)), 1);
-        assert_eq!(retry_after_secs(Duration::ZERO), 1);
-        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
-        assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
-    }
 
     #[test]
     fn json_error_escapes() {

@@ -7,7 +7,10 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use resilience::{BoxError, CircuitBreaker, CircuitBreakerLayer, CircuitOpen, RateLimited, TokenBucketLayer};
+//! use resilience::{
+//!     BoxError, Burst, CircuitBreaker, CircuitBreakerLayer, CircuitOpen, Rate, RateLimited,
+//!     TokenBucketLayer,
+//! };
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -17,7 +20,8 @@
 //!
 //! let breaker = CircuitBreaker::builder().consecutive_failures(2).open_for(Duration::from_secs(5)).build();
 //! let svc = ServiceBuilder::new()
-//!     .layer(TokenBucketLayer::new(10.0, 3))           // 10/s, bursts of 3, one global bucket
+//!     // One global bucket: 10 per second, bursts of 3.
+//!     .layer(TokenBucketLayer::new(Rate::per_second(10.0), Burst(3)))
 //!     .layer(CircuitBreakerLayer::new(breaker.clone()))
 //!     .service(dependency);
 //!
@@ -26,6 +30,7 @@
 //! assert!(svc.clone().oneshot(2).await.is_err());
 //! let err = svc.clone().oneshot(3).await.unwrap_err();
 //! assert_eq!(err.downcast_ref::<CircuitOpen>().unwrap().retry_after, Duration::from_secs(5));
+//! assert_eq!(err.to_string(), "circuit breaker is open; retry after 5 s");
 //!
 //! // The burst of 3 is spent: the fourth call is rate limited.
 //! let err = svc.clone().oneshot(4).await.unwrap_err();
@@ -33,17 +38,30 @@
 //! # }
 //! ```
 //!
-//! Each layer has an error mode (above: rejections are a [`BoxError`] holding
-//! [`CircuitOpen`] or [`RateLimited`]) and an HTTP mode (`.http()`: rejections are
-//! `503` / `429` responses with `Retry-After`, so the layers drop into axum with a plain
-//! `.layer(...)`). The token bucket also has a wait mode (`.wait(max)`) for clients.
-//! The limiter is keyed by a [`KeyExtractor`]: [`GlobalKey`], [`PeerIp`],
-//! [`TrustedProxyIp`], [`HeaderKey`] or a closure ([`key_fn`]).
+//! Both layers have the same [modes](mode): [`ErrorMode`] (the default; rejections are
+//! a [`BoxError`] holding [`CircuitOpen`] or [`RateLimited`]) and [`HttpMode`]
+//! (`.http()`: rejections are `503` / `429` responses with `Retry-After`, so the layers
+//! drop into axum with a plain `.layer(...)`). The token bucket also has [`WaitMode`]
+//! (`.wait(max)`) for clients. The limiter is keyed by a [`KeyExtractor`]:
+//! [`GlobalKey`], [`PeerIp`], [`TrustedProxyIp`], [`HeaderKey`] or a closure
+//! ([`key_fn`]).
 //!
-//! State is created when a layer is built and shared by every service it makes and
-//! every clone of those (hyper-util clones the service per request). Neither layer ever
-//! fails in `poll_ready`; rejections happen in `call`. Time comes from
+//! State is created once, when a layer is built, and shared by every service it makes
+//! and every clone of those (hyper-util clones the service per request). Neither layer
+//! ever fails in `poll_ready`; rejections happen in `call`. Time comes from
 //! [`tokio::time`], so tests run on paused time.
+//!
+//! Conventions shared by both halves of the crate:
+//!
+//! - **Parameters are named at the call site**: `Rate::per_second(100.0)`, `Burst(60)`,
+//!   `.consecutive_failures(5)`, `.max_keys(10_000)`; getters have the builders' names
+//!   (`rate()`, `burst()`, `key()`, `max_keys()`).
+//! - **Bad values are refused, never adjusted**: infallible constructors and builder
+//!   methods panic, documented under `# Panics`; `try_*` twins return an error for
+//!   values read at run time.
+//! - **One wording for "when to come back"**: `Retry-After` and every "retry after N s"
+//!   (the `Display` of [`CircuitOpen`] and [`RateLimited`], the HTTP bodies) are whole
+//!   seconds rounded up, never 0: [`retry_after_secs`].
 //!
 //! See [`circuit_breaker`] and [`token_bucket`] for the full contracts.
 //!
@@ -57,28 +75,27 @@
 pub mod circuit_breaker;
 mod http_response;
 pub mod key;
+pub mod mode;
+mod retry_after;
 pub mod token_bucket;
 
 pub use http_response::ResponseBody;
+pub use retry_after::retry_after_secs;
 
 /// The boxed error type the layers return in their error mode, as in `tower`.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-// --- circuit breaker re-exports (owned by the breaker author) ---
 pub use circuit_breaker::{
     classify_fn, BreakerError, BreakerPermit, BreakerStats, CircuitBreaker, CircuitBreakerBuilder,
     CircuitBreakerLayer, CircuitBreakerService, CircuitOpen, CircuitState, Classifier,
-    ErrIsFailure, FnClassifier, HttpClassifier, Transition, Window,
+    DefaultClassifier, ErrIsFailure, FnClassifier, HttpClassifier, Transition, Window,
 };
-// --- end circuit breaker re-exports ---
-
-// --- token bucket re-exports (owned by the token bucket author) ---
 pub use key::{
-    key_fn, Cidr, CidrParseError, FnKey, ForwardedHeader, GlobalKey, HeaderDigest, HeaderKey,
-    KeyExtractor, PeerIp, TrustedProxyIp,
+    key_fn, FnKey, ForwardedHeader, GlobalKey, HeaderDigest, HeaderKey, KeyExtractor, KeyType,
+    PeerIp, TrustedProxyIp,
 };
+pub use mode::{ErrorMode, HttpMode, WaitMode};
 pub use token_bucket::{
-    Acquired, InvalidRate, KeyedTokenBuckets, MissingKey, RateLimited, TokenBucket,
-    TokenBucketLayer, TokenBucketService,
+    Acquired, Burst, InvalidTokenBucket, KeyedTokenBuckets, MissingKey, Rate, RateLimited,
+    TokenBucket, TokenBucketLayer, TokenBucketLayerBuilder, TokenBucketService,
 };
-// --- end token bucket re-exports ---

@@ -21,7 +21,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use proptest::prelude::*;
 use resilience::{
-    BoxError, KeyedTokenBuckets, MissingKey, PeerIp, RateLimited, TokenBucket, TokenBucketLayer,
+    BoxError, Burst, KeyedTokenBuckets, MissingKey, PeerIp, Rate, RateLimited, TokenBucket,
+    TokenBucketLayer,
 };
 use tokio::time::{advance, Instant};
 use tower::{service_fn, Layer, Service, ServiceExt};
@@ -41,7 +42,7 @@ fn paused_runtime() -> tokio::runtime::Runtime {
 
 #[tokio::test(start_paused = true)]
 async fn burst_of_capacity_then_one_token_per_interval() {
-    let bucket = TokenBucket::new(4.0, 3);
+    let bucket = TokenBucket::new(Rate::per_second(4.0), Burst(3));
     assert_eq!(bucket.remaining(), 3);
     for _ in 0..3 {
         bucket.try_acquire().unwrap();
@@ -66,8 +67,9 @@ async fn burst_of_capacity_then_one_token_per_interval() {
 
 #[tokio::test(start_paused = true)]
 async fn remaining_and_time_until_full_track_the_refill() {
-    let bucket = TokenBucket::new(10.0, 5);
-    assert_eq!((bucket.rate(), bucket.capacity()), (10.0, 5));
+    let bucket = TokenBucket::new(Rate::per_second(10.0), Burst(5));
+    assert_eq!((bucket.rate(), bucket.burst()), (Rate::per_second(10.0), 5));
+    assert_eq!(bucket.rate().as_per_second(), 10.0);
     bucket.try_acquire_n(5).unwrap();
     assert_eq!(bucket.remaining(), 0);
     assert_eq!(bucket.time_until_full(), Duration::from_millis(500));
@@ -79,7 +81,7 @@ async fn remaining_and_time_until_full_track_the_refill() {
 #[tokio::test(start_paused = true)]
 async fn retry_after_is_exact_for_a_rate_with_a_fractional_interval() {
     // 1/3 s is not a whole number of nanoseconds: the interval rounds up, never down.
-    let bucket = TokenBucket::new(3.0, 1);
+    let bucket = TokenBucket::new(Rate::per_second(3.0), Burst(1));
     bucket.try_acquire().unwrap();
     let retry = bucket.try_acquire().unwrap_err().retry_after;
     assert!(
@@ -93,7 +95,7 @@ async fn retry_after_is_exact_for_a_rate_with_a_fractional_interval() {
 
 #[tokio::test(start_paused = true)]
 async fn fractional_rate_refills_one_token_every_two_seconds() {
-    let bucket = TokenBucket::new(0.5, 1);
+    let bucket = TokenBucket::new(Rate::per_second(0.5), Burst(1));
     bucket.try_acquire().unwrap();
     assert_eq!(
         bucket.try_acquire().unwrap_err().retry_after,
@@ -107,7 +109,7 @@ async fn fractional_rate_refills_one_token_every_two_seconds() {
 
 #[tokio::test(start_paused = true)]
 async fn more_tokens_than_capacity_fail_at_once_and_never_wait() {
-    let bucket = TokenBucket::new(1.0, 5);
+    let bucket = TokenBucket::new(Rate::per_second(1.0), Burst(5));
     let err = bucket.try_acquire_n(6).unwrap_err();
     assert_eq!(err.retry_after, Duration::MAX);
     assert!(err.is_permanent());
@@ -122,7 +124,7 @@ async fn more_tokens_than_capacity_fail_at_once_and_never_wait() {
 
 #[tokio::test(start_paused = true)]
 async fn acquire_waits_exactly_until_the_token_is_due() {
-    let bucket = TokenBucket::new(10.0, 1);
+    let bucket = TokenBucket::new(Rate::per_second(10.0), Burst(1));
     let start = Instant::now();
     bucket.acquire().await;
     assert_eq!(start.elapsed(), Duration::ZERO);
@@ -134,7 +136,7 @@ async fn acquire_waits_exactly_until_the_token_is_due() {
 
 #[tokio::test(start_paused = true)]
 async fn concurrent_waiters_are_served_in_order_one_interval_apart() {
-    let bucket = TokenBucket::new(10.0, 1);
+    let bucket = TokenBucket::new(Rate::per_second(10.0), Burst(1));
     bucket.try_acquire().unwrap();
     let start = Instant::now();
     let waiters: Vec<_> = (0..3)
@@ -160,7 +162,7 @@ async fn concurrent_waiters_are_served_in_order_one_interval_apart() {
 
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_acquire_gives_its_token_back() {
-    let bucket = TokenBucket::new(1.0, 1);
+    let bucket = TokenBucket::new(Rate::per_second(1.0), Burst(1));
     bucket.try_acquire().unwrap();
     let waiting = tokio::time::timeout(Duration::from_millis(100), bucket.acquire()).await;
     assert!(waiting.is_err(), "timed out while waiting");
@@ -171,7 +173,7 @@ async fn a_cancelled_acquire_gives_its_token_back() {
 
 #[tokio::test(start_paused = true)]
 async fn clones_share_one_bucket() {
-    let a = TokenBucket::new(1.0, 2);
+    let a = TokenBucket::new(Rate::per_second(1.0), Burst(2));
     let b = a.clone();
     a.try_acquire().unwrap();
     b.try_acquire().unwrap();
@@ -181,13 +183,35 @@ async fn clones_share_one_bucket() {
 
 #[test]
 fn invalid_parameters_are_refused() {
-    assert!(TokenBucket::try_new(0.0, 1).is_err());
-    assert!(TokenBucket::try_new(f64::NAN, 1).is_err());
-    assert!(TokenBucket::try_new(1.0, 0).is_err());
-    let err = TokenBucket::try_new(-1.0, 1).unwrap_err();
+    assert!(Rate::try_per_second(0.0).is_err());
+    assert!(Rate::try_per_second(f64::NAN).is_err());
+    let err = Rate::try_per_second(-1.0).unwrap_err();
     assert!(err.to_string().contains("rate"), "{err}");
-    assert!(KeyedTokenBuckets::<u32>::try_new(1.0, 0).is_err());
-    assert!(TokenBucketLayer::try_new(0.0, 1).is_err());
+    let one = Rate::per_second(1.0);
+    let err = TokenBucket::try_new(one, Burst(0)).unwrap_err();
+    assert!(err.to_string().contains("burst"), "{err}");
+    assert!(TokenBucket::try_new(Rate::per_second(1e-12), Burst(u32::MAX)).is_err());
+    assert!(KeyedTokenBuckets::<u32>::try_new(one, Burst(0)).is_err());
+    assert!(KeyedTokenBuckets::<u32>::try_with_max_keys(one, Burst(1), 0).is_err());
+    assert!(TokenBucketLayer::try_new(one, Burst(0)).is_err());
+    let err = TokenBucketLayer::builder(one, Burst(1))
+        .key(PeerIp)
+        .max_keys(0)
+        .try_build()
+        .unwrap_err();
+    assert!(err.to_string().contains("max_keys"), "{err}");
+}
+
+#[test]
+#[should_panic(expected = "the rate must be a finite number above 0")]
+fn infallible_constructors_panic_on_bad_values() {
+    let _ = Rate::per_second(0.0);
+}
+
+#[test]
+#[should_panic(expected = "the burst must be at least 1")]
+fn a_zero_burst_panics() {
+    let _ = TokenBucket::new(Rate::per_second(1.0), Burst(0));
 }
 
 #[test]
@@ -196,7 +220,7 @@ fn two_threads_hammering_one_bucket_stay_within_capacity_plus_rate_times_t() {
     const CAPACITY: u32 = 100;
     // Taken before the bucket exists, so `elapsed` covers every possible grant.
     let start = std::time::Instant::now();
-    let bucket = TokenBucket::new(RATE, CAPACITY);
+    let bucket = TokenBucket::new(Rate::per_second(RATE), Burst(CAPACITY));
     let threads: Vec<_> = (0..2)
         .map(|_| {
             let bucket = bucket.clone();
@@ -241,7 +265,7 @@ proptest! {
         schedule in prop::collection::vec((advance_strategy(), 1u32..45), 1..150),
     ) {
         paused_runtime().block_on(async move {
-            let bucket = TokenBucket::new(rate, capacity);
+            let bucket = TokenBucket::new(Rate::per_second(rate), Burst(capacity));
             let start = Instant::now();
             let mut grants: Vec<(Duration, u32)> = Vec::new();
             for (nanos, n) in schedule {
@@ -280,7 +304,7 @@ proptest! {
         n in 1u32..20,
     ) {
         paused_runtime().block_on(async move {
-            let bucket = TokenBucket::new(rate, capacity);
+            let bucket = TokenBucket::new(Rate::per_second(rate), Burst(capacity));
             for (nanos, k) in warmup {
                 advance(Duration::from_nanos(nanos)).await;
                 let _ = bucket.try_acquire_n(k.min(capacity));
@@ -312,7 +336,7 @@ proptest! {
 
 #[tokio::test(start_paused = true)]
 async fn keyed_buckets_are_independent() {
-    let keyed = KeyedTokenBuckets::<&'static str>::new(1.0, 2);
+    let keyed = KeyedTokenBuckets::<&'static str>::new(Rate::per_second(1.0), Burst(2));
     assert_eq!(keyed.try_acquire(&"a").unwrap().remaining(), 1);
     assert_eq!(keyed.try_acquire(&"a").unwrap().remaining(), 0);
     let limited = keyed.try_acquire(&"a").unwrap_err();
@@ -331,7 +355,7 @@ async fn keyed_buckets_are_independent() {
 
 #[tokio::test(start_paused = true)]
 async fn keyed_retry_after_is_exact_and_oversized_requests_store_nothing() {
-    let keyed = KeyedTokenBuckets::<u32>::new(5.0, 1);
+    let keyed = KeyedTokenBuckets::<u32>::new(Rate::per_second(5.0), Burst(1));
     keyed.try_acquire(&7).unwrap();
     let retry = keyed.try_acquire(&7).unwrap_err().retry_after;
     assert_eq!(retry, Duration::from_millis(200));
@@ -351,7 +375,8 @@ async fn keyed_retry_after_is_exact_and_oversized_requests_store_nothing() {
 #[tokio::test(start_paused = true)]
 async fn full_buckets_are_evicted_first_and_lose_nothing() {
     // Under 64 keys the map is a single shard, so the cap is exact.
-    let keyed = KeyedTokenBuckets::<u32>::new(1.0, 2).max_keys(40);
+    let keyed = KeyedTokenBuckets::<u32>::with_max_keys(Rate::per_second(1.0), Burst(2), 40);
+    assert_eq!(keyed.max_keys(), 40);
     for k in 0..20 {
         keyed.try_acquire(&k).unwrap();
     }
@@ -372,8 +397,8 @@ async fn full_buckets_are_evicted_first_and_lose_nothing() {
 // runs, so the outcome does not depend on how fast the machine is.
 #[test]
 fn million_distinct_keys_keep_the_map_at_its_cap_and_the_abuser_stays_limited() {
-    let keyed = KeyedTokenBuckets::<IpAddr>::new(0.01, 10);
-    assert_eq!(keyed.max_key_count(), 100_000);
+    let keyed = KeyedTokenBuckets::<IpAddr>::new(Rate::per_second(0.01), Burst(10));
+    assert_eq!(keyed.max_keys(), 100_000);
     let abuser = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
     keyed.try_acquire_n(&abuser, 10).unwrap();
 
@@ -407,15 +432,15 @@ fn slot_bytes_per_key() {
 }
 
 // ---------------------------------------------------------------------------------------
-// TokenBucketLayer, reject mode
+// TokenBucketLayer, error mode
 
 async fn echo(req: &'static str) -> Result<&'static str, Infallible> {
     Ok(req)
 }
 
 #[tokio::test(start_paused = true)]
-async fn reject_mode_fails_with_rate_limited_and_stays_ready() {
-    let mut svc = TokenBucketLayer::new(2.0, 1).layer(service_fn(echo));
+async fn error_mode_fails_with_rate_limited_and_stays_ready() {
+    let mut svc = TokenBucketLayer::new(Rate::per_second(2.0), Burst(1)).layer(service_fn(echo));
     assert_eq!(svc.ready().await.unwrap().call("a").await.unwrap(), "a");
     let err = svc.ready().await.unwrap().call("b").await.unwrap_err();
     assert_eq!(
@@ -432,7 +457,7 @@ async fn reject_mode_fails_with_rate_limited_and_stays_ready() {
 
 #[tokio::test(start_paused = true)]
 async fn layer_state_is_shared_by_its_services_their_clones_and_layer_clones() {
-    let layer = TokenBucketLayer::new(1.0, 3);
+    let layer = TokenBucketLayer::new(Rate::per_second(1.0), Burst(3));
     let a = layer.layer(service_fn(echo));
     let b = layer.clone().layer(service_fn(echo));
     a.clone().oneshot("1").await.unwrap();
@@ -442,7 +467,9 @@ async fn layer_state_is_shared_by_its_services_their_clones_and_layer_clones() {
     assert!(err.is::<RateLimited>());
 
     // Keyed the same way: one map for everything the layer made.
-    let layer = TokenBucketLayer::new(1.0, 1).key(PeerIp);
+    let layer = TokenBucketLayer::builder(Rate::per_second(1.0), Burst(1))
+        .key(PeerIp)
+        .build();
     let ok = service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(()) });
     let a = layer.layer(ok);
     let b = layer.layer(ok);
@@ -457,13 +484,13 @@ async fn layer_state_is_shared_by_its_services_their_clones_and_layer_clones() {
 }
 
 #[tokio::test]
-async fn reject_mode_missing_key_is_an_error_naming_it() {
-    let svc =
-        TokenBucketLayer::new(1.0, 1)
-            .key(PeerIp)
-            .layer(service_fn(|_req: Request<()>| async {
-                Ok::<_, Infallible>(())
-            }));
+async fn error_mode_missing_key_is_an_error_naming_it() {
+    let svc = TokenBucketLayer::builder(Rate::per_second(1.0), Burst(1))
+        .key(PeerIp)
+        .build()
+        .layer(service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(())
+        }));
     let err = svc.oneshot(Request::new(())).await.unwrap_err();
     let missing = err.downcast_ref::<MissingKey>().expect("MissingKey");
     assert!(missing.what().starts_with("peer address"), "{missing}");
@@ -508,8 +535,9 @@ fn header<'a, B>(res: &'a Response<B>, name: &str) -> &'a str {
 #[tokio::test(start_paused = true)]
 async fn http_mode_answers_429_with_retry_after_and_ratelimit_fields() {
     // 5/s: the next token is 0.2 s away, which Retry-After rounds up to 1.
-    let svc = TokenBucketLayer::new(5.0, 2)
+    let svc = TokenBucketLayer::builder(Rate::per_second(5.0), Burst(2))
         .key(PeerIp)
+        .build()
         .http()
         .layer(hello_service());
 
@@ -545,7 +573,7 @@ async fn http_mode_answers_429_with_retry_after_and_ratelimit_fields() {
     let body = limited.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(
         body,
-        r#"{"error":"rate_limited","message":"too many requests; retry after 1 s"}"#
+        r#"{"error":"rate_limited","message":"rate limited; retry after 1 s"}"#
     );
 
     // Another client is not affected.
@@ -560,7 +588,9 @@ async fn http_mode_answers_429_with_retry_after_and_ratelimit_fields() {
 #[tokio::test(start_paused = true)]
 async fn http_mode_reports_window_and_seconds_until_full_rounded_up() {
     // 10 tokens at 2/s: the window is 5 s.
-    let svc = TokenBucketLayer::new(2.0, 10).http().layer(hello_service());
+    let svc = TokenBucketLayer::new(Rate::per_second(2.0), Burst(10))
+        .http()
+        .layer(hello_service());
     let mut last = None;
     for _ in 0..10 {
         last = Some(
@@ -587,7 +617,7 @@ async fn http_mode_reports_window_and_seconds_until_full_rounded_up() {
     assert_eq!(header(&limited, "ratelimit"), "\"default\";r=2;t=4");
 
     // 1.5 s for the next token: Retry-After 2.
-    let svc = TokenBucketLayer::new(1.0 / 1.5, 1)
+    let svc = TokenBucketLayer::new(Rate::per_second(1.0 / 1.5), Burst(1))
         .http()
         .layer(hello_service());
     svc.clone()
@@ -605,7 +635,7 @@ async fn http_mode_reports_window_and_seconds_until_full_rounded_up() {
 
 #[tokio::test(start_paused = true)]
 async fn http_mode_body_is_configurable() {
-    let svc = TokenBucketLayer::new(1.0, 1)
+    let svc = TokenBucketLayer::new(Rate::per_second(1.0), Burst(1))
         .http()
         .body(http::HeaderValue::from_static("text/plain"), "slow down")
         .layer(hello_service());
@@ -633,7 +663,9 @@ async fn http_mode_keeps_ratelimit_headers_the_inner_service_set() {
         );
         Ok::<_, Infallible>(res)
     });
-    let svc = TokenBucketLayer::new(1.0, 5).http().layer(inner);
+    let svc = TokenBucketLayer::new(Rate::per_second(1.0), Burst(5))
+        .http()
+        .layer(inner);
     let res = svc.oneshot(http_request("192.0.2.1:1")).await.unwrap();
     assert_eq!(header(&res, "ratelimit"), "\"upstream\";r=0;t=9");
     assert!(res.headers().get("ratelimit-policy").is_none());
@@ -695,7 +727,7 @@ fn ready_tracking() -> (ReadyTracking, Arc<AtomicUsize>) {
 #[tokio::test(start_paused = true)]
 async fn wait_mode_waits_for_the_token_then_calls_the_ready_service() {
     let (inner, calls) = ready_tracking();
-    let mut svc = TokenBucketLayer::new(10.0, 1)
+    let mut svc = TokenBucketLayer::new(Rate::per_second(10.0), Burst(1))
         .wait(Duration::from_secs(1))
         .layer(inner);
     let start = Instant::now();
@@ -715,7 +747,7 @@ async fn wait_mode_waits_for_the_token_then_calls_the_ready_service() {
 #[tokio::test(start_paused = true)]
 async fn wait_mode_refuses_waits_over_the_bound_without_taking_a_token() {
     let (inner, calls) = ready_tracking();
-    let mut svc = TokenBucketLayer::new(1.0, 1)
+    let mut svc = TokenBucketLayer::new(Rate::per_second(1.0), Burst(1))
         .wait(Duration::from_millis(500))
         .layer(inner);
     svc.ready().await.unwrap().call("a").await.unwrap();
@@ -739,7 +771,7 @@ async fn wait_mode_refuses_waits_over_the_bound_without_taking_a_token() {
 #[tokio::test(start_paused = true)]
 async fn wait_mode_dropping_a_waiting_call_gives_the_token_back() {
     let (inner, calls) = ready_tracking();
-    let mut svc = TokenBucketLayer::new(1.0, 1)
+    let mut svc = TokenBucketLayer::new(Rate::per_second(1.0), Burst(1))
         .wait(Duration::from_secs(10))
         .layer(inner);
     svc.ready().await.unwrap().call("a").await.unwrap();
@@ -760,8 +792,9 @@ async fn wait_mode_dropping_a_waiting_call_gives_the_token_back() {
 
 #[tokio::test(start_paused = true)]
 async fn wait_mode_keyed_waits_per_key() {
-    let layer = TokenBucketLayer::new(10.0, 1)
+    let layer = TokenBucketLayer::builder(Rate::per_second(10.0), Burst(1))
         .key(PeerIp)
+        .build()
         .wait(Duration::from_secs(1));
     let svc = layer.layer(service_fn(|_req: Request<()>| async {
         Ok::<_, Infallible>(())

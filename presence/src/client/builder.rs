@@ -28,7 +28,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderValue;
 use http_body::Body;
-use resilience::{BoxError, CircuitBreaker, CircuitBreakerLayer, HttpClassifier, TokenBucketLayer};
+use resilience::{
+    BoxError, Burst, CircuitBreaker, CircuitBreakerLayer, HttpClassifier, Rate, TokenBucketLayer,
+};
 use tower::retry::RetryLayer;
 use tower::timeout::TimeoutLayer;
 use tower::util::BoxCloneService;
@@ -226,7 +228,7 @@ impl PresenceClientBuilder {
             .service(transport);
         let service: HttpService = match self.rate_limit {
             Some((rate, capacity)) => BoxCloneService::new(
-                TokenBucketLayer::new(rate, capacity)
+                TokenBucketLayer::new(Rate::per_second(rate), Burst(capacity))
                     .wait(self.rate_limit_max_wait)
                     .layer(core),
             ),

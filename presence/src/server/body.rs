@@ -6,16 +6,17 @@
 //! body of a layer) is boxed as before.
 
 use std::any::Any;
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use resilience::BoxError;
+use tower_http::body::UnsyncBoxBody as CatchPanicBody;
+use tower_http::compression::CompressionBody;
 
 /// The request body inside the stack: whatever the caller sent. hyper's
 /// [`Incoming`] (what [`Server`](super::Server) serves) is kept as it is; any other
@@ -118,7 +119,8 @@ impl Body for RequestBody {
 }
 
 /// The response body of [`PresenceService`](super::PresenceService): one buffer (every
-/// JSON answer), the pieces of a listing, or any other body, boxed.
+/// JSON answer), the pieces of a listing, the answer as the outer layers made it
+/// (compressed when the client asked), or any other body, boxed.
 pub struct ResponseBody {
     kind: ResponseKind,
 }
@@ -129,17 +131,41 @@ enum ResponseKind {
         pieces: std::vec::IntoIter<Bytes>,
         remaining: u64,
     },
-    Boxed(BoxBody<Bytes, Infallible>),
+    /// A listing, compressed (tower-http's compression body is large: boxed).
+    Compressed(Box<CompressionBody<ResponseBody>>),
+    /// What tower-http's catch-panic layer made of an answer (it boxes every body).
+    Caught(CatchPanicBody<Bytes, BoxError>),
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl Default for ResponseBody {
+    /// An empty body.
+    fn default() -> Self {
+        ResponseBody::full(Bytes::new())
+    }
 }
 
 impl ResponseBody {
     /// Any body, boxed.
     pub fn new<B>(body: B) -> ResponseBody
     where
-        B: Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
     {
         ResponseBody {
-            kind: ResponseKind::Boxed(body.boxed()),
+            kind: ResponseKind::Boxed(body.map_err(Into::into).boxed_unsync()),
+        }
+    }
+
+    pub(crate) fn compressed(body: CompressionBody<ResponseBody>) -> ResponseBody {
+        ResponseBody {
+            kind: ResponseKind::Compressed(Box::new(body)),
+        }
+    }
+
+    pub(crate) fn caught(body: CatchPanicBody<Bytes, BoxError>) -> ResponseBody {
+        ResponseBody {
+            kind: ResponseKind::Caught(body),
         }
     }
 
@@ -173,12 +199,12 @@ impl std::fmt::Debug for ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().kind {
             ResponseKind::Full(bytes) => Poll::Ready(
                 bytes
@@ -193,6 +219,8 @@ impl Body for ResponseBody {
                 }
                 Poll::Ready(piece.map(|p| Ok(Frame::data(p))))
             }
+            ResponseKind::Compressed(body) => Pin::new(&mut **body).poll_frame(cx),
+            ResponseKind::Caught(body) => Pin::new(body).poll_frame(cx),
             ResponseKind::Boxed(body) => Pin::new(body).poll_frame(cx),
         }
     }
@@ -201,6 +229,8 @@ impl Body for ResponseBody {
         match &self.kind {
             ResponseKind::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
             ResponseKind::Pieces { remaining, .. } => *remaining == 0,
+            ResponseKind::Compressed(body) => body.is_end_stream(),
+            ResponseKind::Caught(body) => body.is_end_stream(),
             ResponseKind::Boxed(body) => body.is_end_stream(),
         }
     }
@@ -211,6 +241,8 @@ impl Body for ResponseBody {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             ResponseKind::Pieces { remaining, .. } => SizeHint::with_exact(*remaining),
+            ResponseKind::Compressed(body) => body.size_hint(),
+            ResponseKind::Caught(body) => body.size_hint(),
             ResponseKind::Boxed(body) => body.size_hint(),
         }
     }

@@ -13,6 +13,8 @@ use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICA
 use http::StatusCode;
 use serde::Serialize;
 
+use resilience::retry_after_secs;
+
 use super::ResponseBody;
 use crate::model::{ErrorBody, InvalidNodeId};
 
@@ -75,96 +77,102 @@ impl ApiError {
     /// body and the headers the API documents for it (`Allow`, `Retry-After`,
     /// `WWW-Authenticate`; see docs/http-api.md).
     pub fn into_response(self) -> http::Response<ResponseBody> {
-        let mut extra: Option<(http::HeaderName, HeaderValue)> = None;
-        let (status, code, message) = match self {
-            ApiError::BadRequest(why) => (StatusCode::BAD_REQUEST, "bad_request", why),
+        let (status, code) = self.status_and_code();
+        let header = self.header();
+        let message = self.into_message();
+        let mut response = json_response(status, &ErrorBody::new(code, message));
+        if let Some((name, value)) = header {
+            response.headers_mut().insert(name, value);
+        }
+        response
+    }
+
+    /// The status and the `error` code.
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::RouteNotFound { .. } | ApiError::NodeNotFound(_) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
+            ApiError::MethodNotAllowed { .. } => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            }
+            ApiError::LeaseMismatch => (StatusCode::CONFLICT, "lease_mismatch"),
+            ApiError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::InvalidNodeId(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_node_id"),
+            ApiError::InvalidMeta(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_meta"),
+            ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            ApiError::StoreUnavailable { .. } | ApiError::StoreRefused(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+            }
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// The one header the error sets, if any.
+    fn header(&self) -> Option<(http::HeaderName, HeaderValue)> {
+        match self {
+            ApiError::Unauthorized => Some((WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))),
+            ApiError::MethodNotAllowed { allow } => Some((ALLOW, HeaderValue::from_static(allow))),
+            ApiError::StoreUnavailable { .. } | ApiError::StoreRefused(_) => {
+                Some((RETRY_AFTER, HeaderValue::from(self.retry_after_secs())))
+            }
+            _ => None,
+        }
+    }
+
+    /// `Retry-After` of the store errors, in whole seconds rounded up.
+    fn retry_after_secs(&self) -> u64 {
+        match self {
+            ApiError::StoreUnavailable { retry_after } => retry_after_secs(*retry_after),
+            _ => retry_after_secs(STORE_REFUSED_RETRY_AFTER),
+        }
+    }
+
+    /// The `message` sentence; logs what is for the log only.
+    fn into_message(self) -> String {
+        match self {
+            ApiError::BadRequest(why)
+            | ApiError::UnsupportedMediaType(why)
+            | ApiError::InvalidMeta(why) => why,
             ApiError::Unauthorized => {
-                extra = Some((WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
-                (
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "a valid `Authorization: Bearer <token>` header is required".to_owned(),
-                )
+                "a valid `Authorization: Bearer <token>` header is required".to_owned()
             }
-            ApiError::RouteNotFound { method, path } => (
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no route for {method} {path}"),
-            ),
-            ApiError::NodeNotFound(node) => (
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("node {node:?} is not online"),
-            ),
+            ApiError::RouteNotFound { method, path } => format!("no route for {method} {path}"),
+            ApiError::NodeNotFound(node) => format!("node {node:?} is not online"),
             ApiError::MethodNotAllowed { allow } => {
-                extra = Some((ALLOW, HeaderValue::from_static(allow)));
-                (
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    format!("method not allowed; allowed: {allow}"),
-                )
+                format!("method not allowed; allowed: {allow}")
             }
-            ApiError::LeaseMismatch => (
-                StatusCode::CONFLICT,
-                "lease_mismatch",
-                "the lease is not the node's current lease; log in again".to_owned(),
-            ),
-            ApiError::PayloadTooLarge { limit } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("the request body is larger than {limit} bytes"),
-            ),
-            ApiError::UnsupportedMediaType(why) => (
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                why,
-            ),
-            ApiError::InvalidNodeId(why) => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_node_id",
-                why.to_string(),
-            ),
-            ApiError::InvalidMeta(why) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_meta", why),
-            ApiError::RequestTimeout => (
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                "the request took too long".to_owned(),
-            ),
-            ApiError::StoreUnavailable { retry_after } => {
-                let secs = retry_after_secs(retry_after);
-                extra = Some((RETRY_AFTER, HeaderValue::from(secs)));
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    format!("the presence store is unavailable; retry after {secs} s"),
-                )
+            ApiError::LeaseMismatch => {
+                "the lease is not the node's current lease; log in again".to_owned()
             }
-            ApiError::StoreRefused(detail) => {
+            ApiError::PayloadTooLarge { limit } => {
+                format!("the request body is larger than {limit} bytes")
+            }
+            ApiError::InvalidNodeId(why) => why.to_string(),
+            ApiError::RequestTimeout => "the request took too long".to_owned(),
+            ApiError::StoreUnavailable { .. } => format!(
+                "the presence store is unavailable; retry after {} s",
+                self.retry_after_secs()
+            ),
+            ApiError::StoreRefused(ref detail) => {
                 tracing::warn!(%detail, "store refused a write");
-                let secs = retry_after_secs(STORE_REFUSED_RETRY_AFTER);
-                extra = Some((RETRY_AFTER, HeaderValue::from(secs)));
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    format!(
-                        "the presence store refuses writes (out of memory or read-only); reads still work; retry after {secs} s"
-                    ),
+                format!(
+                    "the presence store refuses writes (out of memory or read-only); reads still work; retry after {} s",
+                    self.retry_after_secs()
                 )
             }
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal server error".to_owned(),
-                )
+                "internal server error".to_owned()
             }
-        };
-        let mut response = json_response(status, &ErrorBody::new(code, message));
-        if let Some((name, value)) = extra {
-            response.headers_mut().insert(name, value);
         }
-        response
     }
 }
 
@@ -203,9 +211,4 @@ pub(crate) fn bytes_response(
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
-}
-
-/// Whole seconds, rounded up and never 0: a client told "0" retries at once.
-fn retry_after_secs(d: Duration) -> u64 {
-    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }

@@ -95,7 +95,7 @@ mod tests {
         req: http::Request<RequestBody>,
     ) -> Result<http::Response<ResponseBody>, Infallible> {
         Ok(
-            match super::super::router::collect_body(req.into_body()).await {
+            match super::super::request::collect_body(req.into_body()).await {
                 Ok(bytes) => http::Response::new(ResponseBody::full(bytes)),
                 Err(e) => e.into_response(),
             },

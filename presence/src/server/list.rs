@@ -22,7 +22,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use http::header::{HeaderValue, CONTENT_TYPE};
 
 use super::errors::ApiError;
-use super::router::State;
+use super::store_call::State;
 use super::ResponseBody;
 use crate::store::NodeListJson;
 

@@ -32,7 +32,8 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 use tower::{Layer, Service};
 
-use super::router::route_label;
+use super::edge::X_REQUEST_ID;
+use super::routes::Resolved;
 use super::ResponseBody;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -405,10 +406,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let route = route_label(req.method(), req.uri().path());
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // The one resolution of the request: the layers after this one read it.
+        let resolved = Resolved::of(req.method(), req.uri().path());
+        req.extensions_mut().insert(resolved);
+        let route = resolved.label();
         let method = method_label(req.method());
+        // Set by the request id layer outside this one (a cheap clone: shared bytes).
+        let request_id = req.headers().get(X_REQUEST_ID).cloned();
         MetricsFuture {
+            request_id,
             start: tokio::time::Instant::now(),
             inner: self.inner.call(req),
             metrics: self.metrics.clone(),
@@ -427,6 +434,7 @@ pin_project_lite::pin_project! {
         metrics: Arc<Metrics>,
         route: &'static str,
         method: &'static str,
+        request_id: Option<http::HeaderValue>,
         start: tokio::time::Instant,
     }
 }
@@ -444,11 +452,17 @@ where
         let status = response.status();
         this.metrics
             .record_request(this.route, this.method, status, elapsed);
+        let request_id = this
+            .request_id
+            .as_ref()
+            .and_then(|id| id.to_str().ok())
+            .unwrap_or("-");
         if status == http::StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(
                 method = this.method,
                 route = this.route,
                 status = status.as_u16(),
+                request_id,
                 ?elapsed,
                 "request failed"
             );
@@ -457,6 +471,7 @@ where
                 method = this.method,
                 route = this.route,
                 status = status.as_u16(),
+                request_id,
                 ?elapsed,
                 "request"
             );

@@ -37,14 +37,18 @@
 mod auth;
 mod body;
 mod deadline;
+mod edge;
 mod errors;
+mod handlers;
 mod limit;
 mod list;
 mod metrics;
 mod outage;
-mod router;
+mod request;
+mod routes;
 mod serve;
 mod service;
+mod store_call;
 
 use bytes::Bytes;
 

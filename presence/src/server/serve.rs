@@ -524,12 +524,12 @@ impl TrackedBody {
 
 impl http_body::Body for TrackedBody {
     type Data = bytes::Bytes;
-    type Error = Infallible;
+    type Error = resilience::BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
         let this = self.get_mut();
         this.taken();
         let frame = Pin::new(&mut this.body).poll_frame(cx);

@@ -11,17 +11,19 @@ use futures_util::future::Either;
 use http_body::Body;
 use resilience::circuit_breaker::{CircuitBreaker, CircuitState};
 use resilience::key::{ForwardedHeader, TrustedProxyIp};
-use resilience::token_bucket::TokenBucketLayer;
-use resilience::token_bucket::{Http, TokenBucketService};
-use resilience::{BoxError, KeyedTokenBuckets};
+use resilience::token_bucket::{TokenBucketLayer, TokenBucketService};
+use resilience::{BoxError, Burst, HttpMode, KeyedTokenBuckets, Rate};
 use tower::util::MapResponse;
-use tower::{Service, ServiceBuilder};
+use tower::{Layer, Service, ServiceBuilder};
 
 use super::auth::{BearerAuth, BearerAuthLayer};
+use super::edge;
+use super::handlers::Router;
 use super::limit::{BodyLimit, BodyLimitLayer};
 use super::metrics::{Metrics, MetricsLayer, MetricsService};
 use super::outage::OutageTracker;
-use super::router::{is_presence_path, Router, State};
+use super::routes::Resolved;
+use super::store_call::State;
 use super::{RequestBody, ResponseBody, MAX_BODY_BYTES};
 use crate::config::Config;
 use crate::store::Store;
@@ -35,7 +37,7 @@ const BREAKER_OPEN_FOR: Duration = Duration::from_secs(1);
 
 /// The `/presence*` branch: auth, rate limit, body limit, router.
 type PresenceBranch = BearerAuth<
-    MapResponse<TokenBucketService<BodyLimit<Router>, TrustedProxyIp, Http>, LimitedResponse>,
+    MapResponse<TokenBucketService<BodyLimit<Router>, TrustedProxyIp, HttpMode>, LimitedResponse>,
 >;
 
 /// The token bucket's response as the stack's own (see [`limited_response`]).
@@ -43,7 +45,7 @@ type LimitedResponse =
     fn(http::Response<resilience::ResponseBody<ResponseBody>>) -> http::Response<ResponseBody>;
 
 /// The whole stack, as a concrete type: no box for its future, no dynamic call.
-type Inner = MetricsService<Dispatch<PresenceBranch>>;
+type Inner = edge::Outer<MetricsService<edge::Inner<Dispatch<PresenceBranch>>>>;
 
 /// The presence server as a tower service: metrics (and a debug log line) ->
 /// (for `/presence*`: bearer auth -> per-client token bucket -> 16 KiB body limit) ->
@@ -119,7 +121,7 @@ impl PresenceService {
                 }
             })
             .build();
-        let ttl_ms = duration_ms(config.ttl);
+        let ttl_ms = crate::millis(config.ttl);
         let state = Arc::new(State {
             store,
             breaker,
@@ -128,21 +130,25 @@ impl PresenceService {
             store_timeout: config.store_timeout,
             body_timeout: config.request_timeout,
             ttl_ms,
-            heartbeat_ms: duration_ms(config.heartbeat),
+            heartbeat_ms: crate::millis(config.heartbeat),
             max_meta_bytes: config.max_meta_bytes,
             list: Default::default(),
         });
         let router = Router::new(state);
 
-        let rate_limit = TokenBucketLayer::new(config.rate_limit_rate, config.rate_limit_capacity)
-            .key(
-                // Proxies of either kind: `X-Forwarded-For` (nginx, most balancers)
-                // or RFC 7239 `Forwarded`; a request with both is keyed by its peer.
-                TrustedProxyIp::new(config.trusted_proxies.clone()).header(ForwardedHeader::Either),
-            )
-            .http()
-            .headers_on_success(false);
-        let rate_limiter = rate_limit.keyed_buckets::<IpAddr>();
+        // Proxies of either kind: `X-Forwarded-For` (nginx, most balancers)
+        // or RFC 7239 `Forwarded`; a request with both is keyed by its peer.
+        let client_ip =
+            TrustedProxyIp::new(config.trusted_proxies.clone()).header(ForwardedHeader::Either);
+        let rate_limit = TokenBucketLayer::builder(
+            Rate::per_second(config.rate_limit_rate),
+            Burst(config.rate_limit_capacity),
+        )
+        .key(client_ip)
+        .build()
+        .http()
+        .headers_on_success(false);
+        let rate_limiter = rate_limit.keyed_buckets();
         let presence = ServiceBuilder::new()
             .layer(BearerAuthLayer::new(config.auth_token.as_deref()))
             .map_response(limited_response as LimitedResponse)
@@ -151,13 +157,21 @@ impl PresenceService {
             .service(router.clone());
 
         let dispatch = Dispatch {
+            listing: edge::compressed(presence.clone()),
             presence,
             ops: router,
         };
 
-        let stack = ServiceBuilder::new()
-            .layer(MetricsLayer::new(metrics.clone()))
-            .service(dispatch);
+        let cors_origins: Vec<http::HeaderValue> = config
+            .cors_origins
+            .iter()
+            // Validated by the config parser; one that is not a header value would
+            // match no request anyway.
+            .filter_map(|o| http::HeaderValue::from_str(o).ok())
+            .collect();
+        let stack = edge::outer(
+            MetricsLayer::new(metrics.clone()).layer(edge::inner(dispatch, &cors_origins)),
+        );
 
         PresenceService {
             inner: stack,
@@ -196,10 +210,6 @@ impl PresenceService {
 /// Builds a [`PresenceService`]; the same as [`PresenceService::new`].
 pub fn service(store: Arc<dyn Store>, config: &Config) -> PresenceService {
     PresenceService::new(store, config)
-}
-
-fn duration_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl<B> Service<http::Request<B>> for PresenceService
@@ -266,31 +276,41 @@ fn limited_response(
 #[derive(Clone)]
 struct Dispatch<P> {
     presence: P,
+    /// The same branch (a clone: it shares every bucket and the store), compressed
+    /// when the client asks: for `GET /presence` only, the one large answer.
+    listing: edge::Compressed<P>,
     ops: Router,
 }
 
 impl<P> Service<http::Request<RequestBody>> for Dispatch<P>
 where
     P: Service<
-        http::Request<RequestBody>,
-        Response = http::Response<ResponseBody>,
-        Error = Infallible,
-    >,
+            http::Request<RequestBody>,
+            Response = http::Response<ResponseBody>,
+            Error = Infallible,
+        > + Clone,
 {
     type Response = http::Response<ResponseBody>;
     type Error = Infallible;
-    type Future = Either<P::Future, <Router as Service<http::Request<RequestBody>>>::Future>;
+    type Future = Either<
+        Either<P::Future, <edge::Compressed<P> as Service<http::Request<RequestBody>>>::Future>,
+        <Router as Service<http::Request<RequestBody>>>::Future,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // The router is always ready; only the presence stack could make us wait.
-        self.presence.poll_ready(cx)
+        std::task::ready!(self.presence.poll_ready(cx))?;
+        self.listing.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<RequestBody>) -> Self::Future {
-        if is_presence_path(req.uri().path()) {
-            Either::Left(self.presence.call(req))
-        } else {
+        let resolved = Resolved::from_request(&req);
+        if !resolved.is_presence() {
             Either::Right(self.ops.call(req))
+        } else if resolved.is_listing() {
+            Either::Left(Either::Right(self.listing.call(req)))
+        } else {
+            Either::Left(Either::Left(self.presence.call(req)))
         }
     }
 }

@@ -33,6 +33,9 @@ pub enum Fault {
     /// A working in-memory store whose listings read their data at once and then
     /// take this long to answer: a listing that is reliably in flight.
     SlowList(Duration),
+    /// Every call panics, like a store implementation with a bug: for testing that a
+    /// panic becomes a `500` and takes nothing else down.
+    Panics,
 }
 
 /// A store with one [`Fault`], counting the calls the fault applies to.
@@ -40,8 +43,8 @@ pub enum Fault {
 pub struct FaultyStore {
     inner: MemoryStore,
     fault: Fault,
-    /// Calls that reached the store: every call for [`Fault::Down`] and
-    /// [`Fault::Stalled`], the listings for [`Fault::SlowList`].
+    /// Calls that reached the store: every call for [`Fault::Down`],
+    /// [`Fault::Stalled`] and [`Fault::Panics`], the listings for [`Fault::SlowList`].
     pub calls: AtomicUsize,
     /// Notified each time a listing starts.
     pub list_started: Notify,
@@ -68,6 +71,11 @@ impl FaultyStore {
         FaultyStore::new(Fault::Stalled)
     }
 
+    /// A store whose every call panics ([`Fault::Panics`]).
+    pub fn panicking() -> FaultyStore {
+        FaultyStore::new(Fault::Panics)
+    }
+
     /// A working store whose listings take `delay` ([`Fault::SlowList`]).
     pub fn slow_list(delay: Duration) -> FaultyStore {
         FaultyStore::new(Fault::SlowList(delay))
@@ -86,6 +94,12 @@ impl FaultyStore {
             Fault::Stalled => {
                 self.calls.fetch_add(1, Ordering::SeqCst);
                 Some(Box::pin(std::future::pending()))
+            }
+            Fault::Panics => {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                Some(Box::pin(async {
+                    panic!("test store panics on every call")
+                }))
             }
             Fault::SlowList(_) => None,
         }

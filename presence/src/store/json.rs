@@ -159,6 +159,67 @@ pub(crate) fn write_u64(buf: &mut Vec<u8>, mut n: u64) {
     buf.extend_from_slice(&digits[i..]);
 }
 
+/// The listing writer next to the same listing written by `serde_json` (meta as a
+/// borrowed `RawValue`, numbers by `serde_json`'s own `itoa`), for the benchmark that
+/// decides between them (`cargo bench -p presence --bench list_writer`) and the test
+/// that they write the same bytes. Not part of the library's API.
+#[cfg(feature = "test-util")]
+pub mod compare {
+    use serde::Serialize;
+    use serde_json::value::RawValue;
+
+    use super::ListWriter;
+
+    /// One node as the writers take it: id, meta JSON text, three times.
+    pub type Row = (String, String, u64, u64, u64);
+
+    /// The listing of `rows` by [`ListWriter`]; returns its bytes.
+    pub fn by_hand(rows: &[Row]) -> Vec<u8> {
+        let mut w = ListWriter::with_capacity(rows.len() * 128);
+        for (id, meta, a, b, c) in rows {
+            w.push(id, Some(meta.as_bytes()), *a, *b, *c);
+        }
+        w.finish().to_bytes().to_vec()
+    }
+
+    #[derive(Serialize)]
+    struct Listed<'a> {
+        node_id: &'a str,
+        meta: &'a RawValue,
+        online_since_ms: u64,
+        last_seen_ms: u64,
+        expires_at_ms: u64,
+    }
+
+    /// The listing of `rows` by `serde_json`; returns its bytes.
+    pub fn by_serde(rows: &[Row]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(rows.len() * 128);
+        out.push(b'[');
+        for (i, (id, meta, a, b, c)) in rows.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            // A borrowed `RawValue` can only be had by parsing the text: the check
+            // the hand-written writer does once, when the meta is stored.
+            let Ok(meta) = serde_json::from_str::<&RawValue>(meta) else {
+                continue;
+            };
+            let node = Listed {
+                node_id: id,
+                meta,
+                online_since_ms: *a,
+                last_seen_ms: *b,
+                expires_at_ms: *c,
+            };
+            if serde_json::to_writer(&mut out, &node).is_err() {
+                return Vec::new();
+            }
+        }
+        out.push(b']');
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,6 +261,23 @@ mod tests {
         let list = w.finish();
         assert_eq!(list.count, 3);
         assert_eq!(list.to_bytes(), serde_json::to_vec(&nodes).unwrap());
+    }
+
+    #[cfg(feature = "test-util")]
+    #[test]
+    fn both_writers_write_the_same_listing() {
+        let rows: Vec<compare::Row> = (0..300)
+            .map(|i| {
+                (
+                    format!("node-{i:05}"),
+                    format!(r#"{{"load":0.{i},"hp":{i},"name":"n\"{i}"}}"#),
+                    1_764_424_123_456 + i,
+                    1_764_424_123_999 + i,
+                    1_764_424_133_456 + i,
+                )
+            })
+            .collect();
+        assert_eq!(compare::by_hand(&rows), compare::by_serde(&rows));
     }
 
     #[test]

@@ -75,7 +75,7 @@ impl MemoryStore {
     pub fn new() -> Self {
         let base_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .map(crate::millis)
             .unwrap_or(0);
         MemoryStore {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
@@ -88,7 +88,7 @@ impl MemoryStore {
 
     /// The store clock: Unix epoch milliseconds.
     pub fn now_ms(&self) -> u64 {
-        let elapsed = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let elapsed = crate::millis(self.base.elapsed());
         self.base_ms.saturating_add(elapsed)
     }
 

@@ -67,7 +67,11 @@ use std::time::Duration;
 use crate::model::{Meta, Node, NodeId};
 
 pub mod faulty;
+#[cfg(not(feature = "test-util"))]
 pub(crate) mod json;
+#[cfg(feature = "test-util")]
+#[doc(hidden)]
+pub mod json;
 pub mod memory;
 pub mod redis;
 

@@ -69,11 +69,11 @@ impl fmt::Display for CircuitState {
 /// ([`CircuitBreakerBuilder::failure_rate`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Window {
-    /// The last `n` calls (`0` is treated as `1`).
+    /// The last `n` calls (`n >= 1`).
     Count(usize),
-    /// The calls that finished within the last `d`. The window slides in steps of
-    /// `d / 32`, so a call drops out between `31/32 d` and `d` after it finished; that
-    /// keeps memory constant whatever the call rate.
+    /// The calls that finished within the last `d` (`d > 0`). The window slides in
+    /// steps of `d / 32`, so a call drops out between `31/32 d` and `d` after it
+    /// finished; that keeps memory constant whatever the call rate.
     Time(Duration),
 }
 
@@ -220,8 +220,8 @@ impl CircuitBreaker {
         CircuitBreakerBuilder::new()
     }
 
-    /// A layer that puts this breaker in front of a tower service (error mode, default
-    /// classifier). Same as [`CircuitBreakerLayer::new`].
+    /// A layer that puts this breaker in front of a tower service (error mode, the
+    /// mode's classifier). Same as [`CircuitBreakerLayer::new`].
     pub fn layer(&self) -> CircuitBreakerLayer {
         CircuitBreakerLayer::new(self.clone())
     }
@@ -856,16 +856,20 @@ impl CircuitBreakerBuilder {
         }
     }
 
-    /// Trip after `n` failures in a row (a success resets the count). `0` is treated
-    /// as `1`.
+    /// Trip after `n` failures in a row (a success resets the count).
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0: a breaker that trips before any failure has no sensible reading.
+    #[track_caller]
     pub fn consecutive_failures(mut self, n: u32) -> Self {
-        self.consecutive = Some(n.max(1));
+        assert!(n >= 1, "consecutive_failures: n must be at least 1, got 0");
+        self.consecutive = Some(n);
         self
     }
 
     /// Trip when at least `percent` % of the calls in `window` failed, once the window
-    /// holds at least `min_calls` calls (`0` is treated as `1`; for a count window,
-    /// more than its size is treated as its size).
+    /// holds at least `min_calls` calls (`0` and `1` both mean "any call").
     ///
     /// Every finished call updates the window under a short mutex (see
     /// [`CircuitBreaker`]'s concurrency notes). The window starts empty whenever the
@@ -873,13 +877,30 @@ impl CircuitBreakerBuilder {
     ///
     /// # Panics
     ///
-    /// If `percent` is not in `(0, 100]` (NaN included): that is a configuration bug with
-    /// no sensible reading.
+    /// On values that are configuration bugs with no sensible reading: `percent` not in
+    /// `(0, 100]` (NaN included), an empty window (`Window::Count(0)`,
+    /// `Window::Time(Duration::ZERO)`), or a count window smaller than `min_calls`
+    /// (it could never trip).
+    #[track_caller]
     pub fn failure_rate(mut self, percent: f64, window: Window, min_calls: usize) -> Self {
         assert!(
             percent > 0.0 && percent <= 100.0,
             "failure_rate: percent must be in (0, 100], got {percent}"
         );
+        match window {
+            Window::Count(size) => {
+                assert!(size >= 1, "failure_rate: Window::Count must be at least 1");
+                assert!(
+                    min_calls <= size,
+                    "failure_rate: min_calls {min_calls} is more than Window::Count({size}) \
+                     holds, so it could never trip"
+                );
+            }
+            Window::Time(d) => assert!(
+                !d.is_zero(),
+                "failure_rate: Window::Time must be longer than zero"
+            ),
+        }
         self.rate = Some(RatePolicy {
             percent,
             window,
@@ -918,9 +939,15 @@ impl CircuitBreakerBuilder {
     }
 
     /// How many trial calls the half-open state admits at once, and how many of them
-    /// must succeed to close the breaker (default 1; `0` is treated as `1`).
+    /// must succeed to close the breaker (default 1).
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0: a half-open breaker that admits no trial could never close.
+    #[track_caller]
     pub fn half_open_calls(mut self, n: u32) -> Self {
-        self.half_open_calls = n.max(1);
+        assert!(n >= 1, "half_open_calls: n must be at least 1, got 0");
+        self.half_open_calls = n;
         self
     }
 

@@ -1,11 +1,12 @@
 //! Which outcomes count as failures.
 //!
 //! A breaker only sees `Result<R, E>`; whether `Ok(response)` is healthy depends on the
-//! protocol. A [`Classifier`] decides. [`ErrIsFailure`] (the default) counts every `Err`;
+//! protocol. A [`Classifier`] decides. [`ErrIsFailure`] counts every `Err`;
 //! [`HttpClassifier`] also counts `5xx` responses; [`classify_fn`] turns a closure into a
-//! classifier.
+//! classifier. A layer not given one uses [`DefaultClassifier`], which is the first in
+//! error mode and the second in HTTP mode.
 
-use std::fmt;
+use std::{any::TypeId, fmt};
 
 /// Decides whether the outcome of a call counts as a failure for the breaker.
 ///
@@ -24,6 +25,48 @@ impl<R, E> Classifier<R, E> for ErrIsFailure {
     #[inline]
     fn is_failure(&self, outcome: Result<&R, &E>) -> bool {
         outcome.is_err()
+    }
+}
+
+/// The classifier of a [`CircuitBreakerLayer`](crate::CircuitBreakerLayer) that was
+/// not given one: the mode's own.
+///
+/// In error mode every `Err` is a failure (as [`ErrIsFailure`]); in HTTP mode an `Err`
+/// or a `5xx` response is (as [`HttpClassifier`]). So `.http()` changes what counts
+/// only when no classifier was chosen, and
+/// [`.classifier(c)`](crate::CircuitBreakerLayer::classifier) wins in either order.
+/// Used on its own, e.g. with [`CircuitBreaker::call_classified`], it is
+/// [`ErrIsFailure`].
+///
+/// [`CircuitBreaker::call_classified`]: crate::CircuitBreaker::call_classified
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DefaultClassifier;
+
+impl<R, E> Classifier<R, E> for DefaultClassifier {
+    #[inline]
+    fn is_failure(&self, outcome: Result<&R, &E>) -> bool {
+        outcome.is_err()
+    }
+}
+
+/// HTTP mode's verdict: `classifier`'s, or [`HttpClassifier`]'s when `classifier` is
+/// [`DefaultClassifier`].
+///
+/// A type test rather than a trait impl: Rust has no specialisation, and a blanket
+/// impl for user classifiers would overlap one for `DefaultClassifier`. `TypeId`s of
+/// two known types compare at compile time, so this costs nothing per call.
+#[inline]
+pub(crate) fn http_mode_is_failure<C, B, E>(
+    classifier: &C,
+    outcome: Result<&http::Response<B>, &E>,
+) -> bool
+where
+    C: Classifier<http::Response<B>, E>,
+{
+    if TypeId::of::<C>() == TypeId::of::<DefaultClassifier>() {
+        Classifier::<http::Response<B>, E>::is_failure(&HttpClassifier, outcome)
+    } else {
+        classifier.is_failure(outcome)
     }
 }
 

@@ -2,6 +2,8 @@
 
 use std::{error::Error, fmt, time::Duration};
 
+use crate::retry_after::RetryAfter;
+
 /// A call was rejected because the circuit breaker is open (or half-open with all trial
 /// slots taken). The inner service was not called.
 ///
@@ -23,24 +25,21 @@ impl CircuitOpen {
     }
 }
 
+/// `circuit breaker is open; retry after N s`, N in whole seconds rounded up and never
+/// 0: the number of the `Retry-After` header
+/// ([`retry_after_secs`](crate::retry_after_secs)), and the text of the `503` body in
+/// HTTP mode. The exact wait is [`retry_after`](CircuitOpen::retry_after).
 impl fmt::Display for CircuitOpen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("circuit breaker is open; retry after ")?;
-        write_secs(f, self.retry_after)
+        write!(
+            f,
+            "circuit breaker is open; {}",
+            RetryAfter(self.retry_after)
+        )
     }
 }
 
 impl Error for CircuitOpen {}
-
-/// Writes `d` as decimal seconds without float rounding noise: `5s`, `1.234s`, `0.2s`.
-fn write_secs(f: &mut fmt::Formatter<'_>, d: Duration) -> fmt::Result {
-    let nanos = d.subsec_nanos();
-    if nanos == 0 {
-        return write!(f, "{}s", d.as_secs());
-    }
-    let frac = format!("{nanos:09}");
-    write!(f, "{}.{}s", d.as_secs(), frac.trim_end_matches('0'))
-}
 
 /// The result error of [`CircuitBreaker::call`](super::CircuitBreaker::call): either the
 /// breaker rejected the call, or the call itself failed.
@@ -98,11 +97,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn display_is_exact() {
+    fn display_is_whole_seconds_rounded_up() {
         let s = |ms| CircuitOpen::new(Duration::from_millis(ms)).to_string();
-        assert_eq!(s(1234), "circuit breaker is open; retry after 1.234s");
-        assert_eq!(s(5000), "circuit breaker is open; retry after 5s");
-        assert_eq!(s(200), "circuit breaker is open; retry after 0.2s");
-        assert_eq!(s(0), "circuit breaker is open; retry after 0s");
+        assert_eq!(s(1234), "circuit breaker is open; retry after 2 s");
+        assert_eq!(s(5000), "circuit breaker is open; retry after 5 s");
+        assert_eq!(s(200), "circuit breaker is open; retry after 1 s");
+        assert_eq!(s(0), "circuit breaker is open; retry after 1 s");
     }
 }

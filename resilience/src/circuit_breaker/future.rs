@@ -9,11 +9,12 @@ use std::{
 use http::{header, HeaderValue, StatusCode};
 use pin_project_lite::pin_project;
 
-use super::{breaker::BreakerPermit, classify::Classifier, error::CircuitOpen};
-use crate::{
-    http_response::{json_error, retry_after_secs},
-    BoxError, ResponseBody,
+use super::{
+    breaker::BreakerPermit,
+    classify::{http_mode_is_failure, Classifier},
+    error::CircuitOpen,
 };
+use crate::{http_response::json_error, retry_after::retry_after_secs, BoxError, ResponseBody};
 
 pin_project! {
     /// Response future of the service in error mode: the inner future, whose outcome is
@@ -59,15 +60,16 @@ impl<F, C> Kind<F, C> {
         }
     }
 
-    /// Polls the inner future and reports its outcome; `Err(open)` if rejected.
+    /// Polls the inner future and reports its outcome, as `is_failure` judges it with
+    /// the classifier; `Err(open)` if rejected.
     #[inline]
     fn poll_classified<R, E>(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
+        is_failure: impl FnOnce(&C, Result<&R, &E>) -> bool,
     ) -> Poll<Result<Result<R, E>, CircuitOpen>>
     where
         F: Future<Output = Result<R, E>>,
-        C: Classifier<R, E>,
     {
         match self.project() {
             KindProj::Called {
@@ -76,7 +78,7 @@ impl<F, C> Kind<F, C> {
                 classifier,
             } => {
                 let outcome = ready!(future.poll(cx));
-                permit.report(classifier.is_failure(outcome.as_ref()));
+                permit.report(is_failure(classifier, outcome.as_ref()));
                 Poll::Ready(Ok(outcome))
             }
             KindProj::Rejected { open } => Poll::Ready(Err(*open)),
@@ -108,7 +110,8 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(match ready!(self.project().kind.poll_classified(cx)) {
+        let kind = self.project().kind;
+        Poll::Ready(match ready!(kind.poll_classified(cx, C::is_failure)) {
             Ok(outcome) => outcome.map_err(Into::into),
             Err(open) => Err(Box::new(open)),
         })
@@ -138,15 +141,20 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(match ready!(self.project().kind.poll_classified(cx)) {
-            Ok(outcome) => outcome.map(|res| res.map(ResponseBody::inner)),
-            Err(open) => Ok(open_response(open)),
-        })
+        let kind = self.project().kind;
+        Poll::Ready(
+            match ready!(kind.poll_classified(cx, http_mode_is_failure)) {
+                Ok(outcome) => outcome.map(|res| res.map(ResponseBody::inner)),
+                Err(open) => Ok(open_response(open)),
+            },
+        )
     }
 }
 
 /// The `503` an open breaker answers with in HTTP mode.
 fn open_response<B>(open: CircuitOpen) -> http::Response<ResponseBody<B>> {
+    // `CircuitOpen`'s Display: "circuit breaker is open; retry after N s", N as in
+    // `Retry-After`.
     let body = json_error("circuit_open", &open.to_string());
     let mut res = http::Response::new(ResponseBody::rejection(body));
     *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;

@@ -4,21 +4,8 @@ use std::fmt;
 
 use tower_layer::Layer;
 
-use super::{
-    breaker::CircuitBreaker,
-    classify::{ErrIsFailure, HttpClassifier},
-    service::CircuitBreakerService,
-};
-
-/// Mode marker: rejections are errors. The service's error type is
-/// [`BoxError`](crate::BoxError) and a rejection is a boxed [`CircuitOpen`](super::CircuitOpen).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ErrorMode;
-
-/// Mode marker: rejections are `503 Service Unavailable` responses, so the service keeps
-/// its inner error type (an infallible axum service stays infallible).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct HttpMode;
+use super::{breaker::CircuitBreaker, classify::DefaultClassifier, service::CircuitBreakerService};
+use crate::mode::{ErrorMode, HttpMode};
 
 /// A [`Layer`] that wraps services in a [`CircuitBreakerService`].
 ///
@@ -27,20 +14,58 @@ pub struct HttpMode;
 /// built, so per-request clones (hyper-util's `TowerToHyperService`, axum) see the same
 /// breaker.
 ///
-/// * `C`: the [`Classifier`](super::Classifier) that decides which outcomes are failures.
-/// * `M`: [`ErrorMode`] (default) or [`HttpMode`] (see [`http`](Self::http)).
-pub struct CircuitBreakerLayer<C = ErrIsFailure, M = ErrorMode> {
+/// * `C`: the [`Classifier`](super::Classifier) that decides which outcomes are
+///   failures; [`DefaultClassifier`] (the mode's own) until
+///   [`classifier`](Self::classifier) sets one.
+/// * `M`: [`ErrorMode`] (default) or [`HttpMode`] (see [`http`](Self::http)), the same
+///   markers as [`TokenBucketLayer`](crate::TokenBucketLayer)'s.
+///
+/// The two settings are independent: `.classifier(c).http()` and `.http().classifier(c)`
+/// make the same layer.
+///
+/// # Using it in axum
+///
+/// axum needs layers whose service is infallible. In error mode this layer's error is
+/// a [`BoxError`](crate::BoxError), so `Router::layer(CircuitBreakerLayer::new(..))`
+/// does not compile, with an error that does not name this layer:
+///
+/// ```text
+/// error[E0277]: the trait bound `Infallible: From<Box<(dyn std::error::Error + Send + Sync + 'static)>>` is not satisfied
+///    |
+///    |         .layer(CircuitBreakerLayer::new(breaker))
+///    |          ----- ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^ the trait `From<Box<(dyn std::error::Error + Send + Sync + 'static)>>` is not implemented for `Infallible`
+///    |          |
+///    |          required by a bound introduced by this call
+/// ```
+///
+/// The fix is HTTP mode, where a rejection is a `503` response and the error type is
+/// the inner service's:
+///
+/// ```
+/// use resilience::{CircuitBreaker, CircuitBreakerLayer};
+/// # fn app(router: axum::Router) -> axum::Router {
+/// router.layer(
+///     CircuitBreakerLayer::new(CircuitBreaker::new())
+///         .http(), // <- without it: `Infallible: From<Box<dyn Error + ...>>`
+/// )
+/// # }
+/// ```
+///
+/// Behind a [`TokenBucketLayer`](crate::TokenBucketLayer), put the limiter outside the
+/// breaker (see "where to put a circuit breaker" there).
+pub struct CircuitBreakerLayer<C = DefaultClassifier, M = ErrorMode> {
     breaker: CircuitBreaker,
     classifier: C,
     _mode: std::marker::PhantomData<fn() -> M>,
 }
 
 impl CircuitBreakerLayer {
-    /// A layer in error mode with the default classifier ([`ErrIsFailure`]).
+    /// A layer in error mode with the mode's classifier ([`DefaultClassifier`]: every
+    /// `Err` is a failure).
     pub fn new(breaker: CircuitBreaker) -> Self {
         CircuitBreakerLayer {
             breaker,
-            classifier: ErrIsFailure,
+            classifier: DefaultClassifier,
             _mode: std::marker::PhantomData,
         }
     }
@@ -54,7 +79,8 @@ impl Default for CircuitBreakerLayer {
 }
 
 impl<C, M> CircuitBreakerLayer<C, M> {
-    /// Uses `classifier` to decide which outcomes are failures.
+    /// Uses `classifier` to decide which outcomes are failures, in whichever mode the
+    /// layer is or is switched to.
     pub fn classifier<C2>(self, classifier: C2) -> CircuitBreakerLayer<C2, M> {
         CircuitBreakerLayer {
             breaker: self.breaker,
@@ -64,21 +90,26 @@ impl<C, M> CircuitBreakerLayer<C, M> {
     }
 
     /// Switches to HTTP mode: a rejection is `Ok(503 Service Unavailable)` with a
-    /// `Retry-After` header (whole seconds, rounded up, at least 1) and the JSON body
-    /// `{"error":"circuit_open","message":"..."}`; the service's error type stays the
-    /// inner one and its response is `http::Response<ResponseBody<B>>`.
+    /// `Retry-After` header (whole seconds, rounded up, at least 1; see
+    /// [`retry_after_secs`](crate::retry_after_secs)) and the JSON body
+    /// `{"error":"circuit_open","message":"circuit breaker is open; retry after N s"}`
+    /// (the message is [`CircuitOpen`](super::CircuitOpen)'s `Display`); the service's
+    /// error type stays the inner one and its response is
+    /// `http::Response<ResponseBody<B>>`.
     ///
-    /// Also switches the classifier to [`HttpClassifier`] (`Err` and `5xx` are
-    /// failures); call [`classifier`](Self::classifier) afterwards to use another.
-    pub fn http(self) -> CircuitBreakerLayer<HttpClassifier, HttpMode> {
+    /// Only the mode changes: a classifier set with [`classifier`](Self::classifier),
+    /// before or after, is kept. Without one, HTTP mode classifies like
+    /// [`HttpClassifier`](super::HttpClassifier) (`Err` and `5xx` are failures).
+    pub fn http(self) -> CircuitBreakerLayer<C, HttpMode> {
         CircuitBreakerLayer {
             breaker: self.breaker,
-            classifier: HttpClassifier,
+            classifier: self.classifier,
             _mode: std::marker::PhantomData,
         }
     }
 
-    /// The shared breaker, to read its state and stats.
+    /// The shared breaker, as given to [`new`](CircuitBreakerLayer::new), to read its
+    /// state and stats.
     pub fn breaker(&self) -> &CircuitBreaker {
         &self.breaker
     }

@@ -64,9 +64,12 @@
 //!   `slow_call(d)` makes calls slower than `d` count as failures. `open_for(d)`
 //!   (default 5 s), optionally growing on repeated trips with `open_for_growth(factor,
 //!   cap)`; closing resets it.
-//! * **Failures** are what a [`Classifier`] says: [`ErrIsFailure`] by default,
+//! * **Failures** are what a [`Classifier`] says: [`ErrIsFailure`] (every `Err`),
 //!   [`HttpClassifier`] for HTTP (`Err` or status `>= 500`, for `http::Response` and,
 //!   with the `reqwest` feature, `reqwest::Response`), or a closure via [`classify_fn`].
+//!   A layer not given one uses [`DefaultClassifier`]: `ErrIsFailure` in error mode,
+//!   `HttpClassifier` in HTTP mode. `.classifier(c)` and `.http()` can come in either
+//!   order.
 //! * **Late results are harmless.** Each admitted call holds a [`BreakerPermit`] tagged
 //!   with the state period (generation) that admitted it. A call admitted while closed
 //!   that finishes after the breaker tripped and recovered does not count against the
@@ -75,11 +78,15 @@
 //!   [`CircuitBreakerLayer`] holds one from the moment it is built, and every service it
 //!   makes, and every clone of those, shares it.
 //! * **Tower manners.** `poll_ready` only forwards to the inner service; rejection
-//!   happens in `call`. In error mode the service's error is [`BoxError`](crate::BoxError)
-//!   (inner errors converted with `Into`, rejections a boxed [`CircuitOpen`] to
-//!   `downcast_ref`). In [HTTP mode](CircuitBreakerLayer::http) the error type is the
-//!   inner one and a rejection is a `503` response with `Retry-After` (whole seconds,
-//!   rounded up, at least 1) and a JSON body `{"error":"circuit_open","message":...}`.
+//!   happens in `call`. In [error mode](crate::ErrorMode) the service's error is
+//!   [`BoxError`](crate::BoxError) (inner errors converted with `Into`, rejections a boxed
+//!   [`CircuitOpen`] to `downcast_ref`). In [HTTP mode](CircuitBreakerLayer::http) the
+//!   error type is the inner one and a rejection is a `503` response with `Retry-After`
+//!   (whole seconds, rounded up, at least 1) and a JSON body
+//!   `{"error":"circuit_open","message":"circuit breaker is open; retry after N s"}`.
+//! * **Bad values** (`consecutive_failures(0)`, a failure-rate percent outside
+//!   `(0, 100]`, an empty window...) panic in the builder method that takes them,
+//!   documented under `# Panics`; nothing is silently adjusted.
 //! * **Observable.** [`CircuitBreaker::state`], [`CircuitBreaker::stats`] (calls,
 //!   successes, failures, rejections, transitions) and the
 //!   [`on_state_change`](CircuitBreakerBuilder::on_state_change) hook, for metrics.
@@ -133,7 +140,9 @@ pub use breaker::{
     BreakerPermit, BreakerStats, CircuitBreaker, CircuitBreakerBuilder, CircuitState, Transition,
     Window, DEFAULT_CONSECUTIVE_FAILURES, DEFAULT_HALF_OPEN_CALLS, DEFAULT_OPEN_FOR,
 };
-pub use classify::{classify_fn, Classifier, ErrIsFailure, FnClassifier, HttpClassifier};
+pub use classify::{
+    classify_fn, Classifier, DefaultClassifier, ErrIsFailure, FnClassifier, HttpClassifier,
+};
 pub use error::{BreakerError, CircuitOpen};
-pub use layer::{CircuitBreakerLayer, ErrorMode, HttpMode};
+pub use layer::CircuitBreakerLayer;
 pub use service::CircuitBreakerService;

@@ -10,11 +10,13 @@ use tower_service::Service;
 
 use super::{
     breaker::CircuitBreaker,
-    classify::{Classifier, ErrIsFailure},
+    classify::{Classifier, DefaultClassifier},
     future::{HttpResponseFuture, ResponseFuture},
-    layer::{ErrorMode, HttpMode},
 };
-use crate::{BoxError, ResponseBody};
+use crate::{
+    mode::{ErrorMode, HttpMode},
+    BoxError, ResponseBody,
+};
 
 /// A service guarded by a [`CircuitBreaker`]. Made by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer) or [`new`](Self::new).
@@ -22,7 +24,7 @@ use crate::{BoxError, ResponseBody};
 /// `poll_ready` only forwards to the inner service and never fails because of the
 /// breaker (tower treats a `poll_ready` error as a dead service); an open breaker rejects
 /// in `call`, without calling the inner service. Clones share the breaker.
-pub struct CircuitBreakerService<S, C = ErrIsFailure, M = ErrorMode> {
+pub struct CircuitBreakerService<S, C = DefaultClassifier, M = ErrorMode> {
     inner: S,
     breaker: CircuitBreaker,
     classifier: C,
@@ -30,9 +32,10 @@ pub struct CircuitBreakerService<S, C = ErrIsFailure, M = ErrorMode> {
 }
 
 impl<S> CircuitBreakerService<S> {
-    /// Guards `inner` with `breaker`, in error mode with the default classifier.
+    /// Guards `inner` with `breaker`, in error mode with the mode's classifier
+    /// ([`DefaultClassifier`]: every `Err` is a failure).
     pub fn new(inner: S, breaker: CircuitBreaker) -> Self {
-        CircuitBreakerService::from_parts(inner, breaker, ErrIsFailure)
+        CircuitBreakerService::from_parts(inner, breaker, DefaultClassifier)
     }
 }
 

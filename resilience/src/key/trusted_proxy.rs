@@ -6,9 +6,9 @@ use std::{
 };
 
 use http::{header, HeaderMap, HeaderName, Request};
+use ipnet::{IpNet, Ipv4Net};
 
-use super::cidr::Cidr;
-use super::{peer_addr, KeyExtractor, MissingKey, PEER_MISSING};
+use super::{missing_peer, peer_addr, KeyExtractor, KeyType, MissingKey};
 
 /// Which header the trusted proxies write the client address into.
 ///
@@ -61,11 +61,15 @@ fn x_forwarded_for() -> HeaderName {
 /// Works on `http::Request<B>`; the peer address comes from the request extensions like
 /// [`PeerIp`](super::PeerIp). A missing peer address is a [`MissingKey`] error.
 ///
+/// The trusted networks are [`ipnet::IpNet`]s, so a list you already parse (from
+/// configuration, with `"10.0.0.0/8".parse::<IpNet>()`) goes in as it is; a single
+/// proxy is `IpNet::from(addr)` (a `/32` or `/128`).
+///
 /// ```
-/// use resilience::{Cidr, KeyExtractor, TrustedProxyIp};
+/// use resilience::{KeyExtractor, TrustedProxyIp};
 /// use std::net::SocketAddr;
 ///
-/// let key = TrustedProxyIp::new(Cidr::parse_list("10.0.0.0/8").unwrap());
+/// let key = TrustedProxyIp::new(vec!["10.0.0.0/8".parse().unwrap()]);
 ///
 /// let mut req = http::Request::new(());
 /// req.extensions_mut().insert("10.0.0.5:443".parse::<SocketAddr>().unwrap());
@@ -78,17 +82,26 @@ fn x_forwarded_for() -> HeaderName {
 /// ```
 #[derive(Clone, Debug)]
 pub struct TrustedProxyIp {
-    trusted: Arc<[Cidr]>,
+    trusted: Arc<[IpNet]>,
+    /// `trusted` with IPv4-mapped IPv6 networks as IPv4, for matching canonical
+    /// addresses.
+    canonical: Arc<[IpNet]>,
     header: ForwardedHeader,
 }
 
 impl TrustedProxyIp {
     /// Trusts the proxies in `trusted` and reads `X-Forwarded-For`.
     ///
-    /// An empty list trusts nobody: the key is always the peer IP.
-    pub fn new(trusted: Vec<Cidr>) -> Self {
+    /// An empty list trusts nobody: the key is always the peer IP. Networks match by
+    /// their prefix (`10.0.0.1/8` is `10.0.0.0/8`), and an IPv4-mapped IPv6 network
+    /// (`::ffff:10.0.0.0/104`) matches the IPv4 addresses it maps, as dual-stack
+    /// sockets report IPv4 peers that way.
+    pub fn new(trusted: impl IntoIterator<Item = IpNet>) -> Self {
+        let trusted: Arc<[IpNet]> = trusted.into_iter().collect();
+        let canonical = trusted.iter().map(|net| canonical_net(*net)).collect();
         TrustedProxyIp {
-            trusted: trusted.into(),
+            trusted,
+            canonical,
             header: ForwardedHeader::XForwardedFor,
         }
     }
@@ -104,14 +117,15 @@ impl TrustedProxyIp {
         self.header(ForwardedHeader::Forwarded)
     }
 
-    /// The trusted networks.
-    pub fn trusted(&self) -> &[Cidr] {
+    /// The trusted networks, as given to [`new`](Self::new).
+    pub fn trusted(&self) -> &[IpNet] {
         &self.trusted
     }
 
-    /// Whether `ip` is a trusted proxy.
+    /// Whether `ip` is a trusted proxy (IPv4-mapped IPv6 counts as IPv4).
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
-        self.trusted.iter().any(|net| net.contains(ip))
+        let ip = ip.to_canonical();
+        self.canonical.iter().any(|net| net.contains(&ip))
     }
 
     /// The client IP for a connection from `peer` carrying `headers` (the rule is in the
@@ -163,12 +177,28 @@ impl TrustedProxyIp {
     }
 }
 
-impl<B> KeyExtractor<Request<B>> for TrustedProxyIp {
+impl KeyType for TrustedProxyIp {
     type Key = IpAddr;
+}
 
+impl<B> KeyExtractor<Request<B>> for TrustedProxyIp {
     fn extract(&self, req: &Request<B>) -> Result<IpAddr, MissingKey> {
-        let peer = peer_addr(req).ok_or_else(|| MissingKey::new(PEER_MISSING))?;
+        let peer = peer_addr(req).ok_or_else(missing_peer)?;
         Ok(self.client_ip(peer.ip(), req.headers()))
+    }
+}
+
+/// `net` with an IPv4-mapped IPv6 network (`::ffff:a.b.c.d/96+n`) as the IPv4 network
+/// `a.b.c.d/n`, since addresses are compared in canonical form.
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        _ => net,
     }
 }
 
@@ -214,6 +244,34 @@ fn parse_forwarded_element(element: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trusted_networks_match_canonical_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let cases = [
+            ("10.0.0.0/8", "10.255.0.1", true),
+            ("10.0.0.0/8", "11.0.0.1", false),
+            ("10.0.0.1/8", "10.9.9.9", true),
+            ("0.0.0.0/0", "8.8.8.8", true),
+            ("0.0.0.0/0", "::1", false),
+            ("192.0.2.1/32", "192.0.2.1", true),
+            ("192.0.2.1/32", "192.0.2.2", false),
+            ("::1/128", "::1", true),
+            ("2001:db8::/32", "2001:db8:ffff::1", true),
+            ("2001:db8::/32", "2001:db9::1", false),
+            ("::/0", "2001:db8::1", true),
+            ("::ffff:10.0.0.0/104", "10.9.9.9", true),
+            ("::ffff:10.0.0.0/104", "::ffff:10.9.9.9", true),
+            ("10.0.0.0/8", "::ffff:10.1.1.1", true),
+        ];
+        for (net, addr, want) in cases {
+            let key = TrustedProxyIp::new([net.parse::<IpNet>().unwrap()]);
+            assert_eq!(key.is_trusted(ip(addr)), want, "{net} contains {addr}");
+        }
+        let host = TrustedProxyIp::new([IpNet::from(ip("192.0.2.1"))]);
+        assert!(host.is_trusted(ip("192.0.2.1")));
+        assert_eq!(host.trusted(), &["192.0.2.1/32".parse::<IpNet>().unwrap()]);
+    }
 
     #[test]
     fn nodes() {

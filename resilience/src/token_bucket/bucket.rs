@@ -12,7 +12,10 @@ use std::{
 
 use tokio::time::Instant;
 
-use super::error::{InvalidRate, RateLimited};
+use super::{
+    error::{InvalidTokenBucket, RateLimited},
+    rate::{Burst, Rate},
+};
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 
@@ -35,17 +38,17 @@ pub(crate) fn nanos_since(epoch: Instant) -> u64 {
 /// A bucket is a single number, its *theoretical arrival time* (TAT): the instant at
 /// which the bucket will be full again. `tat <= now` means full. Taking `n` tokens
 /// moves it to `max(tat, now) + n * interval`; that is allowed while the result is at
-/// most `tau = capacity * interval` ahead of `now`. So the whole state fits in one
+/// most `tau = burst * interval` ahead of `now`. So the whole state fits in one
 /// `AtomicU64` and an acquisition is a single compare-and-swap.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Gcra {
     /// Nanoseconds per token, rounded *up* so the real rate never exceeds the
     /// configured one (rates above 10^9/s are therefore capped at 10^9/s).
     interval: u64,
-    /// `capacity * interval`.
+    /// `burst * interval`.
     tau: u64,
-    capacity: u32,
-    rate: f64,
+    burst: u32,
+    rate: Rate,
 }
 
 /// Why a request was refused: the state it saw, and how long until it would pass.
@@ -73,45 +76,36 @@ pub(crate) fn nanos_to_duration(nanos: u64) -> Duration {
 }
 
 impl Gcra {
-    pub(crate) fn new(rate: f64, capacity: u32) -> Result<Gcra, InvalidRate> {
-        if !rate.is_finite() || rate <= 0.0 {
-            return Err(InvalidRate::new(
-                rate,
-                capacity,
-                "the rate must be a finite number above 0",
+    pub(crate) fn new(rate: Rate, burst: Burst) -> Result<Gcra, InvalidTokenBucket> {
+        if burst.0 == 0 {
+            return Err(InvalidTokenBucket::new(
+                format!("burst {burst}"),
+                "the burst must be at least 1",
             ));
         }
-        if capacity == 0 {
-            return Err(InvalidRate::new(
-                rate,
-                capacity,
-                "the capacity must be at least 1",
-            ));
-        }
-        let interval = (1e9 / rate).ceil();
+        let interval = (1e9 / rate.as_per_second()).ceil();
         // Compared as f64 first: a tiny rate makes the interval too large for u64.
-        if interval * f64::from(capacity) > MAX_TAU as f64 {
-            return Err(InvalidRate::new(
-                rate,
-                capacity,
-                "capacity / rate must be below 146 years",
+        if interval * f64::from(burst.0) > MAX_TAU as f64 {
+            return Err(InvalidTokenBucket::new(
+                format!("burst {burst} at {rate}"),
+                "burst / rate must be below 146 years",
             ));
         }
         let interval = (interval as u64).max(1);
         Ok(Gcra {
             interval,
-            tau: interval * u64::from(capacity),
-            capacity,
+            tau: interval * u64::from(burst.0),
+            burst: burst.0,
             rate,
         })
     }
 
-    pub(crate) fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> Rate {
         self.rate
     }
 
-    pub(crate) fn capacity(&self) -> u32 {
-        self.capacity
+    pub(crate) fn burst(&self) -> u32 {
+        self.burst
     }
 
     /// Takes `n` tokens at `now` if they are there. `Ok` carries the new TAT.
@@ -120,7 +114,7 @@ impl Gcra {
         // Relaxed is enough: the cell is the only shared datum, and a CAS on one location
         // is totally ordered by itself.
         let mut tat = cell.load(Ordering::Relaxed);
-        if n > self.capacity {
+        if n > self.burst {
             return Err(Denied {
                 tat,
                 retry_after: u64::MAX,
@@ -143,7 +137,7 @@ impl Gcra {
         }
     }
 
-    /// The TAT of a bucket that did not exist (so was full) after taking `n <= capacity`
+    /// The TAT of a bucket that did not exist (so was full) after taking `n <= burst`
     /// tokens at `now`.
     #[inline]
     pub(crate) fn fresh(&self, now: u64, n: u32) -> u64 {
@@ -161,7 +155,7 @@ impl Gcra {
         max_wait: u64,
     ) -> Result<u64, Denied> {
         let mut tat = cell.load(Ordering::Relaxed);
-        if n > self.capacity {
+        if n > self.burst {
             return Err(Denied {
                 tat,
                 retry_after: u64::MAX,
@@ -213,27 +207,28 @@ impl Gcra {
 #[inline]
 fn remaining_tokens(interval: u64, tau: u64, tat: u64, now: u64) -> u32 {
     let free = now.saturating_add(tau).saturating_sub(tat.max(now));
-    // free <= tau = capacity * interval, so the quotient fits in a u32.
+    // free <= tau = burst * interval, so the quotient fits in a u32.
     (free / interval) as u32
 }
 
-/// A token bucket: `rate` tokens per second flow in, at most `capacity` are kept.
+/// A token bucket: [`Rate`] tokens per second flow in, at most [`Burst`] are kept.
 ///
-/// A full bucket allows a burst of `capacity` requests; after that, one request per
-/// `1 / rate` seconds. Fractional rates are fine: `TokenBucket::new(0.5, 1)` allows one
-/// request every two seconds.
+/// A full bucket allows a burst of `burst` requests; after that, one request per
+/// `1 / rate` seconds. Fractional rates are fine:
+/// `TokenBucket::new(Rate::per_second(0.5), Burst(1))` allows one request every two
+/// seconds.
 ///
 /// The whole state is one `AtomicU64` (GCRA: the instant the bucket will be full again),
 /// so every operation is lock-free and allocation-free. Time comes from
 /// [`tokio::time::Instant`]: tests can run on paused time. Clones share the bucket.
 ///
 /// ```
-/// use resilience::TokenBucket;
+/// use resilience::{Burst, Rate, TokenBucket};
 /// use std::time::Duration;
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
 /// # async fn main() {
-/// let bucket = TokenBucket::new(10.0, 2); // 10/s, bursts of 2
+/// let bucket = TokenBucket::new(Rate::per_second(10.0), Burst(2));
 /// assert!(bucket.try_acquire().is_ok());
 /// assert!(bucket.try_acquire().is_ok());
 /// let limited = bucket.try_acquire().unwrap_err();
@@ -255,31 +250,33 @@ struct Inner {
 }
 
 impl TokenBucket {
-    /// A full bucket refilling `rate_per_sec` tokens per second up to `capacity`.
+    /// A full bucket refilling at `rate` up to `burst` tokens.
     ///
     /// # Panics
     ///
-    /// When the rate is not a finite number above 0, the capacity is 0, or
-    /// `capacity / rate` is absurdly long (over a century). Use
+    /// When `burst` is 0, or `burst / rate` is absurdly long (over a century). Use
     /// [`try_new`](TokenBucket::try_new) for parameters read at run time.
     #[track_caller]
-    pub fn new(rate_per_sec: f64, capacity: u32) -> TokenBucket {
-        match TokenBucket::try_new(rate_per_sec, capacity) {
+    pub fn new(rate: Rate, burst: Burst) -> TokenBucket {
+        match TokenBucket::try_new(rate, burst) {
             Ok(bucket) => bucket,
             Err(e) => panic!("{e}"),
         }
     }
 
     /// Like [`new`](TokenBucket::new), but returns an error instead of panicking.
-    pub fn try_new(rate_per_sec: f64, capacity: u32) -> Result<TokenBucket, InvalidRate> {
-        let gcra = Gcra::new(rate_per_sec, capacity)?;
-        Ok(TokenBucket {
+    pub fn try_new(rate: Rate, burst: Burst) -> Result<TokenBucket, InvalidTokenBucket> {
+        Ok(TokenBucket::with_gcra(Gcra::new(rate, burst)?))
+    }
+
+    pub(crate) fn with_gcra(gcra: Gcra) -> TokenBucket {
+        TokenBucket {
             inner: Arc::new(Inner {
                 tat: AtomicU64::new(0),
                 gcra,
                 epoch: Instant::now(),
             }),
-        })
+        }
     }
 
     #[inline]
@@ -296,7 +293,7 @@ impl TokenBucket {
     /// Takes `n` tokens at once, or none.
     ///
     /// `Err(RateLimited { retry_after })` is exact: the same call made `retry_after`
-    /// later succeeds, if nobody else took tokens meanwhile. When `n > capacity` it can
+    /// later succeeds, if nobody else took tokens meanwhile. When `n > burst` it can
     /// never succeed, and `retry_after` is [`Duration::MAX`].
     #[inline]
     pub fn try_acquire_n(&self, n: u32) -> Result<(), RateLimited> {
@@ -313,13 +310,13 @@ impl TokenBucket {
     /// starts waiting. Dropping the future before it completes gives the booked token
     /// back, so cancelling is safe.
     pub async fn acquire(&self) {
-        // A single token never exceeds the capacity (at least 1), so this cannot fail.
+        // A single token never exceeds the burst (at least 1), so this cannot fail.
         let _ = self.acquire_n(1).await;
     }
 
     /// Takes `n` tokens, waiting until they are there.
     ///
-    /// `n > capacity` returns `Err` at once (`retry_after` = [`Duration::MAX`]) instead
+    /// `n > burst` returns `Err` at once (`retry_after` = [`Duration::MAX`]) instead
     /// of waiting forever. Like [`acquire`](TokenBucket::acquire), cancel-safe.
     pub async fn acquire_n(&self, n: u32) -> Result<(), RateLimited> {
         let now = self.now();
@@ -377,14 +374,14 @@ impl TokenBucket {
         Duration::from_nanos(self.inner.gcra.until_full(tat, self.now()))
     }
 
-    /// The refill rate in tokens per second, as configured.
-    pub fn rate(&self) -> f64 {
+    /// The refill rate, as given to [`new`](TokenBucket::new).
+    pub fn rate(&self) -> Rate {
         self.inner.gcra.rate()
     }
 
-    /// The most tokens the bucket holds (the burst).
-    pub fn capacity(&self) -> u32 {
-        self.inner.gcra.capacity()
+    /// The most tokens the bucket holds, as given to [`new`](TokenBucket::new).
+    pub fn burst(&self) -> u32 {
+        self.inner.gcra.burst()
     }
 }
 
@@ -392,7 +389,7 @@ impl fmt::Debug for TokenBucket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenBucket")
             .field("rate", &self.rate())
-            .field("capacity", &self.capacity())
+            .field("burst", &self.burst())
             .field("remaining", &self.remaining())
             .finish()
     }
@@ -501,18 +498,18 @@ mod tests {
 
     #[test]
     fn gcra_rejects_bad_parameters() {
-        assert!(Gcra::new(0.0, 1).is_err());
-        assert!(Gcra::new(-1.0, 1).is_err());
-        assert!(Gcra::new(f64::NAN, 1).is_err());
-        assert!(Gcra::new(f64::INFINITY, 1).is_err());
-        assert!(Gcra::new(1.0, 0).is_err());
-        assert!(Gcra::new(1e-12, u32::MAX).is_err());
-        assert!(Gcra::new(1e12, u32::MAX).is_ok());
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(Rate::try_per_second(bad).is_err(), "{bad}");
+        }
+        let rate = |r| Rate::per_second(r);
+        assert!(Gcra::new(rate(1.0), Burst(0)).is_err());
+        assert!(Gcra::new(rate(1e-12), Burst(u32::MAX)).is_err());
+        assert!(Gcra::new(rate(1e12), Burst(u32::MAX)).is_ok());
     }
 
     #[test]
     fn gcra_burst_then_rate() {
-        let g = Gcra::new(10.0, 3).unwrap();
+        let g = Gcra::new(Rate::per_second(10.0), Burst(3)).unwrap();
         let cell = AtomicU64::new(0);
         for _ in 0..3 {
             assert!(g.acquire(&cell, 0, 1).is_ok());
@@ -525,7 +522,7 @@ mod tests {
 
     #[test]
     fn refund_restores_tokens() {
-        let g = Gcra::new(1.0, 2).unwrap();
+        let g = Gcra::new(Rate::per_second(1.0), Burst(2)).unwrap();
         let cell = AtomicU64::new(0);
         assert_eq!(g.reserve(&cell, 0, 2, u64::MAX).unwrap(), 0);
         assert_eq!(g.reserve(&cell, 0, 1, u64::MAX).unwrap(), NANOS_PER_SEC);

@@ -1,6 +1,8 @@
-//! Errors of the token bucket: [`RateLimited`], [`MissingKey`] and [`InvalidRate`].
+//! Errors of the token bucket: [`RateLimited`], [`MissingKey`] and [`InvalidTokenBucket`].
 
 use std::{borrow::Cow, fmt, time::Duration};
+
+use crate::retry_after::RetryAfter;
 
 /// A request was refused because its token bucket is empty.
 ///
@@ -33,26 +35,11 @@ impl fmt::Display for RateLimited {
             return f
                 .write_str("rate limited; the request needs more tokens than the bucket holds");
         }
-        f.write_str("rate limited; retry after ")?;
-        write_secs(f, self.retry_after)
+        write!(f, "rate limited; {}", RetryAfter(self.retry_after))
     }
 }
 
 impl std::error::Error for RateLimited {}
-
-/// Writes a duration as seconds with at most millisecond precision and no trailing zeros
-/// ("0.2s", "1.234s", "3s"): short enough for a log line, exact enough for a human.
-fn write_secs(f: &mut fmt::Formatter<'_>, d: Duration) -> fmt::Result {
-    // Round up so a wait of 1 ns is never printed as "0s".
-    let millis = d.as_nanos().div_ceil(1_000_000);
-    let (secs, frac) = (millis / 1000, millis % 1000);
-    if frac == 0 {
-        write!(f, "{secs}s")
-    } else {
-        let frac = format!("{frac:03}");
-        write!(f, "{secs}.{}s", frac.trim_end_matches('0'))
-    }
-}
 
 /// The key extractor found nothing to key the request on.
 ///
@@ -87,23 +74,24 @@ impl fmt::Display for MissingKey {
 
 impl std::error::Error for MissingKey {}
 
-/// Parameters a token bucket cannot work with, returned by
-/// [`TokenBucket::try_new`](crate::TokenBucket::try_new) and
-/// [`KeyedTokenBuckets::try_new`](crate::KeyedTokenBuckets::try_new).
-#[derive(Clone, Debug, PartialEq)]
-pub struct InvalidRate {
-    rate: f64,
-    capacity: u32,
+/// Parameters a token bucket cannot work with: a rate that is not a finite number above
+/// 0, a burst of 0, a burst that takes over a century to refill, a key cap of 0.
+///
+/// Returned by the `try_` constructors ([`Rate::try_per_second`](crate::Rate::try_per_second),
+/// [`TokenBucket::try_new`](crate::TokenBucket::try_new),
+/// [`KeyedTokenBuckets::try_new`](crate::KeyedTokenBuckets::try_new),
+/// [`TokenBucketLayerBuilder::try_build`](crate::token_bucket::TokenBucketLayerBuilder::try_build)
+/// and their siblings); the infallible constructors panic with its message instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidTokenBucket {
+    /// The refused value, e.g. `rate NaN/s` or `burst 0`.
+    value: String,
     reason: &'static str,
 }
 
-impl InvalidRate {
-    pub(crate) fn new(rate: f64, capacity: u32, reason: &'static str) -> Self {
-        InvalidRate {
-            rate,
-            capacity,
-            reason,
-        }
+impl InvalidTokenBucket {
+    pub(crate) fn new(value: String, reason: &'static str) -> Self {
+        InvalidTokenBucket { value, reason }
     }
 
     /// Why the parameters were refused.
@@ -112,33 +100,32 @@ impl InvalidRate {
     }
 }
 
-impl fmt::Display for InvalidRate {
+impl fmt::Display for InvalidTokenBucket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid token bucket (rate {}/s, capacity {}): {}",
-            self.rate, self.capacity, self.reason
-        )
+        write!(f, "invalid token bucket ({}): {}", self.value, self.reason)
     }
 }
 
-impl std::error::Error for InvalidRate {}
+impl std::error::Error for InvalidTokenBucket {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn rate_limited_display() {
-        let e = RateLimited::new(Duration::from_millis(200));
-        assert_eq!(e.to_string(), "rate limited; retry after 0.2s");
-        let e = RateLimited::new(Duration::from_millis(1234));
-        assert_eq!(e.to_string(), "rate limited; retry after 1.234s");
-        let e = RateLimited::new(Duration::from_secs(3));
-        assert_eq!(e.to_string(), "rate limited; retry after 3s");
+    fn rate_limited_display_is_whole_seconds_rounded_up() {
+        let s = |ms| RateLimited::new(Duration::from_millis(ms)).to_string();
+        assert_eq!(s(200), "rate limited; retry after 1 s");
+        assert_eq!(s(1234), "rate limited; retry after 2 s");
+        assert_eq!(s(3000), "rate limited; retry after 3 s");
+        assert_eq!(s(0), "rate limited; retry after 1 s");
         let e = RateLimited::new(Duration::from_nanos(1));
-        assert_eq!(e.to_string(), "rate limited; retry after 0.001s");
+        assert_eq!(e.to_string(), "rate limited; retry after 1 s");
         assert!(RateLimited::new(Duration::MAX).is_permanent());
+        assert_eq!(
+            RateLimited::new(Duration::MAX).to_string(),
+            "rate limited; the request needs more tokens than the bucket holds"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::bucket::Reservation;
 use crate::{BoxError, ResponseBody};
 
 pin_project! {
-    /// Response future of reject mode: the inner service's future, or the rejection.
+    /// Response future of error mode: the inner service's future, or the rejection.
     pub struct ResponseFuture<F> {
         #[pin]
         kind: Kind<F>,

@@ -1,15 +1,13 @@
 //! [`KeyedTokenBuckets`]: one bucket per key, in a bounded, sharded map.
 
 use std::{
-    any::Any,
     borrow::Borrow,
     collections::HashMap,
     fmt,
     hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState},
-    ops::Deref,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
     },
     time::Duration,
 };
@@ -18,7 +16,8 @@ use tokio::time::Instant;
 
 use super::{
     bucket::{nanos_since, Acquired, Gcra, Rejected, Reservation},
-    error::{InvalidRate, RateLimited},
+    error::{InvalidTokenBucket, RateLimited},
+    rate::{Burst, Rate},
 };
 
 /// The default hard cap on the number of keys.
@@ -33,12 +32,14 @@ const SAMPLE: usize = 256;
 
 /// Token buckets per key (client IP, API key...), with a hard cap on the number of keys.
 ///
-/// Every key gets its own bucket of `rate` tokens per second and `capacity` burst, all
-/// with the same parameters. State is created on a key's first request.
+/// Every key gets its own bucket of the same [`Rate`] and [`Burst`]. A key's state is
+/// created on its first request.
 ///
 /// # Memory is bounded
 ///
-/// At most [`max_keys`](KeyedTokenBuckets::max_keys) keys (default 100 000) are kept,
+/// At most [`max_keys`](KeyedTokenBuckets::max_keys) keys are kept (default
+/// [`DEFAULT_MAX_KEYS`], 100 000; another cap with
+/// [`with_max_keys`](KeyedTokenBuckets::with_max_keys)),
 /// however many distinct keys arrive, so an attacker rotating through millions of IPs
 /// cannot grow the map. The map is split into up to 64 shards, each with its share of
 /// the cap. When a new key arrives at a full shard, one eviction pass runs over that
@@ -70,10 +71,11 @@ const SAMPLE: usize = 256;
 /// Clones share the buckets.
 ///
 /// ```
-/// use resilience::KeyedTokenBuckets;
+/// use resilience::{Burst, KeyedTokenBuckets, Rate};
 /// use std::net::IpAddr;
 ///
-/// let buckets = KeyedTokenBuckets::<IpAddr>::new(1.0, 2).max_keys(10_000);
+/// let buckets = KeyedTokenBuckets::<IpAddr>::with_max_keys(Rate::per_second(1.0), Burst(2), 10_000);
+/// assert_eq!(buckets.max_keys(), 10_000);
 /// let a: IpAddr = "192.0.2.1".parse().unwrap();
 /// let b: IpAddr = "192.0.2.2".parse().unwrap();
 /// assert_eq!(buckets.try_acquire(&a).unwrap().remaining(), 1);
@@ -206,30 +208,52 @@ impl<K> KeyedTokenBuckets<K>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
 {
-    /// Buckets of `rate_per_sec` tokens per second and `capacity` burst, at most
-    /// [`DEFAULT_MAX_KEYS`] keys.
+    /// Buckets of `rate` and `burst`, at most [`DEFAULT_MAX_KEYS`] keys.
     ///
     /// # Panics
     ///
     /// On the same parameters as [`TokenBucket::new`](crate::TokenBucket::new); see
     /// [`try_new`](KeyedTokenBuckets::try_new).
     #[track_caller]
-    pub fn new(rate_per_sec: f64, capacity: u32) -> Self {
-        match Self::try_new(rate_per_sec, capacity) {
+    pub fn new(rate: Rate, burst: Burst) -> Self {
+        Self::with_max_keys(rate, burst, DEFAULT_MAX_KEYS)
+    }
+
+    /// Like [`new`](KeyedTokenBuckets::new), but returns an error instead of panicking.
+    pub fn try_new(rate: Rate, burst: Burst) -> Result<Self, InvalidTokenBucket> {
+        Self::try_with_max_keys(rate, burst, DEFAULT_MAX_KEYS)
+    }
+
+    /// Buckets of `rate` and `burst`, at most `max_keys` keys (see the type's docs for
+    /// what is evicted at the cap).
+    ///
+    /// # Panics
+    ///
+    /// When `max_keys` is 0, and on the parameters [`new`](KeyedTokenBuckets::new)
+    /// panics on; see [`try_with_max_keys`](KeyedTokenBuckets::try_with_max_keys).
+    #[track_caller]
+    pub fn with_max_keys(rate: Rate, burst: Burst, max_keys: usize) -> Self {
+        match Self::try_with_max_keys(rate, burst, max_keys) {
             Ok(b) => b,
             Err(e) => panic!("{e}"),
         }
     }
 
-    /// Like [`new`](KeyedTokenBuckets::new), but returns an error instead of panicking.
-    pub fn try_new(rate_per_sec: f64, capacity: u32) -> Result<Self, InvalidRate> {
-        Ok(Self::with_gcra(
-            Gcra::new(rate_per_sec, capacity)?,
-            DEFAULT_MAX_KEYS,
-        ))
+    /// Like [`with_max_keys`](KeyedTokenBuckets::with_max_keys), but returns an error
+    /// instead of panicking.
+    pub fn try_with_max_keys(
+        rate: Rate,
+        burst: Burst,
+        max_keys: usize,
+    ) -> Result<Self, InvalidTokenBucket> {
+        let gcra = Gcra::new(rate, burst)?;
+        check_max_keys(max_keys)?;
+        Ok(Self::with_gcra(gcra, max_keys))
     }
 
+    /// `max_keys` is at least 1 (see `check_max_keys`).
     pub(crate) fn with_gcra(gcra: Gcra, max_keys: usize) -> Self {
+        debug_assert!(max_keys >= 1);
         let max_keys = max_keys.max(1);
         let wanted = (max_keys / MIN_KEYS_PER_SHARD).clamp(1, MAX_SHARDS);
         // Largest power of two <= wanted, so the shard index is a mask.
@@ -251,13 +275,6 @@ where
                 max_keys,
             }),
         }
-    }
-
-    /// Sets the hard cap on keys (default 100 000; 0 is taken as 1).
-    ///
-    /// This starts from an empty map: call it while building, before sharing.
-    pub fn max_keys(self, max_keys: usize) -> Self {
-        Self::with_gcra(self.inner.gcra, max_keys)
     }
 
     #[inline]
@@ -283,7 +300,7 @@ where
 
     /// Takes `n` tokens from `key`'s bucket, or none. As
     /// [`TokenBucket::try_acquire_n`](crate::TokenBucket::try_acquire_n): `retry_after` is
-    /// exact, and `n > capacity` fails with `retry_after` = [`Duration::MAX`].
+    /// exact, and `n > burst` fails with `retry_after` = [`Duration::MAX`].
     #[inline]
     pub fn try_acquire_n(&self, key: &K, n: u32) -> Result<Acquired, RateLimited> {
         self.check(key, n).map_err(|r| r.limited)
@@ -312,7 +329,7 @@ where
             |cell| gcra.acquire(cell, now, n),
             || {
                 // A key without a bucket has a full one.
-                (n <= gcra.capacity()).then(|| gcra.fresh(now, n))
+                (n <= gcra.burst()).then(|| gcra.fresh(now, n))
             },
         )
         .map(|tat| Acquired::new(gcra, tat, now))
@@ -378,7 +395,7 @@ where
                     shard,
                     now,
                     |cell| gcra.reserve(cell, now, n, max_wait),
-                    || (n <= gcra.capacity()).then(|| gcra.fresh(now, n)),
+                    || (n <= gcra.burst()).then(|| gcra.fresh(now, n)),
                 )
                 // A fresh bucket grants at once.
                 .map(|_| 0),
@@ -409,12 +426,12 @@ where
             .map(|cell| cell.load(Ordering::Relaxed))
     }
 
-    /// Whole tokens `key` could take now (the capacity for an unknown key).
+    /// Whole tokens `key` could take now (the burst for an unknown key).
     pub fn remaining(&self, key: &K) -> u32 {
         let now = self.now();
         match self.tat(key) {
             Some(tat) => self.inner.gcra.remaining(tat, now),
-            None => self.inner.gcra.capacity(),
+            None => self.inner.gcra.burst(),
         }
     }
 
@@ -458,19 +475,20 @@ where
         self.inner.shards.iter().all(|s| read(&s.map).is_empty())
     }
 
-    /// The hard cap on keys.
-    pub fn max_key_count(&self) -> usize {
+    /// The hard cap on keys, as given to [`with_max_keys`](Self::with_max_keys)
+    /// ([`DEFAULT_MAX_KEYS`] from [`new`](Self::new)).
+    pub fn max_keys(&self) -> usize {
         self.inner.max_keys
     }
 
-    /// The refill rate of every bucket, tokens per second.
-    pub fn rate(&self) -> f64 {
+    /// The refill rate of every bucket.
+    pub fn rate(&self) -> Rate {
         self.inner.gcra.rate()
     }
 
-    /// The capacity (burst) of every bucket.
-    pub fn capacity(&self) -> u32 {
-        self.inner.gcra.capacity()
+    /// The burst of every bucket.
+    pub fn burst(&self) -> u32 {
+        self.inner.gcra.burst()
     }
 
     /// Bytes one slot of the map takes: key, stored hash and state, padded, plus
@@ -551,90 +569,22 @@ impl<K> fmt::Debug for KeyedTokenBuckets<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedTokenBuckets")
             .field("rate", &self.inner.gcra.rate())
-            .field("capacity", &self.inner.gcra.capacity())
+            .field("burst", &self.inner.gcra.burst())
             .field("max_keys", &self.inner.max_keys)
             .field("shards", &self.inner.shards.len())
             .finish()
     }
 }
 
-/// The layer's keyed state. The layer cannot name its key type when it is built (a
-/// `KeyExtractor<Req>`'s key depends on the request type, which only the service
-/// sees), so the map is created on first use, typed, inside this shared cell; every
-/// service and clone made from the layer shares the cell, hence the buckets.
-pub(crate) struct KeyedSlot {
-    gcra: Gcra,
-    max_keys: usize,
-    first: OnceLock<Box<dyn Any + Send + Sync>>,
-    /// Maps for further key types, if one layer serves requests whose extractor yields
-    /// different key types (legal, unusual).
-    others: Mutex<Vec<Box<dyn Any + Send + Sync>>>,
-}
-
-/// A borrowed map, or (in the unusual multi-key-type case) a shared handle to one.
-pub(crate) enum BucketsRef<'a, K> {
-    Borrowed(&'a KeyedTokenBuckets<K>),
-    Owned(KeyedTokenBuckets<K>),
-}
-
-impl<K> Deref for BucketsRef<'_, K> {
-    type Target = KeyedTokenBuckets<K>;
-    fn deref(&self) -> &KeyedTokenBuckets<K> {
-        match self {
-            BucketsRef::Borrowed(b) => b,
-            BucketsRef::Owned(b) => b,
-        }
+/// The one check of a key cap, for [`KeyedTokenBuckets`] and the layer's builder.
+pub(crate) fn check_max_keys(max_keys: usize) -> Result<(), InvalidTokenBucket> {
+    if max_keys == 0 {
+        return Err(InvalidTokenBucket::new(
+            "max_keys 0".to_owned(),
+            "the key cap must be at least 1",
+        ));
     }
-}
-
-impl KeyedSlot {
-    pub(crate) fn new(gcra: Gcra, max_keys: usize) -> KeyedSlot {
-        KeyedSlot {
-            gcra,
-            max_keys,
-            first: OnceLock::new(),
-            others: Mutex::new(Vec::new()),
-        }
-    }
-
-    #[inline]
-    pub(crate) fn get<K>(&self) -> BucketsRef<'_, K>
-    where
-        K: Hash + Eq + Clone + Send + Sync + 'static,
-    {
-        let first = self
-            .first
-            .get_or_init(|| Box::new(KeyedTokenBuckets::<K>::with_gcra(self.gcra, self.max_keys)));
-        match first.downcast_ref::<KeyedTokenBuckets<K>>() {
-            Some(b) => BucketsRef::Borrowed(b),
-            None => self.other(),
-        }
-    }
-
-    #[cold]
-    fn other<K>(&self) -> BucketsRef<'_, K>
-    where
-        K: Hash + Eq + Clone + Send + Sync + 'static,
-    {
-        let mut others = self.others.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(b) = others
-            .iter()
-            .find_map(|b| b.downcast_ref::<KeyedTokenBuckets<K>>())
-        {
-            return BucketsRef::Owned(b.clone());
-        }
-        let b = KeyedTokenBuckets::<K>::with_gcra(self.gcra, self.max_keys);
-        others.push(Box::new(b.clone()));
-        BucketsRef::Owned(b)
-    }
-}
-
-impl fmt::Debug for KeyedSlot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyedSlot")
-            .field("max_keys", &self.max_keys)
-            .finish_non_exhaustive()
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -644,7 +594,7 @@ mod tests {
     #[test]
     fn shard_caps_add_up() {
         for max in [1, 3, 31, 32, 100, 1000, 100_000, 100_001] {
-            let b = KeyedTokenBuckets::<u64>::new(1.0, 1).max_keys(max);
+            let b = KeyedTokenBuckets::<u64>::with_max_keys(Rate::per_second(1.0), Burst(1), max);
             let total: usize = b.inner.shards.iter().map(|s| s.cap).sum();
             assert_eq!(total, max, "max_keys {max}");
             assert!(b.inner.shards.len().is_power_of_two());

@@ -1,6 +1,6 @@
-//! [`TokenBucketLayer`] and its modes.
+//! [`TokenBucketLayer`], its builder, and its modes.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{fmt, marker::PhantomData, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -8,44 +8,148 @@ use tower_layer::Layer;
 
 use super::{
     bucket::{Gcra, TokenBucket},
-    error::InvalidRate,
-    keyed::{KeyedSlot, KeyedTokenBuckets, DEFAULT_MAX_KEYS},
+    error::InvalidTokenBucket,
+    keyed::{check_max_keys, KeyedTokenBuckets, DEFAULT_MAX_KEYS},
+    rate::{Burst, Rate},
     service::TokenBucketService,
 };
-use crate::key::GlobalKey;
+use crate::{
+    key::{GlobalKey, KeyType},
+    mode::{ErrorMode, HttpMode, WaitMode},
+};
 
-/// Reject mode (the default): a request over the limit fails with
-/// [`RateLimited`](crate::RateLimited), boxed into [`BoxError`](crate::BoxError).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Reject;
+/// Where the buckets live. Created once, by [`TokenBucketLayerBuilder::build`], and
+/// shared (both variants are handles to shared state) by every service the layer makes.
+pub(crate) enum Limiter<K> {
+    /// One bucket: the builder was never given a key extractor.
+    Global(TokenBucket),
+    /// A bucket per key.
+    Keyed(KeyedTokenBuckets<K>),
+}
 
-/// HTTP mode: a request over the limit gets a `429 Too Many Requests` response.
-/// Set with [`TokenBucketLayer::http`].
+impl<K> Clone for Limiter<K> {
+    fn clone(&self) -> Self {
+        match self {
+            Limiter::Global(bucket) => Limiter::Global(bucket.clone()),
+            Limiter::Keyed(buckets) => Limiter::Keyed(buckets.clone()),
+        }
+    }
+}
+
+impl<K> fmt::Debug for Limiter<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Limiter::Global(bucket) => f.debug_tuple("Global").field(bucket).finish(),
+            Limiter::Keyed(buckets) => f.debug_tuple("Keyed").field(buckets).finish(),
+        }
+    }
+}
+
+/// What the modes need besides the buckets; shared by the layer's services.
 #[derive(Clone, Debug)]
-pub struct Http {
+pub(crate) struct Settings {
     /// `Content-Type` and body of the 429; `None` is the default JSON.
     pub(crate) body: Option<(HeaderValue, Bytes)>,
     /// `RateLimit-Policy`, the same on every response.
     pub(crate) policy: HeaderValue,
     /// Whether responses that pass get the `RateLimit` headers too.
-    pub(crate) on_success: bool,
-}
-
-/// Wait mode: a request over the limit waits for its token, up to a bound.
-/// Set with [`TokenBucketLayer::wait`].
-#[derive(Clone, Copy, Debug)]
-pub struct Wait {
+    pub(crate) headers_on_success: bool,
+    /// Wait mode's bound.
     pub(crate) max_wait: Duration,
 }
 
-/// Where the buckets live. Created when the layer is built and shared (the bucket and
-/// the slot are both handles to shared state) by every service the layer makes.
+impl Settings {
+    fn new(gcra: &Gcra) -> Settings {
+        let burst = gcra.burst();
+        let window_nanos = (f64::from(burst) / gcra.rate().as_per_second() * 1e9).round();
+        // Through whole nanoseconds first, so 3 / 0.3 is 10 s, not 10.000000000000002.
+        let window = (window_nanos / 1e9).ceil().max(1.0) as u64;
+        let policy = format!("\"default\";q={burst};w={window}");
+        Settings {
+            body: None,
+            policy: HeaderValue::try_from(policy)
+                .unwrap_or_else(|_| HeaderValue::from_static("\"default\"")),
+            headers_on_success: true,
+            max_wait: Duration::ZERO,
+        }
+    }
+}
+
+/// Builds a [`TokenBucketLayer`]: what its buckets are (rate, burst, key, key cap).
+/// Get one from [`TokenBucketLayer::builder`].
+///
+/// The builder holds no buckets; [`build`](Self::build) creates them, exactly once. So
+/// the order of [`key`](Self::key) and [`max_keys`](Self::max_keys) does not matter,
+/// and neither can throw away buckets a service already uses. Every setting has a
+/// getter of the same name on the layer.
 #[derive(Clone, Debug)]
-pub(crate) enum Limiter {
-    /// One bucket: the layer was made by `new` and never keyed.
-    Global(TokenBucket),
-    /// A bucket per key.
-    Keyed(Arc<KeyedSlot>),
+#[must_use = "call .build() to get a TokenBucketLayer"]
+pub struct TokenBucketLayerBuilder<E = GlobalKey> {
+    rate: Rate,
+    burst: Burst,
+    extractor: E,
+    keyed: bool,
+    max_keys: usize,
+}
+
+impl<E> TokenBucketLayerBuilder<E> {
+    /// A bucket per key that `extractor` finds in a request (e.g.
+    /// [`PeerIp`](crate::PeerIp)), instead of one bucket for all requests.
+    pub fn key<E2: KeyType>(self, extractor: E2) -> TokenBucketLayerBuilder<E2> {
+        TokenBucketLayerBuilder {
+            rate: self.rate,
+            burst: self.burst,
+            extractor,
+            keyed: true,
+            max_keys: self.max_keys,
+        }
+    }
+
+    /// The hard cap on keys (default [`DEFAULT_MAX_KEYS`], 100 000). See
+    /// [`KeyedTokenBuckets`] for what is evicted at the cap. Unused by a global
+    /// (unkeyed) layer. 0 is refused by [`build`](Self::build).
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys;
+        self
+    }
+
+    /// Creates the buckets and the layer, in [error mode](ErrorMode).
+    ///
+    /// # Panics
+    ///
+    /// When the burst is 0, `burst / rate` is over a century, or `max_keys` is 0. Use
+    /// [`try_build`](Self::try_build) for parameters read at run time.
+    #[track_caller]
+    pub fn build(self) -> TokenBucketLayer<E>
+    where
+        E: KeyType,
+    {
+        match self.try_build() {
+            Ok(layer) => layer,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Like [`build`](Self::build), but returns an error instead of panicking.
+    pub fn try_build(self) -> Result<TokenBucketLayer<E>, InvalidTokenBucket>
+    where
+        E: KeyType,
+    {
+        let gcra = Gcra::new(self.rate, self.burst)?;
+        check_max_keys(self.max_keys)?;
+        let limiter = if self.keyed {
+            Limiter::Keyed(KeyedTokenBuckets::with_gcra(gcra, self.max_keys))
+        } else {
+            Limiter::Global(TokenBucket::with_gcra(gcra))
+        };
+        Ok(TokenBucketLayer {
+            extractor: self.extractor,
+            limiter,
+            max_keys: self.max_keys,
+            settings: Arc::new(Settings::new(&gcra)),
+            _mode: PhantomData,
+        })
+    }
 }
 
 /// A [`tower_layer::Layer`] that rate limits a service with token buckets.
@@ -55,13 +159,16 @@ pub(crate) enum Limiter {
 /// use bytes::Bytes;
 /// use http::{Request, Response, StatusCode};
 /// use http_body_util::Full;
-/// use resilience::{PeerIp, TokenBucketLayer};
+/// use resilience::{Burst, PeerIp, Rate, TokenBucketLayer};
 /// use tower::{service_fn, Layer, ServiceExt};
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
 /// # async fn main() {
 /// // Per client IP: 1 request/s, bursts of 2. Over the limit: 429 + Retry-After.
-/// let layer = TokenBucketLayer::new(1.0, 2).key(PeerIp).http();
+/// let layer = TokenBucketLayer::builder(Rate::per_second(1.0), Burst(2))
+///     .key(PeerIp)
+///     .build()
+///     .http();
 /// let svc = layer.layer(service_fn(|_req: Request<Full<Bytes>>| async {
 ///     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hello"))))
 /// }));
@@ -75,24 +182,94 @@ pub(crate) enum Limiter {
 ///     statuses.push(res.status());
 /// }
 /// assert_eq!(statuses, [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
+/// // The very map the services use, typed by the extractor's key (here `IpAddr`).
+/// assert_eq!(layer.keyed_buckets().unwrap().len(), 1);
 /// # }
 /// ```
 ///
+/// # Building
+///
+/// [`new(rate, burst)`](Self::new) makes one bucket for all requests ([`GlobalKey`]).
+/// [`builder(rate, burst)`](Self::builder) adds a key: with
+/// [`.key(extractor)`](TokenBucketLayerBuilder::key) every key gets its own bucket (a
+/// [`KeyedTokenBuckets`], capped at
+/// [`.max_keys(n)`](TokenBucketLayerBuilder::max_keys) keys), created by
+/// [`.build()`](TokenBucketLayerBuilder::build). A request whose key is missing is
+/// refused: `Err(MissingKey)` or, in HTTP mode, a `500` naming what is missing.
+///
+/// The getters are named after what they read back: [`rate`](Self::rate),
+/// [`burst`](Self::burst), [`key`](Self::key), [`max_keys`](Self::max_keys), and
+/// [`keyed_buckets`](Self::keyed_buckets) for the map itself.
+///
 /// # Modes
 ///
-/// | mode | built with | over the limit | `Error` |
+/// | mode | set with | over the limit | `Error` |
 /// |---|---|---|---|
-/// | reject | [`new`](Self::new) | `Err(RateLimited)`, boxed | [`BoxError`](crate::BoxError) |
-/// | HTTP | [`.http()`](Self::http) | `Ok(429)` with `Retry-After`, `RateLimit`, `RateLimit-Policy` | `S::Error` |
-/// | wait | [`.wait(max)`](Self::wait) | waits up to `max`, then `Err(RateLimited)` | [`BoxError`](crate::BoxError) |
+/// | [`ErrorMode`] | (the default) | `Err(RateLimited)`, boxed | [`BoxError`](crate::BoxError) |
+/// | [`HttpMode`] | [`.http()`](Self::http) | `Ok(429)` with `Retry-After`, `RateLimit`, `RateLimit-Policy` | `S::Error` |
+/// | [`WaitMode`] | [`.wait(max)`](Self::wait) | waits up to `max`, then `Err(RateLimited)` | [`BoxError`](crate::BoxError) |
 ///
-/// # Keys
+/// The mode is the last of `.http()` / `.wait(max)` called; the other settings
+/// ([`body`](Self::body), [`headers_on_success`](Self::headers_on_success)) can be
+/// given in any order, before or after `.http()`, and are kept across mode changes.
+/// Changing the mode keeps the buckets.
 ///
-/// [`new`](Self::new) makes one bucket for all requests ([`GlobalKey`]).
-/// [`.key(extractor)`](Self::key) gives every key its own bucket (a
-/// [`KeyedTokenBuckets`](crate::KeyedTokenBuckets), capped at
-/// [`.max_keys(n)`](Self::max_keys) keys). A request whose key is missing is refused:
-/// `Err(MissingKey)` or, in HTTP mode, a `500` naming what is missing.
+/// # Using it in axum
+///
+/// axum needs layers whose service is infallible. In error mode this layer's error is
+/// a [`BoxError`](crate::BoxError), so `Router::layer(TokenBucketLayer::new(..))` does
+/// not compile, with an error that does not name this layer:
+///
+/// ```text
+/// error[E0277]: the trait bound `Infallible: From<Box<(dyn std::error::Error + Send + Sync + 'static)>>` is not satisfied
+///    |
+///    |         .layer(TokenBucketLayer::new(rate, burst))
+///    |          ----- ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^ the trait `From<Box<(dyn std::error::Error + Send + Sync + 'static)>>` is not implemented for `Infallible`
+///    |          |
+///    |          required by a bound introduced by this call
+/// ```
+///
+/// The fix is HTTP mode, where a rejection is a `429` response and the error type is
+/// the inner service's:
+///
+/// ```
+/// use resilience::{Burst, PeerIp, Rate, TokenBucketLayer};
+/// # fn app(router: axum::Router) -> axum::Router {
+/// router.layer(
+///     TokenBucketLayer::builder(Rate::per_second(5.0), Burst(10))
+///         .key(PeerIp)
+///         .build()
+///         .http(), // <- without it: `Infallible: From<Box<dyn Error + ...>>`
+/// )
+/// // and serve it with `.into_make_service_with_connect_info::<SocketAddr>()`,
+/// // so `PeerIp` finds the peer address (resilience's `axum` feature).
+/// # }
+/// ```
+///
+/// # A missing peer address, and where to put a circuit breaker
+///
+/// [`PeerIp`](crate::PeerIp) and [`TrustedProxyIp`](crate::TrustedProxyIp) need the
+/// peer address in the request extensions; without it (axum served without
+/// `into_make_service_with_connect_info::<SocketAddr>()`, or without this crate's
+/// `axum` feature) every request is answered `500 rate_limit_key_missing`, and the
+/// first one logs what to fix at `warn`.
+///
+/// A [`CircuitBreakerLayer`](crate::CircuitBreakerLayer) in HTTP mode counts `5xx`
+/// responses as failures. Placed *outside* the limiter it would count those `500`s,
+/// and open, for every client, because of a deployment mistake. Put the limiter
+/// outside the breaker, so the breaker only sees requests that passed the limiter and
+/// classifies only the inner service's `5xx`:
+///
+/// ```
+/// use resilience::{Burst, CircuitBreaker, CircuitBreakerLayer, PeerIp, Rate, TokenBucketLayer};
+/// use tower::ServiceBuilder;
+///
+/// let stack = ServiceBuilder::new()
+///     // outermost: refuses before the breaker sees anything
+///     .layer(TokenBucketLayer::builder(Rate::per_second(5.0), Burst(10)).key(PeerIp).build().http())
+///     .layer(CircuitBreakerLayer::new(CircuitBreaker::new()).http());
+/// # let _ = stack;
+/// ```
 ///
 /// # Sharing
 ///
@@ -100,105 +277,85 @@ pub(crate) enum Limiter {
 /// clone of those services, draws from the same buckets; so do clones of the layer.
 /// (hyper-util clones the service for each request, so anything else would not limit.)
 /// Build a new layer for an independent limit.
-#[derive(Clone)]
-pub struct TokenBucketLayer<E = GlobalKey, M = Reject> {
-    pub(crate) extractor: E,
-    pub(crate) limiter: Limiter,
-    pub(crate) gcra: Gcra,
-    pub(crate) max_keys: usize,
-    pub(crate) mode: M,
+pub struct TokenBucketLayer<E: KeyType = GlobalKey, M = ErrorMode> {
+    extractor: E,
+    limiter: Limiter<E::Key>,
+    max_keys: usize,
+    settings: Arc<Settings>,
+    _mode: PhantomData<fn() -> M>,
 }
 
 impl TokenBucketLayer {
-    /// One bucket of `rate` tokens per second and `capacity` burst for all requests, in
-    /// reject mode.
+    /// One bucket of `rate` and `burst` for all requests, in error mode. For a bucket
+    /// per client, use [`builder`](Self::builder) and
+    /// [`.key(...)`](TokenBucketLayerBuilder::key).
+    ///
+    /// ```
+    /// use resilience::{Burst, Rate, TokenBucketLayer};
+    ///
+    /// let layer = TokenBucketLayer::new(Rate::per_second(100.0), Burst(60));
+    /// assert_eq!((layer.rate(), layer.burst()), (Rate::per_second(100.0), 60));
+    /// ```
     ///
     /// # Panics
     ///
     /// On the parameters [`TokenBucket::new`] panics on; see
     /// [`try_new`](Self::try_new).
     #[track_caller]
-    pub fn new(rate: f64, capacity: u32) -> Self {
-        match Self::try_new(rate, capacity) {
-            Ok(layer) => layer,
-            Err(e) => panic!("{e}"),
-        }
+    pub fn new(rate: Rate, burst: Burst) -> Self {
+        TokenBucketLayer::builder(rate, burst).build()
     }
 
     /// Like [`new`](Self::new), but returns an error instead of panicking.
-    pub fn try_new(rate: f64, capacity: u32) -> Result<Self, InvalidRate> {
-        let gcra = Gcra::new(rate, capacity)?;
-        Ok(TokenBucketLayer {
+    pub fn try_new(rate: Rate, burst: Burst) -> Result<Self, InvalidTokenBucket> {
+        TokenBucketLayer::builder(rate, burst).try_build()
+    }
+
+    /// Starts building a layer whose buckets have `rate` and `burst`.
+    pub fn builder(rate: Rate, burst: Burst) -> TokenBucketLayerBuilder {
+        TokenBucketLayerBuilder {
+            rate,
+            burst,
             extractor: GlobalKey,
-            limiter: Limiter::Global(TokenBucket::try_new(rate, capacity)?),
-            gcra,
+            keyed: false,
             max_keys: DEFAULT_MAX_KEYS,
-            mode: Reject,
-        })
+        }
     }
 }
 
-impl<E, M> TokenBucketLayer<E, M> {
-    /// A bucket per key that `extractor` finds in a request (e.g. [`PeerIp`]).
-    ///
-    /// This replaces the layer's buckets with a new, empty keyed map.
-    ///
-    /// [`PeerIp`]: crate::PeerIp
-    pub fn key<E2>(self, extractor: E2) -> TokenBucketLayer<E2, M> {
+impl<E: KeyType, M> TokenBucketLayer<E, M> {
+    fn with_mode<M2>(self) -> TokenBucketLayer<E, M2> {
         TokenBucketLayer {
-            extractor,
-            limiter: Limiter::Keyed(Arc::new(KeyedSlot::new(self.gcra, self.max_keys))),
-            gcra: self.gcra,
+            extractor: self.extractor,
+            limiter: self.limiter,
             max_keys: self.max_keys,
-            mode: self.mode,
+            settings: self.settings,
+            _mode: PhantomData,
         }
-    }
-
-    /// The hard cap on keys (default 100 000; 0 is taken as 1). See
-    /// [`KeyedTokenBuckets`](crate::KeyedTokenBuckets) for what is evicted at the cap.
-    /// Has no effect on a global (unkeyed) layer. Starts from an empty map.
-    pub fn max_keys(mut self, max_keys: usize) -> Self {
-        self.max_keys = max_keys.max(1);
-        if let Limiter::Keyed(_) = self.limiter {
-            self.limiter = Limiter::Keyed(Arc::new(KeyedSlot::new(self.gcra, self.max_keys)));
-        }
-        self
     }
 
     /// HTTP mode, for services of `http::Request` to `http::Response`: over the limit,
     /// answer `429 Too Many Requests` instead of an error, so the layer drops into axum
     /// with a plain `.layer(...)` (no `HandleErrorLayer`).
     ///
-    /// The 429 carries `Retry-After` (whole seconds, rounded up, never 0),
-    /// `RateLimit-Policy: "default";q=<capacity>;w=<capacity/rate, s>` and
+    /// The 429 carries `Retry-After` (whole seconds, rounded up, never 0; see
+    /// [`retry_after_secs`](crate::retry_after_secs)),
+    /// `RateLimit-Policy: "default";q=<burst>;w=<burst/rate, s>` and
     /// `RateLimit: "default";r=<remaining>;t=<s until full>` (IETF
     /// draft-ietf-httpapi-ratelimit-headers), and by default the JSON body
-    /// `{"error":"rate_limited","message":"..."}` (see [`body`](Self::body)). Responses
-    /// that pass get the two `RateLimit` headers too, unless the inner service set them
-    /// (or [`headers_on_success(false)`](TokenBucketLayer::headers_on_success)).
+    /// `{"error":"rate_limited","message":"rate limited; retry after N s"}` (the
+    /// message is [`RateLimited`](crate::RateLimited)'s `Display`; see
+    /// [`body`](Self::body)). Responses that pass get the two `RateLimit` headers too,
+    /// unless the inner service set them (or
+    /// [`headers_on_success(false)`](Self::headers_on_success)).
     ///
     /// A request without a key gets `500` with
     /// `{"error":"rate_limit_key_missing","message":"..."}` naming what is missing.
     ///
     /// The service's `Response` is `http::Response<ResponseBody<B>>`; its `Error` is the
     /// inner service's.
-    pub fn http(self) -> TokenBucketLayer<E, Http> {
-        let window_nanos = (f64::from(self.gcra.capacity()) / self.gcra.rate() * 1e9).round();
-        // Through whole nanoseconds first, so 3 / 0.3 is 10 s, not 10.000000000000002.
-        let window = (window_nanos / 1e9).ceil().max(1.0) as u64;
-        let policy = format!("\"default\";q={};w={}", self.gcra.capacity(), window);
-        TokenBucketLayer {
-            extractor: self.extractor,
-            limiter: self.limiter,
-            gcra: self.gcra,
-            max_keys: self.max_keys,
-            mode: Http {
-                body: None,
-                policy: HeaderValue::try_from(policy)
-                    .unwrap_or_else(|_| HeaderValue::from_static("\"default\"")),
-                on_success: true,
-            },
-        }
+    pub fn http(self) -> TokenBucketLayer<E, HttpMode> {
+        self.with_mode()
     }
 
     /// Wait mode, for clients: a request over the limit books the next free token and
@@ -210,94 +367,94 @@ impl<E, M> TokenBucketLayer<E, M> {
     /// future (a fresh clone takes its place), so the call after the wait goes to a ready
     /// service. Dropping a waiting future gives its token back. `Error` is
     /// [`BoxError`](crate::BoxError).
-    pub fn wait(self, max_wait: Duration) -> TokenBucketLayer<E, Wait> {
-        self.with_mode(Wait { max_wait })
+    pub fn wait(mut self, max_wait: Duration) -> TokenBucketLayer<E, WaitMode> {
+        Arc::make_mut(&mut self.settings).max_wait = max_wait;
+        self.with_mode()
     }
 
-    /// Back to reject mode.
-    pub fn reject(self) -> TokenBucketLayer<E, Reject> {
-        self.with_mode(Reject)
-    }
-
-    fn with_mode<M2>(self, mode: M2) -> TokenBucketLayer<E, M2> {
-        TokenBucketLayer {
-            extractor: self.extractor,
-            limiter: self.limiter,
-            gcra: self.gcra,
-            max_keys: self.max_keys,
-            mode,
-        }
-    }
-
-    /// The refill rate, tokens per second.
-    pub fn rate(&self) -> f64 {
-        self.gcra.rate()
-    }
-
-    /// The capacity (burst) of each bucket.
-    pub fn capacity(&self) -> u32 {
-        self.gcra.capacity()
-    }
-
-    /// The key extractor.
-    pub fn extractor(&self) -> &E {
-        &self.extractor
-    }
-
-    /// A handle to the buckets of key type `K` that the services of this layer use
-    /// (clones share state), e.g. to export the number of tracked keys as a metric or
-    /// to check the cap in a test; `None` for a global (unkeyed) layer. `K` is the
-    /// extractor's key type (`IpAddr` for [`PeerIp`](crate::PeerIp)); asking for
-    /// another type makes a separate map that no request uses.
-    pub fn keyed_buckets<K>(&self) -> Option<KeyedTokenBuckets<K>>
-    where
-        K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
-    {
-        match &self.limiter {
-            Limiter::Global(_) => None,
-            Limiter::Keyed(slot) => Some(KeyedTokenBuckets::clone(&slot.get::<K>())),
-        }
-    }
-}
-
-impl<E> TokenBucketLayer<E, Http> {
-    /// The body of the 429 response and its `Content-Type`, instead of the default JSON.
+    /// The body of the 429 response and its `Content-Type`, instead of the default
+    /// JSON. Used in HTTP mode; may be set before or after [`http`](Self::http).
     ///
     /// ```
     /// use http::HeaderValue;
-    /// use resilience::TokenBucketLayer;
+    /// use resilience::{Burst, Rate, TokenBucketLayer};
     ///
-    /// let layer = TokenBucketLayer::new(10.0, 20)
+    /// let layer = TokenBucketLayer::new(Rate::per_second(10.0), Burst(20))
     ///     .http()
     ///     .body(HeaderValue::from_static("text/plain; charset=utf-8"), "slow down\n");
     /// # let _ = layer;
     /// ```
     pub fn body(mut self, content_type: HeaderValue, body: impl Into<Bytes>) -> Self {
-        self.mode.body = Some((content_type, body.into()));
+        Arc::make_mut(&mut self.settings).body = Some((content_type, body.into()));
         self
     }
 
     /// Whether responses that pass carry `RateLimit-Policy` and `RateLimit` too
-    /// (default `true`); the `429` always does. Without them a passing request costs
-    /// no header formatting, and its response is some 70 bytes shorter: worth it for
-    /// an API whose clients call it often and stay far from the limit.
+    /// (default `true`); the `429` always does. Used in HTTP mode; may be set before or
+    /// after [`http`](Self::http). Without them a passing request costs no header
+    /// formatting, and its response is some 70 bytes shorter: worth it for an API whose
+    /// clients call it often and stay far from the limit.
     ///
     /// ```
-    /// use resilience::{PeerIp, TokenBucketLayer};
+    /// use resilience::{Burst, PeerIp, Rate, TokenBucketLayer};
     ///
-    /// let layer = TokenBucketLayer::new(30.0, 60)
+    /// let layer = TokenBucketLayer::builder(Rate::per_second(30.0), Burst(60))
     ///     .key(PeerIp)
+    ///     .build()
     ///     .http()
     ///     .headers_on_success(false);
     /// # let _ = layer;
     /// ```
     pub fn headers_on_success(mut self, on: bool) -> Self {
-        self.mode.on_success = on;
+        Arc::make_mut(&mut self.settings).headers_on_success = on;
         self
+    }
+
+    /// The refill rate of the buckets, as given to [`new`](TokenBucketLayer::new) or
+    /// [`builder`](TokenBucketLayer::builder).
+    pub fn rate(&self) -> Rate {
+        match &self.limiter {
+            Limiter::Global(bucket) => bucket.rate(),
+            Limiter::Keyed(buckets) => buckets.rate(),
+        }
+    }
+
+    /// The burst of the buckets, as given to [`new`](TokenBucketLayer::new) or
+    /// [`builder`](TokenBucketLayer::builder).
+    pub fn burst(&self) -> u32 {
+        match &self.limiter {
+            Limiter::Global(bucket) => bucket.burst(),
+            Limiter::Keyed(buckets) => buckets.burst(),
+        }
+    }
+
+    /// The key extractor, as given to [`.key(...)`](TokenBucketLayerBuilder::key)
+    /// ([`GlobalKey`] for a global layer).
+    pub fn key(&self) -> &E {
+        &self.extractor
+    }
+
+    /// The cap on keys, as given to
+    /// [`.max_keys(n)`](TokenBucketLayerBuilder::max_keys) (default
+    /// [`DEFAULT_MAX_KEYS`]; unused by a global layer).
+    pub fn max_keys(&self) -> usize {
+        self.max_keys
+    }
+
+    /// The buckets the services of this layer use, typed by the extractor's key
+    /// (`IpAddr` for [`PeerIp`](crate::PeerIp)), e.g. to export the number of tracked
+    /// keys as a metric or to check the cap in a test; `None` for a global (unkeyed)
+    /// layer. A handle: clones share state. The map was created by
+    /// [`build`](TokenBucketLayerBuilder::build) and is never replaced.
+    pub fn keyed_buckets(&self) -> Option<KeyedTokenBuckets<E::Key>> {
+        match &self.limiter {
+            Limiter::Global(_) => None,
+            Limiter::Keyed(buckets) => Some(buckets.clone()),
+        }
     }
 }
 
-impl<S, E: Clone, M: Clone> Layer<S> for TokenBucketLayer<E, M> {
+impl<S, E: KeyType, M> Layer<S> for TokenBucketLayer<E, M> {
     type Service = TokenBucketService<S, E, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
@@ -305,20 +462,33 @@ impl<S, E: Clone, M: Clone> Layer<S> for TokenBucketLayer<E, M> {
             inner,
             self.extractor.clone(),
             self.limiter.clone(),
-            self.mode.clone(),
+            self.settings.clone(),
         )
     }
 }
 
-impl<E: fmt::Debug, M: fmt::Debug> fmt::Debug for TokenBucketLayer<E, M> {
+impl<E: KeyType, M> Clone for TokenBucketLayer<E, M> {
+    fn clone(&self) -> Self {
+        TokenBucketLayer {
+            extractor: self.extractor.clone(),
+            limiter: self.limiter.clone(),
+            max_keys: self.max_keys,
+            settings: self.settings.clone(),
+            _mode: PhantomData,
+        }
+    }
+}
+
+impl<E: KeyType + fmt::Debug, M> fmt::Debug for TokenBucketLayer<E, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenBucketLayer")
-            .field("rate", &self.gcra.rate())
-            .field("capacity", &self.gcra.capacity())
-            .field("extractor", &self.extractor)
+            .field("rate", &self.rate())
+            .field("burst", &self.burst())
+            .field("key", &self.extractor)
             .field("keyed", &matches!(self.limiter, Limiter::Keyed(_)))
             .field("max_keys", &self.max_keys)
-            .field("mode", &self.mode)
+            .field("mode", &std::any::type_name::<M>())
+            .field("settings", &self.settings)
             .finish()
     }
 }

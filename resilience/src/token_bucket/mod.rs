@@ -6,13 +6,13 @@
 //! use bytes::Bytes;
 //! use http::{Request, Response, StatusCode};
 //! use http_body_util::{BodyExt, Full};
-//! use resilience::{PeerIp, RateLimited, TokenBucket, TokenBucketLayer};
+//! use resilience::{Burst, PeerIp, Rate, RateLimited, TokenBucket, TokenBucketLayer};
 //! use tower::{service_fn, Layer, ServiceExt};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() {
 //! // Standalone: 5 tokens per second, bursts of 10.
-//! let bucket = TokenBucket::new(5.0, 10);
+//! let bucket = TokenBucket::new(Rate::per_second(5.0), Burst(10));
 //! assert!(bucket.try_acquire_n(10).is_ok());
 //! assert_eq!(bucket.try_acquire().unwrap_err(), RateLimited { retry_after: Duration::from_millis(200) });
 //! bucket.acquire().await; // sleeps 200 ms
@@ -21,7 +21,11 @@
 //! let app = service_fn(|_req: Request<Full<Bytes>>| async {
 //!     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
 //! });
-//! let svc = TokenBucketLayer::new(1.0, 1).key(PeerIp).http().layer(app);
+//! let svc = TokenBucketLayer::builder(Rate::per_second(1.0), Burst(1))
+//!     .key(PeerIp)
+//!     .build()
+//!     .http()
+//!     .layer(app);
 //!
 //! let request = || {
 //!     let mut req = Request::new(Full::default());
@@ -40,7 +44,9 @@
 //!
 //! // Client side: wait for a token (at most 5 s) instead of failing.
 //! let client = service_fn(|req: &'static str| async move { Ok::<_, Infallible>(req) });
-//! let client = TokenBucketLayer::new(2.0, 1).wait(Duration::from_secs(5)).layer(client);
+//! let client = TokenBucketLayer::new(Rate::per_second(2.0), Burst(1))
+//!     .wait(Duration::from_secs(5))
+//!     .layer(client);
 //! let start = tokio::time::Instant::now();
 //! client.clone().oneshot("first").await.unwrap();
 //! client.clone().oneshot("second").await.unwrap(); // waited 500 ms
@@ -50,13 +56,13 @@
 //!
 //! # The algorithm
 //!
-//! A bucket holds up to `capacity` tokens and gains `rate` per second; a request takes
+//! A bucket holds up to `burst` tokens and gains `rate` per second; a request takes
 //! one (or `n`). It is implemented as GCRA: the state is the instant the bucket will be
 //! full again, one `AtomicU64` of nanoseconds, changed by one compare-and-swap. No
 //! locks, no background task, no timer: refilling is arithmetic on the clock. The clock
 //! is [`tokio::time::Instant`], so tests can pause and advance time.
 //!
-//! Guarantee: over any interval of length `t`, at most `capacity + rate * t` tokens
+//! Guarantee: over any interval of length `t`, at most `burst + rate * t` tokens
 //! are granted. `retry_after` in [`RateLimited`] is exact: the same request made that
 //! much later is granted if no one else takes the tokens first.
 //!
@@ -64,26 +70,40 @@
 //!
 //! - Never fails in `poll_ready` (it only forwards the inner service's readiness);
 //!   requests are refused in `call`, without reaching the inner service.
-//! - The buckets are created when the layer is built and shared by every service it
-//!   makes and all their clones.
+//! - The buckets are created once, when the layer is built, and shared by every
+//!   service it makes and all their clones.
 //! - A request whose key cannot be found is refused with [`MissingKey`] (HTTP mode:
 //!   `500`), never counted in a shared bucket.
 //! - HTTP mode rejections are responses (`429`, with `Retry-After` rounded up to whole
 //!   seconds and never 0, and the IETF `RateLimit` / `RateLimit-Policy` fields), so the
 //!   service stays infallible for axum.
+//!
+//! # Parameters
+//!
+//! Every constructor takes the rate and the burst as [`Rate`] and [`Burst`], so a call
+//! site names both: `TokenBucket::new(Rate::per_second(100.0), Burst(60))` is 100 per
+//! second with bursts of 60. The same two getters, `rate()` and `burst()`, read them
+//! back from [`TokenBucket`], [`KeyedTokenBuckets`] and [`TokenBucketLayer`].
+//!
+//! Bad values are refused, never adjusted: a rate that is not a finite number above 0,
+//! a burst of 0, a burst that takes over a century to refill, a key cap of 0. The
+//! infallible constructors panic (see their `# Panics`); each has a `try_` twin
+//! returning [`InvalidTokenBucket`] for values read at run time.
 
 mod bucket;
 mod error;
 mod future;
 mod keyed;
 mod layer;
+mod rate;
 mod service;
 
 pub use self::{
     bucket::{Acquired, TokenBucket},
-    error::{InvalidRate, MissingKey, RateLimited},
+    error::{InvalidTokenBucket, MissingKey, RateLimited},
     future::{HttpResponseFuture, ResponseFuture, WaitFuture},
     keyed::{KeyedTokenBuckets, DEFAULT_MAX_KEYS},
-    layer::{Http, Reject, TokenBucketLayer, Wait},
+    layer::{TokenBucketLayer, TokenBucketLayerBuilder},
+    rate::{Burst, Rate},
     service::TokenBucketService,
 };

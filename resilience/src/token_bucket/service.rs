@@ -3,6 +3,7 @@
 
 use std::{
     fmt,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -17,11 +18,13 @@ use super::{
         HttpResponseFuture, RateLimitHeaders, ResponseFuture, WaitFuture, RATELIMIT,
         RATELIMIT_POLICY,
     },
-    layer::{Http, Limiter, Reject, Wait},
+    layer::{Limiter, Settings},
 };
 use crate::{
-    http_response::{json_error, retry_after_secs},
-    key::{GlobalKey, KeyExtractor},
+    http_response::json_error,
+    key::{GlobalKey, KeyExtractor, KeyType},
+    mode::{ErrorMode, HttpMode, WaitMode},
+    retry_after::retry_after_secs,
     BoxError, ResponseBody,
 };
 
@@ -31,12 +34,24 @@ use crate::{
 /// `poll_ready` only asks the inner service and never fails on its own account; the
 /// decision is made in `call`, so a rejected request never reaches the inner service.
 /// Clones share the buckets.
-#[derive(Clone)]
-pub struct TokenBucketService<S, E = GlobalKey, M = Reject> {
+pub struct TokenBucketService<S, E: KeyType = GlobalKey, M = ErrorMode> {
     inner: S,
     extractor: E,
-    limiter: Limiter,
-    mode: M,
+    limiter: Limiter<E::Key>,
+    settings: Arc<Settings>,
+    _mode: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<S: Clone, E: KeyType, M> Clone for TokenBucketService<S, E, M> {
+    fn clone(&self) -> Self {
+        TokenBucketService {
+            inner: self.inner.clone(),
+            extractor: self.extractor.clone(),
+            limiter: self.limiter.clone(),
+            settings: self.settings.clone(),
+            _mode: std::marker::PhantomData,
+        }
+    }
 }
 
 /// Why a request was not let through.
@@ -54,13 +69,19 @@ impl Refusal {
     }
 }
 
-impl<S, E, M> TokenBucketService<S, E, M> {
-    pub(crate) fn new(inner: S, extractor: E, limiter: Limiter, mode: M) -> Self {
+impl<S, E: KeyType, M> TokenBucketService<S, E, M> {
+    pub(crate) fn new(
+        inner: S,
+        extractor: E,
+        limiter: Limiter<E::Key>,
+        settings: Arc<Settings>,
+    ) -> Self {
         TokenBucketService {
             inner,
             extractor,
             limiter,
-            mode,
+            settings,
+            _mode: std::marker::PhantomData,
         }
     }
 
@@ -86,14 +107,12 @@ impl<S, E, M> TokenBucketService<S, E, M> {
         E: KeyExtractor<Req>,
     {
         match &self.limiter {
-            // Only `TokenBucketLayer::new` builds a global limiter, and its extractor is
-            // `GlobalKey`: there is no key to extract.
+            // Only a builder never given `.key(...)` builds a global limiter, and its
+            // extractor is `GlobalKey`: there is no key to extract.
             Limiter::Global(bucket) => bucket.check(1).map_err(Refusal::Limited),
-            Limiter::Keyed(slot) => {
+            Limiter::Keyed(buckets) => {
                 let key = self.extractor.extract(req).map_err(Refusal::Missing)?;
-                slot.get::<E::Key>()
-                    .check(&key, 1)
-                    .map_err(Refusal::Limited)
+                buckets.check(&key, 1).map_err(Refusal::Limited)
             }
         }
     }
@@ -112,9 +131,8 @@ impl<S, E, M> TokenBucketService<S, E, M> {
                 let wait = bucket.reserve(1, max_wait)?;
                 (wait, (!wait.is_zero()).then(|| bucket.reservation(1)))
             }
-            Limiter::Keyed(slot) => {
+            Limiter::Keyed(buckets) => {
                 let key = self.extractor.extract(req)?;
-                let buckets = slot.get::<E::Key>();
                 let wait = buckets.reserve(&key, 1, max_wait)?;
                 (
                     wait,
@@ -126,7 +144,7 @@ impl<S, E, M> TokenBucketService<S, E, M> {
     }
 }
 
-impl<S, E, Req> Service<Req> for TokenBucketService<S, E, Reject>
+impl<S, E, Req> Service<Req> for TokenBucketService<S, E, ErrorMode>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
@@ -148,7 +166,7 @@ where
     }
 }
 
-impl<S, E, ReqBody, ResBody> Service<Request<ReqBody>> for TokenBucketService<S, E, Http>
+impl<S, E, ReqBody, ResBody> Service<Request<ReqBody>> for TokenBucketService<S, E, HttpMode>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     E: KeyExtractor<Request<ReqBody>>,
@@ -165,21 +183,24 @@ where
         match self.admit(&req) {
             Ok(acquired) => {
                 let headers = self
-                    .mode
-                    .on_success
+                    .settings
+                    .headers_on_success
                     .then(|| ratelimit_value(acquired.remaining(), acquired.time_until_full()))
                     .flatten()
                     .map(|limit| RateLimitHeaders {
-                        policy: self.mode.policy.clone(),
+                        policy: self.settings.policy.clone(),
                         limit,
                     });
                 HttpResponseFuture::inner(self.inner.call(req), headers)
             }
             Err(Refusal::Limited(rejected)) => {
-                HttpResponseFuture::rejected(self.mode.too_many_requests(&rejected))
+                HttpResponseFuture::rejected(self.settings.too_many_requests(&rejected))
             }
             Err(Refusal::Missing(missing)) => {
-                tracing::error!(
+                // Per request at `debug`: a missing header is the client's doing. A
+                // missing peer address, a deployment mistake, is logged once at `warn`
+                // by the extractor.
+                tracing::debug!(
                     missing = missing.what(),
                     "rate limit key missing; answering 500"
                 );
@@ -192,7 +213,7 @@ where
     }
 }
 
-impl<S, E, Req> Service<Req> for TokenBucketService<S, E, Wait>
+impl<S, E, Req> Service<Req> for TokenBucketService<S, E, WaitMode>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
@@ -207,7 +228,7 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        match self.reserve(&req, self.mode.max_wait) {
+        match self.reserve(&req, self.settings.max_wait) {
             Err(error) => WaitFuture::failed(error),
             Ok((_, None)) => WaitFuture::calling(self.inner.call(req)),
             Ok((wait, Some(reservation))) => {
@@ -223,7 +244,7 @@ where
     }
 }
 
-impl Http {
+impl Settings {
     /// The 429 for a refusal.
     fn too_many_requests<B>(&self, rejected: &Rejected) -> Response<ResponseBody<B>> {
         let secs = retry_after_secs(rejected.limited.retry_after);
@@ -231,10 +252,8 @@ impl Http {
             Some((content_type, body)) => (content_type.clone(), body.clone()),
             None => (
                 HeaderValue::from_static("application/json"),
-                json_error(
-                    "rate_limited",
-                    &format!("too many requests; retry after {secs} s"),
-                ),
+                // `RateLimited`'s Display: "rate limited; retry after N s", N = `secs`.
+                json_error("rate_limited", &rejected.limited.to_string()),
             ),
         };
         let mut response = Response::new(ResponseBody::rejection(body));
@@ -279,13 +298,13 @@ pub(crate) fn internal_error<B>(code: &str, message: &str) -> Response<ResponseB
     response
 }
 
-impl<S: fmt::Debug, E: fmt::Debug, M: fmt::Debug> fmt::Debug for TokenBucketService<S, E, M> {
+impl<S: fmt::Debug, E: KeyType + fmt::Debug, M> fmt::Debug for TokenBucketService<S, E, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenBucketService")
             .field("inner", &self.inner)
-            .field("extractor", &self.extractor)
+            .field("key", &self.extractor)
             .field("limiter", &self.limiter)
-            .field("mode", &self.mode)
+            .field("mode", &std::any::type_name::<M>())
             .finish()
     }
 }

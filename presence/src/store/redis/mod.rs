@@ -91,7 +91,7 @@ use redis::RedisError;
 use tokio::sync::{mpsc, oneshot};
 
 use self::batch::{batch_heartbeats, eval, evalsha, HeartbeatJob};
-use self::bulk::BulkConnection;
+use self::bulk::{BulkConnection, Bulks, Session};
 use self::record::{parse_u64, to_node, Record};
 use self::scripts::{lease_header, LOGIN, LOGIN_PURGE, LOGOUT, OUTAGE_CLAIM, OUTAGE_SHIFT};
 pub use self::scripts::{INDEX_GRANULARITY, KEY_SLACK, MAX_LEASE_LEN};
@@ -457,8 +457,7 @@ impl RedisStore {
     }
 
     /// Calls `each` with the id and record of every node online at the store's
-    /// clock, in `node_id` order, page by page as the pages arrive. Returns how many
-    /// members the sorted set listed (an upper bound of the nodes; sizes buffers).
+    /// clock, in `node_id` order, page by page as the pages arrive.
     ///
     /// Two exchanges on the [`BulkConnection`]: `TIME` + `ZRANGE ... BYSCORE` in one
     /// pipeline, then `HMGET`s of [`RedisOptions::page_size`] records, up to
@@ -479,11 +478,23 @@ impl RedisStore {
         mut each: impl FnMut(&str, Record<'_>) + Send,
     ) -> Result<(), StoreError> {
         let mut session = self.inner.bulk.session().await?;
+        let (now, ids) = self.live_members(&mut session).await?;
+        let order = node_id_order(&ids);
+        self.each_record(&mut session, &ids, &order, now, &mut each)
+            .await
+    }
+
+    /// The Redis clock and the members of the sorted set that may be online at it:
+    /// `TIME` + `ZRANGE ... BYSCORE` in one pipeline (see [`for_each_live`]'s lower
+    /// bound).
+    ///
+    /// [`for_each_live`]: Self::for_each_live
+    async fn live_members(&self, session: &mut Session<'_>) -> Result<(u64, Bulks), StoreError> {
         let offset = self.inner.clock_offset_ms.load(Ordering::Relaxed);
         let mut lower = (offset != i64::MIN)
             .then(|| local_epoch_ms().saturating_add_signed(offset))
             .map(|estimate| estimate.saturating_sub(LIST_CLOCK_MARGIN_MS + index_granularity_ms()));
-        let (now, ids) = loop {
+        loop {
             let min = lower.map_or_else(|| "-inf".to_owned(), |l| l.to_string());
             let range = redis::pipe()
                 .cmd("TIME")
@@ -514,15 +525,23 @@ impl RedisStore {
             match lower {
                 // Every node online at `now` has a score above `now - granularity`.
                 Some(l) if l.saturating_add(index_granularity_ms()) > now => lower = None,
-                _ => break (now, ids),
+                _ => return Ok((now, ids)),
             }
-        };
-        // Sorted by a 16-byte prefix computed once (most ids differ in it), the rest
-        // of the bytes only on a tie.
-        let mut order: Vec<(u128, usize)> = (0..ids.len())
-            .filter_map(|i| Some((sort_key(ids.get(i)?), i)))
-            .collect();
-        order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| ids.get(a.1).cmp(&ids.get(b.1))));
+        }
+    }
+
+    /// Calls `each` for every member in `order` whose record is online at `now`:
+    /// `HMGET`s of [`RedisOptions::page_size`] records, up to
+    /// [`RedisOptions::page_concurrency`] in flight, so that Redis answers the next
+    /// page while this one is written out.
+    async fn each_record(
+        &self,
+        session: &mut Session<'_>,
+        ids: &Bulks,
+        order: &[(u128, usize)],
+        now: u64,
+        each: &mut (impl FnMut(&str, Record<'_>) + Send),
+    ) -> Result<(), StoreError> {
         let pages: Vec<&[(u128, usize)]> = order.chunks(self.inner.page_size).collect();
         let hmget = |page: &[(u128, usize)]| {
             let mut cmd = redis::cmd("HMGET");
@@ -635,7 +654,7 @@ impl RedisStore {
         outage: Duration,
         max_ttl_ms: u64,
     ) -> Result<u64, StoreError> {
-        let outage_ms = u64::try_from(outage.as_millis()).unwrap_or(u64::MAX);
+        let outage_ms = crate::millis(outage);
         if outage_ms == 0 {
             return Ok(0);
         }
@@ -764,7 +783,7 @@ impl Store for RedisStore {
 fn local_epoch_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, crate::millis)
 }
 
 /// A stored field name as a node id for a listing; `None` (logged) if it is not
@@ -779,12 +798,22 @@ fn listed_id(id: &[u8]) -> Option<&str> {
 
 /// [`INDEX_GRANULARITY`] in ms.
 fn index_granularity_ms() -> u64 {
-    u64::try_from(INDEX_GRANULARITY.as_millis()).unwrap_or(u64::MAX)
+    crate::millis(INDEX_GRANULARITY)
 }
 
 /// How long expired records are kept, in ms ([`MAX_PRESERVED_OUTAGE`]).
 pub(super) fn grace_ms() -> u64 {
-    u64::try_from(MAX_PRESERVED_OUTAGE.as_millis()).unwrap_or(u64::MAX)
+    crate::millis(MAX_PRESERVED_OUTAGE)
+}
+
+/// The members' indexes in `node_id` order, each with its sort key: a 16-byte prefix
+/// computed once (most ids differ in it), the rest of the bytes only on a tie.
+fn node_id_order(ids: &Bulks) -> Vec<(u128, usize)> {
+    let mut order: Vec<(u128, usize)> = (0..ids.len())
+        .filter_map(|i| Some((sort_key(ids.get(i)?), i)))
+        .collect();
+    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| ids.get(a.1).cmp(&ids.get(b.1))));
+    order
 }
 
 fn epoch_ms(secs: u64, micros: u64) -> u64 {
@@ -846,8 +875,8 @@ fn glob_escape(s: &str) -> String {
 }
 
 /// Helpers for tests that need a Redis server (this crate's and the workspace's
-/// end-to-end tests). Not part of the stable API.
-#[doc(hidden)]
+/// end-to-end tests), behind the `test-util` feature: not part of the library's API.
+#[cfg(feature = "test-util")]
 pub mod test_support {
     use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,0 +1,168 @@
+//! The HTTP edge of the stack, from tower-http: request ids, `Authorization` marked
+//! sensitive, panics turned into `500` answers, CORS for browser clients on other
+//! origins (`PRESENCE_CORS_ORIGINS`), and compression of listings when the client
+//! asks for it.
+//!
+//! Outermost first, around the metrics layer and the dispatch:
+//!
+//! ```text
+//! SetRequestId (x-request-id: kept if the client sent one, else a new one)
+//!   PropagateRequestId (the same x-request-id on the response)
+//!     Metrics (its request log line names the id)
+//!       SetSensitiveRequestHeaders (Authorization)
+//!         CatchPanic (a panicking handler is a 500 JSON error)
+//!           CORS (only with PRESENCE_CORS_ORIGINS)
+//!             dispatch: GET /presence -> Compression (gzip, br, zstd) -> /presence* branch
+//!                       other /presence* -> /presence* branch
+//!                       /healthz, /readyz, /metrics -> router
+//! ```
+//!
+//! Compression sits on the listing branch only: tower-http's compression body is
+//! about 6 KB (its encoders' state), which every heartbeat answer would otherwise
+//! carry through the stack, and only listings are large enough to compress.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderName, HeaderValue, Method};
+use resilience::BoxError;
+use tower::util::{Either, MapResponse};
+use tower_http::body::UnsyncBoxBody as CatchPanicBody;
+use tower_http::catch_panic::CatchPanic;
+use tower_http::compression::predicate::{And, NotForContentType, Predicate, SizeAbove};
+use tower_http::compression::{Compression, CompressionBody, CompressionLayer};
+use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
+use tower_http::request_id::{MakeRequestId, PropagateRequestId, RequestId, SetRequestId};
+use tower_http::sensitive_headers::SetSensitiveRequestHeaders;
+
+use super::errors::ApiError;
+use super::ResponseBody;
+
+/// The request id header.
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Responses smaller than this are sent as they are: compressing a heartbeat answer
+/// would cost more than it saves.
+const COMPRESS_ABOVE_BYTES: u16 = 1024;
+
+/// The layers inside the metrics layer, around `S`.
+pub(crate) type Inner<S> = SetSensitiveRequestHeaders<
+    MapResponse<CatchPanic<Either<Cors<S>, S>, PanicResponse>, FromCaught>,
+>;
+
+/// `S` with its responses compressed when the client asks (the listing branch).
+pub(crate) type Compressed<S> = MapResponse<Compression<S, Compressible>, FromCompressed>;
+
+/// The layers outside the metrics layer, around `S`.
+pub(crate) type Outer<S> = SetRequestId<PropagateRequestId<S>, SequentialRequestId>;
+
+type PanicResponse = fn(Box<dyn Any + Send + 'static>) -> http::Response<ResponseBody>;
+type Compressible = And<SizeAbove, NotForContentType>;
+type FromCaught =
+    fn(http::Response<CatchPanicBody<Bytes, BoxError>>) -> http::Response<ResponseBody>;
+type FromCompressed =
+    fn(http::Response<CompressionBody<ResponseBody>>) -> http::Response<ResponseBody>;
+
+/// Wraps `inner` (the dispatch) in the layers that go inside the metrics layer.
+pub(crate) fn inner<S>(inner: S, cors_origins: &[HeaderValue]) -> Inner<S> {
+    let cors = if cors_origins.is_empty() {
+        Either::Right(inner)
+    } else {
+        Either::Left(tower::Layer::layer(&cors(cors_origins), inner))
+    };
+    let panics = CatchPanic::custom(cors, panic_response as PanicResponse);
+    SetSensitiveRequestHeaders::new(
+        MapResponse::new(panics, |res| res.map(ResponseBody::caught)),
+        std::iter::once(AUTHORIZATION),
+    )
+}
+
+/// Compresses the answers of `inner` when the client asks for it (gzip, br or zstd)
+/// and they are over [`COMPRESS_ABOVE_BYTES`]. Only the listing goes through it:
+/// tower-http's compressed body is some 6 KB that every answer would carry.
+pub(crate) fn compressed<S>(inner: S) -> Compressed<S> {
+    let compression = CompressionLayer::new()
+        .gzip(true)
+        .br(true)
+        .zstd(true)
+        .compress_when(
+            SizeAbove::new(COMPRESS_ABOVE_BYTES)
+                // The watch feed's events must not wait in a compressor's buffer.
+                .and(NotForContentType::SSE),
+        );
+    MapResponse::new(tower::Layer::layer(&compression, inner), |res| {
+        res.map(ResponseBody::compressed)
+    })
+}
+
+/// Wraps `inner` (the metrics layer) in the request id layers.
+pub(crate) fn outer<S>(inner: S) -> Outer<S> {
+    SetRequestId::x_request_id(
+        PropagateRequestId::x_request_id(inner),
+        SequentialRequestId::new(),
+    )
+}
+
+/// The CORS policy for `origins`: those origins may call every route with the
+/// methods and headers the API uses, and read the headers it sends.
+fn cors(origins: &[HeaderValue]) -> CorsLayer {
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().cloned())
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::HEAD, Method::POST])
+        .allow_headers([AUTHORIZATION, CONTENT_TYPE, X_REQUEST_ID])
+        .expose_headers([
+            http::header::RETRY_AFTER,
+            HeaderName::from_static("ratelimit"),
+            HeaderName::from_static("ratelimit-policy"),
+            X_REQUEST_ID,
+        ])
+}
+
+/// A panic in a handler: a `500` in the API's error shape. The connection and the
+/// process carry on; the panic message goes to the log, not to the client.
+fn panic_response(panic: Box<dyn Any + Send + 'static>) -> http::Response<ResponseBody> {
+    let detail = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a handler panicked".to_owned());
+    ApiError::Internal(format!("handler panicked: {detail}")).into_response()
+}
+
+/// Request ids `<random>-<n>`: a random prefix per process (so ids from several
+/// servers do not collide), then a counter. Cheaper than a UUID per request, which
+/// would read the OS random source on every request.
+#[derive(Clone, Debug)]
+pub(crate) struct SequentialRequestId {
+    prefix: u32,
+    next: Arc<AtomicU64>,
+}
+
+impl SequentialRequestId {
+    fn new() -> Self {
+        let mut prefix = [0u8; 4];
+        // Without randomness the ids are still unique per process.
+        let _ = getrandom::fill(&mut prefix);
+        SequentialRequestId {
+            prefix: u32::from_le_bytes(prefix),
+            next: Arc::new(AtomicU64::new(1)),
+        }
+    }
+}
+
+impl MakeRequestId for SequentialRequestId {
+    fn make_request_id<B>(&mut self, _request: &http::Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::try_from(format!("{:08x}-{n:x}", self.prefix))
+            .ok()
+            .map(RequestId::new)
+    }
+}

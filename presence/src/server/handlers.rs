@@ -1,0 +1,242 @@
+//! The request handlers and the innermost service, [`Router`], that runs them for
+//! the action [`Resolved`] found.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use serde::Serialize;
+use tower::Service;
+
+use super::errors::{bytes_response, json_response, ApiError};
+use super::list::list_response;
+use super::request::{parse_json, read_body, read_json};
+use super::routes::{Action, Resolved};
+use super::store_call::State;
+use super::{RequestBody, ResponseBody};
+use crate::model::{try_new_lease_id, LoginResponse, LogoutResponse, Meta, NodeId};
+use crate::wire::{heartbeat_reply, plain_heartbeat, HeartbeatWire, LoginWire, LogoutWire};
+
+/// A node id as it stands in a path segment, percent-decoded (`svc%40host%3A7000` is
+/// `svc@host:7000`, as `encodeURIComponent` writes it). What decoding yields is then
+/// validated like any id, so `%2F` is an invalid id, never a path separator (and bytes
+/// that are not UTF-8 become U+FFFD, an invalid character too).
+fn decode_node_id(segment: &str) -> Cow<'_, str> {
+    percent_encoding::percent_decode_str(segment).decode_utf8_lossy()
+}
+
+impl State {
+    async fn handle(
+        self: &Arc<Self>,
+        action: Action,
+        req: http::Request<RequestBody>,
+    ) -> Result<http::Response<ResponseBody>, ApiError> {
+        let (parts, body) = req.into_parts();
+        match action {
+            Action::Healthz => Ok(json_response(StatusCode::OK, &Status { status: "ok" })),
+            Action::Readyz => {
+                self.guarded("", |s| s.ping()).await?;
+                Ok(json_response(StatusCode::OK, &Status { status: "ready" }))
+            }
+            Action::Metrics => Ok(bytes_response(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                Bytes::from(self.metrics.encode()),
+            )),
+            Action::List => {
+                let list = self.list.list(self).await?;
+                self.metrics.set_online_nodes(list.count);
+                Ok(list_response(list))
+            }
+            Action::Get => {
+                let id = decode_node_id(
+                    parts
+                        .uri
+                        .path()
+                        .get("/presence/".len()..)
+                        .unwrap_or_default(),
+                );
+                let node = NodeId::parse(&id).map_err(ApiError::InvalidNodeId)?;
+                match self.guarded(&id, |s| s.get(&node)).await? {
+                    Some(found) => Ok(json_response(StatusCode::OK, &found)),
+                    None => Err(ApiError::NodeNotFound(node.into_string())),
+                }
+            }
+            Action::Login => {
+                let req: LoginWire = read_json(&parts.headers, body, self.body_timeout).await?;
+                let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
+                let meta = self.check_meta(req.meta)?.unwrap_or_default();
+                let lease_id = try_new_lease_id()
+                    .map_err(|e| ApiError::Internal(format!("OS random source failed: {e}")))?;
+                let outcome = self
+                    .guarded(&req.node_id, |s| {
+                        s.login(&node, &lease_id, self.ttl_ms, meta)
+                    })
+                    .await?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &LoginResponse {
+                        node_id: node.into_string(),
+                        lease_id,
+                        ttl_ms: self.ttl_ms,
+                        heartbeat_ms: self.heartbeat_ms,
+                        expires_at_ms: outcome.expires_at_ms,
+                    },
+                ))
+            }
+            Action::Heartbeat => self.heartbeat(&parts.headers, body).await,
+            Action::Logout => {
+                let req: LogoutWire = read_json(&parts.headers, body, self.body_timeout).await?;
+                let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
+                let removed = self
+                    .guarded(&req.node_id, |s| s.logout(&node, &req.lease_id))
+                    .await?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &LogoutResponse {
+                        node_id: node.into_string(),
+                        removed,
+                    },
+                ))
+            }
+        }
+    }
+
+    /// `POST /presence/heartbeat`, the hot path: its own future (see [`Router`]), ids
+    /// borrowed from the body rather than copied, and the body every client sends
+    /// taken apart without a JSON parser.
+    async fn heartbeat(
+        &self,
+        headers: &http::HeaderMap,
+        body: RequestBody,
+    ) -> Result<http::Response<ResponseBody>, ApiError> {
+        let bytes = read_body(headers, body, self.body_timeout).await?;
+        let req: HeartbeatWire<'_> = match plain_heartbeat(&bytes) {
+            Some(req) => req,
+            None => parse_json(&bytes)?,
+        };
+        let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
+        let meta = self.check_meta(req.meta)?;
+        let expires_at_ms = self
+            .guarded(&req.node_id, |s| {
+                s.heartbeat(&node, &req.lease_id, self.ttl_ms, meta)
+            })
+            .await?;
+        Ok(bytes_response(
+            StatusCode::OK,
+            "application/json",
+            heartbeat_reply(node.as_str(), &req.lease_id, expires_at_ms),
+        ))
+    }
+
+    /// `meta` must be a JSON object (`null` or absent means "none") of at most
+    /// `max_meta_bytes` serialized.
+    fn check_meta(&self, meta: Option<serde_json::Value>) -> Result<Option<Meta>, ApiError> {
+        let meta = match meta {
+            None | Some(serde_json::Value::Null) => return Ok(None),
+            Some(serde_json::Value::Object(map)) => map,
+            Some(_) => {
+                return Err(ApiError::InvalidMeta(
+                    "meta must be a JSON object".to_owned(),
+                ))
+            }
+        };
+        let mut size = ByteCounter(0);
+        // Serializing a `Value` into a counting writer cannot fail; if it ever did,
+        // treating the meta as invalid is the safe side.
+        if serde_json::to_writer(&mut size, &meta).is_err() || size.0 > self.max_meta_bytes {
+            return Err(ApiError::InvalidMeta(format!(
+                "meta is {} bytes serialized; at most {} are allowed",
+                size.0, self.max_meta_bytes
+            )));
+        }
+        Ok(Some(meta))
+    }
+}
+
+/// Counts the bytes written to it (the serialized size of meta, without allocating it).
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 = self.0.saturating_add(buf.len());
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Serialize)]
+struct Status {
+    status: &'static str,
+}
+
+/// The innermost service: routes and handles a request.
+#[derive(Clone)]
+pub(crate) struct Router {
+    state: Arc<State>,
+}
+
+impl Router {
+    pub(crate) fn new(state: Arc<State>) -> Self {
+        Router { state }
+    }
+}
+
+impl Service<http::Request<RequestBody>> for Router {
+    type Response = http::Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<RequestBody>) -> Self::Future {
+        let state = self.state.clone();
+        let action = Resolved::from_request(&req).action(req.method(), req.uri().path());
+        let action = match action {
+            Ok(action) => action,
+            Err(e) => return Box::pin(std::future::ready(Ok(e.into_response()))),
+        };
+        // A heartbeat gets a future of its own: the one of `handle` is sized for the
+        // largest route, and every request would move all of it into its box.
+        if action == Action::Heartbeat {
+            return Box::pin(async move {
+                let (parts, body) = req.into_parts();
+                Ok(state
+                    .heartbeat(&parts.headers, body)
+                    .await
+                    .unwrap_or_else(ApiError::into_response))
+            });
+        }
+        let head = req.method() == Method::HEAD;
+        Box::pin(async move {
+            let res = state
+                .handle(action, req)
+                .await
+                .unwrap_or_else(ApiError::into_response);
+            Ok(if head { without_body(res) } else { res })
+        })
+    }
+}
+
+/// The answer to a `HEAD`: the `GET` response's status and headers, its length as
+/// `Content-Length`, no body. (hyper would drop the body on the wire by itself; an
+/// in-process caller gets the same answer.)
+fn without_body(res: http::Response<ResponseBody>) -> http::Response<ResponseBody> {
+    use http_body::Body as _;
+    let (mut parts, body) = res.into_parts();
+    if let Some(len) = body.size_hint().exact() {
+        parts
+            .headers
+            .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    }
+    http::Response::from_parts(parts, ResponseBody::full(Bytes::new()))
+}

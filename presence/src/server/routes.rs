@@ -1,0 +1,252 @@
+//! The route table: every path the server answers, the methods each one takes, its
+//! metrics label, and whether it is under `/presence` (behind auth, the rate limit
+//! and the body limit). Dispatch, `404` / `405` + `Allow` and the metric labels all
+//! read this one table, and each request is resolved against it once
+//! ([`Resolved`], made by the outermost layer and carried in the request's
+//! extensions).
+//!
+//! Paths are matched by [`matchit`], the router axum uses: static segments win over
+//! the `{node_id}` parameter, so `/presence/login` is the action, and a parameter is
+//! one path segment (`/presence/a/b` is no route). `HEAD` is served wherever `GET` is
+//! (RFC 9110 9.3.2): the same status and headers, no body; load balancers' health
+//! probes often use it.
+
+use std::sync::LazyLock;
+
+use http::Method;
+
+use super::errors::ApiError;
+
+/// One path template of the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    Healthz,
+    Readyz,
+    Metrics,
+    List,
+    Login,
+    Heartbeat,
+    Logout,
+    Node,
+}
+
+/// What a request asks for, once its path and method are matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Action {
+    Healthz,
+    Readyz,
+    Metrics,
+    List,
+    Login,
+    Heartbeat,
+    Logout,
+    /// `GET /presence/{node_id}`: the id is the path after `/presence/`.
+    Get,
+}
+
+impl Endpoint {
+    const ALL: [Endpoint; 8] = [
+        Endpoint::Healthz,
+        Endpoint::Readyz,
+        Endpoint::Metrics,
+        Endpoint::List,
+        Endpoint::Login,
+        Endpoint::Heartbeat,
+        Endpoint::Logout,
+        Endpoint::Node,
+    ];
+
+    /// The path template, which is also the metrics label.
+    pub(crate) fn template(self) -> &'static str {
+        match self {
+            Endpoint::Healthz => "/healthz",
+            Endpoint::Readyz => "/readyz",
+            Endpoint::Metrics => "/metrics",
+            Endpoint::List => "/presence",
+            Endpoint::Login => "/presence/login",
+            Endpoint::Heartbeat => "/presence/heartbeat",
+            Endpoint::Logout => "/presence/logout",
+            Endpoint::Node => "/presence/{node_id}",
+        }
+    }
+
+    /// The action a `POST` asks for, if any.
+    fn post(self) -> Option<Action> {
+        match self {
+            Endpoint::Login => Some(Action::Login),
+            Endpoint::Heartbeat => Some(Action::Heartbeat),
+            Endpoint::Logout => Some(Action::Logout),
+            _ => None,
+        }
+    }
+
+    /// The action a `GET` (or `HEAD`) asks for. The action paths are reserved node
+    /// ids: a `GET` on them is the node lookup, which refuses them.
+    fn get(self) -> Action {
+        match self {
+            Endpoint::Healthz => Action::Healthz,
+            Endpoint::Readyz => Action::Readyz,
+            Endpoint::Metrics => Action::Metrics,
+            Endpoint::List => Action::List,
+            Endpoint::Login | Endpoint::Heartbeat | Endpoint::Logout | Endpoint::Node => {
+                Action::Get
+            }
+        }
+    }
+
+    /// The `Allow` header of a `405`.
+    fn allow(self) -> &'static str {
+        if self.post().is_some() {
+            "GET, HEAD, POST"
+        } else {
+            "GET, HEAD"
+        }
+    }
+
+    fn action(self, method: &Method) -> Option<Action> {
+        match *method {
+            Method::GET | Method::HEAD => Some(self.get()),
+            Method::POST => self.post(),
+            _ => None,
+        }
+    }
+}
+
+/// The table, built once: `matchit` needs its routes inserted at run time.
+static TABLE: LazyLock<matchit::Router<Endpoint>> = LazyLock::new(|| {
+    let mut table = matchit::Router::new();
+    for endpoint in Endpoint::ALL {
+        // The templates above are valid and distinct; a failure is a bug in them,
+        // which the `every_template_is_in_the_table` test catches.
+        let _ = table.insert(endpoint.template(), endpoint);
+    }
+    // An empty id is a node lookup too, so that it is `422 invalid_node_id`.
+    let _ = table.insert("/presence/", Endpoint::Node);
+    table
+});
+
+/// Whether `path` is `/presence` or under it: behind auth, the rate limit and the
+/// body limit, whether or not a route matches (their `404` and `405` too).
+fn is_presence_path(path: &str) -> bool {
+    path == "/presence" || path.starts_with("/presence/")
+}
+
+/// A request resolved against the table: made once per request (by
+/// [`MetricsService`](super::MetricsService), the outermost layer) and read by every
+/// layer after it from the request's extensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Resolved {
+    endpoint: Option<Endpoint>,
+    action: Option<Action>,
+    presence: bool,
+}
+
+impl Resolved {
+    /// Resolves `method` + `path`.
+    pub(crate) fn of(method: &Method, path: &str) -> Resolved {
+        let endpoint = TABLE.at(path).ok().map(|m| *m.value);
+        Resolved {
+            endpoint,
+            action: endpoint.and_then(|e| e.action(method)),
+            presence: is_presence_path(path),
+        }
+    }
+
+    /// The resolution carried by `req`, or made now if no layer before made it.
+    pub(crate) fn from_request<B>(req: &http::Request<B>) -> Resolved {
+        match req.extensions().get::<Resolved>() {
+            Some(resolved) => *resolved,
+            None => Resolved::of(req.method(), req.uri().path()),
+        }
+    }
+
+    /// The metrics label: the route template (whatever the method), `unmatched` if
+    /// no route matches.
+    pub(crate) fn label(&self) -> &'static str {
+        self.endpoint.map_or("unmatched", Endpoint::template)
+    }
+
+    /// Whether the request is `GET /presence` (or `HEAD`), the listing.
+    pub(crate) fn is_listing(&self) -> bool {
+        self.action == Some(Action::List)
+    }
+
+    /// Whether the request is under `/presence`.
+    pub(crate) fn is_presence(&self) -> bool {
+        self.presence
+    }
+
+    /// The action, or the `404` (no such path) / `405` (not with this method) error.
+    pub(crate) fn action(&self, method: &Method, path: &str) -> Result<Action, ApiError> {
+        match (self.endpoint, self.action) {
+            (_, Some(action)) => Ok(action),
+            (Some(endpoint), None) => Err(ApiError::MethodNotAllowed {
+                allow: endpoint.allow(),
+            }),
+            (None, _) => Err(ApiError::RouteNotFound {
+                method: method.clone(),
+                path: path.to_owned(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn action(method: Method, path: &str) -> Result<Action, ApiError> {
+        Resolved::of(&method, path).action(&method, path)
+    }
+
+    #[test]
+    fn every_template_is_in_the_table() {
+        for endpoint in Endpoint::ALL {
+            let path = endpoint.template().replace("{node_id}", "n-1");
+            assert_eq!(Resolved::of(&Method::GET, &path).endpoint, Some(endpoint));
+        }
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(action(Method::GET, "/presence"), Ok(Action::List));
+        assert_eq!(action(Method::HEAD, "/presence"), Ok(Action::List));
+        assert_eq!(action(Method::POST, "/presence/login"), Ok(Action::Login));
+        assert_eq!(action(Method::GET, "/presence/login"), Ok(Action::Get));
+        assert_eq!(action(Method::GET, "/presence/n-1"), Ok(Action::Get));
+        assert_eq!(action(Method::GET, "/presence/"), Ok(Action::Get));
+        assert_eq!(action(Method::HEAD, "/healthz"), Ok(Action::Healthz));
+        assert!(matches!(
+            action(Method::GET, "/presence/a/b"),
+            Err(ApiError::RouteNotFound { .. })
+        ));
+        assert!(matches!(
+            action(Method::GET, "/wp-admin"),
+            Err(ApiError::RouteNotFound { .. })
+        ));
+        assert_eq!(
+            action(Method::DELETE, "/presence/login"),
+            Err(ApiError::MethodNotAllowed {
+                allow: "GET, HEAD, POST"
+            })
+        );
+        assert_eq!(
+            action(Method::POST, "/presence/n-1"),
+            Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" })
+        );
+    }
+
+    #[test]
+    fn labels_are_templates_and_presence_covers_unmatched_paths_under_it() {
+        let label = |m: Method, p: &str| Resolved::of(&m, p).label();
+        assert_eq!(label(Method::GET, "/presence/n-1"), "/presence/{node_id}");
+        assert_eq!(label(Method::PUT, "/presence/n-1"), "/presence/{node_id}");
+        assert_eq!(label(Method::PUT, "/presence/login"), "/presence/login");
+        assert_eq!(label(Method::GET, "/wp-admin"), "unmatched");
+        assert_eq!(label(Method::POST, "/healthz"), "/healthz");
+        assert!(Resolved::of(&Method::GET, "/presence/a/b").is_presence());
+        assert!(Resolved::of(&Method::GET, "/presence").is_presence());
+        assert!(!Resolved::of(&Method::GET, "/presencex").is_presence());
+        assert!(!Resolved::of(&Method::GET, "/healthz").is_presence());
+    }
+}
