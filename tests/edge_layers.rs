@@ -10,9 +10,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use presence::model::{Meta, NodeId};
-use presence::store::{FaultyStore, MemoryStore, Store};
-use support::{config, http, within, Reply, TestServer};
+use presence::model::Meta;
+use presence::store::FaultyStore;
+use support::client::{http, Reply};
+use support::server::{memory_store_with_nodes, TestServer};
+use support::{config, within};
 use tokio::net::TcpStream;
 
 /// One HTTP/1 connection, for several requests in a row.
@@ -72,17 +74,10 @@ async fn a_panicking_handler_is_a_500_and_the_connection_and_process_survive() {
 }
 
 async fn server_with_listing(nodes: usize) -> TestServer {
-    let store = Arc::new(MemoryStore::new());
     let mut meta = Meta::new();
     meta.insert("load".into(), 0.5.into());
     meta.insert("hp".into(), 90.into());
-    for i in 0..nodes {
-        let node = NodeId::parse(&format!("node-{i:05}")).unwrap();
-        store
-            .login(&node, "lease", 600_000, meta.clone())
-            .await
-            .unwrap();
-    }
+    let store = memory_store_with_nodes(nodes, &meta).await;
     TestServer::start(&config(&[]), store).await
 }
 
@@ -132,7 +127,7 @@ async fn listings_are_compressed_when_the_client_asks() {
 
 #[tokio::test]
 async fn request_ids_are_set_or_propagated() {
-    let server = TestServer::start(&config(&[]), Arc::new(MemoryStore::new())).await;
+    let server = TestServer::memory(&config(&[])).await;
     within(10, async {
         let mut send = connection(&server).await;
         let (a, _) = get_on(&mut send, "/healthz", &[]).await;
@@ -154,10 +149,10 @@ async fn request_ids_are_set_or_propagated() {
 
 #[tokio::test]
 async fn cors_answers_only_for_the_configured_origins() {
-    let server = TestServer::start(
-        &config(&[("PRESENCE_CORS_ORIGINS", "https://ops.example.com")]),
-        Arc::new(MemoryStore::new()),
-    )
+    let server = TestServer::memory(&config(&[(
+        "PRESENCE_CORS_ORIGINS",
+        "https://ops.example.com",
+    )]))
     .await;
     let client = http();
     let preflight = Reply::send(
@@ -197,7 +192,7 @@ async fn cors_answers_only_for_the_configured_origins() {
     server.stop().await;
 
     // Without PRESENCE_CORS_ORIGINS: no CORS at all.
-    let server = TestServer::start(&config(&[]), Arc::new(MemoryStore::new())).await;
+    let server = TestServer::memory(&config(&[])).await;
     let reply = Reply::send(
         client
             .get(server.url("/presence"))

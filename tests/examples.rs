@@ -3,9 +3,13 @@
 //! 0, and checked by status codes, headers and hit counts. Every test is bounded by
 //! `within`, and everything it spawns ends with its runtime.
 
-use std::{future::Future, net::SocketAddr, sync::atomic::Ordering, time::Duration};
+mod support;
+
+use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
 
 use resilience::CircuitState;
+use support::client::{http, Reply};
+use support::within;
 use tokio::net::TcpListener;
 
 #[allow(dead_code)]
@@ -27,33 +31,10 @@ mod reqwest_breaker;
 /// A rate so slow that no token comes back during a test: exactly `burst` calls pass.
 const NO_REFILL: f64 = 0.001;
 
-/// Fails the test if `fut` takes longer than `secs` instead of hanging.
-async fn within<T>(secs: u64, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), fut)
-        .await
-        .expect("test took too long")
-}
-
 async fn local_listener() -> (TcpListener, SocketAddr) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     (listener, addr)
-}
-
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
-}
-
-fn header<'a>(res: &'a reqwest::Response, name: &str) -> Option<&'a str> {
-    res.headers().get(name).and_then(|v| v.to_str().ok())
-}
-
-/// `Retry-After` in whole seconds, at least 1.
-fn retry_after_secs(res: &reqwest::Response) -> u64 {
-    let value = header(res, "retry-after").expect("Retry-After header");
-    let secs: u64 = value.parse().expect("Retry-After is whole seconds");
-    assert!(secs >= 1, "Retry-After must never be 0");
-    secs
 }
 
 // ---------------------------------------------------------------------------------------
@@ -82,7 +63,7 @@ async fn start_demo(config: &resilience_demo::DemoConfig) -> (SocketAddr, resili
 async fn demo_unstable_opens_the_breaker_then_503_with_retry_after() {
     within(10, async {
         let (addr, demo) = start_demo(&demo_config()).await;
-        let client = http_client();
+        let client = http();
         let url = format!("http://{addr}/unstable");
 
         for i in 0..3 {
@@ -90,12 +71,11 @@ async fn demo_unstable_opens_the_breaker_then_503_with_retry_after() {
             assert_eq!(res.status(), 500, "call {i} fails (probability 1.0)");
         }
         for _ in 0..3 {
-            let res = client.get(&url).send().await.unwrap();
-            assert_eq!(res.status(), 503);
-            let secs = retry_after_secs(&res);
+            let reply = Reply::send(client.get(&url)).await;
+            assert_eq!(reply.status, 503);
+            let secs = reply.retry_after_secs();
             assert!(secs <= 60, "Retry-After {secs} is within open_for");
-            let body: serde_json::Value = res.json().await.unwrap();
-            assert_eq!(body["error"], "circuit_open");
+            assert_eq!(reply.json()["error"], "circuit_open");
         }
         assert_eq!(
             demo.unstable_hits.load(Ordering::Relaxed),
@@ -115,7 +95,7 @@ async fn demo_unstable_never_fails_with_probability_zero() {
             ..demo_config()
         };
         let (addr, demo) = start_demo(&config).await;
-        let client = http_client();
+        let client = http();
         for _ in 0..10 {
             let res = client
                 .get(format!("http://{addr}/unstable"))
@@ -134,16 +114,16 @@ async fn demo_unstable_never_fails_with_probability_zero() {
 async fn demo_limited_allows_the_burst_then_429() {
     within(10, async {
         let (addr, _demo) = start_demo(&demo_config()).await;
-        let client = http_client();
+        let client = http();
         let url = format!("http://{addr}/limited");
 
         for i in 0..10 {
             let res = client.get(&url).send().await.unwrap();
             assert_eq!(res.status(), 200, "call {i} is within the burst of 10");
         }
-        let res = client.get(&url).send().await.unwrap();
-        assert_eq!(res.status(), 429);
-        retry_after_secs(&res);
+        let reply = Reply::send(client.get(&url)).await;
+        assert_eq!(reply.status, 429);
+        reply.retry_after_secs();
 
         // Other routes are not limited, and unknown ones are a plain 404.
         let res = client
@@ -177,22 +157,23 @@ async fn axum_burst_then_429_with_retry_after_and_ratelimit_headers() {
             ..Default::default()
         };
         let (addr, _state) = start_axum(&limits).await;
-        let client = http_client();
+        let client = http();
         let url = format!("http://{addr}/");
 
         for i in 0..3 {
             let res = client.get(&url).send().await.unwrap();
             assert_eq!(res.status(), 200, "call {i} is within the burst of 3");
         }
-        let res = client.get(&url).send().await.unwrap();
-        assert_eq!(res.status(), 429);
-        retry_after_secs(&res);
-        let policy = header(&res, "ratelimit-policy").expect("RateLimit-Policy header");
+        let reply = Reply::send(client.get(&url)).await;
+        assert_eq!(reply.status, 429);
+        reply.retry_after_secs();
+        let policy = reply
+            .header("ratelimit-policy")
+            .expect("RateLimit-Policy header");
         assert!(policy.contains("q=3"), "policy names the burst: {policy}");
-        let limit = header(&res, "ratelimit").expect("RateLimit header");
+        let limit = reply.header("ratelimit").expect("RateLimit header");
         assert!(limit.contains("r=0"), "no tokens remaining: {limit}");
-        let body: serde_json::Value = res.json().await.unwrap();
-        assert_eq!(body["error"], "rate_limited");
+        assert_eq!(reply.json()["error"], "rate_limited");
     })
     .await;
 }
@@ -210,7 +191,7 @@ async fn axum_buckets_are_per_client_ip() {
         };
         let (addr, _state) = start_axum(&limits).await;
         let url = format!("http://{addr}/");
-        let first = http_client();
+        let first = http();
         let second = reqwest::Client::builder()
             .no_proxy()
             .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
@@ -235,7 +216,7 @@ async fn axum_breaker_route_503_after_failures() {
             open_for: Duration::from_secs(60),
         };
         let (addr, state) = start_axum(&limits).await;
-        let client = http_client();
+        let client = http();
 
         let res = client
             .get(format!("http://{addr}/upstream"))
@@ -256,15 +237,10 @@ async fn axum_breaker_route_503_after_failures() {
             assert_eq!(res.status(), 500);
         }
         // Open now: even a call that would succeed is rejected without running the handler.
-        let res = client
-            .get(format!("http://{addr}/upstream"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 503);
-        retry_after_secs(&res);
-        let body: serde_json::Value = res.json().await.unwrap();
-        assert_eq!(body["error"], "circuit_open");
+        let reply = Reply::send(client.get(format!("http://{addr}/upstream"))).await;
+        assert_eq!(reply.status, 503);
+        reply.retry_after_secs();
+        assert_eq!(reply.json()["error"], "circuit_open");
         assert_eq!(state.upstream_hits.load(Ordering::Relaxed), 4);
 
         // The breaker guards /upstream only.
@@ -383,7 +359,7 @@ async fn reqwest_5xx_opens_the_breaker_then_circuit_open_without_hitting_the_ser
             .open_for(Duration::from_secs(60))
             .build();
         let mut client = reqwest_breaker::layered(
-            http_client(),
+            http(),
             breaker.clone(),
             1000.0,
             1000,
@@ -422,7 +398,7 @@ async fn reqwest_wait_mode_smooths_calls() {
         let (addr, hits) = start_upstream().await;
         // Burst 1 at 20/s: after the first call, one call per 50 ms.
         let mut client = reqwest_breaker::layered(
-            http_client(),
+            http(),
             resilience::CircuitBreaker::new(),
             20.0,
             1,
@@ -451,7 +427,7 @@ async fn reqwest_wait_mode_gives_up_past_max_wait() {
         let (addr, hits) = start_upstream().await;
         // One token per 10 s, but a call waits at most 50 ms.
         let mut client = reqwest_breaker::layered(
-            http_client(),
+            http(),
             resilience::CircuitBreaker::new(),
             0.1,
             1,

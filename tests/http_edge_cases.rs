@@ -6,16 +6,17 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use presence::store::MemoryStore;
-use support::{config, http, login, raw_request, within, Reply, TestServer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::client::{http, http2, login, Reply};
+use support::raw_http::{parse_http_response, raw_request, read_to_close};
+use support::server::TestServer;
+use support::{config, within};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 async fn memory_server(vars: &[(&str, &str)]) -> TestServer {
-    TestServer::start(&config(vars), Arc::new(MemoryStore::new())).await
+    TestServer::memory(&config(vars)).await
 }
 
 /// A `GET /presence` from 127.0.0.1 with one extra header line.
@@ -83,12 +84,7 @@ async fn head_is_served_wherever_get_is() {
         assert!(len > 0, "HEAD {path}: the GET body's length");
     }
     // HTTP/2 too.
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
-    let reply = Reply::send(h2.head(server.url("/healthz"))).await;
+    let reply = Reply::send(http2().head(server.url("/healthz"))).await;
     assert_eq!(reply.status, 200, "{reply:?}");
     // A method nobody serves still says what is allowed.
     let reply = Reply::send(http().delete(server.url("/healthz"))).await;
@@ -147,13 +143,7 @@ async fn finish_request(mut s: TcpStream) -> u16 {
     s.write_all(b"Host: t\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf).await;
-    let text = String::from_utf8_lossy(&buf);
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    parse_http_response(&read_to_close(&mut s).await).status
 }
 
 #[tokio::test]
@@ -173,9 +163,7 @@ async fn connections_past_the_cap_wait_while_open_ones_are_served() {
         s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
-        let mut buf = Vec::new();
-        let _ = s.read_to_end(&mut buf).await;
-        String::from_utf8_lossy(&buf).into_owned()
+        String::from_utf8_lossy(&read_to_close(&mut s).await).into_owned()
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(

@@ -27,10 +27,12 @@ use presence::store::redis::{RedisOptions, RedisStore};
 use presence::store::{FaultyStore, Store};
 use serde_json::{json, Value};
 
-use support::{
-    clean_command, config, example_binary, free_port, get, login, metric_value, parse_listen_addr,
-    post_json, raw_request, redis_required, test_redis_uri, within, ChildGuard, Reply, TestServer,
-};
+use support::client::{get, http, login, post_json, Reply};
+use support::process::{clean_command, example_binary_or_skip, parse_listen_addr, ChildGuard};
+use support::raw_http::raw_request;
+use support::redis::{test_redis_uri, RedisChild};
+use support::server::TestServer;
+use support::{config, metric_value, within};
 
 fn meta(value: Value) -> Meta {
     match value {
@@ -331,7 +333,7 @@ async fn healthz_readyz_and_metrics_answer_200() {
             ct.starts_with("text/plain") || ct.starts_with("application/openmetrics-text"),
             "not a Prometheus text content type: {ct:?}"
         );
-        let text = &scrape.body;
+        let text = scrape.text();
         for name in [
             "presence_http_requests_total",
             "presence_http_request_duration_seconds",
@@ -356,12 +358,12 @@ async fn healthz_readyz_and_metrics_answer_200() {
             "raw paths leak into labels"
         );
         assert_eq!(
-            metric_value(text, "presence_online_nodes"),
+            metric_value(&text, "presence_online_nodes"),
             Some(1.0),
             "{text}"
         );
         assert_eq!(
-            metric_value(text, "presence_store_circuit_state"),
+            metric_value(&text, "presence_store_circuit_state"),
             Some(0.0),
             "{text}"
         );
@@ -419,7 +421,7 @@ async fn bad_request_400_for_malformed_json_wrong_types_and_missing_fields() {
 async fn unauthorized_401_with_a_token_configured_and_probes_need_none() {
     within(30, async {
         let server = TestServer::memory(&config(&[("PRESENCE_AUTH_TOKEN", "s3cret-token")])).await;
-        let http = support::http();
+        let http = http();
 
         let no_token = Reply::send(http.get(server.base())).await;
         no_token.assert_error(401, "unauthorized");
@@ -522,7 +524,7 @@ async fn not_found_404_for_unknown_routes_and_nodes_that_are_not_online() {
 async fn method_not_allowed_405_with_allow_header() {
     within(30, async {
         let server = TestServer::memory(&config(&[])).await;
-        let http = support::http();
+        let http = http();
         use reqwest::Method;
 
         for (method, path, allow) in [
@@ -636,7 +638,7 @@ fn padded_login_body(len: usize) -> String {
 async fn unsupported_media_type_415_without_a_json_content_type() {
     within(30, async {
         let server = TestServer::memory(&config(&[])).await;
-        let http = support::http();
+        let http = http();
         let body = r#"{"node_id":"typed-1"}"#;
 
         for ct in [
@@ -761,7 +763,7 @@ async fn rate_limited_429_with_retry_after_on_presence_routes_only() {
             ("PRESENCE_RATE_LIMIT_RATE", "0.01"),
         ]))
         .await;
-        let http = support::http();
+        let http = http();
 
         for _ in 0..3 {
             assert_eq!(get(&server.base()).await.status, 200);
@@ -791,7 +793,7 @@ async fn rate_limited_429_with_retry_after_on_presence_routes_only() {
         for path in ["/healthz", "/readyz", "/metrics", "/healthz", "/readyz"] {
             assert_eq!(get(&server.url(path)).await.status, 200, "{path}");
         }
-        let scrape = get(&server.url("/metrics")).await.body;
+        let scrape = get(&server.url("/metrics")).await.text();
         assert_eq!(
             metric_value(&scrape, "presence_rate_limited_total"),
             Some(3.0),
@@ -826,7 +828,7 @@ async fn rate_limit_keys_on_forwarded_for_only_behind_a_trusted_proxy() {
             ("PRESENCE_TRUSTED_PROXIES", "127.0.0.1/32, ::1/128"),
         ]))
         .await;
-        let http = support::http();
+        let http = http();
         let from = |ip: &str| {
             http.get(server.base())
                 .header("x-forwarded-for", ip.to_owned())
@@ -892,7 +894,7 @@ async fn store_unavailable_503_with_retry_after_when_the_store_is_down() {
         get(&server.url("/readyz")).await.assert_error(503, "store_unavailable");
         assert_eq!(store.calls.load(Ordering::SeqCst), 5, "the breaker kept the store out");
 
-        let scrape = get(&server.url("/metrics")).await.body;
+        let scrape = get(&server.url("/metrics")).await.text();
         assert_eq!(
             metric_value(&scrape, r#"presence_store_errors_total{kind="unavailable"}"#),
             Some(5.0),
@@ -979,7 +981,7 @@ async fn store_unavailable_503_when_the_store_does_not_answer_in_time() {
             .await
             .assert_error(503, "store_unavailable");
 
-        let scrape = get(&server.url("/metrics")).await.body;
+        let scrape = get(&server.url("/metrics")).await.text();
         assert_eq!(
             metric_value(&scrape, r#"presence_store_errors_total{kind="timeout"}"#),
             Some(3.0),
@@ -1130,51 +1132,13 @@ async fn two_servers_on_one_redis_prefix_share_presence() {
     assert_eq!(left, 0, "keys left under the test prefix after cleanup");
 }
 
-/// Starts `redis-server` on `port` (no persistence) and waits until it accepts
-/// connections. `None` (skip) when there is no `redis-server` binary, unless
-/// `PRESENCE_REQUIRE_REDIS=1`.
-async fn start_redis_server(port: u16) -> Option<ChildGuard> {
-    let mut cmd = std::process::Command::new("redis-server");
-    cmd.args([
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]);
-    let child = match ChildGuard::spawn_quiet(cmd) {
-        Ok(child) => child,
-        Err(e) if redis_required() => {
-            panic!("redis-server is required (PRESENCE_REQUIRE_REDIS=1) but cannot start: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipping: cannot start redis-server: {e} (PRESENCE_REQUIRE_REDIS=1 makes this a failure)");
-            return None;
-        }
-    };
-    within(10, async {
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    Some(child)
-}
-
 #[tokio::test]
 async fn redis_outage_gives_503_and_the_server_recovers_when_redis_is_back() {
     within(60, async {
-        let port = free_port();
-        let Some(mut redis) = start_redis_server(port).await else {
+        let Some(mut redis) = RedisChild::start("redis_outage_gives_503").await else {
             return;
         };
-        let uri = format!("redis://127.0.0.1:{port}");
+        let uri = redis.uri();
         let options = RedisOptions::default()
             .connection_timeout(Duration::from_millis(300))
             .response_timeout(Duration::from_millis(300))
@@ -1204,9 +1168,7 @@ async fn redis_outage_gives_503_and_the_server_recovers_when_redis_is_back() {
         assert_eq!(get(&server.url("/healthz")).await.status, 200);
 
         // A new, empty Redis on the same port: readiness comes back by itself.
-        let Some(_redis) = start_redis_server(port).await else {
-            panic!("redis-server started once but not twice");
-        };
+        redis.restart().await;
         eventually(30, "readyz is 200 again after Redis came back", || async {
             get(&server.url("/readyz")).await.status == 200
         })
@@ -1225,25 +1187,14 @@ async fn redis_outage_gives_503_and_the_server_recovers_when_redis_is_back() {
     .await;
 }
 
-/// `kill -<signal> <pid>` for a process this test started.
-#[cfg(unix)]
-fn signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([format!("-{signal}"), pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{signal} {pid}: {status:?}");
-}
-
 #[cfg(unix)]
 #[tokio::test]
 async fn a_redis_pause_longer_than_the_ttl_is_given_back_to_the_leases() {
     within(60, async {
-        let port = free_port();
-        let Some(redis) = start_redis_server(port).await else {
+        let Some(redis) = RedisChild::start("a_redis_pause_longer_than_the_ttl").await else {
             return;
         };
-        let uri = format!("redis://127.0.0.1:{port}");
+        let uri = redis.uri();
         let options = RedisOptions::default()
             .connection_timeout(Duration::from_millis(300))
             .response_timeout(Duration::from_millis(300));
@@ -1257,12 +1208,12 @@ async fn a_redis_pause_longer_than_the_ttl_is_given_back_to_the_leases() {
         let first_expiry = lease["expires_at_ms"].as_u64().expect("expires_at_ms");
 
         // Redis stops answering (no data lost): the server notices on its next call.
-        signal(redis.id(), "STOP");
+        redis.pause();
         get(&server.base())
             .await
             .assert_error(503, "store_unavailable");
         tokio::time::sleep(Duration::from_millis(2_500)).await; // > TTL
-        signal(redis.id(), "CONT");
+        redis.resume();
 
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let listed = loop {
@@ -1303,19 +1254,9 @@ async fn a_redis_pause_longer_than_the_ttl_is_given_back_to_the_leases() {
 // The presence_server example binary
 // ---------------------------------------------------------------------------------------
 
-fn presence_server_binary() -> Option<std::path::PathBuf> {
-    match example_binary("presence_server") {
-        Ok(path) => Some(path),
-        Err(why) => {
-            eprintln!("skipping: {why}");
-            None
-        }
-    }
-}
-
 #[tokio::test]
 async fn binary_exits_2_with_one_line_naming_a_bad_variable() {
-    let Some(bin) = presence_server_binary() else {
+    let Some(bin) = example_binary_or_skip("presence_server") else {
         return;
     };
     within(60, async {
@@ -1359,7 +1300,7 @@ async fn binary_exits_2_with_one_line_naming_a_bad_variable() {
 #[cfg(unix)]
 #[tokio::test]
 async fn binary_logs_its_port_0_address_serves_and_exits_0_on_sigterm() {
-    let Some(bin) = presence_server_binary() else {
+    let Some(bin) = example_binary_or_skip("presence_server") else {
         return;
     };
     within(60, async {
@@ -1385,11 +1326,7 @@ async fn binary_logs_its_port_0_address_serves_and_exits_0_on_sigterm() {
             ["bin-node"]
         );
 
-        let kill = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(kill.success(), "kill -TERM failed: {kill:?}");
+        child.signal("TERM");
         let status = child
             .wait_exit(Duration::from_secs(15))
             .await
@@ -1404,7 +1341,7 @@ async fn binary_logs_its_port_0_address_serves_and_exits_0_on_sigterm() {
 #[cfg(unix)]
 #[tokio::test]
 async fn binary_starts_while_redis_is_down_and_answers_503() {
-    let Some(bin) = presence_server_binary() else {
+    let Some(bin) = example_binary_or_skip("presence_server") else {
         return;
     };
     within(60, async {
@@ -1431,11 +1368,7 @@ async fn binary_starts_while_redis_is_down_and_answers_503() {
             .await
             .assert_error(503, "store_unavailable");
 
-        let kill = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(kill.success(), "kill -TERM failed: {kill:?}");
+        child.signal("TERM");
         let status = child
             .wait_exit(Duration::from_secs(15))
             .await

@@ -9,7 +9,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use load::{assert_clean, LoadGen};
-use support::{config, free_port, parse_listen_addr, within, TestServer};
+use support::process::parse_listen_addr;
+use support::server::TestServer;
+use support::{config, free_port, within};
 
 /// A presence server with the per-client rate limit out of the way (all the load comes
 /// from one IP), plus `vars`.

@@ -3,18 +3,17 @@
 //! idle (header) timeout that takes; a client that stops reading is cut off after the
 //! write-stall timeout.
 
-mod hardening_support;
+mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hardening_support::{config, within, TestServer};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use presence::config::Config;
-use presence::model::{Meta, NodeId};
-use presence::store::{MemoryStore, Store};
+use presence::model::Meta;
+use support::server::{memory_store_with_nodes, TestServer};
+use support::{unlimited_config, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -24,17 +23,10 @@ use tokio::net::{TcpSocket, TcpStream};
 const NODES: usize = 2000;
 
 async fn server_with_big_listing(write_stall: Duration) -> (TestServer, Config) {
-    let store = Arc::new(MemoryStore::new());
     let mut meta = Meta::new();
     meta.insert("blob".into(), "x".repeat(4000).into());
-    for i in 0..NODES {
-        let node = NodeId::parse(&format!("node-{i:05}")).unwrap();
-        store
-            .login(&node, &format!("lease-{i}"), 600_000, meta.clone())
-            .await
-            .unwrap();
-    }
-    let mut cfg = config(Duration::from_secs(5));
+    let store = memory_store_with_nodes(NODES, &meta).await;
+    let mut cfg = unlimited_config(Duration::from_secs(5));
     cfg.header_timeout = Duration::from_millis(300);
     cfg.write_stall_timeout = write_stall;
     let server = TestServer::start(&cfg, store).await;

@@ -83,6 +83,9 @@ struct Cli {
     /// Send `Authorization: Bearer TOKEN`
     #[arg(long, value_name = "TOKEN", value_parser = header_token)]
     auth: Option<String>,
+    /// `list` mode: send `Accept-Encoding: ENC` (e.g. gzip, br, zstd) with each listing
+    #[arg(long, value_name = "ENC", value_parser = header_token)]
+    accept_encoding: Option<String>,
     /// Also print the report as one JSON line (the last line of stdout)
     #[arg(long)]
     json: bool,
@@ -116,6 +119,8 @@ pub struct Options {
     pub timeout: Duration,
     /// Bearer token, if the server requires one.
     pub auth: Option<String>,
+    /// `Accept-Encoding` of the listings, if any.
+    pub accept_encoding: Option<String>,
     /// Print a JSON line after the summary.
     pub json: bool,
 }
@@ -167,6 +172,7 @@ impl Cli {
             interval: self.interval_ms,
             timeout: self.timeout_ms,
             auth: self.auth,
+            accept_encoding: self.accept_encoding,
             json: self.json,
         }))
     }

@@ -103,6 +103,8 @@ pub struct Target {
     login: String,
     heartbeat: String,
     list: String,
+    /// Extra headers of the listing (`Accept-Encoding` with `--accept-encoding`).
+    list_headers: String,
     timeout: Duration,
 }
 
@@ -122,6 +124,10 @@ impl Target {
         if let Some(token) = &opts.auth {
             headers.push_str(&format!("Authorization: Bearer {token}\r\n"));
         }
+        let mut list_headers = String::new();
+        if let Some(encoding) = &opts.accept_encoding {
+            list_headers.push_str(&format!("Accept-Encoding: {encoding}\r\n"));
+        }
         Ok(Target {
             addr,
             url: url.to_owned(),
@@ -129,6 +135,7 @@ impl Target {
             login: path("/login")?,
             heartbeat: path("/heartbeat")?,
             list: path("")?,
+            list_headers,
             timeout: opts.timeout,
         })
     }
@@ -194,7 +201,10 @@ impl Target {
 
     /// `GET` of the node list.
     pub fn list_request(&self) -> Bytes {
-        self.request(&self.list, None)
+        Bytes::from(format!(
+            "GET {} HTTP/1.1\r\n{}{}\r\n",
+            self.list, self.headers, self.list_headers
+        ))
     }
 
     /// The login request of node `i`: ids are `load-<i>`, and the body carries a small
@@ -345,29 +355,37 @@ impl Conn {
         };
         let head = parse_head(&self.buf[..head_len]).map_err(|kind| (kind, false))?;
         self.buf.advance(head_len);
-        // The body: exactly Content-Length bytes, kept only when asked for.
-        let mut left = head.content_length;
         let mut kept = BytesMut::new();
-        loop {
-            let take = self.buf.len().min(left);
-            if keep_body {
-                kept.extend_from_slice(&self.buf[..take]);
+        let body_len = match head.length {
+            // The body: exactly Content-Length bytes, kept only when asked for.
+            BodyLength::Exact(len) => {
+                read_exact(stream, &mut self.buf, len, keep_body.then_some(&mut kept)).await?;
+                len
             }
-            self.buf.advance(take);
-            left -= take;
-            if left == 0 {
-                break;
+            // A compressed listing: chunks of `<hex size>\r\n<data>\r\n`, ending at 0.
+            BodyLength::Chunked => {
+                let mut total = 0;
+                loop {
+                    let line = read_line(stream, &mut self.buf).await?;
+                    let size =
+                        usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+                            .map_err(|_| ("bad_chunk_size", false))?;
+                    total += line.len() + 2;
+                    if size == 0 {
+                        // No trailers from the servers measured: the final CRLF.
+                        read_exact(stream, &mut self.buf, 2, None).await?;
+                        break total + 2;
+                    }
+                    read_exact(stream, &mut self.buf, size, keep_body.then_some(&mut kept)).await?;
+                    read_exact(stream, &mut self.buf, 2, None).await?;
+                    total += size + 2;
+                }
             }
-            self.buf.reserve(64 * 1024);
-            match stream.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return Err(("response_body", false)),
-                Ok(_) => {}
-            }
-        }
+        };
         Ok(RawResponse {
             status: head.status,
             body: kept.freeze(),
-            bytes_in: (head_len + head.content_length) as u64,
+            bytes_in: (head_len + body_len) as u64,
             close: head.close,
         })
     }
@@ -395,10 +413,64 @@ fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
         .map(|at| from + at + 4)
 }
 
+/// Reads `len` bytes of the body from `buf` (filling it from `stream`), appending them
+/// to `keep` if given.
+async fn read_exact(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    mut left: usize,
+    mut keep: Option<&mut BytesMut>,
+) -> Result<(), (&'static str, bool)> {
+    loop {
+        let take = buf.len().min(left);
+        if let Some(keep) = keep.as_deref_mut() {
+            keep.extend_from_slice(&buf[..take]);
+        }
+        buf.advance(take);
+        left -= take;
+        if left == 0 {
+            return Ok(());
+        }
+        buf.reserve(64 * 1024);
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(("response_body", false)),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Reads one CRLF-terminated line (a chunk size) from `buf`, filling it from `stream`.
+async fn read_line(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<String, (&'static str, bool)> {
+    loop {
+        if let Some(at) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = String::from_utf8_lossy(&buf[..at]).into_owned();
+            buf.advance(at + 2);
+            return Ok(line);
+        }
+        if buf.len() > 1024 {
+            return Err(("bad_chunk_size", false));
+        }
+        buf.reserve(16 * 1024);
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(("response_body", false)),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// How the response body is framed.
+enum BodyLength {
+    Exact(usize),
+    Chunked,
+}
+
 /// What the generator reads from a response head.
 struct Head {
     status: StatusCode,
-    content_length: usize,
+    length: BodyLength,
     close: bool,
 }
 
@@ -416,6 +488,7 @@ fn parse_head(head: &[u8]) -> Result<Head, &'static str> {
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or("bad_status_line")?;
     let mut content_length = None;
+    let mut chunked = false;
     let mut close = version == Some("HTTP/1.0");
     for line in lines.filter(|l| !l.is_empty()) {
         let (name, value) = line.split_once(':').ok_or("bad_header")?;
@@ -423,14 +496,22 @@ fn parse_head(head: &[u8]) -> Result<Head, &'static str> {
         if name.eq_ignore_ascii_case("content-length") {
             content_length = Some(value.parse::<usize>().map_err(|_| "bad_content_length")?);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err("chunked_response_unsupported");
+            if !value.eq_ignore_ascii_case("chunked") {
+                return Err("transfer_coding_unsupported");
+            }
+            chunked = true;
         } else if name.eq_ignore_ascii_case("connection") {
             close = value.eq_ignore_ascii_case("close");
         }
     }
+    let length = match (chunked, content_length) {
+        (true, _) => BodyLength::Chunked,
+        (false, Some(len)) => BodyLength::Exact(len),
+        (false, None) => return Err("no_content_length"),
+    };
     Ok(Head {
         status,
-        content_length: content_length.ok_or("no_content_length")?,
+        length,
         close,
     })
 }

@@ -64,6 +64,12 @@ pub(crate) fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The README's code blocks, compiled (and, unless marked `no_run`, run) as doctests of
+/// this crate, so they cannot fall behind the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 pub use client::{ClientError, PresenceClient};
 pub use config::Config;
 pub use model::{Meta, Node, NodeId};

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{example_binary, ChildGuard};
+use crate::support::process::{example_binary, ChildGuard};
 
 /// The built load generator.
 pub struct LoadGen(PathBuf);

@@ -1,20 +1,18 @@
-//! The HTTP edge of the stack, from tower-http: request ids, `Authorization` marked
-//! sensitive, panics turned into `500` answers, CORS for browser clients on other
-//! origins (`PRESENCE_CORS_ORIGINS`), and compression of listings when the client
-//! asks for it.
+//! The HTTP edge of the stack, from tower-http: `Authorization` marked sensitive,
+//! panics turned into `500` answers, CORS for browser clients on other origins
+//! (`PRESENCE_CORS_ORIGINS`), and compression of listings when the client asks for
+//! it. (Request ids are the metrics layer's: see [`Metrics`](super::Metrics).)
 //!
 //! Outermost first, around the metrics layer and the dispatch:
 //!
 //! ```text
-//! SetRequestId (x-request-id: kept if the client sent one, else a new one)
-//!   PropagateRequestId (the same x-request-id on the response)
-//!     Metrics (its request log line names the id)
-//!       SetSensitiveRequestHeaders (Authorization)
-//!         CatchPanic (a panicking handler is a 500 JSON error)
-//!           CORS (only with PRESENCE_CORS_ORIGINS)
-//!             dispatch: GET /presence -> Compression (gzip, br, zstd) -> /presence* branch
-//!                       other /presence* -> /presence* branch
-//!                       /healthz, /readyz, /metrics -> router
+//! Metrics (x-request-id kept or made, named in the log line and sent back)
+//!   SetSensitiveRequestHeaders (Authorization)
+//!     CatchPanic (a panicking handler is a 500 JSON error)
+//!       CORS (only with PRESENCE_CORS_ORIGINS)
+//!         dispatch: GET /presence -> Compression (gzip, br, zstd) -> /presence* branch
+//!                   other /presence* -> /presence* branch
+//!                   /healthz, /readyz, /metrics -> router
 //! ```
 //!
 //! Compression sits on the listing branch only: tower-http's compression body is
@@ -22,8 +20,6 @@
 //! carry through the stack, and only listings are large enough to compress.
 
 use std::any::Any;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -35,7 +31,6 @@ use tower_http::catch_panic::CatchPanic;
 use tower_http::compression::predicate::{And, NotForContentType, Predicate, SizeAbove};
 use tower_http::compression::{Compression, CompressionBody, CompressionLayer};
 use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
-use tower_http::request_id::{MakeRequestId, PropagateRequestId, RequestId, SetRequestId};
 use tower_http::sensitive_headers::SetSensitiveRequestHeaders;
 
 use super::errors::ApiError;
@@ -55,9 +50,6 @@ pub(crate) type Inner<S> = SetSensitiveRequestHeaders<
 
 /// `S` with its responses compressed when the client asks (the listing branch).
 pub(crate) type Compressed<S> = MapResponse<Compression<S, Compressible>, FromCompressed>;
-
-/// The layers outside the metrics layer, around `S`.
-pub(crate) type Outer<S> = SetRequestId<PropagateRequestId<S>, SequentialRequestId>;
 
 type PanicResponse = fn(Box<dyn Any + Send + 'static>) -> http::Response<ResponseBody>;
 type Compressible = And<SizeAbove, NotForContentType>;
@@ -98,14 +90,6 @@ pub(crate) fn compressed<S>(inner: S) -> Compressed<S> {
     })
 }
 
-/// Wraps `inner` (the metrics layer) in the request id layers.
-pub(crate) fn outer<S>(inner: S) -> Outer<S> {
-    SetRequestId::x_request_id(
-        PropagateRequestId::x_request_id(inner),
-        SequentialRequestId::new(),
-    )
-}
-
 /// The CORS policy for `origins`: those origins may call every route with the
 /// methods and headers the API uses, and read the headers it sends.
 fn cors(origins: &[HeaderValue]) -> CorsLayer {
@@ -135,34 +119,4 @@ fn panic_response(panic: Box<dyn Any + Send + 'static>) -> http::Response<Respon
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a handler panicked".to_owned());
     ApiError::Internal(format!("handler panicked: {detail}")).into_response()
-}
-
-/// Request ids `<random>-<n>`: a random prefix per process (so ids from several
-/// servers do not collide), then a counter. Cheaper than a UUID per request, which
-/// would read the OS random source on every request.
-#[derive(Clone, Debug)]
-pub(crate) struct SequentialRequestId {
-    prefix: u32,
-    next: Arc<AtomicU64>,
-}
-
-impl SequentialRequestId {
-    fn new() -> Self {
-        let mut prefix = [0u8; 4];
-        // Without randomness the ids are still unique per process.
-        let _ = getrandom::fill(&mut prefix);
-        SequentialRequestId {
-            prefix: u32::from_le_bytes(prefix),
-            next: Arc::new(AtomicU64::new(1)),
-        }
-    }
-}
-
-impl MakeRequestId for SequentialRequestId {
-    fn make_request_id<B>(&mut self, _request: &http::Request<B>) -> Option<RequestId> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        HeaderValue::try_from(format!("{:08x}-{n:x}", self.prefix))
-            .ok()
-            .map(RequestId::new)
-    }
 }

@@ -16,7 +16,7 @@ use tower::Service;
 use super::errors::{bytes_response, json_response, ApiError};
 use super::list::list_response;
 use super::request::{parse_json, read_body, read_json};
-use super::routes::{Action, Resolved};
+use super::routes::{Endpoint, Resolved};
 use super::store_call::State;
 use super::{RequestBody, ResponseBody};
 use crate::model::{try_new_lease_id, LoginResponse, LogoutResponse, Meta, NodeId};
@@ -33,27 +33,27 @@ fn decode_node_id(segment: &str) -> Cow<'_, str> {
 impl State {
     async fn handle(
         self: &Arc<Self>,
-        action: Action,
+        action: Endpoint,
         req: http::Request<RequestBody>,
     ) -> Result<http::Response<ResponseBody>, ApiError> {
         let (parts, body) = req.into_parts();
         match action {
-            Action::Healthz => Ok(json_response(StatusCode::OK, &Status { status: "ok" })),
-            Action::Readyz => {
+            Endpoint::Healthz => Ok(json_response(StatusCode::OK, &Status { status: "ok" })),
+            Endpoint::Readyz => {
                 self.guarded("", |s| s.ping()).await?;
                 Ok(json_response(StatusCode::OK, &Status { status: "ready" }))
             }
-            Action::Metrics => Ok(bytes_response(
+            Endpoint::Metrics => Ok(bytes_response(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 Bytes::from(self.metrics.encode()),
             )),
-            Action::List => {
+            Endpoint::List => {
                 let list = self.list.list(self).await?;
                 self.metrics.set_online_nodes(list.count);
                 Ok(list_response(list))
             }
-            Action::Get => {
+            Endpoint::Node => {
                 let id = decode_node_id(
                     parts
                         .uri
@@ -67,7 +67,7 @@ impl State {
                     None => Err(ApiError::NodeNotFound(node.into_string())),
                 }
             }
-            Action::Login => {
+            Endpoint::Login => {
                 let req: LoginWire = read_json(&parts.headers, body, self.body_timeout).await?;
                 let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
                 let meta = self.check_meta(req.meta)?.unwrap_or_default();
@@ -89,8 +89,8 @@ impl State {
                     },
                 ))
             }
-            Action::Heartbeat => self.heartbeat(&parts.headers, body).await,
-            Action::Logout => {
+            Endpoint::Heartbeat => self.heartbeat(&parts.headers, body).await,
+            Endpoint::Logout => {
                 let req: LogoutWire = read_json(&parts.headers, body, self.body_timeout).await?;
                 let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
                 let removed = self
@@ -207,7 +207,7 @@ impl Service<http::Request<RequestBody>> for Router {
         };
         // A heartbeat gets a future of its own: the one of `handle` is sized for the
         // largest route, and every request would move all of it into its box.
-        if action == Action::Heartbeat {
+        if action == Endpoint::Heartbeat {
             return Box::pin(async move {
                 let (parts, body) = req.into_parts();
                 Ok(state

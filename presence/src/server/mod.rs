@@ -58,7 +58,7 @@ pub use self::errors::ApiError;
 pub use self::limit::{BodyLimit, BodyLimitLayer};
 pub use self::metrics::{Metrics, MetricsFuture, MetricsLayer, MetricsService, StoreErrorKind};
 pub use self::serve::{serve, shutdown_signal, Server};
-pub use self::service::{service, PresenceService, ResponseFuture};
+pub use self::service::{PresenceService, ResponseFuture};
 
 /// Largest accepted request body on `/presence*` (16 KiB).
 pub const MAX_BODY_BYTES: usize = 16 * 1024;

@@ -17,7 +17,8 @@ use http::Method;
 
 use super::errors::ApiError;
 
-/// One path template of the API.
+/// One path template of the API. The order is that of [`Endpoint::ALL`] and
+/// [`LABELS`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Endpoint {
     Healthz,
@@ -28,20 +29,6 @@ pub(crate) enum Endpoint {
     Heartbeat,
     Logout,
     Node,
-}
-
-/// What a request asks for, once its path and method are matched.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Action {
-    Healthz,
-    Readyz,
-    Metrics,
-    List,
-    Login,
-    Heartbeat,
-    Logout,
-    /// `GET /presence/{node_id}`: the id is the path after `/presence/`.
-    Get,
 }
 
 impl Endpoint {
@@ -57,7 +44,7 @@ impl Endpoint {
     ];
 
     /// The path template, which is also the metrics label.
-    pub(crate) fn template(self) -> &'static str {
+    pub(crate) const fn template(self) -> &'static str {
         match self {
             Endpoint::Healthz => "/healthz",
             Endpoint::Readyz => "/readyz",
@@ -70,47 +57,47 @@ impl Endpoint {
         }
     }
 
-    /// The action a `POST` asks for, if any.
-    fn post(self) -> Option<Action> {
-        match self {
-            Endpoint::Login => Some(Action::Login),
-            Endpoint::Heartbeat => Some(Action::Heartbeat),
-            Endpoint::Logout => Some(Action::Logout),
-            _ => None,
-        }
-    }
-
-    /// The action a `GET` (or `HEAD`) asks for. The action paths are reserved node
-    /// ids: a `GET` on them is the node lookup, which refuses them.
-    fn get(self) -> Action {
-        match self {
-            Endpoint::Healthz => Action::Healthz,
-            Endpoint::Readyz => Action::Readyz,
-            Endpoint::Metrics => Action::Metrics,
-            Endpoint::List => Action::List,
-            Endpoint::Login | Endpoint::Heartbeat | Endpoint::Logout | Endpoint::Node => {
-                Action::Get
-            }
-        }
+    /// Whether the path takes a `POST` (the actions).
+    fn takes_post(self) -> bool {
+        matches!(
+            self,
+            Endpoint::Login | Endpoint::Heartbeat | Endpoint::Logout
+        )
     }
 
     /// The `Allow` header of a `405`.
     fn allow(self) -> &'static str {
-        if self.post().is_some() {
+        if self.takes_post() {
             "GET, HEAD, POST"
         } else {
             "GET, HEAD"
         }
     }
 
-    fn action(self, method: &Method) -> Option<Action> {
+    /// What `method` on this path asks for: the endpoint itself, or, for a `GET` on
+    /// an action's path, the node lookup (the action names are reserved node ids,
+    /// which the lookup refuses).
+    fn action(self, method: &Method) -> Option<Endpoint> {
         match *method {
-            Method::GET | Method::HEAD => Some(self.get()),
-            Method::POST => self.post(),
+            Method::GET | Method::HEAD if self.takes_post() => Some(Endpoint::Node),
+            Method::GET | Method::HEAD => Some(self),
+            Method::POST if self.takes_post() => Some(self),
             _ => None,
         }
     }
 }
+
+/// Every metrics label, in [`Resolved::label_index`] order: the templates, then
+/// `unmatched` for paths no route matches.
+pub(crate) const LABELS: [&str; Endpoint::ALL.len() + 1] = {
+    let mut labels = ["unmatched"; Endpoint::ALL.len() + 1];
+    let mut i = 0;
+    while i < Endpoint::ALL.len() {
+        labels[i] = Endpoint::ALL[i].template();
+        i += 1;
+    }
+    labels
+};
 
 /// The table, built once: `matchit` needs its routes inserted at run time.
 static TABLE: LazyLock<matchit::Router<Endpoint>> = LazyLock::new(|| {
@@ -137,7 +124,7 @@ fn is_presence_path(path: &str) -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Resolved {
     endpoint: Option<Endpoint>,
-    action: Option<Action>,
+    action: Option<Endpoint>,
     presence: bool,
 }
 
@@ -160,15 +147,17 @@ impl Resolved {
         }
     }
 
-    /// The metrics label: the route template (whatever the method), `unmatched` if
-    /// no route matches.
-    pub(crate) fn label(&self) -> &'static str {
-        self.endpoint.map_or("unmatched", Endpoint::template)
+    /// The index in [`LABELS`] of the metrics label: the route template (whatever
+    /// the method), `unmatched` if no route matches.
+    pub(crate) fn label_index(&self) -> usize {
+        // `Endpoint::ALL` lists the variants in declaration order.
+        self.endpoint
+            .map_or(Endpoint::ALL.len(), |endpoint| endpoint as usize)
     }
 
     /// Whether the request is `GET /presence` (or `HEAD`), the listing.
     pub(crate) fn is_listing(&self) -> bool {
-        self.action == Some(Action::List)
+        self.action == Some(Endpoint::List)
     }
 
     /// Whether the request is under `/presence`.
@@ -176,8 +165,9 @@ impl Resolved {
         self.presence
     }
 
-    /// The action, or the `404` (no such path) / `405` (not with this method) error.
-    pub(crate) fn action(&self, method: &Method, path: &str) -> Result<Action, ApiError> {
+    /// What the request asks for (`Node`: the lookup of the node the path names), or
+    /// the `404` (no such path) / `405` (not with this method) error.
+    pub(crate) fn action(&self, method: &Method, path: &str) -> Result<Endpoint, ApiError> {
         match (self.endpoint, self.action) {
             (_, Some(action)) => Ok(action),
             (Some(endpoint), None) => Err(ApiError::MethodNotAllowed {
@@ -195,27 +185,34 @@ impl Resolved {
 mod tests {
     use super::*;
 
-    fn action(method: Method, path: &str) -> Result<Action, ApiError> {
+    fn action(method: Method, path: &str) -> Result<Endpoint, ApiError> {
         Resolved::of(&method, path).action(&method, path)
     }
 
     #[test]
-    fn every_template_is_in_the_table() {
-        for endpoint in Endpoint::ALL {
+    fn every_template_is_in_the_table_and_labelled_in_order() {
+        for (i, endpoint) in Endpoint::ALL.into_iter().enumerate() {
             let path = endpoint.template().replace("{node_id}", "n-1");
-            assert_eq!(Resolved::of(&Method::GET, &path).endpoint, Some(endpoint));
+            let resolved = Resolved::of(&Method::GET, &path);
+            assert_eq!(resolved.endpoint, Some(endpoint));
+            assert_eq!(resolved.label_index(), i);
+            assert_eq!(LABELS[resolved.label_index()], endpoint.template());
         }
+        assert_eq!(
+            LABELS[Resolved::of(&Method::GET, "/nope").label_index()],
+            "unmatched"
+        );
     }
 
     #[test]
     fn routes() {
-        assert_eq!(action(Method::GET, "/presence"), Ok(Action::List));
-        assert_eq!(action(Method::HEAD, "/presence"), Ok(Action::List));
-        assert_eq!(action(Method::POST, "/presence/login"), Ok(Action::Login));
-        assert_eq!(action(Method::GET, "/presence/login"), Ok(Action::Get));
-        assert_eq!(action(Method::GET, "/presence/n-1"), Ok(Action::Get));
-        assert_eq!(action(Method::GET, "/presence/"), Ok(Action::Get));
-        assert_eq!(action(Method::HEAD, "/healthz"), Ok(Action::Healthz));
+        assert_eq!(action(Method::GET, "/presence"), Ok(Endpoint::List));
+        assert_eq!(action(Method::HEAD, "/presence"), Ok(Endpoint::List));
+        assert_eq!(action(Method::POST, "/presence/login"), Ok(Endpoint::Login));
+        assert_eq!(action(Method::GET, "/presence/login"), Ok(Endpoint::Node));
+        assert_eq!(action(Method::GET, "/presence/n-1"), Ok(Endpoint::Node));
+        assert_eq!(action(Method::GET, "/presence/"), Ok(Endpoint::Node));
+        assert_eq!(action(Method::HEAD, "/healthz"), Ok(Endpoint::Healthz));
         assert!(matches!(
             action(Method::GET, "/presence/a/b"),
             Err(ApiError::RouteNotFound { .. })
@@ -238,7 +235,7 @@ mod tests {
 
     #[test]
     fn labels_are_templates_and_presence_covers_unmatched_paths_under_it() {
-        let label = |m: Method, p: &str| Resolved::of(&m, p).label();
+        let label = |m: Method, p: &str| LABELS[Resolved::of(&m, p).label_index()];
         assert_eq!(label(Method::GET, "/presence/n-1"), "/presence/{node_id}");
         assert_eq!(label(Method::PUT, "/presence/n-1"), "/presence/{node_id}");
         assert_eq!(label(Method::PUT, "/presence/login"), "/presence/login");

@@ -45,7 +45,7 @@ type LimitedResponse =
     fn(http::Response<resilience::ResponseBody<ResponseBody>>) -> http::Response<ResponseBody>;
 
 /// The whole stack, as a concrete type: no box for its future, no dynamic call.
-type Inner = edge::Outer<MetricsService<edge::Inner<Dispatch<PresenceBranch>>>>;
+type Inner = MetricsService<edge::Inner<Dispatch<PresenceBranch>>>;
 
 /// The presence server as a tower service: metrics (and a debug log line) ->
 /// (for `/presence*`: bearer auth -> per-client token bucket -> 16 KiB body limit) ->
@@ -169,9 +169,7 @@ impl PresenceService {
             // match no request anyway.
             .filter_map(|o| http::HeaderValue::from_str(o).ok())
             .collect();
-        let stack = edge::outer(
-            MetricsLayer::new(metrics.clone()).layer(edge::inner(dispatch, &cors_origins)),
-        );
+        let stack = MetricsLayer::new(metrics.clone()).layer(edge::inner(dispatch, &cors_origins));
 
         PresenceService {
             inner: stack,
@@ -205,11 +203,6 @@ impl PresenceService {
             .as_ref()
             .unwrap_or_else(|| unreachable!("the presence rate limiter is keyed"))
     }
-}
-
-/// Builds a [`PresenceService`]; the same as [`PresenceService::new`].
-pub fn service(store: Arc<dyn Store>, config: &Config) -> PresenceService {
-    PresenceService::new(store, config)
 }
 
 impl<B> Service<http::Request<B>> for PresenceService

@@ -4,13 +4,14 @@
 //! with `408`; and 500 such connections hanging at once do not stop other clients
 //! from being served.
 
-mod hardening_support;
+mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hardening_support::{config, get, http, within, TestServer};
-use presence::store::MemoryStore;
+use support::client::{get_with, http, http2};
+use support::raw_http::read_to_close;
+use support::server::TestServer;
+use support::{unlimited_config, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -20,22 +21,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
 const SLACK: Duration = Duration::from_millis(750);
 
 async fn server() -> TestServer {
-    let mut cfg = config(Duration::from_secs(1));
+    let mut cfg = unlimited_config(Duration::from_secs(1));
     cfg.header_timeout = HEADER_TIMEOUT;
     cfg.request_timeout = REQUEST_TIMEOUT;
-    TestServer::start(&cfg, Arc::new(MemoryStore::new())).await
-}
-
-/// Reads until the server closes the connection; returns what it sent.
-async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return out,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-        }
-    }
+    TestServer::memory(&cfg).await
 }
 
 const HALF_HEADER: &[u8] = b"GET /presence HTTP/1.1\r\nHost: presence.test\r\nUser-Agent: slow";
@@ -167,9 +156,9 @@ async fn five_hundred_hanging_connections_do_not_stop_other_clients() {
         let mut slowest = Duration::ZERO;
         for i in 0..50 {
             let reply = if i % 2 == 0 {
-                get(&client, &server.url("/presence")).await
+                get_with(&client, &server.url("/presence")).await
             } else {
-                get(&client, &server.url("/healthz")).await
+                get_with(&client, &server.url("/healthz")).await
             };
             assert_eq!(reply.status, 200, "{reply:?}");
             slowest = slowest.max(reply.elapsed);
@@ -260,11 +249,7 @@ async fn an_http2_connection_that_stalls_is_closed() {
 async fn http2_clients_are_served_concurrently() {
     within(10, async {
         let server = server().await;
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .http2_prior_knowledge()
-            .build()
-            .unwrap();
+        let client = http2();
         let replies = futures_util::future::join_all(
             (0..20).map(|_| client.get(server.url("/presence")).send()),
         )

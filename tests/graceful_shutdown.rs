@@ -4,132 +4,56 @@
 //! signal are answered in full, and the process exits 0 within
 //! `PRESENCE_SHUTDOWN_GRACE_MS`, even when a request never finishes.
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::client::http;
+use support::process::{clean_command, example_binary_or_skip, parse_listen_addr, ChildGuard};
+use support::raw_http::{parse_http_response, read_to_close};
+use support::within;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const GRACE: Duration = Duration::from_millis(3000);
 
-/// `target/<profile>/examples/presence_server`, next to this test's `deps/` folder.
-fn server_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let path = exe
-        .parent()?
-        .parent()?
-        .join("examples")
-        .join(format!("presence_server{}", std::env::consts::EXE_SUFFIX));
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!(
-            "skipping: {} not found (it is built by a plain `cargo test`, or \
-             `cargo build --example presence_server`)",
-            path.display()
-        );
-        None
-    }
-}
-
+/// The `presence_server` example binary as a child process, and where it listens.
 struct ServerProcess {
-    child: Child,
+    child: ChildGuard,
     addr: SocketAddr,
 }
 
 impl ServerProcess {
-    fn start(binary: &PathBuf) -> ServerProcess {
-        let mut cmd = Command::new(binary);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("PRESENCE_") {
-                cmd.env_remove(&name);
-            }
-        }
+    fn start(binary: &Path) -> ServerProcess {
+        let mut cmd = clean_command(binary);
         cmd.env("PRESENCE_HTTP_HOST", "127.0.0.1")
             .env("PRESENCE_HTTP_PORT", "0")
             .env("PRESENCE_SHUTDOWN_GRACE_MS", GRACE.as_millis().to_string())
             .env("PRESENCE_REQUEST_TIMEOUT_MS", "30000")
             .env("PRESENCE_RATE_LIMIT_RATE", "100000")
-            .env("PRESENCE_RATE_LIMIT_CAPACITY", "100000")
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().expect("spawn presence_server");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let addr = loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("the server logs its address within 10 s");
-            if let Some(addr) = listen_addr(&line) {
-                break addr;
-            }
-        };
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
+            .env("PRESENCE_RATE_LIMIT_CAPACITY", "100000");
+        let child = ChildGuard::spawn(cmd).expect("spawn presence_server");
+        let (addr, log) = child.find_line(Duration::from_secs(10), parse_listen_addr);
+        let addr =
+            addr.unwrap_or_else(|| panic!("the server logs its address within 10 s: {log:#?}"));
         ServerProcess { child, addr }
     }
 
     fn terminate(&self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success());
+        self.child.signal("TERM");
     }
 
     /// Waits for the exit, at most `limit`; the status and when it was seen, `None`
     /// if it did not exit.
     async fn wait(&mut self, limit: Duration) -> Option<(ExitStatus, Instant)> {
-        let started = Instant::now();
-        while started.elapsed() < limit {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some((status, Instant::now()));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        None
+        let status = self.child.wait_exit(limit).await?;
+        Some((status, Instant::now()))
     }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `... listening on http://127.0.0.1:PORT` (ANSI colours stripped).
-fn listen_addr(line: &str) -> Option<SocketAddr> {
-    let mut plain = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    let rest = &plain[plain.find("listening on http://")? + "listening on http://".len()..];
-    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// A login whose body is sent in two halves: the request is in flight in between.
@@ -162,24 +86,16 @@ impl HalfSentLogin {
             .write_all(&self.rest)
             .await
             .expect("rest of body");
-        let mut raw = Vec::new();
-        self.stream
-            .read_to_end(&mut raw)
-            .await
-            .expect("read response");
+        let raw = read_to_close(&mut self.stream).await;
         let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").expect("a complete head");
-        let length: usize = head
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().parse().expect("numeric length"))
-            })
+        let reply = parse_http_response(&raw);
+        let length: usize = reply
+            .header("content-length")
+            .map(|v| v.parse().expect("numeric length"))
             .expect("Content-Length");
-        assert_eq!(body.len(), length, "the body is complete: {text:?}");
-        let status = head.lines().next().unwrap_or_default().to_owned();
-        (status, serde_json::from_str(body).expect("JSON body"))
+        assert_eq!(reply.body.len(), length, "the body is complete: {text:?}");
+        let status = text.lines().next().unwrap_or_default().to_owned();
+        (status, reply.json())
     }
 }
 
@@ -200,7 +116,7 @@ fn request_stream(
         .map(|w| {
             let stop = stop.clone();
             tokio::spawn(async move {
-                let client = reqwest::Client::builder().no_proxy().build().unwrap();
+                let client = http();
                 let mut tally = StreamTally::default();
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -244,10 +160,10 @@ fn request_stream(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_request_stream_cuts_nothing_off_and_exits_0() {
-    let Some(binary) = server_binary() else {
+    let Some(binary) = example_binary_or_skip("presence_server") else {
         return;
     };
-    tokio::time::timeout(Duration::from_secs(20), async {
+    within(20, async {
         let mut server = ServerProcess::start(&binary);
         let stop = Arc::new(AtomicBool::new(false));
         let stream = request_stream(server.addr, stop.clone(), 8);
@@ -301,16 +217,15 @@ async fn sigterm_during_a_request_stream_cuts_nothing_off_and_exits_0() {
             total.complete, total.refused_or_closed_before_response, exit_from_term
         );
     })
-    .await
-    .expect("test took longer than 20 s");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_request_that_never_finishes_exits_0_at_the_grace_bound() {
-    let Some(binary) = server_binary() else {
+    let Some(binary) = example_binary_or_skip("presence_server") else {
         return;
     };
-    tokio::time::timeout(Duration::from_secs(20), async {
+    within(20, async {
         let mut server = ServerProcess::start(&binary);
         let stuck = HalfSentLogin::start(server.addr, "stuck").await;
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -332,6 +247,5 @@ async fn sigterm_with_a_request_that_never_finishes_exits_0_at_the_grace_bound()
             "SIGTERM with a stuck request: exit 0 {exited_after:?} after SIGTERM (grace {GRACE:?})"
         );
     })
-    .await
-    .expect("test took longer than 20 s");
+    .await;
 }

@@ -10,13 +10,13 @@
 //!   its rightmost untrusted entry, so spoofing it neither evades the rate limit nor
 //!   frames another client.
 
+mod support;
+
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use presence::config::Config;
 use presence::model::{NodeId, LEASE_ID_LEN};
 use presence::server::PresenceService;
@@ -24,69 +24,13 @@ use presence::store::redis::test_support::redis_for_tests;
 use presence::store::MemoryStore;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
-use serde_json::{json, Value};
-use tower::ServiceExt;
+use serde_json::json;
+use support::in_process::ServiceRequest;
+use support::redis::test_redis_connection;
+use support::unlimited_config;
 
 fn open_config() -> Config {
-    let mut c = Config::default();
-    c.rate_limit_rate = 1e9;
-    c.rate_limit_capacity = 1_000_000_000;
-    c
-}
-
-struct Req<'a> {
-    method: &'a str,
-    path: &'a str,
-    body: Option<Value>,
-    headers: Vec<(&'a str, String)>,
-    peer: Option<SocketAddr>,
-}
-
-impl<'a> Req<'a> {
-    fn new(method: &'a str, path: &'a str) -> Self {
-        Req {
-            method,
-            path,
-            body: None,
-            headers: Vec::new(),
-            peer: None,
-        }
-    }
-    fn json(mut self, body: Value) -> Self {
-        self.body = Some(body);
-        self
-    }
-    fn header(mut self, name: &'a str, value: impl Into<String>) -> Self {
-        self.headers.push((name, value.into()));
-        self
-    }
-    fn peer(mut self, peer: &str) -> Self {
-        self.peer = Some(peer.parse().expect("socket address"));
-        self
-    }
-    async fn send(self, service: &PresenceService) -> (u16, http::HeaderMap, Value) {
-        let mut req = http::Request::builder().method(self.method).uri(self.path);
-        if self.body.is_some() {
-            req = req.header("content-type", "application/json");
-        }
-        for (name, value) in &self.headers {
-            req = req.header(*name, value.as_str());
-        }
-        let body = self.body.map(|b| b.to_string()).unwrap_or_default();
-        let mut req = req.body(Full::new(Bytes::from(body))).expect("request");
-        if let Some(peer) = self.peer {
-            req.extensions_mut().insert(peer);
-        }
-        let res = service.clone().oneshot(req).await.expect("infallible");
-        let status = res.status().as_u16();
-        let headers = res.headers().clone();
-        let bytes = res.into_body().collect().await.expect("body").to_bytes();
-        (
-            status,
-            headers,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
-    }
+    unlimited_config(Config::default().store_timeout)
 }
 
 fn local_service(config: &Config) -> PresenceService {
@@ -107,7 +51,7 @@ async fn lease_ids_are_128_random_bits_never_repeated() {
         } else {
             format!("n-{i}")
         };
-        let (status, _, body) = Req::new("POST", "/presence/login")
+        let (status, _, body) = ServiceRequest::new("POST", "/presence/login")
             .json(json!({ "node_id": node }))
             .send(&service)
             .await;
@@ -155,7 +99,7 @@ async fn bearer_token_guards_presence_routes_only() {
     ];
     for path in ["/presence", "/presence/n-1"] {
         for auth in bad {
-            let mut req = Req::new("GET", path);
+            let mut req = ServiceRequest::new("GET", path);
             if let Some(auth) = auth {
                 req = req.header("authorization", auth);
             }
@@ -168,19 +112,19 @@ async fn bearer_token_guards_presence_routes_only() {
             );
         }
     }
-    let (status, _, _) = Req::new("GET", "/presence")
+    let (status, _, _) = ServiceRequest::new("GET", "/presence")
         .header("authorization", good)
         .send(&service)
         .await;
     assert_eq!(status, 200);
-    let (status, _, _) = Req::new("GET", "/presence")
+    let (status, _, _) = ServiceRequest::new("GET", "/presence")
         .header("authorization", "bearer correct-horse-battery-staple")
         .send(&service)
         .await;
     assert_eq!(status, 200, "the scheme is case-insensitive");
     // Probes and metrics stay open (load balancers and scrapers carry no token).
     for path in ["/healthz", "/readyz", "/metrics"] {
-        let (status, _, _) = Req::new("GET", path).send(&service).await;
+        let (status, _, _) = ServiceRequest::new("GET", path).send(&service).await;
         assert_eq!(status, 200, "{path}");
     }
 }
@@ -226,7 +170,7 @@ fn hostile_ids() -> Vec<String> {
 
 #[tokio::test]
 async fn hostile_node_ids_never_reach_a_redis_key() {
-    let Some(store) = redis_for_tests("hardening_hostile_ids").await else {
+    let Some(store) = redis_for_tests("hostile_ids").await else {
         return;
     };
     let service = PresenceService::new(Arc::new(store.clone()), &open_config())
@@ -257,7 +201,10 @@ async fn hostile_node_ids_never_reach_a_redis_key() {
                 json!({ "node_id": id, "lease_id": lease }),
             ),
         ] {
-            let (status, _, body) = Req::new("POST", path).json(body).send(&service).await;
+            let (status, _, body) = ServiceRequest::new("POST", path)
+                .json(body)
+                .send(&service)
+                .await;
             if valid {
                 assert!(
                     matches!(status, 200 | 404 | 409),
@@ -279,7 +226,7 @@ async fn hostile_node_ids_never_reach_a_redis_key() {
         if http::Uri::try_from(path.as_str()).is_err() {
             continue;
         }
-        let (status, _, _) = Req::new("GET", &path).send(&service).await;
+        let (status, _, _) = ServiceRequest::new("GET", &path).send(&service).await;
         let expected: &[u16] = if NodeId::parse(id).is_ok() {
             &[200, 404]
         } else {
@@ -290,16 +237,7 @@ async fn hostile_node_ids_never_reach_a_redis_key() {
 
     // Every key of the deployment is one of the documented ones ...
     let prefix = store.prefix().to_owned();
-    let client = redis::Client::open(
-        std::env::var("PRESENCE_TEST_REDIS_URI").unwrap_or_else(|_| {
-            presence::store::redis::test_support::DEFAULT_TEST_REDIS_URI.into()
-        }),
-    )
-    .expect("redis uri");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut conn = test_redis_connection().await;
     let mut keys: Vec<String> = Vec::new();
     let mut cursor = 0u64;
     loop {
@@ -375,7 +313,7 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     let get = |peer: &'static str, xff: Option<String>| {
         let service = service.clone();
         async move {
-            let mut req = Req::new("GET", "/presence").peer(peer);
+            let mut req = ServiceRequest::new("GET", "/presence").peer(peer);
             if let Some(xff) = xff {
                 req = req.header("x-forwarded-for", xff);
             }
@@ -429,7 +367,7 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     assert_eq!(remaining(&service, "10.0.0.4").await, 2);
     // Limits apply to /presence*, never to the probes.
     for _ in 0..10 {
-        let (status, _, _) = Req::new("GET", "/healthz")
+        let (status, _, _) = ServiceRequest::new("GET", "/healthz")
             .peer("203.0.113.5:1000")
             .send(&service)
             .await;

@@ -12,19 +12,22 @@
 //! - A server started while Redis is down starts anyway and serves once Redis answers.
 //! - Data loss (`FLUSHALL`): `keep_alive` clients are back within one heartbeat.
 //!
-//! Measured figures are printed (`cargo test --test hardening_redis_outage -- --nocapture`).
+//! Measured figures are printed (`cargo test --test redis_outage -- --nocapture`).
 
-mod hardening_support;
+mod support;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hardening_support::{config, get, http, post, within, RedisChild, Reply, TestServer};
 use presence::client::PresenceClient;
 use presence::model::{Meta, Node};
 use serde_json::json;
+use support::client::{get_with, http, post_with, Reply};
+use support::redis::{test_redis_connection, RedisChild};
+use support::server::TestServer;
+use support::{metric_value, unlimited_config, within};
 
 const STORE_TIMEOUT: Duration = Duration::from_millis(500);
 /// The bound the issue sets on a `503`: the store timeout plus 200 ms.
@@ -55,7 +58,7 @@ async fn login_nodes(
     let mut leases = BTreeMap::new();
     for i in 0..n {
         let node = format!("{name}-{i:02}");
-        let reply = post(
+        let reply = post_with(
             client,
             &server.url("/presence/login"),
             &json!({ "node_id": node }),
@@ -72,7 +75,7 @@ async fn login_nodes(
 }
 
 async fn list(client: &reqwest::Client, server: &TestServer) -> (Reply, Vec<Node>) {
-    let reply = get(client, &server.url("/presence")).await;
+    let reply = get_with(client, &server.url("/presence")).await;
     let nodes = if reply.status == 200 {
         serde_json::from_slice(&reply.body).expect("a node list")
     } else {
@@ -103,7 +106,7 @@ impl Heartbeaters {
                     let client = http();
                     while !stop.load(Ordering::Relaxed) {
                         let sent = Instant::now();
-                        let reply = post(&client, &url, &body).await;
+                        let reply = post_with(&client, &url, &body).await;
                         replies.lock().unwrap().push((sent, reply));
                         tokio::time::sleep(every).await;
                     }
@@ -135,20 +138,20 @@ async fn probe_outage(
     lease: &str,
 ) -> Duration {
     let (list, one, beat, login, ready, health) = tokio::join!(
-        get(client, &server.url("/presence")),
-        get(client, &server.url(&format!("/presence/{node}"))),
-        post(
+        get_with(client, &server.url("/presence")),
+        get_with(client, &server.url(&format!("/presence/{node}"))),
+        post_with(
             client,
             &server.url("/presence/heartbeat"),
             &json!({ "node_id": node, "lease_id": lease })
         ),
-        post(
+        post_with(
             client,
             &server.url("/presence/login"),
             &json!({ "node_id": "probe-login" })
         ),
-        get(client, &server.url("/readyz")),
-        get(client, &server.url("/healthz")),
+        get_with(client, &server.url("/readyz")),
+        get_with(client, &server.url("/healthz")),
     );
     let mut slowest = Duration::ZERO;
     for (what, reply) in [
@@ -192,12 +195,8 @@ async fn wait_serving(
     }
 }
 
-fn circuit_state(metrics: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with("presence_store_circuit_state "))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
+fn circuit_state(metrics: &Reply) -> Option<f64> {
+    metric_value(&metrics.text(), "presence_store_circuit_state")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,7 +206,7 @@ async fn killed_redis_gives_fast_503s_and_a_restarted_one_is_used_again() {
     };
     within(20, async {
         let store = open_store(&redis.uri(), "killed").await;
-        let server = TestServer::start(&config(STORE_TIMEOUT), store).await;
+        let server = TestServer::start(&unlimited_config(STORE_TIMEOUT), store).await;
         let client = http();
         let leases = login_nodes(&client, &server, "k", 10).await;
         let beaters = Heartbeaters::start(&server, &leases, Duration::from_millis(100));
@@ -226,8 +225,8 @@ async fn killed_redis_gives_fast_503s_and_a_restarted_one_is_used_again() {
         let mut breaker_opened = false;
         for _ in 0..15 {
             slowest = slowest.max(probe_outage(&client, &server, &node, &lease).await);
-            let metrics = get(&client, &server.url("/metrics")).await;
-            breaker_opened |= circuit_state(&String::from_utf8_lossy(&metrics.body)) == Some(2.0);
+            let metrics = get_with(&client, &server.url("/metrics")).await;
+            breaker_opened |= circuit_state(&metrics) == Some(2.0);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(breaker_opened, "the store breaker opened during the outage");
@@ -271,7 +270,7 @@ async fn hung_redis_times_out_then_fails_fast_and_leases_survive_the_outage() {
     };
     within(20, async {
         let store = open_store(&redis.uri(), "hung").await;
-        let mut cfg = config(STORE_TIMEOUT);
+        let mut cfg = unlimited_config(STORE_TIMEOUT);
         cfg.heartbeat = Duration::from_millis(500);
         cfg.ttl = Duration::from_millis(2000);
         let server = TestServer::start(&cfg, store).await;
@@ -299,13 +298,11 @@ async fn hung_redis_times_out_then_fails_fast_and_leases_survive_the_outage() {
             if slowest >= STORE_TIMEOUT - Duration::from_millis(50) {
                 timed_out += 1;
             }
-            let metrics = get(&client, &server.url("/metrics")).await;
-            if circuit_state(&String::from_utf8_lossy(&metrics.body)) == Some(2.0)
-                && fast_after_open.is_empty()
-            {
+            let metrics = get_with(&client, &server.url("/metrics")).await;
+            if circuit_state(&metrics) == Some(2.0) && fast_after_open.is_empty() {
                 // Open: ten calls in a row; at most one is the half-open trial.
                 for _ in 0..10 {
-                    let reply = get(&client, &server.url("/presence")).await;
+                    let reply = get_with(&client, &server.url("/presence")).await;
                     reply.assert_store_unavailable("GET /presence, breaker open");
                     fast_after_open.push(reply.elapsed);
                 }
@@ -365,7 +362,7 @@ async fn hung_redis_times_out_then_fails_fast_and_leases_survive_the_outage() {
         }
         // The old leases still work: the nodes never had to log in again.
         for (node, lease) in &leases {
-            let reply = post(
+            let reply = post_with(
                 &client,
                 &server.url("/presence/heartbeat"),
                 &json!({ "node_id": node, "lease_id": lease }),
@@ -400,7 +397,7 @@ async fn server_started_while_redis_is_down_serves_once_redis_answers() {
     probe.kill();
     within(15, async {
         let store = open_store(&format!("redis://127.0.0.1:{port}"), "late").await;
-        let server = TestServer::start(&config(STORE_TIMEOUT), store).await;
+        let server = TestServer::start(&unlimited_config(STORE_TIMEOUT), store).await;
         let client = http();
         for _ in 0..3 {
             probe_outage(&client, &server, "n-1", "0123456789abcdef0123456789abcdef").await;
@@ -410,7 +407,7 @@ async fn server_started_while_redis_is_down_serves_once_redis_answers() {
             .expect("redis-server started once already");
         let (recovered, nodes) = wait_serving(&client, &server, RECOVERY_BOUND).await;
         assert!(nodes.is_empty());
-        let ready = get(&client, &server.url("/readyz")).await;
+        let ready = get_with(&client, &server.url("/readyz")).await;
         assert_eq!(ready.status, 200, "{ready:?}");
         println!(
             "Redis down at start: server up and 503; serving {recovered:?} after Redis started"
@@ -428,7 +425,7 @@ async fn keep_alive_clients_are_back_within_a_heartbeat_after_flushall() {
     };
     within(15, async {
         let store = open_store(&redis.uri(), "flushed").await;
-        let mut cfg = config(STORE_TIMEOUT);
+        let mut cfg = unlimited_config(STORE_TIMEOUT);
         cfg.heartbeat = Duration::from_millis(500);
         cfg.ttl = Duration::from_millis(1500);
         let server = TestServer::start(&cfg, store).await;
@@ -562,7 +559,7 @@ async fn extend_after_outage_moves_each_interrupted_lease_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extend_after_outage_decides_by_the_record_when_scores_lag() {
     use presence::model::{new_lease_id, NodeId};
-    use presence::store::redis::test_support::{redis_for_tests, DEFAULT_TEST_REDIS_URI};
+    use presence::store::redis::test_support::redis_for_tests;
     use presence::store::Store;
 
     let Some(store) = redis_for_tests("extend_after_outage_lagging_scores").await else {
@@ -592,13 +589,7 @@ async fn extend_after_outage_decides_by_the_record_when_scores_lag() {
         // Every score 9 s behind: stale, but within the index granularity of each
         // record's expiry (never ahead of it).
         let stale = min_exp - 9_000;
-        let uri = std::env::var("PRESENCE_TEST_REDIS_URI")
-            .unwrap_or_else(|_| DEFAULT_TEST_REDIS_URI.into());
-        let mut raw = redis::Client::open(uri)
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut raw = test_redis_connection().await;
         let mut zadd = redis::cmd("ZADD");
         zadd.arg(store.nodes_key());
         for (n, _, _) in &logged {

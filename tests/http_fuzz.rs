@@ -6,6 +6,8 @@
 //! never answer a 5xx other than `503 store_unavailable`, and every error must be the
 //! JSON error shape with the headers its status needs.
 
+mod support;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,21 +15,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use presence::config::Config;
 use presence::server::PresenceService;
 use presence::store::{FaultyStore, MemoryStore};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+use support::unlimited_config;
 use tower::ServiceExt;
 
 const TOKEN: &str = "s3cret-token";
 
 fn services() -> Vec<PresenceService> {
     let peer: SocketAddr = ([127, 0, 0, 1], 40_000).into();
-    let mut open = Config::default();
-    open.rate_limit_rate = 1e9;
-    open.rate_limit_capacity = 1_000_000_000;
-    open.store_timeout = Duration::from_millis(200);
+    let mut open = unlimited_config(Duration::from_millis(200));
     // The default peer is a trusted proxy, so X-Forwarded-For is parsed too.
     open.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
     let mut authed = open.clone();
@@ -398,8 +397,6 @@ fn fuzzed_requests_never_panic_and_errors_are_json() {
     }
 }
 
-mod hardening_support;
-
 /// Below the service, hyper parses the bytes: hostile framing (request smuggling
 /// shapes, invalid chunks, oversized and countless headers, random bytes) must at
 /// worst close the connection or get a 4xx, never a 5xx, and never take the server
@@ -407,14 +404,16 @@ mod hardening_support;
 /// body, before any request reaches the service.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_bytes_on_the_socket_never_take_the_server_down() {
-    use hardening_support::{config, get, http as client, within, TestServer};
+    use support::client::get;
+    use support::server::TestServer;
+    use support::within;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     within(30, async {
-        let mut cfg = config(Duration::from_millis(500));
+        let mut cfg = unlimited_config(Duration::from_millis(500));
         cfg.header_timeout = Duration::from_millis(300);
         cfg.request_timeout = Duration::from_millis(500);
-        let server = TestServer::start(&cfg, Arc::new(MemoryStore::new())).await;
+        let server = TestServer::memory(&cfg).await;
         let mut blobs: Vec<Vec<u8>> = vec![
             b"POST /presence/login HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /presence HTTP/1.1\r\n\r\n".to_vec(),
             b"POST /presence/login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\nzz\r\n{}\r\n0\r\n\r\n".to_vec(),
@@ -462,7 +461,7 @@ async fn hostile_bytes_on_the_socket_never_take_the_server_down() {
             let key = if reply.is_empty() { "closed".to_owned() } else { status };
             *answers.entry(key).or_default() += 1;
         }
-        let reply = get(&client(), &server.url("/healthz")).await;
+        let reply = get(&server.url("/healthz")).await;
         assert_eq!(reply.status, 200, "the server still serves");
         println!("hostile bytes: {} connections, answers {answers:?}; server still serving", blobs.len());
         server.stop().await;
