@@ -210,7 +210,7 @@ impl Target {
     /// The login request of node `i`: ids are `load-<i>`, and the body carries a small
     /// meta object like a real node's.
     fn login_request(&self, i: usize) -> Bytes {
-        let body = format!("{{\"node_id\":\"load-{i}\",\"meta\":{{\"load\":0.1}}}}");
+        let body = format!("{{\"node_id\":\"load-{i}\",\"meta\":{{\"load\":0.5,\"hp\":90}}}}");
         self.request(&self.login, Some(body.as_bytes()))
     }
 }

@@ -27,6 +27,8 @@ pub struct RequestBody {
     /// [`BodyLimit`](super::BodyLimit) in front of them set, else
     /// [`MAX_BODY_BYTES`](super::MAX_BODY_BYTES).
     limit: usize,
+    /// The request's route, once the metrics layer resolved it.
+    resolved: Option<super::routes::Resolved>,
 }
 
 enum RequestKind {
@@ -52,6 +54,7 @@ impl RequestBody {
             return RequestBody {
                 kind: RequestKind::Incoming(incoming),
                 limit: super::MAX_BODY_BYTES,
+                resolved: None,
             };
         }
         let kind = match slot {
@@ -66,6 +69,7 @@ impl RequestBody {
         RequestBody {
             kind,
             limit: super::MAX_BODY_BYTES,
+            resolved: None,
         }
     }
 
@@ -76,6 +80,14 @@ impl RequestBody {
 
     pub(crate) fn set_limit(&mut self, limit: usize) {
         self.limit = limit;
+    }
+
+    pub(crate) fn resolved(&self) -> Option<super::routes::Resolved> {
+        self.resolved
+    }
+
+    pub(crate) fn set_resolved(&mut self, resolved: super::routes::Resolved) {
+        self.resolved = Some(resolved);
     }
 }
 

@@ -29,7 +29,7 @@ use tower::util::{Either, MapResponse};
 use tower_http::body::UnsyncBoxBody as CatchPanicBody;
 use tower_http::catch_panic::CatchPanic;
 use tower_http::compression::predicate::{And, NotForContentType, Predicate, SizeAbove};
-use tower_http::compression::{Compression, CompressionBody, CompressionLayer};
+use tower_http::compression::{CompressionBody, CompressionLayer};
 use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeaders;
 
@@ -48,11 +48,15 @@ pub(crate) type Inner<S> = SetSensitiveRequestHeaders<
     MapResponse<CatchPanic<Either<Cors<S>, S>, PanicResponse>, FromCaught>,
 >;
 
-/// `S` with its responses compressed when the client asks (the listing branch).
-pub(crate) type Compressed<S> = MapResponse<Compression<S, Compressible>, FromCompressed>;
+/// The future of a listing answered through [`compression`]: the branch's own
+/// future, compressing its answer when the client asked.
+pub(crate) type Compressed<F> = tower::util::future::MapResponseFuture<
+    tower_http::compression::ResponseFuture<F, Compressible>,
+    FromCompressed,
+>;
 
 type PanicResponse = fn(Box<dyn Any + Send + 'static>) -> http::Response<ResponseBody>;
-type Compressible = And<SizeAbove, NotForContentType>;
+pub(crate) type Compressible = And<SizeAbove, NotForContentType>;
 type FromCaught =
     fn(http::Response<CatchPanicBody<Bytes, BoxError>>) -> http::Response<ResponseBody>;
 type FromCompressed =
@@ -72,11 +76,11 @@ pub(crate) fn inner<S>(inner: S, cors_origins: &[HeaderValue]) -> Inner<S> {
     )
 }
 
-/// Compresses the answers of `inner` when the client asks for it (gzip, br or zstd)
-/// and they are over [`COMPRESS_ABOVE_BYTES`]. Only the listing goes through it:
+/// The compression of listings: gzip, br or zstd when the client asks for it, for
+/// answers over [`COMPRESS_ABOVE_BYTES`]. Only the listing goes through it:
 /// tower-http's compressed body is some 6 KB that every answer would carry.
-pub(crate) fn compressed<S>(inner: S) -> Compressed<S> {
-    let compression = CompressionLayer::new()
+pub(crate) fn compression() -> CompressionLayer<Compressible> {
+    CompressionLayer::new()
         .gzip(true)
         .br(true)
         .zstd(true)
@@ -84,10 +88,31 @@ pub(crate) fn compressed<S>(inner: S) -> Compressed<S> {
             SizeAbove::new(COMPRESS_ABOVE_BYTES)
                 // The watch feed's events must not wait in a compressor's buffer.
                 .and(NotForContentType::SSE),
-        );
-    MapResponse::new(tower::Layer::layer(&compression, inner), |res| {
-        res.map(ResponseBody::compressed)
-    })
+        )
+}
+
+/// Calls `inner` through `compression`. The compression service is made per call
+/// around a borrow of `inner`: it is only a view of the layer's settings, and the
+/// branch is not cloned for it.
+pub(crate) fn call_compressed<S>(
+    compression: &CompressionLayer<Compressible>,
+    inner: &mut S,
+    req: http::Request<super::RequestBody>,
+) -> Compressed<S::Future>
+where
+    S: tower::Service<http::Request<super::RequestBody>, Response = http::Response<ResponseBody>>,
+{
+    let mut compressed = MapResponse::new(
+        tower::Layer::layer(compression, inner),
+        from_compressed as FromCompressed,
+    );
+    tower::Service::call(&mut compressed, req)
+}
+
+fn from_compressed(
+    res: http::Response<CompressionBody<ResponseBody>>,
+) -> http::Response<ResponseBody> {
+    res.map(ResponseBody::compressed)
 }
 
 /// The CORS policy for `origins`: those origins may call every route with the

@@ -17,7 +17,11 @@ use super::RequestBody;
 /// `Content-Type` of `application/json` or any `application/*+json`
 /// (case-insensitive), in UTF-8 (no `charset`, or `charset=utf-8`), and no transfer
 /// coding but `chunked` (a `gzip` body would otherwise be read as if it were JSON).
-pub(crate) fn check_json_content(headers: &http::HeaderMap) -> Result<(), ApiError> {
+///
+/// `framed` says whether the body has no declared length: only then can it carry a
+/// transfer coding (hyper refuses `Content-Length` with `Transfer-Encoding`), so a
+/// heartbeat with a `Content-Length` is spared the header lookup.
+pub(crate) fn check_json_content(headers: &http::HeaderMap, framed: bool) -> Result<(), ApiError> {
     let refuse = |why: &str| Err(ApiError::UnsupportedMediaType(why.to_owned()));
     let mut types = headers.get_all(CONTENT_TYPE).iter();
     let value = match (types.next(), types.next()) {
@@ -27,7 +31,10 @@ pub(crate) fn check_json_content(headers: &http::HeaderMap) -> Result<(), ApiErr
         }
         (Some(_), Some(_)) => return refuse("the request has more than one `Content-Type`"),
     };
-    if let Some(coding) = headers.get(http::header::TRANSFER_ENCODING) {
+    if let Some(coding) = framed
+        .then(|| headers.get(http::header::TRANSFER_ENCODING))
+        .flatten()
+    {
         if !coding.as_bytes().eq_ignore_ascii_case(b"chunked") {
             return refuse("no transfer coding but `chunked` is supported");
         }
@@ -95,7 +102,8 @@ pub(crate) async fn read_body(
     body: RequestBody,
     timeout: Duration,
 ) -> Result<Bytes, ApiError> {
-    check_json_content(headers)?;
+    let framed = http_body::Body::size_hint(&body).exact().is_none();
+    check_json_content(headers, framed)?;
     deadline(timeout, collect_body(body))
         .await
         .unwrap_or(Err(ApiError::RequestTimeout))
@@ -169,7 +177,7 @@ mod tests {
             if let Ok(v) = http::HeaderValue::from_str(v) {
                 m.insert(CONTENT_TYPE, v);
             }
-            check_json_content(&m).is_ok()
+            check_json_content(&m, false).is_ok()
         };
         assert!(h("application/json"));
         assert!(h("Application/JSON; charset=utf-8"));
@@ -179,7 +187,7 @@ mod tests {
         assert!(!h("application/jsonx"));
         assert!(!h("application/json; charset=utf-16"));
         assert!(!h("application/json; charset=iso-8859-1"));
-        assert!(check_json_content(&http::HeaderMap::new()).is_err());
+        assert!(check_json_content(&http::HeaderMap::new(), false).is_err());
 
         let mut two = http::HeaderMap::new();
         two.append(
@@ -187,7 +195,7 @@ mod tests {
             http::HeaderValue::from_static("application/json"),
         );
         two.append(CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
-        assert!(check_json_content(&two).is_err());
+        assert!(check_json_content(&two, false).is_err());
 
         let mut gzip = http::HeaderMap::new();
         gzip.insert(
@@ -198,11 +206,11 @@ mod tests {
             http::header::TRANSFER_ENCODING,
             http::HeaderValue::from_static("gzip, chunked"),
         );
-        assert!(check_json_content(&gzip).is_err());
+        assert!(check_json_content(&gzip, true).is_err());
         gzip.insert(
             http::header::TRANSFER_ENCODING,
             http::HeaderValue::from_static("chunked"),
         );
-        assert!(check_json_content(&gzip).is_ok());
+        assert!(check_json_content(&gzip, true).is_ok());
     }
 }

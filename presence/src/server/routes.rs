@@ -5,13 +5,14 @@
 //! ([`Resolved`], made by the outermost layer and carried in the request's
 //! extensions).
 //!
-//! Paths are matched by [`matchit`], the router axum uses: static segments win over
-//! the `{node_id}` parameter, so `/presence/login` is the action, and a parameter is
-//! one path segment (`/presence/a/b` is no route). `HEAD` is served wherever `GET` is
+//! The table is [`Endpoint::ALL`], matched in order: static paths first, so
+//! `/presence/login` is the action, then `/presence/{node_id}`, whose parameter is one
+//! path segment (`/presence/a/b` is no route). It is a table of its own rather than
+//! `matchit` (the router axum uses): for eight routes a scan costs less than
+//! `matchit`'s tree walk, which took about 270 instructions of every heartbeat
+//! (callgrind, in-process; README, "Design notes"). `HEAD` is served wherever `GET` is
 //! (RFC 9110 9.3.2): the same status and headers, no body; load balancers' health
 //! probes often use it.
-
-use std::sync::LazyLock;
 
 use http::Method;
 
@@ -99,18 +100,28 @@ pub(crate) const LABELS: [&str; Endpoint::ALL.len() + 1] = {
     labels
 };
 
-/// The table, built once: `matchit` needs its routes inserted at run time.
-static TABLE: LazyLock<matchit::Router<Endpoint>> = LazyLock::new(|| {
-    let mut table = matchit::Router::new();
-    for endpoint in Endpoint::ALL {
-        // The templates above are valid and distinct; a failure is a bug in them,
-        // which the `every_template_is_in_the_table` test catches.
-        let _ = table.insert(endpoint.template(), endpoint);
+impl Endpoint {
+    /// Whether `path` is this endpoint's: the template itself, or for
+    /// `/presence/{node_id}` one path segment after `/presence/` (empty included, so
+    /// that an empty id is a `422`, not a `404`).
+    fn matches(self, path: &str) -> bool {
+        match self {
+            // The template without its `{node_id}` (a test holds the two together).
+            Endpoint::Node => path
+                .strip_prefix("/presence/")
+                .is_some_and(|segment| !segment.contains('/')),
+            _ => path == self.template(),
+        }
     }
-    // An empty id is a node lookup too, so that it is `422 invalid_node_id`.
-    let _ = table.insert("/presence/", Endpoint::Node);
-    table
-});
+
+    /// The endpoint of `path`: the first of [`Endpoint::ALL`] that matches it (the
+    /// static paths come before the parameter, so `/presence/login` is the action).
+    fn of(path: &str) -> Option<Endpoint> {
+        Endpoint::ALL
+            .into_iter()
+            .find(|endpoint| endpoint.matches(path))
+    }
+}
 
 /// Whether `path` is `/presence` or under it: behind auth, the rate limit and the
 /// body limit, whether or not a route matches (their `404` and `405` too).
@@ -120,7 +131,8 @@ fn is_presence_path(path: &str) -> bool {
 
 /// A request resolved against the table: made once per request (by
 /// [`MetricsService`](super::MetricsService), the outermost layer) and read by every
-/// layer after it from the request's extensions.
+/// layer after it from the request's body ([`RequestBody`](super::RequestBody)
+/// carries it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Resolved {
     endpoint: Option<Endpoint>,
@@ -131,7 +143,7 @@ pub(crate) struct Resolved {
 impl Resolved {
     /// Resolves `method` + `path`.
     pub(crate) fn of(method: &Method, path: &str) -> Resolved {
-        let endpoint = TABLE.at(path).ok().map(|m| *m.value);
+        let endpoint = Endpoint::of(path);
         Resolved {
             endpoint,
             action: endpoint.and_then(|e| e.action(method)),
@@ -139,10 +151,10 @@ impl Resolved {
         }
     }
 
-    /// The resolution carried by `req`, or made now if no layer before made it.
-    pub(crate) fn from_request<B>(req: &http::Request<B>) -> Resolved {
-        match req.extensions().get::<Resolved>() {
-            Some(resolved) => *resolved,
+    /// The resolution carried by `req`'s body, or made now if no layer before made it.
+    pub(crate) fn from_request(req: &http::Request<super::RequestBody>) -> Resolved {
+        match req.body().resolved() {
+            Some(resolved) => resolved,
             None => Resolved::of(req.method(), req.uri().path()),
         }
     }
@@ -187,6 +199,23 @@ mod tests {
 
     fn action(method: Method, path: &str) -> Result<Endpoint, ApiError> {
         Resolved::of(&method, path).action(&method, path)
+    }
+
+    #[test]
+    fn statics_win_over_the_parameter_and_it_is_one_segment() {
+        assert_eq!(Endpoint::of("/presence/login"), Some(Endpoint::Login));
+        assert_eq!(Endpoint::of("/presence/n-1"), Some(Endpoint::Node));
+        assert_eq!(Endpoint::of("/presence/"), Some(Endpoint::Node));
+        assert_eq!(Endpoint::of("/presence/a/b"), None);
+        assert_eq!(Endpoint::of("/presence"), Some(Endpoint::List));
+        assert_eq!(Endpoint::of("/presencex"), None);
+        assert_eq!(Endpoint::of("/healthz/"), None);
+        // The parameter comes last in the table, and its prefix is its template's.
+        assert_eq!(Endpoint::ALL.last(), Some(&Endpoint::Node));
+        assert_eq!(
+            Endpoint::Node.template().strip_suffix("{node_id}"),
+            Some("/presence/")
+        );
     }
 
     #[test]

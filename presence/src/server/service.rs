@@ -27,6 +27,7 @@ use super::store_call::State;
 use super::{RequestBody, ResponseBody, MAX_BODY_BYTES};
 use crate::config::Config;
 use crate::store::Store;
+use tower_http::compression::CompressionLayer;
 
 /// Consecutive store failures (errors or timeouts) that open the store breaker.
 const BREAKER_FAILURES: u32 = 5;
@@ -157,7 +158,7 @@ impl PresenceService {
             .service(router.clone());
 
         let dispatch = Dispatch {
-            listing: edge::compressed(presence.clone()),
+            compression: edge::compression(),
             presence,
             ops: router,
         };
@@ -269,31 +270,29 @@ fn limited_response(
 #[derive(Clone)]
 struct Dispatch<P> {
     presence: P,
-    /// The same branch (a clone: it shares every bucket and the store), compressed
-    /// when the client asks: for `GET /presence` only, the one large answer.
-    listing: edge::Compressed<P>,
+    /// How `GET /presence`, the one large answer, is compressed when the client asks.
+    compression: CompressionLayer<edge::Compressible>,
     ops: Router,
 }
 
 impl<P> Service<http::Request<RequestBody>> for Dispatch<P>
 where
     P: Service<
-            http::Request<RequestBody>,
-            Response = http::Response<ResponseBody>,
-            Error = Infallible,
-        > + Clone,
+        http::Request<RequestBody>,
+        Response = http::Response<ResponseBody>,
+        Error = Infallible,
+    >,
 {
     type Response = http::Response<ResponseBody>;
     type Error = Infallible;
     type Future = Either<
-        Either<P::Future, <edge::Compressed<P> as Service<http::Request<RequestBody>>>::Future>,
+        Either<P::Future, edge::Compressed<P::Future>>,
         <Router as Service<http::Request<RequestBody>>>::Future,
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // The router is always ready; only the presence stack could make us wait.
-        std::task::ready!(self.presence.poll_ready(cx))?;
-        self.listing.poll_ready(cx)
+        self.presence.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<RequestBody>) -> Self::Future {
@@ -301,7 +300,11 @@ where
         if !resolved.is_presence() {
             Either::Right(self.ops.call(req))
         } else if resolved.is_listing() {
-            Either::Left(Either::Right(self.listing.call(req)))
+            Either::Left(Either::Right(edge::call_compressed(
+                &self.compression,
+                &mut self.presence,
+                req,
+            )))
         } else {
             Either::Left(Either::Left(self.presence.call(req)))
         }
