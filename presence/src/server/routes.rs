@@ -10,7 +10,7 @@
 //! path segment (`/presence/a/b` is no route). It is a table of its own rather than
 //! `matchit` (the router axum uses): for eight routes a scan costs less than
 //! `matchit`'s tree walk, which took about 270 instructions of every heartbeat
-//! (callgrind, in-process; README, "Design notes"). `HEAD` is served wherever `GET` is
+//! (callgrind, in-process; see the README's design notes). `HEAD` is served wherever `GET` is
 //! (RFC 9110 9.3.2): the same status and headers, no body; load balancers' health
 //! probes often use it.
 
