@@ -1,4 +1,4 @@
-//! The response body both layers return in HTTP mode: the inner service's body, or a
+//! The response body the layers return in HTTP mode: the inner service's body, or a
 //! small rejection body the layer wrote itself.
 
 use std::{
@@ -86,7 +86,7 @@ where
     }
 }
 
-/// The JSON error body both layers use by default: `{"error": code, "message": message}`.
+/// The JSON error body every layer uses by default: `{"error": code, "message": message}`.
 pub(crate) fn json_error(code: &str, message: &str) -> Bytes {
     let mut out = String::with_capacity(32 + code.len() + message.len());
     out.push_str("{\"error\":");

@@ -63,6 +63,7 @@
 //!   (the `Display` of [`CircuitOpen`] and [`RateLimited`], the HTTP bodies) are whole
 //!   seconds rounded up, never 0: [`retry_after_secs`].
 //!
+//! [`ConcurrencyLimitLayer`] caps the calls in flight and rejects, never queues, the rest.
 //! See [`circuit_breaker`] and [`token_bucket`] for the full contracts.
 //!
 //! ## Features
@@ -73,6 +74,7 @@
 #![warn(missing_docs)]
 
 pub mod circuit_breaker;
+pub mod concurrency_limit;
 mod http_response;
 pub mod key;
 pub mod mode;
@@ -89,6 +91,9 @@ pub use circuit_breaker::{
     classify_fn, BreakerError, BreakerPermit, BreakerStats, CircuitBreaker, CircuitBreakerBuilder,
     CircuitBreakerLayer, CircuitBreakerService, CircuitOpen, CircuitState, Classifier,
     DefaultClassifier, ErrIsFailure, FnClassifier, HttpClassifier, Transition, Window,
+};
+pub use concurrency_limit::{
+    ConcurrencyLimitLayer, ConcurrencyLimitService, InvalidConcurrencyLimit, Overloaded,
 };
 pub use key::{
     key_fn, FnKey, ForwardedHeader, GlobalKey, HeaderDigest, HeaderKey, KeyExtractor, KeyType,

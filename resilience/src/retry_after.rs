@@ -13,7 +13,7 @@ use std::{fmt, time::Duration};
 /// Whole seconds to wait before retrying: `d` rounded up, and never 0, because a client
 /// told "0" retries at once and is rejected again.
 ///
-/// This is the value of the `Retry-After` header both layers send in HTTP mode, and the
+/// This is the value of the `Retry-After` header every layer sends in HTTP mode, and the
 /// number in every "retry after N s" the crate writes. Use it for your own
 /// `Retry-After` headers so they agree with the layers'.
 ///

@@ -1,0 +1,77 @@
+//! Overhead of a concurrency limit around a pass-through service: this crate's
+//! rejecting [`ConcurrencyLimitLayer`] against tower's queueing one and no layer at all.
+//!
+//! The futures are polled directly (no runtime): the inner service is ready at once, so
+//! each iteration measures `poll_ready` + `call` + one poll of the response future,
+//! which takes and frees one slot, for all three in the same run.
+//!
+//! Run: `cargo bench -p resilience --bench concurrency_limit -- --warm-up-time 1 --measurement-time 2`
+
+use std::{
+    convert::Infallible,
+    future::{ready, Future, Ready},
+    hint::black_box,
+    pin::pin,
+    task::{Context, Poll, Waker},
+};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use resilience::ConcurrencyLimitLayer;
+use tower::{Layer, Service};
+
+/// The cheapest possible service: answers with its request.
+#[derive(Clone, Copy)]
+struct PassThrough;
+
+impl Service<u64> for PassThrough {
+    type Response = u64;
+    type Error = Infallible;
+    type Future = Ready<Result<u64, Infallible>>;
+
+    #[inline]
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, req: u64) -> Self::Future {
+        ready(Ok(req))
+    }
+}
+
+/// One request through `svc`, polled to completion by hand.
+#[inline]
+fn once<S>(svc: &mut S, cx: &mut Context<'_>, req: u64) -> bool
+where
+    S: Service<u64, Response = u64>,
+{
+    if svc.poll_ready(cx).is_pending() {
+        return false;
+    }
+    let fut = pin!(svc.call(req));
+    matches!(fut.poll(cx), Poll::Ready(Ok(_)))
+}
+
+fn overhead(c: &mut Criterion) {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut group = c.benchmark_group("concurrency_limit");
+
+    let mut bare = PassThrough;
+    group.bench_function("pass_through", |b| {
+        b.iter(|| once(&mut bare, &mut cx, black_box(1)))
+    });
+
+    let mut ours = ConcurrencyLimitLayer::new(64).layer(PassThrough);
+    group.bench_function("resilience_rejecting", |b| {
+        b.iter(|| once(&mut ours, &mut cx, black_box(1)))
+    });
+
+    let mut towers = tower::limit::ConcurrencyLimitLayer::new(64).layer(PassThrough);
+    group.bench_function("tower_queueing", |b| {
+        b.iter(|| once(&mut towers, &mut cx, black_box(1)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, overhead);
+criterion_main!(benches);
