@@ -1,5 +1,7 @@
 //! Overhead of a concurrency limit around a pass-through service: this crate's
-//! rejecting [`ConcurrencyLimitLayer`] against tower's queueing one and no layer at all.
+//! rejecting [`ConcurrencyLimitLayer`], static and adaptive (AIMD and Gradient2, each
+//! call a latency sample, a window of 10), against tower's queueing one and no layer at
+//! all.
 //!
 //! The futures are polled directly (no runtime): the inner service is ready at once, so
 //! each iteration measures `poll_ready` + `call` + one poll of the response future,
@@ -16,7 +18,7 @@ use std::{
 };
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use resilience::ConcurrencyLimitLayer;
+use resilience::{Aimd, ConcurrencyLimitLayer, Gradient2};
 use tower::{Layer, Service};
 
 /// The cheapest possible service: answers with its request.
@@ -64,6 +66,24 @@ fn overhead(c: &mut Criterion) {
     let mut ours = ConcurrencyLimitLayer::new(64).layer(PassThrough);
     group.bench_function("resilience_rejecting", |b| {
         b.iter(|| once(&mut ours, &mut cx, black_box(1)))
+    });
+
+    let mut aimd = ConcurrencyLimitLayer::adaptive(Aimd::default())
+        .max(64)
+        .initial(64)
+        .build()
+        .layer(PassThrough);
+    group.bench_function("adaptive_aimd", |b| {
+        b.iter(|| once(&mut aimd, &mut cx, black_box(1)))
+    });
+
+    let mut gradient2 = ConcurrencyLimitLayer::adaptive(Gradient2::default())
+        .max(64)
+        .initial(64)
+        .build()
+        .layer(PassThrough);
+    group.bench_function("adaptive_gradient2", |b| {
+        b.iter(|| once(&mut gradient2, &mut cx, black_box(1)))
     });
 
     let mut towers = tower::limit::ConcurrencyLimitLayer::new(64).layer(PassThrough);

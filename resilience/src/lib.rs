@@ -64,6 +64,10 @@
 //!   seconds rounded up, never 0: [`retry_after_secs`].
 //!
 //! [`ConcurrencyLimitLayer`] caps the calls in flight and rejects, never queues, the rest.
+//! Its cap is fixed or adaptive ([`ConcurrencyLimitLayer::adaptive`], with [`Aimd`] or
+//! [`Gradient2`]), moved by the calls' latency and errors.
+//! [`RetryLayer`] retries by a [`RetryPolicy`] ([`HttpRetryPolicy`] for HTTP clients)
+//! within a [`RetryBudget`]; see [`retry`], and its ordering with the breaker.
 //! See [`circuit_breaker`] and [`token_bucket`] for the full contracts.
 //!
 //! ## Features
@@ -78,6 +82,7 @@ pub mod concurrency_limit;
 mod http_response;
 pub mod key;
 pub mod mode;
+pub mod retry;
 mod retry_after;
 pub mod token_bucket;
 
@@ -92,6 +97,7 @@ pub use circuit_breaker::{
     CircuitBreakerLayer, CircuitBreakerService, CircuitOpen, CircuitState, Classifier,
     DefaultClassifier, ErrIsFailure, FnClassifier, HttpClassifier, Transition, Window,
 };
+pub use concurrency_limit::{AdaptiveLimitBuilder, Aimd, Gradient2, InvalidAdaptiveLimit};
 pub use concurrency_limit::{
     ConcurrencyLimitLayer, ConcurrencyLimitService, InvalidConcurrencyLimit, Overloaded,
 };
@@ -100,6 +106,7 @@ pub use key::{
     PeerIp, TrustedProxyIp,
 };
 pub use mode::{ErrorMode, HttpMode, WaitMode};
+pub use retry::{HttpRetryPolicy, RetryBudget, RetryLayer, RetryPolicy, RetryService};
 pub use token_bucket::{
     Acquired, Burst, InvalidTokenBucket, KeyedTokenBuckets, MissingKey, Rate, RateLimited,
     TokenBucket, TokenBucketLayer, TokenBucketLayerBuilder, TokenBucketService,

@@ -4,8 +4,8 @@ use std::{fmt, time::Duration};
 
 use crate::retry_after::RetryAfter;
 
-/// A call was rejected because the limit's maximum of calls was already in flight. The
-/// inner service was not called.
+/// A call was rejected because the limit's maximum of calls (for an adaptive limit, its
+/// current value) was already in flight. The inner service was not called.
 ///
 /// In the layer's error mode it comes boxed in a [`BoxError`](crate::BoxError); find it
 /// with `err.downcast_ref::<Overloaded>()`. In the layer's HTTP mode it becomes a
@@ -75,6 +75,36 @@ impl fmt::Display for InvalidConcurrencyLimit {
 }
 
 impl std::error::Error for InvalidConcurrencyLimit {}
+
+/// A parameter an adaptive concurrency limit cannot work with: bounds out of order, an
+/// initial limit outside them, an empty window, or an algorithm parameter out of range.
+///
+/// Returned by the `try_build` of [`AdaptiveLimitBuilder`](super::AdaptiveLimitBuilder),
+/// [`AimdBuilder`](super::AimdBuilder) and [`Gradient2Builder`](super::Gradient2Builder);
+/// their `build` panics with its message instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidAdaptiveLimit {
+    reason: &'static str,
+}
+
+impl InvalidAdaptiveLimit {
+    pub(crate) fn new(reason: &'static str) -> Self {
+        InvalidAdaptiveLimit { reason }
+    }
+
+    /// Why the value was refused.
+    pub fn reason(&self) -> &str {
+        self.reason
+    }
+}
+
+impl fmt::Display for InvalidAdaptiveLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid adaptive concurrency limit: {}", self.reason)
+    }
+}
+
+impl std::error::Error for InvalidAdaptiveLimit {}
 
 #[cfg(test)]
 mod tests {

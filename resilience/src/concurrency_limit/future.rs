@@ -99,7 +99,12 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(match ready!(self.project().kind.poll_inner(cx)) {
             // The permit is dropped here: the call is over.
-            Ok((output, _permit)) => output.map_err(Into::into),
+            Ok((output, permit)) => {
+                if let Some(mut permit) = permit {
+                    permit.complete(output.is_err());
+                }
+                output.map_err(Into::into)
+            }
             Err(overloaded) => Err(Box::new(overloaded)),
         })
     }
@@ -132,8 +137,15 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(match ready!(self.project().kind.poll_inner(cx)) {
-            // An `Err` drops the permit here; a response carries it in its body.
-            Ok((output, permit)) => {
+            // An `Err` drops the permit here; a response carries it in its body. The
+            // latency sample is taken now, at the response; `Err` and `5xx` are drops.
+            Ok((output, mut permit)) => {
+                if let Some(permit) = &mut permit {
+                    permit.complete(match &output {
+                        Ok(res) => res.status().is_server_error(),
+                        Err(_) => true,
+                    });
+                }
                 output.map(|res| res.map(|body| ResponseBody::inner(PermitBody::new(body, permit))))
             }
             Err(overloaded) => Ok(overloaded_response(overloaded)),

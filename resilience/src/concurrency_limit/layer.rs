@@ -4,7 +4,12 @@ use std::{fmt, marker::PhantomData, sync::Arc, time::Duration};
 
 use tower_layer::Layer;
 
-use super::{error::InvalidConcurrencyLimit, limit::Limit, service::ConcurrencyLimitService};
+use super::{
+    adaptive::{AdaptiveLimitBuilder, Algorithm, SampleWindow},
+    error::InvalidConcurrencyLimit,
+    limit::Limit,
+    service::ConcurrencyLimitService,
+};
 use crate::mode::{ErrorMode, HttpMode};
 
 /// `retry_after` of a rejection unless [`ConcurrencyLimitLayer::retry_after`] sets
@@ -62,6 +67,33 @@ impl ConcurrencyLimitLayer {
             _mode: PhantomData,
         })
     }
+
+    /// A builder of an adaptive limit: one that `algorithm` ([`Aimd`](super::Aimd) or
+    /// [`Gradient2`](super::Gradient2)) moves between `min` and `max` from the latency
+    /// and the errors of the calls. See the [module docs](super#adaptive-limits).
+    ///
+    /// ```
+    /// use resilience::{concurrency_limit::Aimd, ConcurrencyLimitLayer};
+    ///
+    /// let layer = ConcurrencyLimitLayer::adaptive(Aimd::default())
+    ///     .min(4)
+    ///     .max(256)
+    ///     .initial(32)
+    ///     .on_limit_change(|old, new| tracing::info!(old, new, "concurrency limit"))
+    ///     .build();
+    /// assert_eq!((layer.min(), layer.limit(), layer.max()), (4, 32, 256));
+    /// ```
+    pub fn adaptive(algorithm: impl Into<Algorithm>) -> AdaptiveLimitBuilder {
+        AdaptiveLimitBuilder::new(algorithm.into())
+    }
+
+    pub(crate) fn from_limit(limit: Arc<Limit>, retry_after: Duration) -> Self {
+        ConcurrencyLimitLayer {
+            limit,
+            retry_after,
+            _mode: PhantomData,
+        }
+    }
 }
 
 impl<M> ConcurrencyLimitLayer<M> {
@@ -93,9 +125,31 @@ impl<M> ConcurrencyLimitLayer<M> {
         }
     }
 
-    /// The most calls in flight at once, as given to [`new`](ConcurrencyLimitLayer::new).
+    /// The most calls in flight at once, as given to [`new`](ConcurrencyLimitLayer::new);
+    /// for an adaptive limit, the highest the limit goes.
     pub fn max(&self) -> usize {
         self.limit.max()
+    }
+
+    /// The lowest the limit goes: `max` for a static limit.
+    pub fn min(&self) -> usize {
+        self.limit.min()
+    }
+
+    /// The limit now: the most calls admitted at once. `max` for a static limit; an
+    /// adaptive one moves between `min` and `max`.
+    pub fn limit(&self) -> usize {
+        self.limit.limit()
+    }
+
+    /// The algorithm of an adaptive limit; `None` for a static one.
+    pub fn algorithm(&self) -> Option<Algorithm> {
+        self.limit.algorithm()
+    }
+
+    /// The sample window of an adaptive limit; `None` for a static one.
+    pub fn window(&self) -> Option<SampleWindow> {
+        self.limit.window()
     }
 
     /// Calls in flight now, across every service of this layer.

@@ -124,7 +124,100 @@
 //! assert_eq!(limit.in_flight(), 0);
 //! # }
 //! ```
+//!
+//! # Adaptive limits
+//!
+//! A fixed `max` is a guess about the dependency's capacity. An adaptive limit, built
+//! with [`ConcurrencyLimitLayer::adaptive`], learns it instead, as Netflix's
+//! `concurrency-limits` and Envoy's adaptive concurrency filter do: the limit moves
+//! between `min` and `max` (never crossing either) from the calls' latency and errors,
+//! and calls over it are rejected exactly as above ([`Overloaded`], or `503` with
+//! `Retry-After` in HTTP mode).
+//!
+//! * **Samples.** Each admitted call is one sample: its latency from `call` to the
+//!   completion of its response future, on [`tokio::time`] (so tests run on paused
+//!   time), and whether it was a *drop*: an `Err` from the inner service or, in HTTP
+//!   mode, a `5xx` response (any other status is a success; the body's streaming time
+//!   is not part of the latency). A response future dropped before completing gives no
+//!   sample. Rejected calls give none either.
+//! * **Windows.** Samples are aggregated over a [`SampleWindow`]: `Samples(n)` (default
+//!   10) or `Time(d)`. At the end of each window the algorithm computes the new limit
+//!   from the window's mean latency, whether it had a drop and its most calls in
+//!   flight. The update runs on the task completing the window's last call; there is no
+//!   timer.
+//! * **Algorithms.** [`Aimd`]: `limit + 1` after a window without a drop (if at least
+//!   half the limit was in use), `⌊limit × backoff_ratio⌋` after a window with one; a
+//!   sample slower than [`Aimd::timeout`] is a drop too. [`Gradient2`]: `limit` follows
+//!   `clamp(rtt_tolerance × long_rtt / short_rtt, 0.5, 1.0)`, see its docs for the
+//!   formulas. Both are clamped to `min..=max` after every update.
+//! * **Shrinking.** The limit only ever bounds admission: when it falls below the calls
+//!   in flight, those run to the end, and new calls are rejected until fewer than the
+//!   limit are in flight. No call is ever admitted while `in_flight >= limit`.
+//! * **Observable.** [`limit`](ConcurrencyLimitLayer::limit) reads the limit now, on the
+//!   layer and every service (all clones share it);
+//!   [`on_limit_change`](AdaptiveLimitBuilder::on_limit_change) is called with
+//!   `(old, new)` on every change, to export it as a metric.
+//! * **Cost.** Admission is the same compare-and-swap, plus one clock read; the end of
+//!   each call takes a mutex briefly to add its sample.
+//!
+//! ```
+//! use std::{sync::{Arc, Mutex}, time::Duration};
+//!
+//! use resilience::{concurrency_limit::SampleWindow, Aimd, BoxError, ConcurrencyLimitLayer};
+//! use tower::{service_fn, Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! // A dependency: answers after `ms` milliseconds, or fails at once on 0.
+//! let dependency = service_fn(|ms: u64| async move {
+//!     if ms == 0 {
+//!         return Err::<(), BoxError>("connection reset".into());
+//!     }
+//!     tokio::time::sleep(Duration::from_millis(ms)).await;
+//!     Ok(())
+//! });
+//!
+//! let changes = Arc::new(Mutex::new(Vec::new()));
+//! let aimd = Aimd::builder().backoff_ratio(0.5).timeout(Duration::from_millis(100)).build();
+//! let layer = ConcurrencyLimitLayer::adaptive(aimd)
+//!     .min(2)
+//!     .max(100)
+//!     .initial(16)
+//!     .window(SampleWindow::Samples(4))
+//!     .on_limit_change({
+//!         let changes = changes.clone();
+//!         move |old, new| changes.lock().unwrap().push((old, new))
+//!     })
+//!     .build();
+//! let svc = layer.layer(dependency);
+//!
+//! // A window of fast successes: the limit is hardly in use (1 call in flight of 16),
+//! // so it stays.
+//! for _ in 0..4 {
+//!     svc.clone().oneshot(10).await.unwrap();
+//! }
+//! assert_eq!(layer.limit(), 16);
+//!
+//! // A window with an error halves it; one with a call over the 100 ms threshold too.
+//! for ms in [10, 0, 10, 10, 10, 250, 10, 10] {
+//!     let _ = svc.clone().oneshot(ms).await;
+//! }
+//! assert_eq!(layer.limit(), 4);
+//! assert_eq!(*changes.lock().unwrap(), [(16, 8), (8, 4)]);
+//!
+//! // Four calls in flight fill the limit: a fifth is rejected at once.
+//! let in_flight: Vec<_> = (0..4).map(|_| tokio::spawn(svc.clone().oneshot(50))).collect();
+//! tokio::task::yield_now().await;
+//! assert!(svc.clone().oneshot(10).await.unwrap_err().is::<resilience::Overloaded>());
+//! for call in in_flight {
+//!     call.await.unwrap().unwrap();
+//! }
+//! // That window was fast and full: +1.
+//! assert_eq!(layer.limit(), 5);
+//! # }
+//! ```
 
+mod adaptive;
 mod error;
 mod future;
 mod layer;
@@ -132,7 +225,11 @@ mod limit;
 mod service;
 
 pub use self::{
-    error::{InvalidConcurrencyLimit, Overloaded},
+    adaptive::{
+        AdaptiveLimitBuilder, Aimd, AimdBuilder, Algorithm, Gradient2, Gradient2Builder, QueueSize,
+        SampleWindow,
+    },
+    error::{InvalidAdaptiveLimit, InvalidConcurrencyLimit, Overloaded},
     future::{HttpResponseFuture, PermitBody, ResponseFuture},
     layer::{ConcurrencyLimitLayer, DEFAULT_RETRY_AFTER},
     service::ConcurrencyLimitService,

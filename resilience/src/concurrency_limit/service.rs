@@ -20,7 +20,7 @@ use crate::{
     BoxError, ResponseBody,
 };
 
-/// A service that admits at most `max` calls at a time and rejects the rest; made by
+/// A service that admits at most [`limit`](Self::limit) calls at a time and rejects the rest; made by
 /// [`ConcurrencyLimitLayer`](super::ConcurrencyLimitLayer), whose docs describe the
 /// modes.
 ///
@@ -44,9 +44,20 @@ impl<S, M> ConcurrencyLimitService<S, M> {
         }
     }
 
-    /// The most calls in flight at once, shared with the layer and its other services.
+    /// The most calls in flight at once (for an adaptive limit, the highest the limit
+    /// goes), shared with the layer and its other services.
     pub fn max(&self) -> usize {
         self.limit.max()
+    }
+
+    /// The lowest the limit goes: `max` for a static limit.
+    pub fn min(&self) -> usize {
+        self.limit.min()
+    }
+
+    /// The limit now, shared with the layer and its other services.
+    pub fn limit(&self) -> usize {
+        self.limit.limit()
     }
 
     /// Calls in flight now, across every service of the layer.
