@@ -9,50 +9,17 @@
 //!
 //! Run: `cargo bench -p resilience --bench concurrency_limit -- --warm-up-time 1 --measurement-time 2`
 
+mod support;
+
 use std::{
-    convert::Infallible,
-    future::{ready, Future, Ready},
     hint::black_box,
-    pin::pin,
-    task::{Context, Poll, Waker},
+    task::{Context, Waker},
 };
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use resilience::{Aimd, ConcurrencyLimitLayer, Gradient2};
-use tower::{Layer, Service};
-
-/// The cheapest possible service: answers with its request.
-#[derive(Clone, Copy)]
-struct PassThrough;
-
-impl Service<u64> for PassThrough {
-    type Response = u64;
-    type Error = Infallible;
-    type Future = Ready<Result<u64, Infallible>>;
-
-    #[inline]
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    #[inline]
-    fn call(&mut self, req: u64) -> Self::Future {
-        ready(Ok(req))
-    }
-}
-
-/// One request through `svc`, polled to completion by hand.
-#[inline]
-fn once<S>(svc: &mut S, cx: &mut Context<'_>, req: u64) -> bool
-where
-    S: Service<u64, Response = u64>,
-{
-    if svc.poll_ready(cx).is_pending() {
-        return false;
-    }
-    let fut = pin!(svc.call(req));
-    matches!(fut.poll(cx), Poll::Ready(Ok(_)))
-}
+use support::{once, PassThrough};
+use tower::Layer;
 
 fn overhead(c: &mut Criterion) {
     let mut cx = Context::from_waker(Waker::noop());
