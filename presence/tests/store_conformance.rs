@@ -8,6 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use presence::model::{new_lease_id, Meta, Node, NodeId};
+use presence::store::feed::{
+    Change, ChangeKind, Changes, Cursor, LeaveReason, WatchOptions, WatchStart,
+};
 use presence::store::redis::test_support::{redis_for_tests, unique_prefix};
 use presence::store::{MemoryStore, RedisStore, Store, StoreError};
 use serde_json::json;
@@ -101,6 +104,9 @@ conformance!(
     meta_round_trips_nested_json,
     thousand_concurrent_logins_are_all_listed,
     ping_answers,
+    feed_reports_joins_meta_changes_and_logouts_with_their_data,
+    feed_resumes_after_a_cursor_and_snapshots_without_one,
+    feed_reports_each_expiry_once,
 );
 
 fn id(s: &str) -> NodeId {
@@ -655,9 +661,18 @@ async fn redis_keys_follow_the_data_model_and_expire() {
         );
     }
 
-    // Logging the last node out leaves no key behind.
+    // Logging the last node out leaves only the change feed (its stream and epoch),
+    // which expires by itself.
     assert_eq!(store.logout(&n, &lease).await, Ok(true));
-    assert_eq!(store.delete_prefix().await, Ok(0));
+    for k in ["feed", "feed-epoch"] {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(format!("{{{}}}:{k}", store.prefix()))
+            .query_async(&mut conn)
+            .await
+            .expect("pttl");
+        assert!(pttl > 0, "{k} has PTTL {pttl}");
+    }
+    assert_eq!(store.delete_prefix().await, Ok(2));
 }
 
 #[tokio::test]
@@ -863,4 +878,204 @@ async fn redis_rejects_bad_prefixes_and_schemes() {
     assert!(r.is_err());
     let unique = unique_prefix("x");
     assert!(unique.starts_with("test-") && unique.ends_with("-x"));
+}
+
+/// The next change, or `None` if none comes within a second (store time for memory).
+async fn next_change(changes: &mut Changes) -> Option<Arc<Change>> {
+    tokio::time::timeout(Duration::from_secs(1), changes.recv())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The kind, node and data of a change, for comparing whole changes at once.
+fn described(change: &Change) -> (ChangeKind, String, serde_json::Value) {
+    let data = serde_json::from_slice(&change.data).expect("change data is JSON");
+    (change.kind, change.node_id.to_string(), data)
+}
+
+async fn feed_reports_joins_meta_changes_and_logouts_with_their_data(h: &Harness) {
+    let s = &h.store;
+    let mut watch = s.watch(None, WatchOptions::default()).await.expect("watch");
+    assert!(matches!(watch.start, WatchStart::Snapshot));
+    let lease = new_lease_id();
+    s.login(&id("n1"), &lease, TTL, meta(json!({"load": 0.5})))
+        .await
+        .expect("login");
+    let joined = next_change(&mut watch.changes).await.expect("join");
+    let node = serde_json::to_value(get(h, "n1").await.expect("online")).expect("node");
+    assert_eq!(described(&joined), (ChangeKind::Join, "n1".into(), node));
+
+    // Time only, or the same meta again: no change.
+    s.heartbeat(&id("n1"), &lease, TTL, None).await.expect("hb");
+    s.heartbeat(&id("n1"), &lease, TTL, Some(meta(json!({"load": 0.5}))))
+        .await
+        .expect("hb");
+    s.heartbeat(&id("n1"), &lease, TTL, Some(meta(json!({"load": 0.9}))))
+        .await
+        .expect("hb");
+    let updated = next_change(&mut watch.changes).await.expect("update");
+    let node = serde_json::to_value(get(h, "n1").await.expect("online")).expect("node");
+    assert_eq!(described(&updated), (ChangeKind::Update, "n1".into(), node));
+    assert!(updated.position > joined.position);
+
+    assert_eq!(s.logout(&id("n1"), &lease).await, Ok(true));
+    let left = next_change(&mut watch.changes).await.expect("leave");
+    assert_eq!(
+        described(&left),
+        (
+            ChangeKind::Leave(LeaveReason::Logout),
+            "n1".into(),
+            json!({"node_id": "n1", "reason": "logout"})
+        )
+    );
+    assert_eq!(s.logout(&id("n1"), &lease).await, Ok(false));
+    assert!(
+        next_change(&mut watch.changes).await.is_none(),
+        "a no-op logout is no change"
+    );
+}
+
+async fn feed_resumes_after_a_cursor_and_snapshots_without_one(h: &Harness) {
+    let s = &h.store;
+    let mut watch = s.watch(None, WatchOptions::default()).await.expect("watch");
+    for n in ["a", "b", "c"] {
+        s.login(&id(n), &new_lease_id(), TTL, Meta::new())
+            .await
+            .expect("login");
+    }
+    let first = next_change(&mut watch.changes).await.expect("a");
+    let mut resumed = s
+        .watch(Some(&first.cursor()), WatchOptions::default())
+        .await
+        .expect("watch");
+    let WatchStart::Resumed(replay) = resumed.start else {
+        panic!("a fresh cursor resumes");
+    };
+    // What the feed held when the watch began is replayed; the rest (Redis: what
+    // its reader had not read yet) follows live, with nothing twice.
+    let mut after: Vec<String> = replay.iter().map(|c| c.node_id.to_string()).collect();
+    while after.len() < 2 {
+        let change = next_change(&mut resumed.changes)
+            .await
+            .expect("live change");
+        after.push(change.node_id.to_string());
+    }
+    assert_eq!(after, ["b", "c"]);
+    assert!(next_change(&mut resumed.changes).await.is_none());
+
+    // Another feed's cursor, or one from the future: a snapshot.
+    let foreign = Cursor::new(
+        first.cursor().epoch() ^ 1,
+        first.cursor().positions().to_vec(),
+    );
+    let later = first.cursor().positions()[0];
+    let future = Cursor::new(
+        first.cursor().epoch(),
+        vec![presence::store::feed::Position {
+            ms: later.ms + 1_000_000,
+            seq: 0,
+        }],
+    );
+    for cursor in [foreign, future] {
+        let w = s
+            .watch(Some(&cursor), WatchOptions::default())
+            .await
+            .expect("watch");
+        assert!(matches!(w.start, WatchStart::Snapshot), "{cursor:?}");
+    }
+}
+
+async fn feed_reports_each_expiry_once(h: &Harness) {
+    let s = &h.store;
+    let mut watch = s.watch(None, WatchOptions::default()).await.expect("watch");
+    let ttl = 500;
+    s.login(&id("gone"), &new_lease_id(), ttl, Meta::new())
+        .await
+        .expect("login");
+    s.login(&id("back"), &new_lease_id(), ttl, Meta::new())
+        .await
+        .expect("login");
+    s.login(&id("stays"), &new_lease_id(), TTL, Meta::new())
+        .await
+        .expect("login");
+    for _ in 0..3 {
+        next_change(&mut watch.changes).await.expect("join");
+    }
+    h.elapse(Duration::from_millis(ttl + 100)).await;
+    // "back" logs in again before any sweep: its expiry is reported by the login.
+    s.login(&id("back"), &new_lease_id(), TTL, Meta::new())
+        .await
+        .expect("login");
+    let mut expired = 0;
+    for _ in 0..3 {
+        expired += s.sweep_expired().await.expect("sweep").expired;
+    }
+    let mut seen = Vec::new();
+    while let Some(change) = next_change(&mut watch.changes).await {
+        seen.push((change.kind, change.node_id.to_string()));
+    }
+    let leave = ChangeKind::Leave(LeaveReason::Expired);
+    assert_eq!(
+        seen,
+        [
+            (leave, "back".to_owned()),
+            (ChangeKind::Join, "back".to_owned()),
+            (leave, "gone".to_owned())
+        ]
+    );
+    assert_eq!(expired, 1, "the sweeps report the one expiry left, once");
+    assert_eq!(ids(&list(h).await), ["back", "stays"]);
+}
+
+#[tokio::test]
+async fn redis_servers_sweeping_one_deployment_report_each_expiry_once() {
+    let Some(first) = redis_for_tests("sweepers").await else {
+        return;
+    };
+    let uri = std::env::var("PRESENCE_TEST_REDIS_URI")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let mut servers = vec![first.clone()];
+    for _ in 0..2 {
+        servers.push(
+            RedisStore::connect(&uri, first.prefix())
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut watch = first
+        .watch(None, WatchOptions::default())
+        .await
+        .expect("watch");
+    let ttl = 300;
+    for n in 0..200 {
+        first
+            .login(&id(&format!("n{n}")), &new_lease_id(), ttl, Meta::new())
+            .await
+            .expect("login");
+    }
+    tokio::time::sleep(Duration::from_millis(ttl + 100)).await;
+    // Three servers sweep at once, several times each.
+    let sweeps = servers.iter().map(|s| async move {
+        let mut n = 0;
+        for _ in 0..5 {
+            n += s.sweep_expired().await.expect("sweep").expired;
+        }
+        n
+    });
+    let reported: u64 = futures_util::future::join_all(sweeps)
+        .await
+        .into_iter()
+        .sum();
+    assert_eq!(reported, 200);
+    let mut leaves = BTreeSet::new();
+    let mut events = 0;
+    while let Some(change) = next_change(&mut watch.changes).await {
+        if change.kind == ChangeKind::Leave(LeaveReason::Expired) {
+            events += 1;
+            leaves.insert(change.node_id.to_string());
+        }
+    }
+    assert_eq!((events, leaves.len()), (200, 200));
+    assert!(first.delete_prefix().await.is_ok());
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use super::feed::{Cursor, Watch, WatchOptions};
 use super::{BoxFuture, LoginOutcome, MemoryStore, NodeListJson, Store, StoreError};
 use crate::model::{Meta, Node, NodeId};
 
@@ -178,6 +179,23 @@ impl Store for FaultyStore {
     fn now_ms(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         self.fault().unwrap_or_else(|| Store::now_ms(&self.inner))
     }
+
+    fn watch<'a>(
+        &'a self,
+        after: Option<&'a Cursor>,
+        options: WatchOptions,
+    ) -> BoxFuture<'a, Result<Watch, StoreError>> {
+        self.fault()
+            .unwrap_or_else(|| self.inner.watch(after, options))
+    }
+
+    fn feed_cursor(&self) -> Option<Cursor> {
+        self.inner.feed_cursor()
+    }
+
+    // `sweep_expired` is the default (nothing to report, never faulted): the server
+    // sweeps in the background, and its calls must not count against the fault or
+    // the breaker the tests watch.
 
     fn describe(&self) -> String {
         format!("faulty ({:?}, test store)", self.fault)

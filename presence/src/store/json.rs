@@ -62,17 +62,14 @@ impl ListWriter {
             buf.push(b',');
         }
         self.count += 1;
-        buf.extend_from_slice(br#"{"node_id":"#);
-        write_str(buf, node_id);
-        buf.extend_from_slice(br#","meta":"#);
-        buf.extend_from_slice(meta.unwrap_or(b"{}"));
-        buf.extend_from_slice(br#","online_since_ms":"#);
-        write_u64(buf, online_since_ms);
-        buf.extend_from_slice(br#","last_seen_ms":"#);
-        write_u64(buf, last_seen_ms);
-        buf.extend_from_slice(br#","expires_at_ms":"#);
-        write_u64(buf, expires_at_ms);
-        buf.push(b'}');
+        write_node(
+            buf,
+            node_id,
+            meta,
+            online_since_ms,
+            last_seen_ms,
+            expires_at_ms,
+        );
     }
 
     /// Ends the current piece and starts one with room for at least `room` bytes.
@@ -109,6 +106,29 @@ impl ListWriter {
     }
 }
 
+/// Writes one node as `GET /presence/{node_id}` answers it (`meta` as JSON text,
+/// `None` for `{}`): an element of a listing, or a feed event's data.
+pub(crate) fn write_node(
+    buf: &mut Vec<u8>,
+    node_id: &str,
+    meta: Option<&[u8]>,
+    online_since_ms: u64,
+    last_seen_ms: u64,
+    expires_at_ms: u64,
+) {
+    buf.extend_from_slice(br#"{"node_id":"#);
+    write_str(buf, node_id);
+    buf.extend_from_slice(br#","meta":"#);
+    buf.extend_from_slice(meta.unwrap_or(b"{}"));
+    buf.extend_from_slice(br#","online_since_ms":"#);
+    write_u64(buf, online_since_ms);
+    buf.extend_from_slice(br#","last_seen_ms":"#);
+    write_u64(buf, last_seen_ms);
+    buf.extend_from_slice(br#","expires_at_ms":"#);
+    write_u64(buf, expires_at_ms);
+    buf.push(b'}');
+}
+
 /// `true` when `json` is one syntactically valid JSON object (surrounding whitespace
 /// allowed): what may be copied into a listing as a node's meta. Validates without
 /// building anything.
@@ -121,7 +141,7 @@ pub(crate) fn is_json_object(json: &[u8]) -> bool {
 
 /// Writes `s` as a JSON string. Node ids never need escaping (their alphabet is
 /// `A-Z a-z 0-9 . _ ~ : @ + = -`); anything else goes through `serde_json`.
-fn write_str(buf: &mut Vec<u8>, s: &str) {
+pub(crate) fn write_str(buf: &mut Vec<u8>, s: &str) {
     if s.bytes()
         .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
     {

@@ -7,14 +7,22 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
+use super::feed::{
+    Change, ChangeKind, Cursor, Hub, HubStart, LeaveReason, Position, Watch, WatchOptions,
+    WatchStart,
+};
 use super::json::{ListWriter, NODE_OVERHEAD};
-use super::{sort_key, BoxFuture, LoginOutcome, NodeListJson, Store, StoreError};
+use super::{sort_key, BoxFuture, LoginOutcome, NodeListJson, Store, StoreError, Sweep};
 use crate::model::{Meta, Node, NodeId};
 
 const SHARDS: usize = 32;
 
 /// How often (store clock) a write sweeps expired records out of memory.
 const PURGE_INTERVAL_MS: u64 = 1_000;
+
+/// Most changes the feed keeps for resuming watchers (besides the retention time):
+/// bounds its memory under churn (about 200 bytes a change).
+const MAX_FEED_CHANGES: usize = 100_000;
 
 /// Presence state in process memory: the embedded default for **one** server (each
 /// server process would see only its own nodes; use [`RedisStore`](super::RedisStore)
@@ -29,9 +37,15 @@ const PURGE_INTERVAL_MS: u64 = 1_000;
 /// - Clock: the wall clock read once at construction plus the elapsed
 ///   [`tokio::time::Instant`], so tests on paused tokio time expire nodes
 ///   deterministically.
-/// - Expired records are invisible at once and swept out opportunistically by writes
-///   and listings (at most once per second), so memory is bounded by the online nodes
-///   plus one second's worth of logins.
+/// - Expired records are invisible at once and swept out by [`Store::sweep_expired`]
+///   (the server runs it every 100 ms) and opportunistically by writes and listings
+///   (at most once per second), so memory is bounded by the online nodes plus one
+///   second's worth of logins. Each removal of an expired record is its `expired`
+///   change.
+/// - The change feed ([`Store::watch`]) is a log of the last
+///   `PRESENCE_WATCH_RETENTION_SEC` (at most 100 000 changes), written under the
+///   lock of the node's shard, so each node's changes are in order. Its epoch is
+///   random: a cursor from another process gets a snapshot.
 #[derive(Debug)]
 pub struct MemoryStore {
     shards: Box<[Shard]>,
@@ -43,6 +57,8 @@ pub struct MemoryStore {
     /// every listing either faults its pages in again or, as glibc's mmap threshold
     /// adapts, leaves a freed copy behind in the heap. Kept, it costs neither.
     scratch: Mutex<Vec<Row>>,
+    /// The change feed.
+    hub: Hub,
 }
 
 // Ids are shared (`Arc`) so that a listing can hold on to them without copying.
@@ -83,6 +99,7 @@ impl MemoryStore {
             base: Instant::now(),
             next_purge_ms: AtomicU64::new(base_ms.saturating_add(PURGE_INTERVAL_MS)),
             scratch: Mutex::default(),
+            hub: Hub::new(Some(random_epoch()), Position::default(), MAX_FEED_CHANGES),
         }
     }
 
@@ -102,21 +119,51 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    /// Removes every expired record now; returns how many were removed.
+    /// Removes every expired record now, each reported as its `expired` change;
+    /// returns how many were removed.
     pub fn purge_expired(&self) -> usize {
+        self.sweep().expired.try_into().unwrap_or(usize::MAX)
+    }
+
+    fn sweep(&self) -> Sweep {
         let now = self.now_ms();
-        self.shards
-            .iter()
-            .map(|shard| {
-                let mut map = write(shard);
-                let before = map.len();
-                map.retain(|_, e| e.online(now));
-                if map.capacity() > 64 && map.capacity() > 4 * map.len() {
-                    map.shrink_to_fit();
+        let mut sweep = Sweep::default();
+        for shard in self.shards.iter() {
+            let mut map = write(shard);
+            let before = map.len();
+            map.retain(|id, e| {
+                if e.online(now) {
+                    return true;
                 }
-                before - map.len()
-            })
-            .sum()
+                sweep.lag_ms = sweep.lag_ms.max(now - e.expires_at_ms);
+                self.expired(id, now);
+                false
+            });
+            sweep.expired += (before - map.len()) as u64;
+            if map.capacity() > 64 && map.capacity() > 4 * map.len() {
+                map.shrink_to_fit();
+            }
+        }
+        sweep
+    }
+
+    /// Publishes that `node` expired (called under its shard's lock, as it is removed).
+    fn expired(&self, node: &str, now: u64) {
+        self.hub
+            .publish_next(Change::leave(node, LeaveReason::Expired), now);
+    }
+
+    /// Publishes a join or update of `node` (under its shard's lock).
+    fn changed(&self, kind: ChangeKind, node: &str, e: &Entry, now: u64) {
+        let change = Change::node(
+            kind,
+            node,
+            e.meta.as_deref().map(str::as_bytes),
+            e.online_since_ms,
+            e.last_seen_ms,
+            e.expires_at_ms,
+        );
+        self.hub.publish_next(change, now);
     }
 
     fn maybe_purge(&self, now: u64) {
@@ -165,7 +212,13 @@ impl MemoryStore {
             last_seen_ms: now,
             expires_at_ms,
         };
-        write(self.shard(node.as_str())).insert(node.as_str().into(), entry);
+        let mut map = write(self.shard(node.as_str()));
+        if map.get(node.as_str()).is_some_and(|old| !old.online(now)) {
+            self.expired(node.as_str(), now);
+        }
+        self.changed(ChangeKind::Join, node.as_str(), &entry, now);
+        map.insert(node.as_str().into(), entry);
+        drop(map);
         Ok(LoginOutcome {
             online_since_ms: now,
             expires_at_ms,
@@ -187,6 +240,7 @@ impl MemoryStore {
             Some(e) if e.online(now) => e,
             Some(_) => {
                 map.remove(node.as_str());
+                self.expired(node.as_str(), now);
                 return Err(StoreError::NotFound);
             }
             None => return Err(StoreError::NotFound),
@@ -196,8 +250,10 @@ impl MemoryStore {
         }
         entry.last_seen_ms = now;
         entry.expires_at_ms = now.saturating_add(ttl_ms);
-        if let Some(meta) = meta {
+        // Only a meta that differs is a change: a heartbeat that moves time is none.
+        if let Some(meta) = meta.filter(|m| *m != entry.meta) {
             entry.meta = meta;
+            self.changed(ChangeKind::Update, node.as_str(), entry, now);
         }
         Ok(entry.expires_at_ms)
     }
@@ -209,11 +265,14 @@ impl MemoryStore {
             None => Ok(false),
             Some(e) if !e.online(now) => {
                 map.remove(node.as_str());
+                self.expired(node.as_str(), now);
                 Ok(false)
             }
             Some(e) if *e.lease != *lease_id => Err(StoreError::LeaseMismatch),
             Some(_) => {
                 map.remove(node.as_str());
+                self.hub
+                    .publish_next(Change::leave(node.as_str(), LeaveReason::Logout), now);
                 Ok(true)
             }
         }
@@ -346,6 +405,19 @@ impl Snapshot {
     }
 }
 
+/// A feed epoch no other process is likely to have chosen.
+fn random_epoch() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness: the clock in ns is still unlikely to repeat.
+        let ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        return u64::try_from(ns % u128::from(u64::MAX)).unwrap_or(1);
+    }
+    u64::from_be_bytes(bytes)
+}
+
 fn encode_meta(meta: &Meta) -> Result<Option<Arc<str>>, StoreError> {
     if meta.is_empty() {
         return Ok(None);
@@ -414,6 +486,46 @@ impl Store for MemoryStore {
 
     fn now_ms(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move { Ok(MemoryStore::now_ms(self)) })
+    }
+
+    fn watch<'a>(
+        &'a self,
+        after: Option<&'a Cursor>,
+        options: WatchOptions,
+    ) -> BoxFuture<'a, Result<Watch, StoreError>> {
+        Box::pin(async move {
+            let subscribed = self.hub.subscribe(after, options)?;
+            let start = match subscribed.start {
+                HubStart::Replay(changes) => WatchStart::Resumed(changes),
+                // The log is all there is: older than it is too old.
+                HubStart::Fetch(_) | HubStart::Snapshot => WatchStart::Snapshot,
+            };
+            Ok(Watch {
+                start,
+                cursor: subscribed.head,
+                changes: subscribed.changes,
+            })
+        })
+    }
+
+    fn feed_cursor(&self) -> Option<Cursor> {
+        self.hub.head()
+    }
+
+    fn set_feed_retention(&self, retention: std::time::Duration) {
+        self.hub.set_retention_ms(crate::millis(retention));
+    }
+
+    fn sweep_expired(&self) -> BoxFuture<'_, Result<Sweep, StoreError>> {
+        Box::pin(async move {
+            let sweep = self.sweep();
+            // A whole pass per call: nothing is left for a next one.
+            self.next_purge_ms.store(
+                self.now_ms().saturating_add(PURGE_INTERVAL_MS),
+                Ordering::Relaxed,
+            );
+            Ok(sweep)
+        })
     }
 
     fn describe(&self) -> String {

@@ -64,9 +64,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use self::feed::{Cursor, Watch, WatchOptions};
 use crate::model::{Meta, Node, NodeId};
 
 pub mod faulty;
+pub mod feed;
 #[cfg(not(feature = "test-util"))]
 pub(crate) mod json;
 #[cfg(feature = "test-util")]
@@ -142,6 +144,17 @@ impl NodeListJson {
             many => many.concat().into(),
         }
     }
+}
+
+/// What one [`Store::sweep_expired`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Expiries reported.
+    pub expired: u64,
+    /// How long after its expiry the latest-reported node was reported, in ms.
+    pub lag_ms: u64,
+    /// More are due: sweep again at once.
+    pub more: bool,
 }
 
 /// Why a store operation failed.
@@ -252,6 +265,43 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<u64, StoreError>> {
         let _ = (outage, max_ttl_ms);
         Box::pin(std::future::ready(Ok(0)))
+    }
+
+    /// Subscribes to the store's change feed (see [`feed`] for the contract): where a
+    /// watcher that last saw `after` starts, and every change from then on.
+    ///
+    /// The default has no feed: [`StoreError::Unavailable`].
+    fn watch<'a>(
+        &'a self,
+        after: Option<&'a Cursor>,
+        options: WatchOptions,
+    ) -> BoxFuture<'a, Result<Watch, StoreError>> {
+        let _ = (after, options);
+        Box::pin(std::future::ready(Err(StoreError::Unavailable(
+            "this store has no change feed".to_owned(),
+        ))))
+    }
+
+    /// The feed's cursor now (`Presence-Cursor` of a listing made after this call):
+    /// `None` if the store has no feed or does not know it yet.
+    fn feed_cursor(&self) -> Option<Cursor> {
+        None
+    }
+
+    /// How long the feed keeps changes for resuming watchers
+    /// (`PRESENCE_WATCH_RETENTION_SEC`). The default ignores it.
+    fn set_feed_retention(&self, retention: Duration) {
+        let _ = retention;
+    }
+
+    /// Finds the nodes whose lease has run out and reports each as a `leave` with
+    /// reason `expired`, exactly once however many servers sweep one store. Returns
+    /// what it did; run it often (the server does, every 100 ms) so that expiries are
+    /// reported promptly.
+    ///
+    /// The default reports nothing.
+    fn sweep_expired(&self) -> BoxFuture<'_, Result<Sweep, StoreError>> {
+        Box::pin(std::future::ready(Ok(Sweep::default())))
     }
 
     /// One line for the start-up log, e.g. `memory (single server only)` or

@@ -6,7 +6,7 @@ use redis::aio::ConnectionManager;
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind};
 use tokio::sync::{mpsc, oneshot};
 
-use super::scripts::HEARTBEATS;
+use super::scripts::{HEARTBEATS, SCRIPT_KEYS};
 use super::{grace_ms, unavailable, DeploymentKeys};
 use crate::model::NodeId;
 use crate::store::StoreError;
@@ -122,13 +122,13 @@ fn fill_batch(
 /// through `Script::key/arg`, which allocates every argument on its own before
 /// copying it into the command.
 fn call(mut conn: ConnectionManager, keys: &DeploymentKeys, jobs: Vec<HeartbeatJob>) -> Call {
-    // Two numbers (grace, TTL) and three strings per heartbeat.
+    // Three numbers (grace, TTL, retention) and three strings per heartbeat.
     let bytes = jobs
         .iter()
         .map(|j| j.node.as_str().len() + j.lease.len() + j.meta.as_ref().map_or(0, String::len))
         .sum::<usize>()
         + 40;
-    let mut cmd = evalsha(&HEARTBEATS, keys, 2 + 3 * jobs.len(), bytes);
+    let mut cmd = evalsha(&HEARTBEATS, keys, 3 + 3 * jobs.len(), bytes);
     cmd.arg(grace_ms())
         .arg(jobs.first().map_or(0, |j| j.ttl_ms));
     for job in &jobs {
@@ -136,6 +136,7 @@ fn call(mut conn: ConnectionManager, keys: &DeploymentKeys, jobs: Vec<HeartbeatJ
             .arg(&job.lease)
             .arg(job.meta.as_deref().unwrap_or(""));
     }
+    cmd.arg(keys.retention_ms());
     Box::pin(async move {
         let codes = eval(&mut conn, &HEARTBEATS, &cmd)
             .await
@@ -164,7 +165,8 @@ fn answer(jobs: Vec<HeartbeatJob>, codes: Result<Vec<i64>, StoreError>) {
     }
 }
 
-/// `EVALSHA <script> 2 <nodes> <records>`, to which the caller adds the arguments.
+/// `EVALSHA <script> 5 <nodes> <records> <feed> <epoch> <watermark>` (see
+/// [`SCRIPT_KEYS`]), to which the caller adds the arguments.
 ///
 /// `args` and `bytes` are how many more arguments, of how many bytes in all, the
 /// caller adds: the command's buffers are allocated once at that size instead of
@@ -173,10 +175,14 @@ pub(super) fn evalsha(script: &Script, keys: &DeploymentKeys, args: usize, bytes
     let fixed = [
         "EVALSHA",
         script.get_hash(),
-        "2",
+        "5",
         &keys.nodes,
         &keys.records,
+        &keys.feed,
+        &keys.epoch,
+        &keys.swept,
     ];
+    debug_assert_eq!(fixed.len(), 3 + SCRIPT_KEYS);
     let mut cmd = Cmd::with_capacity(
         fixed.len() + args,
         fixed.iter().map(|a| a.len()).sum::<usize>() + bytes,

@@ -82,7 +82,7 @@
 //! build does not enable: such a URI fails at connect with a clear error.
 
 use std::fmt;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -92,18 +92,23 @@ use tokio::sync::{mpsc, oneshot};
 
 use self::batch::{batch_heartbeats, eval, evalsha, HeartbeatJob};
 use self::bulk::{BulkConnection, Bulks, Session};
+use self::feed::{changes_between, read_feed};
 use self::record::{parse_u64, to_node, Record};
-use self::scripts::{lease_header, LOGIN, LOGIN_PURGE, LOGOUT, OUTAGE_CLAIM, OUTAGE_SHIFT};
+use self::scripts::{lease_header, LOGIN, LOGIN_PURGE, LOGOUT, OUTAGE_CLAIM, OUTAGE_SHIFT, SWEEP};
 pub use self::scripts::{INDEX_GRANULARITY, KEY_SLACK, MAX_LEASE_LEN};
+use super::feed::{
+    Cursor, Hub, HubStart, Position, Watch, WatchOptions, WatchStart, DEFAULT_RETENTION_MS,
+};
 use super::json::{ListWriter, NODE_OVERHEAD};
 use super::{
-    redact_uri, sort_key, BoxFuture, LoginOutcome, NodeListJson, Store, StoreError,
+    redact_uri, sort_key, BoxFuture, LoginOutcome, NodeListJson, Store, StoreError, Sweep,
     MAX_PRESERVED_OUTAGE,
 };
 use crate::model::{Meta, Node, NodeId};
 
 mod batch;
 mod bulk;
+mod feed;
 mod record;
 mod scripts;
 
@@ -114,6 +119,14 @@ pub const MAX_PREFIX_LEN: usize = 128;
 /// [`RedisStore::live_ids`]): covers clock drift between listings. Members that
 /// expired within it are read and dropped.
 const LIST_CLOCK_MARGIN_MS: u64 = 2_000;
+
+/// Members one [`SWEEP`] call reads at most: bounds how long it blocks Redis (about
+/// a millisecond per thousand).
+const SWEEP_PAGE: usize = 1000;
+
+/// Changes the in-process feed keeps for watchers that resume (older ones are read
+/// from the stream).
+const RECENT_CHANGES: usize = 10_000;
 
 /// Members moved by one [`OUTAGE_SHIFT`] call: bounds how long one script blocks
 /// Redis (a few milliseconds) when a large deployment comes back from an outage.
@@ -221,13 +234,29 @@ struct Inner {
     list_bytes_per_node: AtomicUsize,
     /// Queue of the heartbeat batcher (see [`batch_heartbeats`]).
     heartbeats: mpsc::UnboundedSender<HeartbeatJob>,
+    /// The change feed's in-process side, fed by [`read_feed`].
+    hub: Arc<Hub>,
+    /// [`RedisOptions::response_timeout`].
+    response_timeout: Duration,
 }
 
-/// The two keys of a deployment, in the order the scripts take them.
+/// The keys of a deployment every script takes, in their order (see
+/// [`SCRIPT_KEYS`](scripts::SCRIPT_KEYS)), and the feed's retention the scripts trim it to.
 #[derive(Clone)]
 struct DeploymentKeys {
     pub(super) nodes: String,
     pub(super) records: String,
+    pub(super) feed: String,
+    pub(super) epoch: String,
+    pub(super) swept: String,
+    retention_ms: Arc<AtomicU64>,
+}
+
+impl DeploymentKeys {
+    /// How long the feed keeps events, in ms.
+    pub(super) fn retention_ms(&self) -> u64 {
+        self.retention_ms.load(Ordering::Relaxed)
+    }
 }
 
 impl fmt::Debug for RedisStore {
@@ -282,14 +311,26 @@ impl RedisStore {
                 "cannot connect to {shown}: TLS (rediss://) is not enabled in this build"
             ))
         })?;
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| StoreError::Unavailable(format!("cannot connect to {shown}: {e}")))?;
         let keys = DeploymentKeys {
             nodes: format!("{{{prefix}}}:nodes"),
             records: format!("{{{prefix}}}:records"),
+            feed: format!("{{{prefix}}}:feed"),
+            epoch: format!("{{{prefix}}}:feed-epoch"),
+            swept: format!("{{{prefix}}}:swept"),
+            retention_ms: Arc::new(AtomicU64::new(DEFAULT_RETENTION_MS)),
         };
         let (heartbeats, queue) = mpsc::unbounded_channel();
         tokio::spawn(batch_heartbeats(conn.clone(), keys.clone(), queue));
+        let hub = Arc::new(Hub::new(None, Position::default(), RECENT_CHANGES));
+        tokio::spawn(read_feed(
+            client.clone(),
+            keys.clone(),
+            Arc::downgrade(&hub),
+            options.connection_timeout,
+            options.response_timeout,
+        ));
         let store = RedisStore {
             conn,
             inner: Arc::new(Inner {
@@ -304,6 +345,8 @@ impl RedisStore {
                 clock_offset_ms: AtomicI64::new(i64::MIN),
                 list_bytes_per_node: AtomicUsize::new(NODE_OVERHEAD + 32),
                 heartbeats,
+                hub,
+                response_timeout: options.response_timeout,
             }),
         };
         if !options.lazy {
@@ -383,8 +426,8 @@ impl RedisStore {
         let mut call = evalsha(
             &LOGIN,
             &self.inner.keys,
-            6,
-            128 + lease_id.len() + meta.len(),
+            8,
+            140 + lease_id.len() + meta.len(),
         );
         call.arg(node.as_str())
             .arg(lease_header(lease_id))
@@ -392,7 +435,8 @@ impl RedisStore {
             .arg(meta)
             .arg(grace_ms())
             .arg(LOGIN_PURGE)
-            .arg(index_granularity_ms());
+            .arg(index_granularity_ms())
+            .arg(self.inner.keys.retention_ms());
         let (now, exp): (u64, u64) = eval(&mut self.conn.clone(), &LOGIN, &call)
             .await
             .map_err(unavailable)?;
@@ -441,10 +485,12 @@ impl RedisStore {
         let mut call = evalsha(
             &LOGOUT,
             &self.inner.keys,
-            2,
-            8 + node.as_str().len() + lease_id.len(),
+            3,
+            24 + node.as_str().len() + lease_id.len(),
         );
-        call.arg(node.as_str()).arg(lease_header(lease_id));
+        call.arg(node.as_str())
+            .arg(lease_header(lease_id))
+            .arg(self.inner.keys.retention_ms());
         let reply: u64 = eval(&mut self.conn.clone(), &LOGOUT, &call)
             .await
             .map_err(unavailable)?;
@@ -676,7 +722,7 @@ impl RedisStore {
         let mut skip = 0;
         let mut moved = 0;
         loop {
-            let mut call = evalsha(&OUTAGE_SHIFT, &self.inner.keys, 8, 128);
+            let mut call = evalsha(&OUTAGE_SHIFT, &self.inner.keys, 9, 144);
             call.arg(low)
                 .arg(high)
                 .arg(outage_ms)
@@ -684,7 +730,8 @@ impl RedisStore {
                 .arg(OUTAGE_PAGE)
                 .arg(exp_low)
                 .arg(exp_high)
-                .arg(skip);
+                .arg(skip)
+                .arg(self.inner.keys.retention_ms());
             let (handled, page_moved, lowest, stayed): (u64, u64, u64, u64) =
                 eval(&mut self.conn.clone(), &OUTAGE_SHIFT, &call)
                     .await
@@ -701,6 +748,53 @@ impl RedisStore {
             };
             high = lowest;
         }
+    }
+
+    async fn watch_impl(
+        &self,
+        after: Option<&Cursor>,
+        options: WatchOptions,
+    ) -> Result<Watch, StoreError> {
+        // A store just opened has not read the feed's state yet: give its reader
+        // the time a Redis call may take before calling the feed unavailable.
+        let waited = tokio::time::Instant::now();
+        while self.inner.hub.epoch().is_none() && waited.elapsed() < self.inner.response_timeout {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let subscribed = self.inner.hub.subscribe(after, options)?;
+        let start = match subscribed.start {
+            HubStart::Replay(changes) => WatchStart::Resumed(changes),
+            HubStart::Snapshot => WatchStart::Snapshot,
+            HubStart::Fetch(after) => {
+                let head = subscribed.head.single().unwrap_or_default();
+                let mut conn = self.conn.clone();
+                let epoch = subscribed.head.epoch();
+                match changes_between(&mut conn, &self.inner.keys, epoch, after, head).await? {
+                    Some(changes) => WatchStart::Resumed(changes),
+                    None => WatchStart::Snapshot,
+                }
+            }
+        };
+        Ok(Watch {
+            start,
+            cursor: subscribed.head,
+            changes: subscribed.changes,
+        })
+    }
+
+    async fn sweep_impl(&self) -> Result<Sweep, StoreError> {
+        let mut call = evalsha(&SWEEP, &self.inner.keys, 3, 40);
+        call.arg(SWEEP_PAGE)
+            .arg(grace_ms())
+            .arg(self.inner.keys.retention_ms());
+        let (expired, lag_ms, more): (u64, u64, u64) = eval(&mut self.conn.clone(), &SWEEP, &call)
+            .await
+            .map_err(unavailable)?;
+        Ok(Sweep {
+            expired,
+            lag_ms,
+            more: more != 0,
+        })
     }
 
     async fn ping_impl(&self) -> Result<(), StoreError> {
@@ -774,13 +868,35 @@ impl Store for RedisStore {
         Box::pin(self.extend_after_outage_impl(outage, max_ttl_ms))
     }
 
+    fn watch<'a>(
+        &'a self,
+        after: Option<&'a Cursor>,
+        options: WatchOptions,
+    ) -> BoxFuture<'a, Result<Watch, StoreError>> {
+        Box::pin(self.watch_impl(after, options))
+    }
+
+    fn feed_cursor(&self) -> Option<Cursor> {
+        self.inner.hub.head()
+    }
+
+    fn set_feed_retention(&self, retention: Duration) {
+        let ms = crate::millis(retention);
+        self.inner.keys.retention_ms.store(ms, Ordering::Relaxed);
+        self.inner.hub.set_retention_ms(ms);
+    }
+
+    fn sweep_expired(&self) -> BoxFuture<'_, Result<Sweep, StoreError>> {
+        Box::pin(self.sweep_impl())
+    }
+
     fn describe(&self) -> String {
         self.inner.description.clone()
     }
 }
 
 /// The local wall clock in epoch ms (only to estimate the Redis clock).
-fn local_epoch_ms() -> u64 {
+pub(super) fn local_epoch_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, crate::millis)

@@ -58,13 +58,42 @@ macro_rules! lua_keep {
         concat!(
             "local function keep(gc)
   if redis.call('PTTL', KEYS[1]) < gc - now then
-    redis.call('PEXPIREAT', KEYS[1], gc + ",
+    for k = 1, 4 do
+      redis.call('PEXPIREAT', KEYS[k], gc + ",
             lua_key_slack_ms!(),
             ")
-    redis.call('PEXPIREAT', KEYS[2], gc + ",
-            lua_key_slack_ms!(),
-            ")
+    end
   end
+end
+"
+        )
+    };
+}
+
+/// `emit(minid, field, value, ...)`: appends one event to the feed (KEYS[3]),
+/// trimming entries older than `minid` ms. The first event of a feed creates it and
+/// its epoch (KEYS[4], the creation time in µs), so a feed that was deleted and
+/// created again is told apart by its epoch; `NOMKSTREAM` makes that check free.
+/// `unreported(rec)`: whether the expiry of an expired record has not been
+/// reported yet (its expiry is after the sweep's watermark, KEYS[5]).
+macro_rules! lua_emit {
+    () => {
+        concat!(
+            "local function emit(minid, ...)
+  local id = redis.call('XADD', KEYS[3], 'NOMKSTREAM', 'MINID', '~', minid, '*', ...)
+  if not id then
+    redis.call('SET', KEYS[4], t[1] .. string.format('%06d', tonumber(t[2])))
+    redis.call('XADD', KEYS[3], '*', ...)
+    for k = 3, 4 do
+      redis.call('PEXPIRE', KEYS[k], ",
+            lua_key_slack_ms!(),
+            " + 2 * tonumber(ARGV[#ARGV]))
+    end
+  end
+end
+local function unreported(rec)
+  local swept = redis.call('GET', KEYS[5])
+  return not swept or string.sub(rec, 1, 15) > swept
 end
 "
         )
@@ -90,15 +119,25 @@ macro_rules! lua_index_digits {
 /// and keeps up since every record comes from a login.
 pub(super) const LOGIN_PURGE: usize = 64;
 
-/// KEYS: nodes zset, records hash. ARGV: node_id, lease header (see
+/// The keys every script takes, in this order: nodes zset, records hash, feed
+/// stream, feed epoch, sweep watermark (see the [data model](super#data-model)). The
+/// scripts that write the feed take the feed's retention in ms as their **last**
+/// argument.
+pub(super) const SCRIPT_KEYS: usize = 5;
+
+/// KEYS: see [`SCRIPT_KEYS`]. ARGV: node_id, lease header (see
 /// [`lease_header`]), ttl_ms, meta JSON, grace_ms (how long expired records are
 /// kept, [`MAX_PRESERVED_OUTAGE`](crate::store::MAX_PRESERVED_OUTAGE)), purge limit,
-/// [`INDEX_GRANULARITY`] in ms. Returns `{now, expires_at}`.
+/// [`INDEX_GRANULARITY`] in ms, feed retention ms. Returns `{now, expires_at}`.
+/// Events: `leave`/`expired` for an expired record it replaces that was not
+/// reported yet, then `join` (`k j`, `n` id, `r` record).
 pub(super) static LOGIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
         lua_keep!(),
-        "local grace = tonumber(ARGV[5])
+        lua_emit!(),
+        "local minid = now - tonumber(ARGV[8])
+local grace = tonumber(ARGV[5])
 local exp = now + tonumber(ARGV[3])
 local old = redis.call('ZRANGE', KEYS[1], '-inf', now - grace - tonumber(ARGV[7]),
   'BYSCORE', 'LIMIT', 0, tonumber(ARGV[6]))
@@ -106,20 +145,28 @@ if #old > 0 then
   redis.call('HDEL', KEYS[2], unpack(old))
   redis.call('ZREM', KEYS[1], unpack(old))
 end
-redis.call('HSET', KEYS[2], ARGV[1], string.format('%015d', exp) .. now_s .. now_s .. ARGV[2] .. ARGV[4])
+local prev = redis.call('HGET', KEYS[2], ARGV[1])
+if prev and string.sub(prev, 1, 15) <= now_s and unreported(prev) then
+  emit(minid, 'k', 'l', 'n', ARGV[1], 'w', 'expired')
+end
+local rec = string.format('%015d', exp) .. now_s .. now_s .. ARGV[2] .. ARGV[4]
+redis.call('HSET', KEYS[2], ARGV[1], rec)
 redis.call('ZADD', KEYS[1], exp, ARGV[1])
 keep(exp + grace)
+emit(minid, 'k', 'j', 'n', ARGV[1], 'r', rec)
 return {now, exp}
 "
     ))
 });
 
 /// Heartbeats, several per call (see [`RedisStore`](super::RedisStore)'s batching),
-/// all with the same TTL and each of another node. KEYS: nodes zset, records hash. ARGV: grace_ms,
-/// ttl_ms, then three values per heartbeat: node_id, lease header (see
-/// [`lease_header`]), the new meta (`""` keeps the stored one). Returns one integer
-/// per heartbeat: `0` not online, `1` lease mismatch, otherwise the new
-/// `expires_at`.
+/// all with the same TTL and each of another node. KEYS: see [`SCRIPT_KEYS`]. ARGV:
+/// grace_ms, ttl_ms, then three values per heartbeat: node_id, lease header (see
+/// [`lease_header`]), the new meta (`""` keeps the stored one), and last the feed
+/// retention in ms. Returns one integer per heartbeat: `0` not online, `1` lease
+/// mismatch, otherwise the new `expires_at`. A heartbeat whose meta differs from the
+/// stored one is an `update` event (`k u`, `n` id, `r` record); one that keeps it
+/// (the common case) writes no event and costs one string comparison at most.
 ///
 /// The hot path, written for what Lua is slow at in Redis (number formatting about
 /// 1 µs, pattern matching about as much): per call `TIME`, one `HMGET` for all
@@ -139,13 +186,14 @@ pub(super) static HEARTBEATS: LazyLock<Script> = LazyLock::new(|| {
         lua_now!(),
         lua_keep!(),
         lua_valid!(),
+        lua_emit!(),
         "local grace = tonumber(ARGV[1])
 local exp = now + tonumber(ARGV[2])
 local exp_s = string.format('%015d', exp)
 local bucket = string.sub(exp_s, 1, ",
         lua_index_digits!(),
         ")
-local n = (#ARGV - 2) / 3
+local n = (#ARGV - 3) / 3
 local ids = {}
 for i = 1, n do ids[i] = ARGV[3 * i] end
 local recs = redis.call('HMGET', KEYS[2], unpack(ids))
@@ -165,6 +213,9 @@ for i = 1, n do
         new = exp_s .. now_s .. string.sub(rec, 31)
       else
         new = exp_s .. now_s .. string.sub(rec, 31, 45) .. lease .. meta
+        if string.sub(rec, 46 + #lease) ~= meta then
+          emit(now - tonumber(ARGV[#ARGV]), 'k', 'u', 'n', ids[i], 'r', new)
+        end
       end
       w = w + 2
       hset[w - 1] = ids[i]
@@ -191,19 +242,29 @@ return out
     ))
 });
 
-/// KEYS: nodes zset, records hash. ARGV: node_id, lease header (see
-/// [`lease_header`]). Returns 0 not online, 1 removed, 2 lease mismatch. An
-/// expired (or unreadable) record is removed whatever the lease.
+/// KEYS: see [`SCRIPT_KEYS`]. ARGV: node_id, lease header (see
+/// [`lease_header`]), feed retention ms. Returns 0 not online, 1 removed, 2 lease
+/// mismatch. An expired (or unreadable) record is removed whatever the lease.
+/// Events: `leave`/`logout` (`k l`, `n` id, `w logout`) for a removed online node;
+/// `leave`/`expired` for an expired one whose expiry was not reported yet.
 pub(super) static LOGOUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
         lua_valid!(),
-        "local rec = redis.call('HGET', KEYS[2], ARGV[1])
+        lua_emit!(),
+        "local minid = now - tonumber(ARGV[3])
+local rec = redis.call('HGET', KEYS[2], ARGV[1])
 local online = rec and string.sub(rec, 1, 15) > now_s and valid(rec)
 if online and string.find(rec, ARGV[2], 46, true) ~= 46 then return 2 end
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
-if online then return 1 end
+if online then
+  emit(minid, 'k', 'l', 'n', ARGV[1], 'w', 'logout')
+  return 1
+end
+if rec and valid(rec) and unreported(rec) then
+  emit(minid, 'k', 'l', 'n', ARGV[1], 'w', 'expired')
+end
 return 0
 "
     ))
@@ -224,9 +285,11 @@ return {1, now}
     ))
 });
 
-/// KEYS: nodes zset, records hash. ARGV: lowest score (inclusive), highest score
+/// KEYS: see [`SCRIPT_KEYS`]. ARGV: lowest score (inclusive), highest score
 /// (inclusive), outage_ms, grace_ms, page size, lowest and highest `expires_at` to
-/// move (inclusive), members to skip. Moves one page of the members in the score
+/// move (inclusive), members to skip, feed retention ms. A record moved whose
+/// expiry had already been reported (by a server that did not see the outage) is
+/// back: a `join` event. Moves one page of the members in the score
 /// range, highest score first: those whose record's `expires_at` is in the range
 /// move by the outage (record and score); a member whose record is gone (or does
 /// not parse) is garbage and removed; the others stay (a score lags its record's
@@ -240,7 +303,9 @@ pub(super) static OUTAGE_SHIFT: LazyLock<Script> = LazyLock::new(|| {
         lua_now!(),
         lua_keep!(),
         lua_valid!(),
+        lua_emit!(),
         "local d = tonumber(ARGV[3])
+local swept = redis.call('GET', KEYS[5])
 local grace = tonumber(ARGV[4])
 local exp_low, exp_high = tonumber(ARGV[6]), tonumber(ARGV[7])
 local page = redis.call('ZRANGE', KEYS[1], ARGV[2], ARGV[1], 'BYSCORE', 'REV',
@@ -260,8 +325,12 @@ for j = 1, #ids do
     local e = tonumber(string.sub(rec, 1, 15))
     if e >= exp_low and e <= exp_high then
       local exp = e + d
+      local moved = string.format('%015d', exp) .. string.sub(rec, 16)
       hset[#hset + 1] = ids[j]
-      hset[#hset + 1] = string.format('%015d', exp) .. string.sub(rec, 16)
+      hset[#hset + 1] = moved
+      if swept and string.sub(rec, 1, 15) <= swept then
+        emit(now - tonumber(ARGV[9]), 'k', 'j', 'n', ids[j], 'r', moved)
+      end
       zadd[#zadd + 1] = exp
       zadd[#zadd + 1] = ids[j]
       if exp > last then last = exp end
@@ -284,6 +353,101 @@ end
 return {#ids, #hset / 2, lowest, stayed}
 "
     ))
+});
+
+/// Reports expiries: KEYS: see [`SCRIPT_KEYS`]. ARGV: page size, grace_ms, feed
+/// retention ms. Returns `{reported, lag_ms, more}`.
+///
+/// The watermark (KEYS[5], a 15-digit time) says up to when expiries have been
+/// reported (the first sweep of a deployment starts `grace_ms` back). The script reads the members scored in `(watermark, now]` (a page at
+/// most), reports each whose record expired by the new watermark as `leave`/`expired`
+/// (`k l`, `n` id, `w expired`), and sets every member it read to its record's exact
+/// expiry: so a node still online leaves the range until that expiry passes, and
+/// every member scored at or below the watermark has expired by it and been
+/// reported (which is what lets `login` and `logout` tell a reported expiry from one
+/// still due). Each expiry falls in exactly one script's range, so it is reported
+/// exactly once however many servers sweep. Records are not removed: they stay for
+/// self-preservation, as always (see [`OUTAGE_SHIFT`]). A member without a record is
+/// garbage and removed.
+pub(super) static SWEEP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        lua_now!(),
+        lua_valid!(),
+        lua_emit!(),
+        "local page = tonumber(ARGV[1])
+local keep_ms = tonumber(ARGV[2]) + ",
+        lua_key_slack_ms!(),
+        "
+local minid = now - tonumber(ARGV[3])
+local mark = redis.call('GET', KEYS[5])
+if not mark then
+  -- The first sweep of a deployment: expiries as old as the records kept.
+  mark = string.format('%015d', now - tonumber(ARGV[2]))
+end
+local m = redis.call('ZRANGE', KEYS[1], '(' .. mark, now, 'BYSCORE', 'LIMIT', 0, page + 1, 'WITHSCORES')
+if #m == 0 then return {0, 0, 0} end
+local upto, n, more = now, #m / 2, 0
+if n > page then
+  more = 1
+  local b = tonumber(m[2 * page + 2])
+  if tonumber(m[2]) == b then
+    m = redis.call('ZRANGE', KEYS[1], b, b, 'BYSCORE', 'WITHSCORES')
+    n = #m / 2
+    upto = b
+  else
+    n = 0
+    while tonumber(m[2 * n + 2]) < b do n = n + 1 end
+    upto = b - 1
+  end
+end
+local upto_s = string.format('%015d', upto)
+local ids = {}
+for j = 1, n do ids[j] = m[2 * j - 1] end
+local recs = redis.call('HMGET', KEYS[2], unpack(ids))
+local zadd, gone = {}, {}
+local reported, lag = 0, 0
+for j = 1, n do
+  local rec = recs[j]
+  if rec and valid(rec) then
+    local e = string.sub(rec, 1, 15)
+    if e <= upto_s then
+      emit(minid, 'k', 'l', 'n', ids[j], 'w', 'expired')
+      reported = reported + 1
+      local late = now - tonumber(e)
+      if late > lag then lag = late end
+    end
+    zadd[#zadd + 1] = e
+    zadd[#zadd + 1] = ids[j]
+  else
+    gone[#gone + 1] = ids[j]
+  end
+end
+if #zadd > 0 then redis.call('ZADD', KEYS[1], unpack(zadd)) end
+if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+redis.call('SET', KEYS[5], upto_s, 'PX', keep_ms)
+return {reported, lag, more}
+"
+    ))
+});
+
+/// KEYS: feed epoch, feed stream. Returns `{epoch, last-generated-id,
+/// max-deleted-entry-id, first entry id}`, each `""` when there is none (the last
+/// two need Redis 7 and a non-empty stream respectively).
+pub(super) static FEED_STATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "local epoch = redis.call('GET', KEYS[1]) or ''
+if redis.call('EXISTS', KEYS[2]) == 0 then return {epoch, '', '', ''} end
+local info = redis.call('XINFO', 'STREAM', KEYS[2])
+local last, deleted, first = '', '', ''
+for i = 1, #info, 2 do
+  local k, v = info[i], info[i + 1]
+  if k == 'last-generated-id' then last = v
+  elseif k == 'max-deleted-entry-id' then deleted = v
+  elseif k == 'first-entry' and v then first = v[1] end
+end
+return {epoch, last, deleted, first}
+",
+    )
 });
 
 /// Width of a time in a record, in digits (zero-padded; enough until the year
