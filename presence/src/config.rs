@@ -22,6 +22,10 @@
 //! | `PRESENCE_MAX_STREAMS_PER_CONNECTION` | `100` | concurrent HTTP/2 streams per connection |
 //! | `PRESENCE_CORS_ORIGINS` | empty | comma-separated origins (`https://ops.example.com`) whose browser pages may call the API, or `*` for any; empty allows none |
 //! | `PRESENCE_MAX_CONNECTIONS` | `10000` | open client connections; further ones wait in the listen backlog until one closes |
+//! | `PRESENCE_WATCH_RETENTION_SEC` | `300` | how long the change feed keeps changes for watchers that resume; an older cursor gets a snapshot |
+//! | `PRESENCE_WATCH_KEEPALIVE_SEC` | `15` | a `: keep-alive` comment on every watch stream this often |
+//! | `PRESENCE_MAX_WATCHERS` | `10000` | open watch streams per server; past it `503 too_many_watchers` |
+//! | `PRESENCE_WATCH_BACKLOG` | `1024` | changes waiting for one watcher at most; one that falls further behind is disconnected (it resumes from its cursor) |
 //!
 //! `PRESENCE_HEADER_TIMEOUT_MS` and the variables after it bound how long (and how
 //! much) a slow or malicious client can hold a connection, and how long a shutdown
@@ -87,6 +91,14 @@ pub const ENV_MAX_STREAMS_PER_CONNECTION: &str = "PRESENCE_MAX_STREAMS_PER_CONNE
 pub const ENV_CORS_ORIGINS: &str = "PRESENCE_CORS_ORIGINS";
 /// Environment variable: open client connections at most.
 pub const ENV_MAX_CONNECTIONS: &str = "PRESENCE_MAX_CONNECTIONS";
+/// Environment variable: the change feed's retention in seconds.
+pub const ENV_WATCH_RETENTION_SEC: &str = "PRESENCE_WATCH_RETENTION_SEC";
+/// Environment variable: the watch keep-alive interval in seconds.
+pub const ENV_WATCH_KEEPALIVE_SEC: &str = "PRESENCE_WATCH_KEEPALIVE_SEC";
+/// Environment variable: open watch streams per server at most.
+pub const ENV_MAX_WATCHERS: &str = "PRESENCE_MAX_WATCHERS";
+/// Environment variable: changes waiting for one watcher at most.
+pub const ENV_WATCH_BACKLOG: &str = "PRESENCE_WATCH_BACKLOG";
 
 /// The smallest accepted `PRESENCE_MAX_HEADER_BYTES`: hyper's HTTP/1 read buffer
 /// cannot be smaller.
@@ -149,6 +161,16 @@ pub struct Config {
     /// `PRESENCE_MAX_CONNECTIONS`: open client connections at most; past it, new
     /// connections wait in the listen backlog while the open ones are served.
     pub max_connections: usize,
+    /// `PRESENCE_WATCH_RETENTION_SEC`: how long the change feed keeps changes for
+    /// watchers that resume.
+    pub watch_retention: Duration,
+    /// `PRESENCE_WATCH_KEEPALIVE_SEC`: how often a watch stream gets a keep-alive
+    /// comment.
+    pub watch_keepalive: Duration,
+    /// `PRESENCE_MAX_WATCHERS`: open watch streams at most.
+    pub max_watchers: usize,
+    /// `PRESENCE_WATCH_BACKLOG`: changes waiting for one watcher at most.
+    pub watch_backlog: usize,
 }
 
 impl Default for Config {
@@ -175,6 +197,10 @@ impl Default for Config {
             max_streams_per_connection: 100,
             max_connections: 10_000,
             cors_origins: Vec::new(),
+            watch_retention: Duration::from_secs(300),
+            watch_keepalive: Duration::from_secs(15),
+            max_watchers: 10_000,
+            watch_backlog: 1024,
         }
     }
 }
@@ -209,6 +235,10 @@ impl fmt::Debug for Config {
             )
             .field("max_connections", &self.max_connections)
             .field("cors_origins", &self.cors_origins)
+            .field("watch_retention", &self.watch_retention)
+            .field("watch_keepalive", &self.watch_keepalive)
+            .field("max_watchers", &self.max_watchers)
+            .field("watch_backlog", &self.watch_backlog)
             .finish()
     }
 }
@@ -321,6 +351,20 @@ impl Config {
             )?,
             max_connections: value(&get, ENV_MAX_CONNECTIONS, d.max_connections, count)?,
             cors_origins: value(&get, ENV_CORS_ORIGINS, d.cors_origins, parse_origins)?,
+            watch_retention: value(
+                &get,
+                ENV_WATCH_RETENTION_SEC,
+                d.watch_retention,
+                duration_secs,
+            )?,
+            watch_keepalive: value(
+                &get,
+                ENV_WATCH_KEEPALIVE_SEC,
+                d.watch_keepalive,
+                duration_secs,
+            )?,
+            max_watchers: value(&get, ENV_MAX_WATCHERS, d.max_watchers, count)?,
+            watch_backlog: value(&get, ENV_WATCH_BACKLOG, d.watch_backlog, count)?,
         })
     }
 

@@ -37,11 +37,9 @@ use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceBuilder};
 
 use super::retry::{RetryConfig, RetryPolicy};
-use super::transport::{self, ClientRequest, HttpService};
+use super::transport::{self, ClientRequest, HttpService, RawService};
+use super::watch::WatchSettings;
 use super::{ClientError, PresenceClient};
-
-/// A transport, erased once the response size bound is known.
-type MakeTransport = Box<dyn FnOnce(usize) -> HttpService + Send>;
 
 /// Builds a [`PresenceClient`]; made by [`PresenceClient::builder`].
 ///
@@ -53,7 +51,7 @@ type MakeTransport = Box<dyn FnOnce(usize) -> HttpService + Send>;
 /// burst waits instead of tripping anything.
 pub struct PresenceClientBuilder {
     base_url: String,
-    transport: Option<MakeTransport>,
+    transport: Option<RawService>,
     bearer_token: Option<String>,
     timeout: Duration,
     rate_limit: Option<(f64, u32)>,
@@ -61,6 +59,7 @@ pub struct PresenceClientBuilder {
     retry: RetryConfig,
     breaker: Option<CircuitBreaker>,
     max_response_bytes: usize,
+    watch: WatchSettings,
 }
 
 impl PresenceClientBuilder {
@@ -76,6 +75,12 @@ impl PresenceClientBuilder {
     pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(10);
     /// Default bound on a response body (a list of many nodes with large meta fits).
     pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+    /// Default base of the watch feed's reconnect backoff.
+    pub const DEFAULT_WATCH_BASE_BACKOFF: Duration = Duration::from_millis(100);
+    /// Default cap of the watch feed's reconnect backoff.
+    pub const DEFAULT_WATCH_MAX_BACKOFF: Duration = Duration::from_secs(5);
+    /// Default idle timeout of the watch feed (no byte for this long: reconnect).
+    pub const DEFAULT_WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
     pub(crate) fn new(base_url: String) -> Self {
         PresenceClientBuilder {
@@ -88,13 +93,16 @@ impl PresenceClientBuilder {
             retry: RetryConfig::default(),
             breaker: None,
             max_response_bytes: Self::DEFAULT_MAX_RESPONSE_BYTES,
+            watch: WatchSettings::default(),
         }
     }
 
     /// Sends requests through `service` instead of hyper-util's HTTP/1 client: a
     /// client with TLS, a proxy, a test double, or the presence server's own service
-    /// in-process (no sockets). Any tower HTTP service fits; its response body is read
-    /// whole (under the timeout) before the layers above see it.
+    /// in-process (no sockets). Any tower HTTP service fits; for the API calls its
+    /// response body is read whole (under the timeout) before the layers above see
+    /// it, while [`PresenceClient::watch`] reads the body of `GET /watch` as it
+    /// streams (the service is type-erased once and shared by both paths).
     pub fn service<S, B>(mut self, service: S) -> Self
     where
         S: Service<ClientRequest, Response = http::Response<B>> + Clone + Send + 'static,
@@ -103,7 +111,7 @@ impl PresenceClientBuilder {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        self.transport = Some(Box::new(move |max| transport::erase(service, max)));
+        self.transport = Some(transport::raw(service));
         self
     }
 
@@ -181,6 +189,28 @@ impl PresenceClientBuilder {
         self
     }
 
+    /// Backoff of the [watch feed](PresenceClient::watch)'s reconnects: the `n`-th
+    /// reconnect in a row waits a uniformly random time in
+    /// `[0, min(max, base * 2^(n-1))]` (default
+    /// [`DEFAULT_WATCH_BASE_BACKOFF`](Self::DEFAULT_WATCH_BASE_BACKOFF) /
+    /// [`DEFAULT_WATCH_MAX_BACKOFF`](Self::DEFAULT_WATCH_MAX_BACKOFF)); `max` is never
+    /// below `base`.
+    pub fn watch_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.watch.base_backoff = base;
+        self.watch.max_backoff = max.max(base);
+        self
+    }
+
+    /// How long the [watch feed](PresenceClient::watch) waits for the next byte of
+    /// the stream (an event or a `: keep-alive` comment) before it takes the
+    /// connection for dead and reconnects (default
+    /// [`DEFAULT_WATCH_IDLE_TIMEOUT`](Self::DEFAULT_WATCH_IDLE_TIMEOUT)); `None`
+    /// waits forever. Keep it well above the server's keep-alive interval.
+    pub fn watch_idle_timeout(mut self, idle: Option<Duration>) -> Self {
+        self.watch.idle_timeout = idle.filter(|d| !d.is_zero());
+        self
+    }
+
     /// Builds the client.
     ///
     /// # Errors
@@ -216,10 +246,15 @@ impl PresenceClientBuilder {
             None => None,
         };
 
-        let transport = match self.transport {
-            Some(make) => make(self.max_response_bytes),
-            None => transport::erase(transport::hyper_client(), self.max_response_bytes),
+        let raw = match self.transport {
+            Some(raw) => raw,
+            None => transport::raw(transport::hyper_client()),
         };
+        let transport = transport::collect(raw.clone(), self.max_response_bytes);
+        let mut watch = self.watch;
+        // The headers of `GET /watch` are awaited as long as any other reply's.
+        watch.headers_timeout = self.timeout;
+        watch.max_event_bytes = self.max_response_bytes;
         let breaker = self.breaker.unwrap_or_default();
         let core = ServiceBuilder::new()
             .layer(CircuitBreakerLayer::new(breaker.clone()).classifier(HttpClassifier))
@@ -242,6 +277,8 @@ impl PresenceClientBuilder {
             self.timeout,
             self.retry,
             self.rate_limit,
+            raw,
+            watch,
         ))
     }
 }
@@ -260,6 +297,7 @@ impl fmt::Debug for PresenceClientBuilder {
             .field("rate_limit_max_wait", &self.rate_limit_max_wait)
             .field("retry", &self.retry)
             .field("max_response_bytes", &self.max_response_bytes)
+            .field("watch", &self.watch)
             .finish_non_exhaustive()
     }
 }

@@ -46,13 +46,24 @@
 //! means another process logged in with the same node id and now owns it; the client
 //! does not log in again by itself in that case, as that would take the node back.
 //!
+//! # Watching
+//!
+//! [`PresenceClient::watch`] streams the changes of the online set (a snapshot, then
+//! joins, updates and leaves) from `GET /presence/watch`, reconnecting and resuming
+//! by itself; [`PresenceClient::view`] keeps a local map current from that feed. See
+//! [`watch`] and [`view`]; [`WatchFilter`] selects the nodes.
+//!
 //! All time is `tokio::time`, so the whole client runs on paused time in tests.
 
 mod builder;
 mod error;
+pub mod filter;
 pub mod keep_alive;
 pub mod retry;
+mod sse;
 pub mod transport;
+pub mod view;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -70,11 +81,15 @@ use tower::ServiceExt;
 
 pub use self::builder::PresenceClientBuilder;
 pub use self::error::ClientError;
+pub use self::filter::WatchFilter;
 pub use self::keep_alive::KeepAlive;
 pub use self::retry::RetryConfig;
+pub use self::view::PresenceView;
+pub use self::watch::{LeaveReason, Watch, WatchEvent, WatchItem};
 
 use self::retry::Idempotent;
-use self::transport::{ClientRequest, HttpService};
+use self::transport::{ClientRequest, HttpService, RawService};
+use self::watch::WatchSettings;
 use crate::model::{
     HeartbeatRequest, HeartbeatResponse, Lease, LoginRequest, LogoutRequest, LogoutResponse, Meta,
     Node, NodeId,
@@ -94,6 +109,9 @@ struct Inner {
     // BoxCloneService is Send but not Sync; a call clones it out under the lock
     // (cheap: the layers' state is behind Arcs), so a transport need not be Sync.
     service: Mutex<HttpService>,
+    // The bare transport (body streaming), for the watch feed; same Sync reasoning.
+    raw: Mutex<RawService>,
+    watch: WatchSettings,
     auth: Option<HeaderValue>,
     breaker: CircuitBreaker,
     timeout: Duration,
@@ -350,6 +368,7 @@ impl PresenceClient {
         Ok(KeepAlive::spawn(self.clone(), id, &lease))
     }
 
+    #[allow(clippy::too_many_arguments)] // one call site, the builder
     pub(crate) fn from_parts(
         base: String,
         service: HttpService,
@@ -358,6 +377,8 @@ impl PresenceClient {
         timeout: Duration,
         retry: RetryConfig,
         rate_limit: Option<(f64, u32)>,
+        raw: RawService,
+        watch: WatchSettings,
     ) -> PresenceClient {
         PresenceClient {
             inner: Arc::new(Inner {
@@ -368,6 +389,8 @@ impl PresenceClient {
                 timeout,
                 retry,
                 rate_limit,
+                raw: Mutex::new(raw),
+                watch,
                 sessions: Mutex::new(HashMap::new()),
             }),
         }

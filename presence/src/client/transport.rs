@@ -2,6 +2,11 @@
 //! collected so the layers above (breaker, retry, timeout) see a plain
 //! `http::Response<Bytes>`.
 //!
+//! The same service, type-erased once, also carries the [watch feed](super::watch),
+//! which reads the body as it streams: there it is used without the collecting step,
+//! the timeout layer, the breaker, the retry layer and the rate limiter (the feed has
+//! its own reconnect backoff and only bounds the wait for the response headers).
+//!
 //! ```no_run
 //! // The default transport is hyper-util's pooled HTTP/1 client; any other tower
 //! // service can take its place, e.g. the presence server's own service in-process.
@@ -19,9 +24,10 @@
 //! # Ok(()) }
 //! ```
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use resilience::BoxError;
@@ -37,11 +43,19 @@ pub type ClientResponse = http::Response<Bytes>;
 /// The type-erased client stack (and the type-erased transport under it).
 pub(crate) type HttpService = BoxCloneService<ClientRequest, ClientResponse, BoxError>;
 
-/// Wraps a user's transport: errors boxed, body collected with a size bound.
-///
-/// Reading the body happens here, under the timeout layer, so a server that sends
-/// headers and then stalls is a timeout like any other.
-pub(crate) fn erase<S, B>(service: S, max_response_bytes: usize) -> HttpService
+/// A response body still streaming, type-erased (`Send`, not `Sync`, like the bodies
+/// of most transports).
+pub(crate) type StreamingBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The user's transport (or hyper-util's) with its error and body type erased and
+/// nothing else done: the body still streams. Both the collecting path of the
+/// client stack ([`collect`]) and the watch feed (which reads the body as it comes)
+/// are built on it, so one injected service serves both.
+pub(crate) type RawService =
+    BoxCloneService<ClientRequest, http::Response<StreamingBody>, BoxError>;
+
+/// Erases a user's transport: errors boxed, body boxed (still streaming).
+pub(crate) fn raw<S, B>(service: S) -> RawService
 where
     S: Service<ClientRequest, Response = http::Response<B>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
@@ -50,16 +64,49 @@ where
     B::Error: Into<BoxError>,
 {
     let svc = service
-        .map_err(Into::into)
-        .and_then(move |response: http::Response<B>| async move {
-            let (parts, body) = response.into_parts();
-            let bytes = Limited::new(body, max_response_bytes)
-                .collect()
-                .await?
-                .to_bytes();
-            Ok::<_, BoxError>(http::Response::from_parts(parts, bytes))
+        .map_err(into_box::<S::Error>)
+        .map_response(|response: http::Response<B>| {
+            response.map(|body| body.map_err(into_box::<B::Error>).boxed_unsync())
         });
     BoxCloneService::new(svc)
+}
+
+fn into_box<E: Into<BoxError>>(e: E) -> BoxError {
+    e.into()
+}
+
+/// The collecting transport of the client stack: the body read whole, with a size
+/// bound.
+///
+/// Reading the body happens here, under the timeout layer, so a server that sends
+/// headers and then stalls is a timeout like any other.
+pub(crate) fn collect(raw: RawService, max_response_bytes: usize) -> HttpService {
+    let svc = raw.and_then(move |response: http::Response<StreamingBody>| async move {
+        let (parts, body) = response.into_parts();
+        let bytes = read_body(body, max_response_bytes).await?;
+        Ok::<_, BoxError>(http::Response::from_parts(parts, bytes))
+    });
+    BoxCloneService::new(svc)
+}
+
+/// Reads a body whole, failing if it is over `max` bytes.
+///
+/// (A hand-written loop rather than `Limited::collect`: that future's `Send`-ness
+/// trips a higher-ranked lifetime limitation of rustc once it is boxed.)
+pub(crate) async fn read_body(mut body: StreamingBody, max: usize) -> Result<Bytes, BoxError> {
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if buf.len() + data.len() > max {
+                return Err(format!(
+                    "length limit exceeded: the response body is over {max} bytes"
+                )
+                .into());
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
 }
 
 /// hyper-util's legacy pooled client, HTTP/1 over plain TCP.

@@ -67,6 +67,15 @@ pub enum ApiError {
     /// `503 store_unavailable` with `Retry-After`: the store answered but refused the
     /// write (out of memory, read-only replica). The string is for the log only.
     StoreRefused(String),
+    /// `503 too_many_watchers` with `Retry-After`: the server already serves
+    /// `PRESENCE_MAX_WATCHERS` watch streams.
+    TooManyWatchers {
+        /// The limit.
+        max: usize,
+    },
+    /// `503 shutting_down` with `Retry-After`: the server is draining and takes no
+    /// new watch streams (another server will).
+    ShuttingDown,
     /// `500 internal`: a bug or an exhausted OS resource; the string is for the log
     /// only and is not sent to the client.
     Internal(String),
@@ -111,6 +120,10 @@ impl ApiError {
             ApiError::StoreUnavailable { .. } | ApiError::StoreRefused(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
             }
+            ApiError::TooManyWatchers { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "too_many_watchers")
+            }
+            ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -120,17 +133,22 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => Some((WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))),
             ApiError::MethodNotAllowed { allow } => Some((ALLOW, HeaderValue::from_static(allow))),
-            ApiError::StoreUnavailable { .. } | ApiError::StoreRefused(_) => {
+            ApiError::StoreUnavailable { .. }
+            | ApiError::StoreRefused(_)
+            | ApiError::TooManyWatchers { .. }
+            | ApiError::ShuttingDown => {
                 Some((RETRY_AFTER, HeaderValue::from(self.retry_after_secs())))
             }
             _ => None,
         }
     }
 
-    /// `Retry-After` of the store errors, in whole seconds rounded up.
+    /// `Retry-After` of the `503`s, in whole seconds rounded up.
     fn retry_after_secs(&self) -> u64 {
         match self {
             ApiError::StoreUnavailable { retry_after } => retry_after_secs(*retry_after),
+            // A watcher that leaves frees a slot; spread the retries a little.
+            ApiError::TooManyWatchers { .. } => 5,
             _ => retry_after_secs(STORE_REFUSED_RETRY_AFTER),
         }
     }
@@ -168,6 +186,14 @@ impl ApiError {
                     self.retry_after_secs()
                 )
             }
+            ApiError::TooManyWatchers { max } => format!(
+                "this server already serves {max} watch streams; retry after {} s or on another server",
+                self.retry_after_secs()
+            ),
+            ApiError::ShuttingDown => format!(
+                "this server is shutting down; retry after {} s",
+                self.retry_after_secs()
+            ),
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 "internal server error".to_owned()

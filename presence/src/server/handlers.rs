@@ -50,9 +50,10 @@ impl State {
             )),
             Endpoint::List => {
                 let list = self.list.list(self).await?;
-                self.metrics.set_online_nodes(list.count);
+                self.metrics.set_online_nodes(list.json.count);
                 Ok(list_response(list))
             }
+            Endpoint::Watch => super::watch::respond(self, &parts).await,
             Endpoint::Node => {
                 let id = decode_node_id(
                     parts

@@ -26,20 +26,29 @@ use super::store_call::State;
 use super::ResponseBody;
 use crate::store::NodeListJson;
 
-type Listing = Shared<BoxFuture<'static, Result<NodeListJson, ApiError>>>;
+/// One listing: the nodes as JSON, and the change feed's cursor from before the
+/// store was read (`Presence-Cursor`: watching from it misses nothing changed after
+/// the listing).
+#[derive(Clone, Debug)]
+pub(crate) struct Listing {
+    pub(crate) cursor: Option<String>,
+    pub(crate) json: NodeListJson,
+}
+
+type SharedListing = Shared<BoxFuture<'static, Result<Listing, ApiError>>>;
 
 /// Batches concurrent listings (see the [module docs](self)). One per service.
 #[derive(Default)]
 pub(crate) struct ListCoalescer {
     /// The listing new requests join; it leaves this slot when it starts.
-    queued: Mutex<Option<Listing>>,
+    queued: Mutex<Option<SharedListing>>,
     /// Held by the running listing.
     running: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl ListCoalescer {
     /// The online nodes as JSON, from a listing that starts after this call.
-    pub(crate) async fn list(&self, state: &Arc<State>) -> Result<NodeListJson, ApiError> {
+    pub(crate) async fn list(&self, state: &Arc<State>) -> Result<Listing, ApiError> {
         let listing = {
             let mut queued = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
             queued
@@ -62,7 +71,7 @@ impl ListCoalescer {
 async fn run(
     state: Weak<State>,
     running: Arc<tokio::sync::Mutex<()>>,
-) -> Result<NodeListJson, ApiError> {
+) -> Result<Listing, ApiError> {
     let _turn = running.lock_owned().await;
     let state = state
         .upgrade()
@@ -73,14 +82,21 @@ async fn run(
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .take();
-    state.guarded("", |s| s.list_json()).await
+    let cursor = state.store.feed_cursor().map(|c| c.encode());
+    let json = state.guarded("", |s| s.list_json()).await?;
+    Ok(Listing { cursor, json })
 }
 
 /// The `200` response of a listing: its pieces as the body, the length up front.
-pub(crate) fn list_response(list: NodeListJson) -> http::Response<ResponseBody> {
-    let mut response = http::Response::new(ResponseBody::pieces(list.chunks));
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+pub(crate) fn list_response(list: Listing) -> http::Response<ResponseBody> {
+    let mut response = http::Response::new(ResponseBody::pieces(list.json.chunks));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(cursor) = list.cursor.and_then(|c| HeaderValue::try_from(c).ok()) {
+        headers.insert(PRESENCE_CURSOR, cursor);
+    }
     response
 }
+
+/// The header of a listing that names the change feed's cursor.
+pub(crate) const PRESENCE_CURSOR: &str = "presence-cursor";

@@ -11,6 +11,10 @@
 //! | `presence_store_errors_total` | counter | `kind` = `unavailable` / `timeout` / `circuit_open` |
 //! | `presence_online_nodes` | gauge | |
 //! | `presence_store_circuit_state` | gauge | 0 closed, 1 half-open, 2 open |
+//! | `presence_watchers` | gauge | |
+//! | `presence_watch_events_total` | counter | `type` = `snapshot` / `join` / `update` / `leave` |
+//! | `presence_watchers_dropped_slow_total` | counter | |
+//! | `presence_watch_sweep_lag_seconds` | gauge | how late the last expiry sweep reported its latest expiry |
 //!
 //! `route` is the route template (`/presence/{node_id}`, never the raw path) and
 //! `unmatched` for unknown paths, so a scanner cannot blow up the label cardinality.
@@ -52,6 +56,14 @@ struct RouteLabels {
 struct StoreErrorLabels {
     kind: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    r#type: &'static str,
+}
+
+/// The watch event types, in [`Metrics::watch_event_sent`] order.
+pub(crate) const WATCH_EVENTS: [&str; 4] = ["snapshot", "join", "update", "leave"];
 
 /// Why a store call failed, as counted by `presence_store_errors_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,6 +194,11 @@ pub struct Metrics {
     store_errors: Family<StoreErrorLabels, Counter>,
     online_nodes: Gauge,
     circuit_state: Gauge,
+    watchers: Gauge,
+    /// One counter per [`WATCH_EVENTS`] type.
+    watch_events: [Counter; WATCH_EVENTS.len()],
+    watchers_dropped_slow: Counter,
+    sweep_lag: Gauge<f64, AtomicU64>,
     /// The next request id: a random high half per process (ids from several
     /// servers do not collide), a counter below it.
     next_request_id: AtomicU64,
@@ -254,8 +271,35 @@ impl Metrics {
             "Store circuit breaker: 0 closed, 1 half-open, 2 open",
             circuit_state.clone(),
         );
+        let watchers = Gauge::default();
+        let events = Family::<EventLabels, Counter>::default();
+        let watch_events =
+            WATCH_EVENTS.map(|r#type| events.get_or_create_owned(&EventLabels { r#type }));
+        let watchers_dropped_slow = Counter::default();
+        let sweep_lag = Gauge::<f64, AtomicU64>::default();
+        registry.register("watchers", "Open watch streams", watchers.clone());
+        registry.register(
+            "watch_events",
+            "Events sent to watchers, by type (snapshot, join, update, leave)",
+            events,
+        );
+        registry.register(
+            "watchers_dropped_slow",
+            "Watchers disconnected because their backlog was full",
+            watchers_dropped_slow.clone(),
+        );
+        registry.register_with_unit(
+            "watch_sweep_lag",
+            "How long after its expiry the last sweep reported its latest expiry",
+            Unit::Seconds,
+            sweep_lag.clone(),
+        );
         Metrics {
             registry,
+            watchers,
+            watch_events,
+            watchers_dropped_slow,
+            sweep_lag,
             requests,
             request_counters,
             latency,
@@ -339,6 +383,30 @@ impl Metrics {
 
     pub(crate) fn set_circuit_state(&self, state: i64) {
         self.circuit_state.set(state);
+    }
+
+    pub(crate) fn watcher_opened(&self) {
+        self.watchers.inc();
+    }
+
+    pub(crate) fn watcher_closed(&self) {
+        self.watchers.dec();
+    }
+
+    /// Counts one event of [`WATCH_EVENTS`] type `index` sent to a watcher.
+    pub(crate) fn watch_event_sent(&self, index: usize) {
+        if let Some(counter) = self.watch_events.get(index) {
+            counter.inc();
+        }
+    }
+
+    pub(crate) fn watcher_dropped_slow(&self) {
+        self.watchers_dropped_slow.inc();
+    }
+
+    pub(crate) fn set_sweep_lag_ms(&self, ms: u64) {
+        #[allow(clippy::cast_precision_loss)]
+        self.sweep_lag.set(ms as f64 / 1000.0);
     }
 }
 

@@ -49,6 +49,7 @@ mod routes;
 mod serve;
 mod service;
 mod store_call;
+mod watch;
 
 use bytes::Bytes;
 

@@ -8,7 +8,7 @@
 //! The table is [`Endpoint::ALL`], matched in order: static paths first, so
 //! `/presence/login` is the action, then `/presence/{node_id}`, whose parameter is one
 //! path segment (`/presence/a/b` is no route). It is a table of its own rather than
-//! `matchit` (the router axum uses): for eight routes a scan costs less than
+//! `matchit` (the router axum uses): for nine routes a scan costs less than
 //! `matchit`'s tree walk, which took about 270 instructions of every heartbeat
 //! (callgrind, in-process; see the README's design notes). `HEAD` is served wherever `GET` is
 //! (RFC 9110 9.3.2): the same status and headers, no body; load balancers' health
@@ -29,11 +29,12 @@ pub(crate) enum Endpoint {
     Login,
     Heartbeat,
     Logout,
+    Watch,
     Node,
 }
 
 impl Endpoint {
-    const ALL: [Endpoint; 8] = [
+    const ALL: [Endpoint; 9] = [
         Endpoint::Healthz,
         Endpoint::Readyz,
         Endpoint::Metrics,
@@ -41,6 +42,7 @@ impl Endpoint {
         Endpoint::Login,
         Endpoint::Heartbeat,
         Endpoint::Logout,
+        Endpoint::Watch,
         Endpoint::Node,
     ];
 
@@ -54,6 +56,7 @@ impl Endpoint {
             Endpoint::Login => "/presence/login",
             Endpoint::Heartbeat => "/presence/heartbeat",
             Endpoint::Logout => "/presence/logout",
+            Endpoint::Watch => "/presence/watch",
             Endpoint::Node => "/presence/{node_id}",
         }
     }

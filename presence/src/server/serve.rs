@@ -19,9 +19,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
 
+use super::watch::ConnectionAbort;
 use super::{PresenceService, ResponseBody};
 use crate::config::{Config, MIN_HEADER_BYTES};
 use crate::store::Store;
@@ -184,6 +186,9 @@ impl Server {
             grace = ?shutdown_grace,
             "shutting down: draining in-flight requests"
         );
+        // Watch streams never end by themselves: end them first, so that their
+        // connections drain like any other.
+        service.end_watches();
         let _ = closing_tx.send(true);
         let drain = async { while connections.join_next().await.is_some() {} };
         if tokio::time::timeout(shutdown_grace, drain).await.is_err() {
@@ -360,6 +365,8 @@ async fn drive<C>(
     // close (an HTTP/2 handshake that never finishes, a peer that stops reading) is
     // dropped at this deadline.
     let mut hard_close: Option<Instant> = None;
+    let aborted = activity.abort.cancelled();
+    tokio::pin!(aborted);
     loop {
         tokio::select! {
             biased;
@@ -367,6 +374,10 @@ async fn drive<C>(
                 if let Err(e) = result {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
+                return;
+            }
+            () = aborted.as_mut() => {
+                tracing::debug!(%peer, "dropping the connection of a watcher that fell behind");
                 return;
             }
             () = shutdown.as_mut(), if !shutting_down => {
@@ -449,6 +460,12 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
 
     fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
         req.extensions_mut().insert(self.peer);
+        // Only a watch can need closing from outside (see `ConnectionAbort`); the
+        // other requests do not pay for the extension.
+        if req.uri().path() == "/presence/watch" {
+            req.extensions_mut()
+                .insert(ConnectionAbort(self.activity.abort.clone()));
+        }
         let in_flight = InFlight::enter(&self.activity);
         let mut cx = Context::from_waker(Waker::noop());
         // A poisoned lock only means a panic elsewhere while calling; the service
@@ -571,6 +588,8 @@ struct Activity {
     /// When a response body last handed out a frame or was asked for the next one,
     /// in ns since `started`.
     progress_ns: AtomicU64,
+    /// Cancelled to drop the connection at once (a watcher that fell too far behind).
+    abort: CancellationToken,
 }
 
 /// What [`Activity::check`] found.
@@ -591,6 +610,7 @@ impl Activity {
             idle_since_ns: AtomicU64::new(0),
             waiting_bodies: AtomicUsize::new(0),
             progress_ns: AtomicU64::new(0),
+            abort: CancellationToken::new(),
         }
     }
 

@@ -24,6 +24,7 @@ use super::metrics::{Metrics, MetricsLayer, MetricsService};
 use super::outage::OutageTracker;
 use super::routes::Resolved;
 use super::store_call::State;
+use super::watch::Watchers;
 use super::{RequestBody, ResponseBody, MAX_BODY_BYTES};
 use crate::config::Config;
 use crate::store::Store;
@@ -83,6 +84,7 @@ pub struct PresenceService {
     metrics: Arc<Metrics>,
     rate_limiter: Option<KeyedTokenBuckets<IpAddr>>,
     default_peer: Option<SocketAddr>,
+    watchers: Arc<Watchers>,
 }
 
 impl std::fmt::Debug for PresenceService {
@@ -134,7 +136,15 @@ impl PresenceService {
             heartbeat_ms: crate::millis(config.heartbeat),
             max_meta_bytes: config.max_meta_bytes,
             list: Default::default(),
+            watchers: Arc::new(Watchers::new(config)),
         });
+        state.store.set_feed_retention(config.watch_retention);
+        // Expiries become events only if somebody sweeps; a service built outside a
+        // runtime (a doctest, say) serves without it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(super::watch::sweep(Arc::downgrade(&state)));
+        }
+        let watchers = state.watchers.clone();
         let router = Router::new(state);
 
         // Proxies of either kind: `X-Forwarded-For` (nginx, most balancers)
@@ -177,7 +187,20 @@ impl PresenceService {
             metrics,
             rate_limiter,
             default_peer: None,
+            watchers,
         }
+    }
+
+    /// Ends every watch stream cleanly and refuses new ones (`503 shutting_down`):
+    /// the first step of a graceful shutdown, which [`Server`](super::Server) takes
+    /// by itself. Watchers resume on another server from their cursor.
+    pub fn end_watches(&self) {
+        self.watchers.close();
+    }
+
+    /// Watch streams open now.
+    pub fn open_watches(&self) -> usize {
+        self.watchers.open()
     }
 
     /// Requests that carry no peer [`SocketAddr`] extension are treated as coming

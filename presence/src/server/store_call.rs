@@ -13,6 +13,7 @@ use super::errors::ApiError;
 use super::list::ListCoalescer;
 use super::metrics::{Metrics, StoreErrorKind};
 use super::outage::OutageTracker;
+use super::watch::Watchers;
 use crate::store::{Store, StoreError};
 
 /// Everything the handlers share. One per [`PresenceService`](super::PresenceService).
@@ -29,6 +30,8 @@ pub(crate) struct State {
     pub(crate) max_meta_bytes: usize,
     /// Batches concurrent `GET /presence` into shared listings.
     pub(crate) list: ListCoalescer,
+    /// The open watch streams.
+    pub(crate) watchers: Arc<Watchers>,
 }
 
 /// How long a client should wait after a store failure that was not a breaker

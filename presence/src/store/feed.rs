@@ -542,6 +542,7 @@ impl Hub {
     }
 
     /// Watchers subscribed.
+    #[cfg(test)]
     pub(crate) fn subscribers(&self) -> usize {
         self.lock().subscribers.len()
     }
