@@ -116,4 +116,38 @@ impl State {
         }
         result
     }
+
+    /// Runs a store call of background work (the expiry sweep) under the store
+    /// timeout, marking the start of an outage when it fails; but outside the circuit
+    /// breaker, so that it neither takes the half-open trial call nor hides the API's
+    /// failures behind its own successes. Not run at all while the breaker is not
+    /// closed or an outage is still to be given back (the next API call does that
+    /// first; background work must not see the leases the outage ran down).
+    pub(crate) async fn background<'s, T, F>(
+        &'s self,
+        call: impl FnOnce(&'s dyn Store) -> F,
+    ) -> Option<T>
+    where
+        F: Future<Output = Result<T, StoreError>> + 's,
+    {
+        if self.outage.pending()
+            || self.breaker.state() != resilience::circuit_breaker::CircuitState::Closed
+        {
+            return None;
+        }
+        let started = tokio::time::Instant::now();
+        match deadline(self.store_timeout, call(&*self.store)).await {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(StoreError::Unavailable(why))) => {
+                tracing::debug!(reason = %why, "background store call failed");
+                self.outage.failed(started);
+                None
+            }
+            Ok(Err(_)) => None,
+            Err(TimedOut { .. }) => {
+                self.outage.failed(started);
+                None
+            }
+        }
+    }
 }

@@ -21,7 +21,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
-use resilience::circuit_breaker::CircuitState;
 use resilience::BoxError;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -287,9 +286,10 @@ impl Body for WatchBody {
 }
 
 /// Sweeps the store for expiries every [`SWEEP_INTERVAL`] while the service lives
-/// (see [`Store::sweep_expired`](crate::store::Store::sweep_expired)), through the
-/// store-call policy: after an outage the leases get the outage back first, so the
-/// sweep finds no expiry the outage caused. Skipped while the store breaker is open.
+/// (see [`Store::sweep_expired`](crate::store::Store::sweep_expired)), as
+/// [background work](State::background): after an outage the leases get the outage
+/// back first, so the sweep finds no expiry the outage caused; skipped while the
+/// store breaker is not closed.
 pub(crate) async fn sweep(state: Weak<State>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -298,21 +298,16 @@ pub(crate) async fn sweep(state: Weak<State>) {
         let Some(state) = state.upgrade() else {
             return;
         };
-        if state.breaker.state() == CircuitState::Open {
-            continue;
-        }
         // Several calls in a row while a backlog of expiries is due.
         for _ in 0..100 {
-            match state.guarded("", |s| s.sweep_expired()).await {
-                Ok(sweep) => {
-                    if sweep.expired > 0 {
-                        state.metrics.set_sweep_lag_ms(sweep.lag_ms);
-                    }
-                    if !sweep.more {
-                        break;
-                    }
-                }
-                Err(_) => break,
+            let Some(sweep) = state.background(|s| s.sweep_expired()).await else {
+                break;
+            };
+            if sweep.expired > 0 {
+                state.metrics.set_sweep_lag_ms(sweep.lag_ms);
+            }
+            if !sweep.more {
+                break;
             }
         }
     }

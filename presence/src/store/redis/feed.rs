@@ -178,7 +178,7 @@ async fn follow(
             }
             _ => {}
         }
-        let changes = entries(&reply, epoch);
+        let changes = xread_changes(&reply, epoch);
         if let Some(newest) = changes.last() {
             *last = Some(newest.position);
         }
@@ -186,26 +186,24 @@ async fn follow(
     }
 }
 
-/// The changes of `XREAD` / `XRANGE` reply `reply` (RESP2 arrays or RESP3 maps);
-/// entries that do not parse are skipped (and logged).
-pub(super) fn entries(reply: &Value, epoch: u64) -> Vec<Change> {
-    let list = match reply {
-        Value::Nil => return Vec::new(),
-        // XREAD: one stream, [[key, entries]] or {key: entries}.
+/// The changes of an `XREAD` reply of one stream (RESP2 `[[key, entries]]` or RESP3
+/// `{key: entries}`; nil when nothing came).
+pub(super) fn xread_changes(reply: &Value, epoch: u64) -> Vec<Change> {
+    let entries = match reply {
         Value::Array(streams) => match streams.first() {
-            Some(Value::Array(pair)) if pair.len() == 2 && matches!(pair[1], Value::Array(_)) => {
-                &pair[1]
-            }
-            // XRANGE: the entries themselves.
-            _ => reply,
+            Some(Value::Array(pair)) => pair.get(1),
+            _ => None,
         },
-        Value::Map(streams) => match streams.first() {
-            Some((_, entries)) => entries,
-            None => return Vec::new(),
-        },
-        _ => return Vec::new(),
+        Value::Map(streams) => streams.first().map(|(_, entries)| entries),
+        _ => None,
     };
-    let Value::Array(list) = list else {
+    entries.map_or_else(Vec::new, |e| xrange_changes(e, epoch))
+}
+
+/// The changes of an `XRANGE` reply (an array of entries); entries that do not
+/// parse are skipped (and logged).
+pub(super) fn xrange_changes(reply: &Value, epoch: u64) -> Vec<Change> {
+    let Value::Array(list) = reply else {
         return Vec::new();
     };
     list.iter()
@@ -309,7 +307,7 @@ pub(super) async fn changes_between(
             .query_async(conn)
             .await
             .map_err(unavailable)?;
-        let page = entries(&reply, epoch);
+        let page = xrange_changes(&reply, epoch);
         let Some(newest) = page.last() else {
             break;
         };
@@ -347,8 +345,7 @@ mod tests {
             entry("5-3", &["k", "x", "n", "a"]),
         ]);
         let xread = Value::Array(vec![Value::Array(vec![bulk("{p}:feed"), list.clone()])]);
-        for reply in [&list, &xread] {
-            let changes = entries(reply, 9);
+        for changes in [xrange_changes(&list, 9), xread_changes(&xread, 9)] {
             assert_eq!(changes.len(), 2);
             assert_eq!(changes[0].kind, ChangeKind::Join);
             assert_eq!(
@@ -361,7 +358,7 @@ mod tests {
                 br#"{"node_id":"a","reason":"expired"}"#
             );
         }
-        assert!(entries(&Value::Nil, 1).is_empty());
+        assert!(xread_changes(&Value::Nil, 1).is_empty());
     }
 
     #[test]
