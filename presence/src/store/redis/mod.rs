@@ -124,6 +124,11 @@ const LIST_CLOCK_MARGIN_MS: u64 = 2_000;
 /// a millisecond per thousand).
 const SWEEP_PAGE: usize = 1000;
 
+/// How late (Redis clock, after it was sent) a sweep may still run: one that waited
+/// longer in a stalled Redis does nothing (see [`SWEEP`]). Far above a healthy
+/// round trip, far below the TTLs an outage would run down.
+const SWEEP_LATENESS_MS: u64 = 500;
+
 /// Changes the in-process feed keeps for watchers that resume (older ones are read
 /// from the stream).
 const RECENT_CHANGES: usize = 10_000;
@@ -761,6 +766,25 @@ impl RedisStore {
         while self.inner.hub.epoch().is_none() && waited.elapsed() < self.inner.response_timeout {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // A reader that started before the feed existed knows it by epoch 0 until it
+        // reads its first entries; a cursor of the feed that now exists must not get
+        // a snapshot for that.
+        if let Some(wanted) = after.map(Cursor::epoch).filter(|&e| e != 0) {
+            if self.inner.hub.epoch() == Some(0) {
+                let epoch: Option<String> = redis::cmd("GET")
+                    .arg(&self.inner.keys.epoch)
+                    .query_async(&mut self.conn.clone())
+                    .await
+                    .map_err(unavailable)?;
+                if epoch.and_then(|e| parse_u64(e.as_bytes())) == Some(wanted) {
+                    while self.inner.hub.epoch() == Some(0)
+                        && waited.elapsed() < self.inner.response_timeout
+                    {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        }
         let subscribed = self.inner.hub.subscribe(after, options)?;
         let start = match subscribed.start {
             HubStart::Replay(changes) => WatchStart::Resumed(changes),
@@ -783,13 +807,27 @@ impl RedisStore {
     }
 
     async fn sweep_impl(&self) -> Result<Sweep, StoreError> {
-        let mut call = evalsha(&SWEEP, &self.inner.keys, 3, 40);
+        // The Redis clock by which this sweep must have run (see `SWEEP`), from the
+        // clock offset the last listing or sweep measured.
+        let offset = self.inner.clock_offset_ms.load(Ordering::Relaxed);
+        let deadline = (offset != i64::MIN).then(|| {
+            local_epoch_ms()
+                .saturating_add_signed(offset)
+                .saturating_add(SWEEP_LATENESS_MS)
+        });
+        let mut call = evalsha(&SWEEP, &self.inner.keys, 4, 56);
         call.arg(SWEEP_PAGE)
             .arg(grace_ms())
+            .arg(deadline.unwrap_or(0))
             .arg(self.inner.keys.retention_ms());
-        let (expired, lag_ms, more): (u64, u64, u64) = eval(&mut self.conn.clone(), &SWEEP, &call)
-            .await
-            .map_err(unavailable)?;
+        let (expired, lag_ms, more, now): (u64, u64, u64, u64) =
+            eval(&mut self.conn.clone(), &SWEEP, &call)
+                .await
+                .map_err(unavailable)?;
+        let offset = i64::try_from(now)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(local_epoch_ms()).unwrap_or(i64::MAX));
+        self.inner.clock_offset_ms.store(offset, Ordering::Relaxed);
         Ok(Sweep {
             expired,
             lag_ms,

@@ -355,8 +355,14 @@ return {#ids, #hset / 2, lowest, stayed}
     ))
 });
 
-/// Reports expiries: KEYS: see [`SCRIPT_KEYS`]. ARGV: page size, grace_ms, feed
-/// retention ms. Returns `{reported, lag_ms, more}`.
+/// Reports expiries: KEYS: see [`SCRIPT_KEYS`]. ARGV: page size, grace_ms, the
+/// latest Redis time at which the call may still act (0: any), feed retention ms.
+/// Returns `{reported, lag_ms, more, now}`.
+///
+/// A sweep that runs after its deadline does nothing: it was queued in a Redis that
+/// was paused or unreachable, and runs before the server has seen the outage and
+/// given it back to the leases, so every lease the outage ran down would be reported
+/// as expired, then come back.
 ///
 /// The watermark (KEYS[5], a 15-digit time) says up to when expiries have been
 /// reported (the first sweep of a deployment starts `grace_ms` back). The script reads the members scored in `(watermark, now]` (a page at
@@ -378,14 +384,16 @@ pub(super) static SWEEP: LazyLock<Script> = LazyLock::new(|| {
 local keep_ms = tonumber(ARGV[2]) + ",
         lua_key_slack_ms!(),
         "
-local minid = now - tonumber(ARGV[3])
+local minid = now - tonumber(ARGV[4])
+local deadline = tonumber(ARGV[3])
+if deadline > 0 and now > deadline then return {0, 0, 0, now} end
 local mark = redis.call('GET', KEYS[5])
 if not mark then
   -- The first sweep of a deployment: expiries as old as the records kept.
   mark = string.format('%015d', now - tonumber(ARGV[2]))
 end
 local m = redis.call('ZRANGE', KEYS[1], '(' .. mark, now, 'BYSCORE', 'LIMIT', 0, page + 1, 'WITHSCORES')
-if #m == 0 then return {0, 0, 0} end
+if #m == 0 then return {0, 0, 0, now} end
 local upto, n, more = now, #m / 2, 0
 if n > page then
   more = 1
@@ -425,7 +433,7 @@ end
 if #zadd > 0 then redis.call('ZADD', KEYS[1], unpack(zadd)) end
 if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
 redis.call('SET', KEYS[5], upto_s, 'PX', keep_ms)
-return {reported, lag, more}
+return {reported, lag, more, now}
 "
     ))
 });
