@@ -8,6 +8,9 @@
 //! Each iteration sends one request through a clone of the service and reads the
 //! whole response body.
 //!
+//! Also, in the same run: the heartbeat with JWT (HS256) authentication, and the JWT
+//! check alone.
+//!
 //! Run: `cargo bench -p presence --bench service -- --warm-up-time 1 --measurement-time 3`
 
 use std::convert::Infallible;
@@ -21,7 +24,7 @@ use http::{HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 use presence::config::Config;
 use presence::model::{new_lease_id, Meta, NodeId};
-use presence::server::PresenceService;
+use presence::server::{JwtVerifier, PresenceService};
 use presence::store::{MemoryStore, Store};
 use tower::{service_fn, Service, ServiceExt};
 
@@ -108,6 +111,37 @@ fn stack(c: &mut Criterion) {
             let service = &service;
             async move { black_box(send(service, req).await) }
         })
+    });
+    // The same with a JWT checked on every request.
+    let secret = "bench-secret";
+    let mut jwt_config = config.clone();
+    jwt_config.jwt_secret = Some(secret.to_owned());
+    let jwt_service = rt.block_on(async {
+        PresenceService::new(store.clone(), &jwt_config)
+            .with_default_peer(([127, 0, 0, 1], 4000).into())
+    });
+    let claims =
+        serde_json::json!({"sub": "bench", "scope": "presence:admin", "exp": 4_102_444_800u64});
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).expect("key"),
+    )
+    .expect("token");
+    let bearer = HeaderValue::try_from(format!("Bearer {token}")).expect("header");
+    group.bench_function("heartbeat_memory_store_jwt_hs256", |b| {
+        b.to_async(&rt).iter(|| {
+            i = (i + 1) % NODES;
+            let mut req = heartbeat_request(&bodies[i]);
+            req.headers_mut()
+                .insert(http::header::AUTHORIZATION, bearer.clone());
+            let service = &jwt_service;
+            async move { black_box(send(service, req).await) }
+        })
+    });
+    let verifier = JwtVerifier::new(Some(secret.as_bytes()), None).expect("verifier");
+    group.bench_function("jwt_hs256_check", |b| {
+        b.iter(|| black_box(verifier.verify(black_box(&token)).is_ok()))
     });
     // The same on Redis, if there is one (one heartbeat at a time: no batching).
     let redis = rt.block_on(async {

@@ -12,6 +12,8 @@
 //! | `PRESENCE_RATE_LIMIT_CAPACITY` | `60` | per-client burst |
 //! | `PRESENCE_TRUSTED_PROXIES` | empty | comma-separated CIDRs whose `X-Forwarded-For` or `Forwarded` is believed (a request carrying both is keyed by its peer) |
 //! | `PRESENCE_AUTH_TOKEN` | unset | if set, `/presence*` requires `Authorization: Bearer <token>` |
+//! | `PRESENCE_JWT_SECRET` | unset | accept HS256 JWTs signed with this secret (scoped access, see the README) |
+//! | `PRESENCE_JWT_PUBLIC_KEY_FILE` | unset | accept JWTs signed by this PEM public key's private half (Ed25519: EdDSA; RSA: RS256) |
 //! | `PRESENCE_STORE_TIMEOUT_MS` | `1000` | a store call slower than this is a `503` |
 //! | `PRESENCE_MAX_META_BYTES` | `4096` | meta size limit (serialized JSON) |
 //! | `PRESENCE_HEADER_TIMEOUT_MS` | `5000` | request headers must arrive within this, and a connection without a request in flight for this long is closed (HTTP/1 and HTTP/2; slowloris guard) |
@@ -71,6 +73,10 @@ pub const ENV_RATE_LIMIT_CAPACITY: &str = "PRESENCE_RATE_LIMIT_CAPACITY";
 pub const ENV_TRUSTED_PROXIES: &str = "PRESENCE_TRUSTED_PROXIES";
 /// Environment variable: the bearer token.
 pub const ENV_AUTH_TOKEN: &str = "PRESENCE_AUTH_TOKEN";
+/// Environment variable: the HS256 JWT secret.
+pub const ENV_JWT_SECRET: &str = "PRESENCE_JWT_SECRET";
+/// Environment variable: the PEM file of the JWT public key.
+pub const ENV_JWT_PUBLIC_KEY_FILE: &str = "PRESENCE_JWT_PUBLIC_KEY_FILE";
 /// Environment variable: the store call timeout in milliseconds.
 pub const ENV_STORE_TIMEOUT_MS: &str = "PRESENCE_STORE_TIMEOUT_MS";
 /// Environment variable: the meta size limit in bytes.
@@ -134,6 +140,11 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     /// `PRESENCE_AUTH_TOKEN`: if set, `/presence*` requires this bearer token.
     pub auth_token: Option<String>,
+    /// `PRESENCE_JWT_SECRET`: HS256 JWTs signed with it are accepted.
+    pub jwt_secret: Option<String>,
+    /// `PRESENCE_JWT_PUBLIC_KEY_FILE`, read: the PEM of the public key JWTs may be
+    /// signed for (Ed25519 or RSA), and the file it came from.
+    pub jwt_public_key: Option<(std::path::PathBuf, Vec<u8>)>,
     /// `PRESENCE_STORE_TIMEOUT_MS`: a store call slower than this is a `503`.
     pub store_timeout: Duration,
     /// `PRESENCE_MAX_META_BYTES`: the largest accepted `meta`, serialized.
@@ -187,6 +198,8 @@ impl Default for Config {
             rate_limit_capacity: 60,
             trusted_proxies: Vec::new(),
             auth_token: None,
+            jwt_secret: None,
+            jwt_public_key: None,
             store_timeout: Duration::from_millis(1000),
             max_meta_bytes: 4096,
             header_timeout: Duration::from_millis(5000),
@@ -221,6 +234,14 @@ impl fmt::Debug for Config {
             .field(
                 "auth_token",
                 &self.auth_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "jwt_public_key_file",
+                &self.jwt_public_key.as_ref().map(|(path, _)| path),
             )
             .field("store_timeout", &self.store_timeout)
             .field("max_meta_bytes", &self.max_meta_bytes)
@@ -304,6 +325,29 @@ impl Config {
             Some(v) => Some(parse_token(v)?),
             None => None,
         };
+        let jwt_secret = lookup(ENV_JWT_SECRET);
+        if jwt_secret.as_deref() == Some("") {
+            return Err(err(
+                ENV_JWT_SECRET,
+                "",
+                "must not be empty (unset the variable to accept no HS256 tokens)",
+            ));
+        }
+        let jwt_public_key = match get(ENV_JWT_PUBLIC_KEY_FILE) {
+            Some(path) => {
+                let pem = std::fs::read(&path).map_err(|e| {
+                    err(
+                        ENV_JWT_PUBLIC_KEY_FILE,
+                        &path,
+                        format!("cannot read it: {e}"),
+                    )
+                })?;
+                crate::server::JwtVerifier::new(None, Some(&pem))
+                    .map_err(|why| err(ENV_JWT_PUBLIC_KEY_FILE, &path, why))?;
+                Some((std::path::PathBuf::from(path), pem))
+            }
+            None => None,
+        };
         Ok(Config {
             store_uri: get(ENV_REDIS_URI)
                 .map(|v| parse_store_uri(&v))
@@ -326,6 +370,8 @@ impl Config {
             rate_limit_capacity,
             trusted_proxies,
             auth_token,
+            jwt_secret,
+            jwt_public_key,
             store_timeout: value(&get, ENV_STORE_TIMEOUT_MS, d.store_timeout, millis)?,
             max_meta_bytes: value(&get, ENV_MAX_META_BYTES, d.max_meta_bytes, count)?,
             header_timeout: value(&get, ENV_HEADER_TIMEOUT_MS, d.header_timeout, millis)?,
@@ -603,4 +649,19 @@ fn parse_token(v: String) -> Result<String, ConfigError> {
         ));
     }
     Ok(v)
+}
+
+impl Config {
+    /// The JWT verifier of `PRESENCE_JWT_SECRET` and `PRESENCE_JWT_PUBLIC_KEY_FILE`
+    /// (no key: JWTs are not accepted).
+    ///
+    /// # Errors
+    /// A key [`Config::from_lookup`] would have refused (only a hand-edited
+    /// `Config` can hold one).
+    pub fn jwt_verifier(&self) -> Result<crate::server::JwtVerifier, String> {
+        crate::server::JwtVerifier::new(
+            self.jwt_secret.as_deref().map(str::as_bytes),
+            self.jwt_public_key.as_ref().map(|(_, pem)| pem.as_slice()),
+        )
+    }
 }

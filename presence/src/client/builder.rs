@@ -23,6 +23,7 @@
 //! ```
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -52,7 +53,7 @@ use super::{ClientError, PresenceClient};
 pub struct PresenceClientBuilder {
     base_url: String,
     transport: Option<RawService>,
-    bearer_token: Option<String>,
+    bearer_token: Option<TokenSource>,
     timeout: Duration,
     rate_limit: Option<(f64, u32)>,
     rate_limit_max_wait: Duration,
@@ -115,10 +116,20 @@ impl PresenceClientBuilder {
         self
     }
 
-    /// Sends `Authorization: Bearer <token>` with every request (for servers with
-    /// `PRESENCE_AUTH_TOKEN` set).
+    /// Sends `Authorization: Bearer <token>` with every request: the server's
+    /// `PRESENCE_AUTH_TOKEN`, or a JWT.
     pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
-        self.bearer_token = Some(token.into());
+        self.bearer_token = Some(TokenSource::Fixed(token.into()));
+        self
+    }
+
+    /// Sends `Authorization: Bearer <fresh()>` with every request, asking `fresh` for
+    /// the token each time: for JWTs that are rotated before they expire, so a
+    /// long-running node (its [`keep_alive`](super::PresenceClient::keep_alive) too)
+    /// carries on across the rotation. `fresh` is called once per attempt and should
+    /// be cheap (return a cached token, refreshed elsewhere).
+    pub fn bearer_token_fn(mut self, fresh: impl Fn() -> String + Send + Sync + 'static) -> Self {
+        self.bearer_token = Some(TokenSource::Fresh(Arc::new(fresh)));
         self
     }
 
@@ -218,7 +229,7 @@ impl PresenceClientBuilder {
     /// URL (`https` and other schemes need a transport given with
     /// [`service`](Self::service)), a zero timeout, a rate that is not positive and
     /// finite, a zero capacity, or a bearer token that cannot be a header value.
-    pub fn build(self) -> Result<PresenceClient, ClientError> {
+    pub fn build(mut self) -> Result<PresenceClient, ClientError> {
         let base = parse_base_url(&self.base_url, self.transport.is_some())?;
         if self.timeout.is_zero() {
             return Err(ClientError::InvalidInput(
@@ -233,16 +244,9 @@ impl PresenceClientBuilder {
                 )));
             }
         }
-        let auth = match &self.bearer_token {
-            Some(token) => {
-                let mut value = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
-                    ClientError::InvalidInput(
-                        "the bearer token contains characters not allowed in a header".into(),
-                    )
-                })?;
-                value.set_sensitive(true);
-                Some(value)
-            }
+        let auth = match self.bearer_token.take() {
+            Some(TokenSource::Fixed(token)) => Some(BearerToken::Fixed(bearer_header(&token)?)),
+            Some(TokenSource::Fresh(fresh)) => Some(BearerToken::Fresh(fresh)),
             None => None,
         };
 
@@ -342,4 +346,39 @@ mod tests {
         assert!(parse_base_url("https://h/presence", true).is_ok());
         assert!(parse_base_url("http://h/presence?x=1", false).is_err());
     }
+}
+
+/// Where the builder's bearer token comes from.
+enum TokenSource {
+    Fixed(String),
+    Fresh(Arc<dyn Fn() -> String + Send + Sync>),
+}
+
+/// The client's `Authorization` header: made once, or from a fresh token per
+/// request ([`PresenceClientBuilder::bearer_token_fn`]).
+#[derive(Clone)]
+pub(crate) enum BearerToken {
+    Fixed(HeaderValue),
+    Fresh(Arc<dyn Fn() -> String + Send + Sync>),
+}
+
+impl BearerToken {
+    /// The header value to send now.
+    pub(crate) fn header(&self) -> Result<HeaderValue, ClientError> {
+        match self {
+            BearerToken::Fixed(value) => Ok(value.clone()),
+            BearerToken::Fresh(fresh) => bearer_header(&fresh()),
+        }
+    }
+}
+
+/// `Bearer <token>`, marked sensitive (never logged by hyper or tower-http).
+fn bearer_header(token: &str) -> Result<HeaderValue, ClientError> {
+    let mut value = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
+        ClientError::InvalidInput(
+            "the bearer token contains characters not allowed in a header".into(),
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
 }

@@ -72,7 +72,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
-use http::{HeaderValue, Method};
+use http::Method;
 use http_body_util::Full;
 use resilience::CircuitBreaker;
 use serde::de::DeserializeOwned;
@@ -112,7 +112,7 @@ struct Inner {
     // The bare transport (body streaming), for the watch feed; same Sync reasoning.
     raw: Mutex<RawService>,
     watch: WatchSettings,
-    auth: Option<HeaderValue>,
+    auth: Option<builder::BearerToken>,
     breaker: CircuitBreaker,
     timeout: Duration,
     retry: RetryConfig,
@@ -372,7 +372,7 @@ impl PresenceClient {
     pub(crate) fn from_parts(
         base: String,
         service: HttpService,
-        auth: Option<HeaderValue>,
+        auth: Option<builder::BearerToken>,
         breaker: CircuitBreaker,
         timeout: Duration,
         retry: RetryConfig,
@@ -554,7 +554,7 @@ impl PresenceClient {
             None => Bytes::new(),
         };
         if let Some(auth) = &self.inner.auth {
-            builder = builder.header(AUTHORIZATION, auth.clone());
+            builder = builder.header(AUTHORIZATION, auth.header()?);
         }
         let mut request = builder
             .body(Full::new(bytes))

@@ -1,4 +1,5 @@
-//! Bearer-token authentication for `/presence*` (`PRESENCE_AUTH_TOKEN`).
+//! Bearer-token authentication for `/presence*`: the static `PRESENCE_AUTH_TOKEN`
+//! (full access) and JWTs ([`JwtVerifier`], scoped [`Access`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -9,22 +10,29 @@ use http::header::AUTHORIZATION;
 use tower::{Layer, Service};
 
 use super::errors::ApiError;
+use super::jwt::{Access, JwtVerifier};
 use super::ResponseBody;
 
-/// Requires `Authorization: Bearer <token>` when a token is configured; without one it
-/// passes every request through. A missing or wrong token is `401 unauthorized`.
+/// Requires `Authorization: Bearer <token>` when a token or JWT keys are configured;
+/// without either it passes every request through. A missing or wrong token is `401
+/// unauthorized`. The static token grants everything; a valid JWT grants what its
+/// scopes say, as an [`Access`] in the request's extensions, which the handlers
+/// check (`403 forbidden`).
 ///
-/// The comparison takes the same time wherever the first differing byte is, so the
-/// token cannot be guessed byte by byte from response times.
+/// The static comparison takes the same time wherever the first differing byte is,
+/// so the token cannot be guessed byte by byte from response times (JWT signatures
+/// are compared in constant time by their crate).
 #[derive(Clone)]
 pub struct BearerAuthLayer {
     token: Option<Arc<[u8]>>,
+    jwt: Option<Arc<JwtVerifier>>,
 }
 
 impl std::fmt::Debug for BearerAuthLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BearerAuthLayer")
-            .field("enabled", &self.token.is_some())
+            .field("token", &self.token.is_some())
+            .field("jwt", &self.jwt)
             .finish()
     }
 }
@@ -34,7 +42,14 @@ impl BearerAuthLayer {
     pub fn new(token: Option<&str>) -> Self {
         BearerAuthLayer {
             token: token.map(|t| Arc::from(t.as_bytes())),
+            jwt: None,
         }
+    }
+
+    /// Also accepts JWTs that `verifier` accepts (when it has a key).
+    pub fn jwt(mut self, verifier: JwtVerifier) -> Self {
+        self.jwt = verifier.is_enabled().then(|| Arc::new(verifier));
+        self
     }
 }
 
@@ -44,6 +59,7 @@ impl<S> Layer<S> for BearerAuthLayer {
         BearerAuth {
             inner,
             token: self.token.clone(),
+            jwt: self.jwt.clone(),
         }
     }
 }
@@ -53,12 +69,14 @@ impl<S> Layer<S> for BearerAuthLayer {
 pub struct BearerAuth<S> {
     inner: S,
     token: Option<Arc<[u8]>>,
+    jwt: Option<Arc<JwtVerifier>>,
 }
 
 impl<S> std::fmt::Debug for BearerAuth<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BearerAuth")
-            .field("enabled", &self.token.is_some())
+            .field("token", &self.token.is_some())
+            .field("jwt", &self.jwt.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -75,26 +93,59 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        match &self.token {
-            Some(token) if !authorized(&req, token) => {
-                Either::Left(ready(Ok(ApiError::Unauthorized.into_response())))
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        if self.token.is_none() && self.jwt.is_none() {
+            return Either::Right(self.inner.call(req));
+        }
+        let unauthorized = || Either::Left(ready(Ok(ApiError::Unauthorized.into_response())));
+        let Some(credentials) = bearer(&req) else {
+            return unauthorized();
+        };
+        if let Some(token) = &self.token {
+            if constant_time_eq(credentials, token) {
+                return Either::Right(self.inner.call(req));
             }
-            _ => Either::Right(self.inner.call(req)),
+        }
+        let access = self.jwt.as_ref().map(|jwt| {
+            std::str::from_utf8(credentials)
+                .map_err(|_| super::jwt::InvalidToken("not UTF-8".to_owned()))
+                .and_then(|token| jwt.verify(token))
+        });
+        match access {
+            Some(Ok(access)) => {
+                req.extensions_mut().insert(access);
+                Either::Right(self.inner.call(req))
+            }
+            Some(Err(why)) => {
+                // The reason, never the token.
+                tracing::debug!(reason = %why, "bearer token refused");
+                unauthorized()
+            }
+            None => unauthorized(),
         }
     }
 }
 
-fn authorized<B>(req: &http::Request<B>, token: &[u8]) -> bool {
-    let Some(value) = req.headers().get(AUTHORIZATION) else {
-        return false;
-    };
-    let value = value.as_bytes();
+/// The credentials of an `Authorization: Bearer <credentials>` header.
+fn bearer<B>(req: &http::Request<B>) -> Option<&[u8]> {
+    let value = req.headers().get(AUTHORIZATION)?.as_bytes();
     // RFC 9110 §11.1: the scheme name is case-insensitive.
-    let Some((scheme, credentials)) = value.split_at_checked(7) else {
-        return false;
-    };
-    scheme.eq_ignore_ascii_case(b"bearer ") && constant_time_eq(credentials.trim_ascii(), token)
+    let (scheme, credentials) = value.split_at_checked(7)?;
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| credentials.trim_ascii())
+}
+
+/// What the request's credentials allow: a JWT's [`Access`], else everything (no
+/// authentication, or the static token).
+pub(crate) fn access(extensions: &http::Extensions) -> &Access {
+    static FULL: Access = Access::Full;
+    extensions.get::<Access>().unwrap_or(&FULL)
+}
+
+#[cfg(test)]
+fn authorized<B>(req: &http::Request<B>, token: &[u8]) -> bool {
+    bearer(req).is_some_and(|c| constant_time_eq(c, token))
 }
 
 /// Compares in time that depends only on the lengths, never on where the inputs

@@ -27,6 +27,9 @@ pub enum ApiError {
     BadRequest(String),
     /// `401 unauthorized`: the bearer token is missing or wrong.
     Unauthorized,
+    /// `403 forbidden`: the token is valid but does not allow this call (a node
+    /// writing another node, a reader writing). The string says which.
+    Forbidden(String),
     /// `404 not_found`: no route for this path.
     RouteNotFound {
         /// The request method.
@@ -101,6 +104,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::RouteNotFound { .. } | ApiError::NodeNotFound(_) => {
                 (StatusCode::NOT_FOUND, "not_found")
             }
@@ -158,7 +162,8 @@ impl ApiError {
         match self {
             ApiError::BadRequest(why)
             | ApiError::UnsupportedMediaType(why)
-            | ApiError::InvalidMeta(why) => why,
+            | ApiError::InvalidMeta(why)
+            | ApiError::Forbidden(why) => why,
             ApiError::Unauthorized => {
                 "a valid `Authorization: Bearer <token>` header is required".to_owned()
             }

@@ -14,6 +14,7 @@ use serde::Serialize;
 use tower::Service;
 
 use super::errors::{bytes_response, json_response, ApiError};
+use super::jwt::Access;
 use super::list::list_response;
 use super::request::{parse_json, read_body, read_json};
 use super::routes::{Endpoint, Resolved};
@@ -37,6 +38,13 @@ impl State {
         req: http::Request<RequestBody>,
     ) -> Result<http::Response<ResponseBody>, ApiError> {
         let (parts, body) = req.into_parts();
+        let access = super::auth::access(&parts.extensions);
+        if matches!(action, Endpoint::List | Endpoint::Watch | Endpoint::Node) && !access.can_read()
+        {
+            return Err(ApiError::Forbidden(
+                "the token does not allow reading (scope presence:read)".to_owned(),
+            ));
+        }
         match action {
             Endpoint::Healthz => Ok(json_response(StatusCode::OK, &Status { status: "ok" })),
             Endpoint::Readyz => {
@@ -71,6 +79,7 @@ impl State {
             Endpoint::Login => {
                 let req: LoginWire = read_json(&parts.headers, body, self.body_timeout).await?;
                 let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
+                may_write(access, &node)?;
                 let meta = self.check_meta(req.meta)?.unwrap_or_default();
                 let lease_id = try_new_lease_id()
                     .map_err(|e| ApiError::Internal(format!("OS random source failed: {e}")))?;
@@ -90,10 +99,11 @@ impl State {
                     },
                 ))
             }
-            Endpoint::Heartbeat => self.heartbeat(&parts.headers, body).await,
+            Endpoint::Heartbeat => self.heartbeat(&parts.headers, access, body).await,
             Endpoint::Logout => {
                 let req: LogoutWire = read_json(&parts.headers, body, self.body_timeout).await?;
                 let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
+                may_write(access, &node)?;
                 let removed = self
                     .guarded(&req.node_id, |s| s.logout(&node, &req.lease_id))
                     .await?;
@@ -114,6 +124,7 @@ impl State {
     async fn heartbeat(
         &self,
         headers: &http::HeaderMap,
+        access: &Access,
         body: RequestBody,
     ) -> Result<http::Response<ResponseBody>, ApiError> {
         let bytes = read_body(headers, body, self.body_timeout).await?;
@@ -122,6 +133,7 @@ impl State {
             None => parse_json(&bytes)?,
         };
         let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
+        may_write(access, &node)?;
         let meta = self.check_meta(req.meta)?;
         let expires_at_ms = self
             .guarded(&req.node_id, |s| {
@@ -157,6 +169,18 @@ impl State {
             )));
         }
         Ok(Some(meta))
+    }
+}
+
+/// `403` unless `access` may write `node`.
+fn may_write(access: &Access, node: &NodeId) -> Result<(), ApiError> {
+    if access.can_write(node.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "the token does not allow writing node {:?} (scope presence:write for its sub, or presence:admin)",
+            node.as_str()
+        )))
     }
 }
 
@@ -211,8 +235,9 @@ impl Service<http::Request<RequestBody>> for Router {
         if action == Endpoint::Heartbeat {
             return Box::pin(async move {
                 let (parts, body) = req.into_parts();
+                let access = super::auth::access(&parts.extensions);
                 Ok(state
-                    .heartbeat(&parts.headers, body)
+                    .heartbeat(&parts.headers, access, body)
                     .await
                     .unwrap_or_else(ApiError::into_response))
             });

@@ -100,7 +100,8 @@ impl PresenceService {
     /// `config` (its bind address and shutdown grace are for [`Server`](super::Server)).
     ///
     /// # Panics
-    /// If `config.rate_limit_rate` / `rate_limit_capacity` cannot make a token bucket
+    /// If the JWT secret is empty or the JWT public key is not an Ed25519 or RSA PEM
+    /// key; or if `config.rate_limit_rate` / `rate_limit_capacity` cannot make a token bucket
     /// (rate not a finite number above 0, capacity 0, or a refill over a century).
     /// [`Config::from_env`] and [`Config::from_lookup`] reject such values with an
     /// error naming the variable; only a hand-edited `Config` can get here.
@@ -160,8 +161,13 @@ impl PresenceService {
         .http()
         .headers_on_success(false);
         let rate_limiter = rate_limit.keyed_buckets();
+        // Failing here would fail open (no key: no JWT accepted, and without a static
+        // token no authentication at all), so a bad key stops the build instead.
+        let jwt = config
+            .jwt_verifier()
+            .unwrap_or_else(|why| panic!("invalid JWT key configuration: {why}"));
         let presence = ServiceBuilder::new()
-            .layer(BearerAuthLayer::new(config.auth_token.as_deref()))
+            .layer(BearerAuthLayer::new(config.auth_token.as_deref()).jwt(jwt))
             .map_response(limited_response as LimitedResponse)
             .layer(rate_limit)
             .layer(BodyLimitLayer::new(MAX_BODY_BYTES))
