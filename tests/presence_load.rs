@@ -45,10 +45,15 @@ async fn help_lists_every_flag_and_mode() {
             "--auth",
             "--json",
             "--serve-bare",
+            "--watchers",
+            "--watch-url",
+            "--rate",
             "nodes:",
             "flood:",
             "list:",
             "bare:",
+            "watch:",
+            "expiry:",
             "Exit status",
         ] {
             assert!(help.contains(word), "no {word} in the help:\n{help}");
@@ -78,6 +83,16 @@ async fn bad_usage_exits_2_with_a_message() {
             &["--json=yes"],
             &["--auth", "bad\ttoken\u{7f}"],
             &["--mode", "flood", "--nodes", "0"],
+            &["--mode", "expiry", "--nodes", "0"],
+            &["--mode", "watch", "--watchers", "0"],
+            &["--mode", "watch", "--rate", "0"],
+            &["--mode", "watch", "--rate", "fast"],
+            &[
+                "--mode",
+                "watch",
+                "--watch-url",
+                "https://127.0.0.1/presence",
+            ],
             &["--frobnicate"],
         ] {
             let run = gen.run(bad).await;
@@ -314,7 +329,7 @@ async fn a_dead_server_fails_the_run_at_once() {
     };
     within(60, async {
         let url = format!("http://127.0.0.1:{}/presence", free_port());
-        for mode in ["flood", "list", "nodes", "bare"] {
+        for mode in ["flood", "list", "nodes", "bare", "watch", "expiry"] {
             let started = Instant::now();
             let run = gen
                 .run(&["--mode", mode, "--url", &url, "--duration", "30"])
@@ -332,6 +347,189 @@ async fn a_dead_server_fails_the_run_at_once() {
                 run.output()
             );
         }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_mode_times_every_join_on_every_watcher() {
+    let Some(gen) = LoadGen::find() else {
+        return;
+    };
+    within(60, async {
+        let server = presence_server(&[]).await;
+        let url = server.base();
+        let run = gen
+            .run(&[
+                "--mode",
+                "watch",
+                "--watchers",
+                "3",
+                "--nodes",
+                "20",
+                "--rate",
+                "200",
+                "--login-concurrency",
+                "4",
+                "--duration",
+                "5",
+                "--url",
+                &url,
+                "--json",
+            ])
+            .await;
+        run.assert_code(0);
+        assert_clean(&run.phase("login"), &run);
+        let report = run.report();
+        assert_eq!(report["mode"], "watch", "{}", run.output());
+        let watch = &report["watch"];
+        assert_eq!(watch["ready"], 3, "{}", run.output());
+        assert_eq!(watch["connected_at_end"], 3, "{}", run.output());
+        assert_eq!(watch["nodes_logged_in"], 20, "{}", run.output());
+        assert_eq!(watch["expected"], 60, "{}", run.output());
+        assert_eq!(watch["samples"], 60, "{}", run.output());
+        assert_eq!(watch["missing"], 0, "{}", run.output());
+        assert_eq!(watch["duplicates"], 0, "{}", run.output());
+        assert_eq!(watch["events"]["snapshot"], 3, "{}", run.output());
+        assert!(
+            watch["events"]["join"].as_u64() >= Some(60),
+            "{}",
+            run.output()
+        );
+        assert!(
+            watch["events_per_s"].as_f64() > Some(0.0),
+            "{}",
+            run.output()
+        );
+        let latency = &watch["latency_ms"];
+        let figures: Vec<f64> = ["p50", "p90", "p99", "max"]
+            .iter()
+            .map(|q| latency[q].as_f64().unwrap_or(-1.0))
+            .collect();
+        assert!(figures[0] > 0.0, "{}", run.output());
+        assert!(figures.windows(2).all(|w| w[0] <= w[1]), "{}", run.output());
+        // 20 logins at 200/s take about 0.1 s, not the 5 s of --duration.
+        assert!(
+            run.phase("login")["elapsed_s"].as_f64() < Some(2.0),
+            "{}",
+            run.output()
+        );
+        assert!(
+            run.line("join latency: 60 samples of 60 expected")
+                .is_some(),
+            "{}",
+            run.output()
+        );
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_mode_without_nodes_holds_its_watchers_and_counts_refusals() {
+    let Some(gen) = LoadGen::find() else {
+        return;
+    };
+    within(60, async {
+        let server = presence_server(&[("PRESENCE_MAX_WATCHERS", "4")]).await;
+        let url = server.base();
+        let run = gen
+            .run(&[
+                "--mode",
+                "watch",
+                "--watchers",
+                "4",
+                "--nodes",
+                "0",
+                "--duration",
+                "0.3",
+                "--url",
+                &url,
+                "--json",
+            ])
+            .await;
+        run.assert_code(0);
+        let watch = &run.report()["watch"];
+        assert_eq!(watch["connected_at_end"], 4, "{}", run.output());
+        assert_eq!(watch["disconnected"], 0, "{}", run.output());
+        assert!(
+            run.line("presence_load: watch: holding 4 watchers")
+                .is_some(),
+            "{}",
+            run.output()
+        );
+
+        // Past PRESENCE_MAX_WATCHERS the server answers 503: counted, and the run fails.
+        let run = gen
+            .run(&[
+                "--mode",
+                "watch",
+                "--watchers",
+                "6",
+                "--nodes",
+                "0",
+                "--duration",
+                "0.3",
+                "--url",
+                &url,
+                "--json",
+            ])
+            .await;
+        run.assert_code(1);
+        let watch = &run.report()["watch"];
+        assert_eq!(watch["ready"], 4, "{}", run.output());
+        assert_eq!(watch["open_failures"]["http_503"], 2, "{}", run.output());
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_mode_reports_each_expiry_once_and_its_lateness() {
+    let Some(gen) = LoadGen::find() else {
+        return;
+    };
+    within(60, async {
+        let server =
+            presence_server(&[("PRESENCE_HEARTBEAT_SEC", "1"), ("PRESENCE_TTL_SEC", "1")]).await;
+        let url = server.base();
+        let started = Instant::now();
+        let run = gen
+            .run(&[
+                "--mode",
+                "expiry",
+                "--watchers",
+                "2",
+                "--nodes",
+                "50",
+                "--login-concurrency",
+                "8",
+                "--url",
+                &url,
+                "--watch-url",
+                &url,
+                "--json",
+            ])
+            .await;
+        run.assert_code(0);
+        assert_eq!(run.phase("login")["ok"], 50, "{}", run.output());
+        let watch = &run.report()["watch"];
+        assert_eq!(watch["latency_of"], "expiry_lateness", "{}", run.output());
+        assert_eq!(watch["expected"], 100, "{}", run.output());
+        assert_eq!(watch["samples"], 100, "{}", run.output());
+        assert_eq!(watch["duplicates"], 0, "{}", run.output());
+        assert_eq!(watch["early"], 0, "{}", run.output());
+        assert_eq!(watch["events"]["leave"], 100, "{}", run.output());
+        // Lateness is the sweep's: within a few of its 100 ms ticks, not seconds.
+        let max = watch["latency_ms"]["max"].as_f64().unwrap_or(-1.0);
+        assert!((0.0..2000.0).contains(&max), "{}", run.output());
+        // It stopped once every expiry was seen, well before TTL + 10 s.
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{}",
+            run.output()
+        );
+        server.stop().await;
     })
     .await;
 }

@@ -26,6 +26,16 @@ pub enum Mode {
     /// baseline for the presence server's figures: an in-process one, or with an explicit
     /// --url the one at that address (`--serve-bare PORT` in another process)
     Bare,
+    /// Open --watchers W streams of `GET /presence/watch` on --watch-url, wait for each
+    /// snapshot, then log the N nodes in through --url at --rate R logins/s (for at most
+    /// --duration); every watcher's `join` of a node gives a latency sample (now - the
+    /// login's send time). With --nodes 0 it only holds the W streams open for --duration
+    Watch,
+    /// Open --watchers streams (default 1) on --watch-url, log the N nodes in through
+    /// --url as fast as --login-concurrency allows, never heartbeat them, and time each
+    /// `leave` `expired` event against the node's `expires_at_ms`; stops once every
+    /// node was reported, or TTL + 10 s after the last login
+    Expiry,
 }
 
 impl Mode {
@@ -36,6 +46,8 @@ impl Mode {
             Mode::Flood => "flood",
             Mode::List => "list",
             Mode::Bare => "bare",
+            Mode::Watch => "watch",
+            Mode::Expiry => "expiry",
         }
     }
 }
@@ -44,7 +56,16 @@ const AFTER_HELP: &str = "\
 Phases are reported separately (login, steady): requests, errors by status and by
 transport failure, throughput, and latency p50 / p99 / p99.9 / max / mean in ms (time
 from sending the request to the end of the response body, connect time excluded).
-Exit status: 0 when the steady phase had successful requests, 1 otherwise, 2 on bad usage.";
+watch: the watchers that got their snapshot, failed or disconnected; the events delivered
+per second across all watchers (fan-out: joins, updates, leaves from the first login to the
+last event); the join latency p50 / p90 / p99 / max / mean in ms (login sent through --url
+to the `join` read on a watcher); samples expected, missing and duplicated.
+expiry: how many of the N nodes each watcher saw leave as `expired` (duplicates and
+missing ones too), and the lateness p50 / p90 / p99 / max / mean in ms (wall clock when
+the event was read, minus the node's `expires_at_ms` from its login reply).
+Exit status: 0 when the steady phase had successful requests (watch: every watcher got
+its snapshot and, with nodes, join samples arrived; expiry: expiries were reported),
+1 otherwise, 2 on bad usage.";
 
 /// The flags as given; [`parse`] turns them into a [`Command`].
 #[derive(Debug, Parser)]
@@ -68,7 +89,7 @@ struct Cli {
     #[arg(long, value_name = "C", default_value_t = 64, value_parser = at_least_one::<usize>)]
     concurrency: usize,
     /// Connections for the login phase [default: --concurrency]; e.g. log 100000 nodes in
-    /// over 64, then list over 1
+    /// over 64, then list over 1 (watch, expiry: the logins' connections)
     #[arg(long, value_name = "C", value_parser = at_least_one::<usize>)]
     login_concurrency: Option<usize>,
     /// Length of the steady phase in seconds, fractions allowed [default: 10]
@@ -80,6 +101,16 @@ struct Cli {
     /// Per-request (and per-connect) timeout
     #[arg(long, value_name = "MS", default_value = "5000", value_parser = millis)]
     timeout_ms: Duration,
+    /// `watch`, `expiry`: watch streams (`GET /presence/watch`) to open on --watch-url
+    #[arg(long, value_name = "W", default_value_t = 1, value_parser = at_least_one::<usize>)]
+    watchers: usize,
+    /// `watch`, `expiry`: base URL the watchers connect to [default: --url]; another
+    /// server on the same store measures the cross-server path
+    #[arg(long, value_name = "URL", value_parser = url)]
+    watch_url: Option<String>,
+    /// `watch`: logins per second through --url (open loop)
+    #[arg(long, value_name = "R", default_value = "200", value_parser = positive_rate)]
+    rate: f64,
     /// Send `Authorization: Bearer TOKEN`
     #[arg(long, value_name = "TOKEN", value_parser = header_token)]
     auth: Option<String>,
@@ -123,6 +154,12 @@ pub struct Options {
     pub accept_encoding: Option<String>,
     /// Print a JSON line after the summary.
     pub json: bool,
+    /// `watch`, `expiry`: watch streams to open.
+    pub watchers: usize,
+    /// `watch`, `expiry`: base URL of the server the watchers connect to.
+    pub watch_url: String,
+    /// `watch`: logins per second.
+    pub rate: f64,
 }
 
 /// What the command line asks for (`--help` is answered by clap itself).
@@ -154,16 +191,22 @@ impl Cli {
                 duration: self.duration,
             });
         }
-        // `list` may run without logging anyone in; the other modes need somebody to heartbeat.
-        if self.nodes == 0 && self.mode != Mode::List {
+        // `list` may run without logging anyone in, `watch` then only holds its streams
+        // open; the other modes need somebody to heartbeat (or to expire).
+        if self.nodes == 0 && !matches!(self.mode, Mode::List | Mode::Watch) {
             return Err(Cli::command().error(
                 ErrorKind::ValueValidation,
                 format!("--nodes must be at least 1 in {} mode", self.mode.name()),
             ));
         }
+        let bare_external = self.url.is_some() && self.mode == Mode::Bare;
+        let url = self.url.unwrap_or_else(|| DEFAULT_URL.to_owned());
         Ok(Command::Run(Options {
-            bare_external: self.url.is_some() && self.mode == Mode::Bare,
-            url: self.url.unwrap_or_else(|| DEFAULT_URL.to_owned()),
+            bare_external,
+            watch_url: self.watch_url.unwrap_or_else(|| url.clone()),
+            url,
+            watchers: self.watchers,
+            rate: self.rate,
             mode: self.mode,
             nodes: self.nodes,
             concurrency: self.concurrency,
@@ -199,6 +242,15 @@ fn seconds(v: &str) -> Result<Duration, String> {
     match Duration::try_from_secs_f64(secs) {
         Ok(d) if !d.is_zero() => Ok(d),
         _ => Err("must be a positive number of seconds".to_owned()),
+    }
+}
+
+/// A finite rate above 0.
+fn positive_rate(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        Ok(_) => Err("must be a positive number".to_owned()),
+        Err(e) => Err(e.to_string()),
     }
 }
 

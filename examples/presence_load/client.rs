@@ -5,7 +5,8 @@
 //! and reads only what it needs of the response (the status, `Content-Length`,
 //! `Connection: close`), so it costs the shared CPU a fraction of what a general client
 //! does, and leaves that to the server under test, as `wrk` does. Responses must carry a
-//! `Content-Length` (the presence server and the bare server do).
+//! `Content-Length` or be chunked (the presence server and the bare server do). The
+//! watch streams have a reader of their own (`watch.rs`).
 
 use std::fmt;
 use std::io;
@@ -63,7 +64,7 @@ pub enum ConnectError {
 
 impl ConnectError {
     /// The transport-failure kind counted in the report.
-    fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &'static str {
         match self {
             ConnectError::Io(_) => "connect",
             ConnectError::TimedOut => "connect_timeout",
@@ -103,6 +104,8 @@ pub struct Target {
     login: String,
     heartbeat: String,
     list: String,
+    /// `GET /presence/watch`, the whole request.
+    watch: Bytes,
     /// Extra headers of the listing (`Accept-Encoding` with `--accept-encoding`).
     list_headers: String,
     timeout: Duration,
@@ -128,9 +131,14 @@ impl Target {
         if let Some(encoding) = &opts.accept_encoding {
             list_headers.push_str(&format!("Accept-Encoding: {encoding}\r\n"));
         }
+        let watch = Bytes::from(format!(
+            "GET {} HTTP/1.1\r\n{headers}Accept: text/event-stream\r\n\r\n",
+            path("/watch")?
+        ));
         Ok(Target {
             addr,
             url: url.to_owned(),
+            watch,
             headers,
             login: path("/login")?,
             heartbeat: path("/heartbeat")?,
@@ -142,7 +150,12 @@ impl Target {
 
     /// The server at `--url`, its host name resolved.
     pub async fn resolve(opts: &Options) -> Result<Target, String> {
-        let parts = split_url(&opts.url).map_err(|e| format!("--url `{}`: {e}", opts.url))?;
+        Target::resolve_url(&opts.url, opts).await
+    }
+
+    /// The server at `url` (`--url` or `--watch-url`), its host name resolved.
+    pub async fn resolve_url(url: &str, opts: &Options) -> Result<Target, String> {
+        let parts = split_url(url).map_err(|e| format!("`{url}`: {e}"))?;
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(parts.connect.as_str())
             .await
             .map_err(|e| format!("cannot resolve `{}`: {e}", parts.connect))?
@@ -157,7 +170,7 @@ impl Target {
         if !addr.ip().is_loopback() {
             eprintln!("presence_load: warning: {addr} is not a loopback address; this tool is meant for local servers");
         }
-        Target::new(addr, &opts.url, opts)
+        Target::new(addr, url, opts)
     }
 
     /// Fails fast on a dead server, instead of timing out request after request.
@@ -199,6 +212,16 @@ impl Target {
         self.request(&self.heartbeat, Some(body.as_bytes()))
     }
 
+    /// `GET /presence/watch` (an SSE stream), ready to write.
+    pub fn watch_request(&self) -> Bytes {
+        self.watch.clone()
+    }
+
+    /// The per-request (and per-connect) timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// `GET` of the node list.
     pub fn list_request(&self) -> Bytes {
         Bytes::from(format!(
@@ -218,6 +241,20 @@ impl Target {
 #[derive(serde::Deserialize)]
 struct LoginReply {
     lease_id: String,
+    #[serde(default)]
+    ttl_ms: u64,
+    #[serde(default)]
+    expires_at_ms: u64,
+}
+
+/// What a successful login gave a node.
+pub struct Lease {
+    /// Its heartbeat request, ready to send.
+    pub heartbeat: Bytes,
+    /// The server's TTL.
+    pub ttl_ms: u64,
+    /// When the node expires without a heartbeat (the store's clock, Unix ms).
+    pub expires_at_ms: u64,
 }
 
 /// The outcome of one request.
@@ -392,21 +429,33 @@ impl Conn {
 
     /// Logs node `i` in; returns its heartbeat request when that worked.
     pub async fn login(&mut self, i: usize) -> (Exchange, Option<Bytes>) {
+        let (ex, lease) = self.login_lease(i).await;
+        (ex, lease.map(|l| l.heartbeat))
+    }
+
+    /// Logs node `i` in; returns what the login reply said when that worked.
+    pub async fn login_lease(&mut self, i: usize) -> (Exchange, Option<Lease>) {
         let req = self.target.login_request(i);
         let mut ex = self.exchange(&req, true).await;
-        let mut heartbeat = None;
+        let mut lease = None;
         if matches!(ex.result, Ok(status) if status.is_success()) {
             match serde_json::from_slice::<LoginReply>(&ex.body) {
-                Ok(reply) => heartbeat = Some(self.target.heartbeat_request(i, &reply.lease_id)),
+                Ok(reply) => {
+                    lease = Some(Lease {
+                        heartbeat: self.target.heartbeat_request(i, &reply.lease_id),
+                        ttl_ms: reply.ttl_ms,
+                        expires_at_ms: reply.expires_at_ms,
+                    })
+                }
                 Err(_) => ex.result = Err("bad_login_reply"),
             }
         }
-        (ex, heartbeat)
+        (ex, lease)
     }
 }
 
 /// Where the response head in `buf` ends (after its blank line), looking from `from`.
-fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+pub fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     buf.get(from..)?
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -462,19 +511,19 @@ async fn read_line(
 }
 
 /// How the response body is framed.
-enum BodyLength {
+pub enum BodyLength {
     Exact(usize),
     Chunked,
 }
 
 /// What the generator reads from a response head.
-struct Head {
-    status: StatusCode,
-    length: BodyLength,
-    close: bool,
+pub struct Head {
+    pub status: StatusCode,
+    pub length: BodyLength,
+    pub close: bool,
 }
 
-fn parse_head(head: &[u8]) -> Result<Head, &'static str> {
+pub fn parse_head(head: &[u8]) -> Result<Head, &'static str> {
     let text = std::str::from_utf8(head).map_err(|_| "bad_response_head")?;
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or_default();

@@ -16,6 +16,23 @@
 //! cargo run --release --example presence_load -- --help
 //! ```
 //!
+//! The watch stream (`GET /presence/watch`) across two servers on one Redis: start A
+//! and B alike but for the port (`PRESENCE_REDIS_URI=redis://127.0.0.1:6379
+//! PRESENCE_KEY_PREFIX=bench`, `PRESENCE_HTTP_PORT=8081` and `8082`, the rate limit off
+//! as above, `PRESENCE_MAX_CONNECTIONS=20000 PRESENCE_MAX_WATCHERS=20000` for many
+//! watchers, `PRESENCE_TTL_SEC=5` for the expiry run), then:
+//!
+//! ```text
+//! # 1000 watchers on A; 2000 logins through B at 200/s; join latency and fan-out
+//! cargo run --release --example presence_load -- --mode watch --watchers 1000 --watch-url http://127.0.0.1:8081/presence \
+//!     --url http://127.0.0.1:8082/presence --nodes 2000 --rate 200 --duration 10
+//! # 10000 idle watchers held for 30 s (sample the server's VmRSS meanwhile)
+//! cargo run --release --example presence_load -- --mode watch --watchers 10000 --nodes 0 --url http://127.0.0.1:8081/presence --duration 30
+//! # 10000 nodes logged in through B, never heartbeated; one watcher on A times each expiry
+//! cargo run --release --example presence_load -- --mode expiry --nodes 10000 --login-concurrency 64 \
+//!     --url http://127.0.0.1:8082/presence --watch-url http://127.0.0.1:8081/presence
+//! ```
+//!
 //! Build with `--release`: a debug build mostly measures the generator itself. The generator
 //! and the server share the machine's cores, so compare modes within one machine only. To
 //! take little of that shared CPU, the generator speaks HTTP/1.1 through a small client of
@@ -23,11 +40,15 @@
 //! ready-made bytes, responses framed by `Content-Length`), as `wrk` does, rather than
 //! through hyper's client; the bare server (`bare.rs`, `--serve-bare`) is plain hyper.
 //! The run is bounded: the steady phase stops after `--duration`, every request has a
-//! timeout, and the only address contacted is the one in `--url` (meant for loopback).
+//! timeout, and the only addresses contacted are the ones in `--url` and `--watch-url`
+//! (meant for loopback). `watch` and `expiry` runs are bounded too: the watchers get one
+//! timeout for their snapshot, `watch` stops logging in after `--duration` and waits one
+//! timeout for the last events, `expiry` stops TTL + 10 s after its logins.
 //!
 //! Modules: `cli` (the flags, clap), `client` (the HTTP/1 client), `phases` (login and the
 //! steady phase of each mode), `report` (counters, hdrhistogram latencies, the summary and
-//! the JSON line), `bare` (the bare hyper server). `tests/presence_load.rs` runs the built
+//! the JSON line), `watch` (the watch-stream reader and the `watch` and `expiry` modes),
+//! `bare` (the bare hyper server). `tests/presence_load.rs` runs the built
 //! binary.
 
 mod bare;
@@ -35,6 +56,7 @@ mod cli;
 mod client;
 mod phases;
 mod report;
+mod watch;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -62,7 +84,25 @@ async fn run(opts: &Options) -> Result<Report, String> {
     };
     let mut phases = Vec::new();
     let mut note = None;
-    if opts.mode == Mode::Bare {
+    let mut watched = None;
+    if matches!(opts.mode, Mode::Watch | Mode::Expiry) {
+        let watch_target = if opts.watch_url == opts.url {
+            target.clone()
+        } else {
+            let t = Target::resolve_url(&opts.watch_url, opts)
+                .await
+                .map_err(|e| format!("--watch-url {e}"))?;
+            t.check_reachable().await?;
+            Arc::new(t)
+        };
+        let (login, stats) = if opts.mode == Mode::Watch {
+            watch::watch(&target, &watch_target, opts).await
+        } else {
+            watch::expiry(&target, &watch_target, opts).await
+        };
+        phases = login;
+        watched = Some(stats);
+    } else if opts.mode == Mode::Bare {
         eprintln!(
             "presence_load: bare: flooding {} for {:.1} s over {} connections",
             target.addr,
@@ -115,9 +155,13 @@ async fn run(opts: &Options) -> Result<Report, String> {
         url: target.url.clone(),
         addr: target.addr,
         nodes: opts.nodes,
-        concurrency: opts.concurrency,
+        concurrency: match opts.mode {
+            Mode::Watch | Mode::Expiry => opts.login_concurrency,
+            _ => opts.concurrency,
+        },
         duration: opts.duration,
         phases,
+        watch: watched,
         note: note.map(str::to_owned),
     })
 }

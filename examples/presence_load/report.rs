@@ -1,5 +1,6 @@
 //! What a run measured: counters and latency histograms per phase ([`PhaseStats`]),
-//! and the report printed at the end ([`Report`]: a table, and with `--json` one line).
+//! what the watch streams saw in `watch` and `expiry` modes ([`WatchStats`]), and the
+//! report printed at the end ([`Report`]: a table, and with `--json` one line).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ const LATENCY_MAX_NS: u64 = 1 << 40;
 /// about 260 KB each.
 const LATENCY_DIGITS: u8 = 2;
 
-fn latency_histogram() -> Histogram<u64> {
+pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_MAX_NS, LATENCY_DIGITS)
         .expect("constant histogram bounds are valid")
 }
@@ -213,13 +214,18 @@ pub struct Report {
     pub concurrency: usize,
     pub duration: Duration,
     pub phases: Vec<PhaseStats>,
+    /// `watch` and `expiry` modes: what the watchers saw.
+    pub watch: Option<WatchStats>,
     pub note: Option<String>,
 }
 
 impl Report {
     /// True when the steady phase ran and had at least one successful request.
     pub fn success(&self) -> bool {
-        self.phases.iter().any(|p| p.name() == "steady" && p.ok > 0)
+        match &self.watch {
+            Some(watch) => watch.success(),
+            None => self.phases.iter().any(|p| p.name() == "steady" && p.ok > 0),
+        }
     }
 
     /// The human-readable summary block. The README's scripts read the requests/s of
@@ -294,6 +300,9 @@ impl Report {
                  PRESENCE_RATE_LIMIT_RATE=1000000 PRESENCE_RATE_LIMIT_CAPACITY=1000000\n",
             );
         }
+        if let Some(watch) = &self.watch {
+            out.push_str(&watch.summary());
+        }
         if let Some(note) = &self.note {
             out.push_str(&format!("note: {note}\n"));
         }
@@ -310,8 +319,230 @@ impl Report {
             "concurrency": self.concurrency,
             "duration_s": self.duration.as_secs_f64(),
             "phases": self.phases.iter().map(PhaseStats::to_json).collect::<Vec<_>>(),
+            "watch": self.watch.as_ref().map(WatchStats::to_json),
             "note": self.note,
         })
         .to_string()
+    }
+}
+
+/// What the watch streams of a `watch` or `expiry` run saw, merged over all watchers.
+/// Latencies (join latency, or expiry lateness clamped at 0) are in nanoseconds.
+#[derive(Clone, Debug)]
+pub struct WatchStats {
+    /// `watch` or `expiry`.
+    pub mode: Mode,
+    /// Streams asked for.
+    pub watchers: usize,
+    /// Streams that got their snapshot.
+    pub ready: u64,
+    /// Streams that never got their snapshot, by why.
+    pub open_failures: BTreeMap<&'static str, u64>,
+    /// Streams that ended after their snapshot, before the run stopped them, by why.
+    pub disconnects: BTreeMap<&'static str, u64>,
+    /// How long opening the streams (up to the last snapshot) took.
+    pub open_elapsed: Duration,
+    /// Nodes logged in during the run (the logins that succeeded).
+    pub nodes_logged_in: u64,
+    /// Events read: snapshot, join, update, leave.
+    pub events: [u64; 4],
+    /// `: keep-alive` comments read.
+    pub keepalives: u64,
+    /// Bytes read on the streams after their response head.
+    pub bytes_in: u64,
+    /// From the first login (with no logins: from the last snapshot) to the last
+    /// join / update / leave read.
+    pub window: Duration,
+    /// One sample per (watcher, node): join latency, or lateness of the expiry.
+    pub latency: Histogram<u64>,
+    /// Samples there would be if every ready watcher saw every node once.
+    pub expected: u64,
+    /// Events of the sampled kind seen again for the same (watcher, node).
+    pub duplicates: u64,
+    /// join / leave events of nodes this run did not log in (or not yet).
+    pub foreign: u64,
+    /// `expiry`: samples read before the node's `expires_at_ms`, and the earliest (ms,
+    /// negative) of them.
+    pub early: u64,
+    pub min_lateness_ms: f64,
+    /// `expiry`: `leave` events of this run's nodes with a reason other than `expired`.
+    pub other_leaves: u64,
+}
+
+impl WatchStats {
+    pub fn new(mode: Mode, watchers: usize) -> WatchStats {
+        WatchStats {
+            mode,
+            watchers,
+            ready: 0,
+            open_failures: BTreeMap::new(),
+            disconnects: BTreeMap::new(),
+            open_elapsed: Duration::ZERO,
+            nodes_logged_in: 0,
+            events: [0; 4],
+            keepalives: 0,
+            bytes_in: 0,
+            window: Duration::ZERO,
+            latency: latency_histogram(),
+            expected: 0,
+            duplicates: 0,
+            foreign: 0,
+            early: 0,
+            min_lateness_ms: 0.0,
+            other_leaves: 0,
+        }
+    }
+
+    /// Streams still open when the run stopped them.
+    pub fn connected_at_end(&self) -> u64 {
+        self.ready
+            .saturating_sub(self.disconnects.values().sum::<u64>())
+    }
+
+    /// Samples that never arrived.
+    pub fn missing(&self) -> u64 {
+        self.expected.saturating_sub(self.latency.len())
+    }
+
+    /// join + update + leave events per second over [`window`](Self::window): what the
+    /// server delivered across all its watchers (fan-out).
+    pub fn events_per_s(&self) -> f64 {
+        let live: u64 = self.events[1..].iter().sum();
+        let secs = self.window.as_secs_f64();
+        if secs > 0.0 {
+            live as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Every watcher got its snapshot, and (with nodes) samples arrived.
+    pub fn success(&self) -> bool {
+        self.ready == self.watchers as u64 && (self.expected == 0 || !self.latency.is_empty())
+    }
+
+    /// p50, p90, p99, max and mean in ms.
+    fn latency_ms(&self) -> [f64; 5] {
+        let h = &self.latency;
+        [
+            ms(h.value_at_quantile(0.5)),
+            ms(h.value_at_quantile(0.9)),
+            ms(h.value_at_quantile(0.99)),
+            ms(h.max()),
+            round3(h.mean() / 1e6),
+        ]
+    }
+
+    fn what(&self) -> &'static str {
+        if self.mode == Mode::Expiry {
+            "expiry lateness"
+        } else {
+            "join latency"
+        }
+    }
+
+    fn summary(&self) -> String {
+        let kinds = |m: &BTreeMap<&'static str, u64>| {
+            if m.is_empty() {
+                "none".to_owned()
+            } else {
+                m.iter()
+                    .map(|(k, n)| format!("{k} x {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        let [snapshot, join, update, leave] = self.events;
+        let [p50, p90, p99, max, mean] = self.latency_ms();
+        let mut out = format!(
+            "watchers: {} asked, {} got the snapshot in {:.2} s, open failures: {}; \
+             disconnected: {} ({}); {} connected at the end\n",
+            self.watchers,
+            self.ready,
+            self.open_elapsed.as_secs_f64(),
+            kinds(&self.open_failures),
+            self.disconnects.values().sum::<u64>(),
+            kinds(&self.disconnects),
+            self.connected_at_end(),
+        );
+        out.push_str(&format!(
+            "events: {snapshot} snapshot, {join} join, {update} update, {leave} leave, {} keep-alive, \
+             {} B; {:.0} events/s across all watchers over {:.2} s\n",
+            self.keepalives,
+            self.bytes_in,
+            self.events_per_s(),
+            self.window.as_secs_f64(),
+        ));
+        if self.expected > 0 || !self.latency.is_empty() {
+            out.push_str(&format!(
+                "{}: {} samples of {} expected ({} missing, {} duplicates, {} foreign), \
+                 p50 {p50:.3} p90 {p90:.3} p99 {p99:.3} max {max:.3} mean {mean:.3} ms\n",
+                self.what(),
+                self.latency.len(),
+                self.expected,
+                self.missing(),
+                self.duplicates,
+                self.foreign,
+            ));
+        }
+        if self.mode == Mode::Expiry {
+            out.push_str(&format!(
+                "expiry: {} of {} nodes reported expired per watcher on average; {} before \
+                 expires_at_ms (earliest {:.3} ms); {} other leaves\n",
+                self.latency.len() / (self.ready.max(1)),
+                self.nodes_logged_in,
+                self.early,
+                self.min_lateness_ms,
+                self.other_leaves,
+            ));
+        }
+        out
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let kinds =
+            |m: &BTreeMap<&'static str, u64>| -> serde_json::Map<String, serde_json::Value> {
+                m.iter()
+                    .map(|(k, n)| ((*k).to_owned(), (*n).into()))
+                    .collect()
+            };
+        let [p50, p90, p99, max, mean] = self.latency_ms();
+        let [snapshot, join, update, leave] = self.events;
+        serde_json::json!({
+            "watchers": self.watchers,
+            "ready": self.ready,
+            "open_failures": kinds(&self.open_failures),
+            "disconnected": self.disconnects.values().sum::<u64>(),
+            "disconnects": kinds(&self.disconnects),
+            "connected_at_end": self.connected_at_end(),
+            "open_elapsed_s": round3(self.open_elapsed.as_secs_f64()),
+            "nodes_logged_in": self.nodes_logged_in,
+            "events": {
+                "snapshot": snapshot,
+                "join": join,
+                "update": update,
+                "leave": leave,
+                "keepalive": self.keepalives,
+            },
+            "bytes_in": self.bytes_in,
+            "window_s": round3(self.window.as_secs_f64()),
+            "events_per_s": round3(self.events_per_s()),
+            "latency_of": if self.mode == Mode::Expiry { "expiry_lateness" } else { "join" },
+            "samples": self.latency.len(),
+            "expected": self.expected,
+            "missing": self.missing(),
+            "duplicates": self.duplicates,
+            "foreign": self.foreign,
+            "early": self.early,
+            "min_lateness_ms": round3(self.min_lateness_ms),
+            "other_leaves": self.other_leaves,
+            "latency_ms": {
+                "p50": p50,
+                "p90": p90,
+                "p99": p99,
+                "max": max,
+                "mean": mean,
+            },
+        })
     }
 }
