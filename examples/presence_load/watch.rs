@@ -551,9 +551,8 @@ impl Watcher {
                 return End::Failed("read_error");
             }
             match READ.with_borrow_mut(|buf| {
-                stream.try_read(buf).map(|n| {
+                stream.try_read(buf).inspect(|&n| {
                     head.extend_from_slice(&buf[..n]);
-                    n
                 })
             }) {
                 Ok(0) => return End::Failed("closed_before_head"),
