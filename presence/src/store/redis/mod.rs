@@ -785,6 +785,18 @@ impl RedisStore {
                 }
             }
         }
+        // A cursor from another server may be ahead of this server's reader by the
+        // reader's lag: wait for the reader rather than call the cursor one from the
+        // future (which would be a needless snapshot).
+        if let Some(wanted) = after.filter(|c| Some(c.epoch()) == self.inner.hub.epoch()) {
+            while let (Some(at), Some(head)) = (wanted.single(), self.inner.hub.head()) {
+                let behind = head.single().is_some_and(|h| h < at);
+                if !behind || waited.elapsed() >= self.inner.response_timeout {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
         let subscribed = self.inner.hub.subscribe(after, options)?;
         let start = match subscribed.start {
             HubStart::Replay(changes) => WatchStart::Resumed(changes),
