@@ -555,8 +555,14 @@ impl Hub {
             ms: 0,
             seq: state.head.seq + 1,
         };
-        let epoch = state.epoch.unwrap_or(0);
-        let change = Change::new(epoch, position, change.kind, &change.node_id, change.data);
+        let change = Change {
+            position,
+            epoch: state.epoch.unwrap_or(0),
+            kind: change.kind,
+            node_id: change.node_id,
+            data: change.data,
+            encoded: OnceLock::new(),
+        };
         state.publish(change, now_ms);
     }
 

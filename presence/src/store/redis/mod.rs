@@ -755,48 +755,56 @@ impl RedisStore {
         }
     }
 
+    /// Waits, at most a Redis response timeout, until this server's feed reader can
+    /// judge `after`: until it knows the feed's epoch (a store just opened), knows
+    /// the feed a cursor is of (a reader that started before the feed existed knows
+    /// it by epoch 0 until it reads its first entries), and has read up to a cursor
+    /// of its feed (one made by another server may be ahead by the reader's lag).
+    /// Without the wait each of these would be a needless snapshot.
+    async fn wait_for_reader(&self, after: Option<&Cursor>) -> Result<(), StoreError> {
+        let deadline = tokio::time::Instant::now() + self.inner.response_timeout;
+        // Whether the feed in Redis is the cursor's: asked once, and only while the
+        // reader knows the feed by epoch 0.
+        let mut cursors_feed = None;
+        loop {
+            let hub = &self.inner.hub;
+            let behind = match (hub.epoch(), after) {
+                (None, _) => true,
+                (Some(0), Some(cursor)) if cursor.epoch() != 0 => match cursors_feed {
+                    Some(known) => known,
+                    None => {
+                        let epoch: Option<String> = redis::cmd("GET")
+                            .arg(&self.inner.keys.epoch)
+                            .query_async(&mut self.conn.clone())
+                            .await
+                            .map_err(unavailable)?;
+                        let known =
+                            epoch.and_then(|e| parse_u64(e.as_bytes())) == Some(cursor.epoch());
+                        cursors_feed = Some(known);
+                        known
+                    }
+                },
+                (Some(epoch), Some(cursor)) if epoch == cursor.epoch() => {
+                    match (cursor.single(), hub.head().and_then(|h| h.single())) {
+                        (Some(at), Some(head)) => head < at,
+                        _ => false,
+                    }
+                }
+                _ => false,
+            };
+            if !behind || tokio::time::Instant::now() >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     async fn watch_impl(
         &self,
         after: Option<&Cursor>,
         options: WatchOptions,
     ) -> Result<Watch, StoreError> {
-        // A store just opened has not read the feed's state yet: give its reader
-        // the time a Redis call may take before calling the feed unavailable.
-        let waited = tokio::time::Instant::now();
-        while self.inner.hub.epoch().is_none() && waited.elapsed() < self.inner.response_timeout {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        // A reader that started before the feed existed knows it by epoch 0 until it
-        // reads its first entries; a cursor of the feed that now exists must not get
-        // a snapshot for that.
-        if let Some(wanted) = after.map(Cursor::epoch).filter(|&e| e != 0) {
-            if self.inner.hub.epoch() == Some(0) {
-                let epoch: Option<String> = redis::cmd("GET")
-                    .arg(&self.inner.keys.epoch)
-                    .query_async(&mut self.conn.clone())
-                    .await
-                    .map_err(unavailable)?;
-                if epoch.and_then(|e| parse_u64(e.as_bytes())) == Some(wanted) {
-                    while self.inner.hub.epoch() == Some(0)
-                        && waited.elapsed() < self.inner.response_timeout
-                    {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                }
-            }
-        }
-        // A cursor from another server may be ahead of this server's reader by the
-        // reader's lag: wait for the reader rather than call the cursor one from the
-        // future (which would be a needless snapshot).
-        if let Some(wanted) = after.filter(|c| Some(c.epoch()) == self.inner.hub.epoch()) {
-            while let (Some(at), Some(head)) = (wanted.single(), self.inner.hub.head()) {
-                let behind = head.single().is_some_and(|h| h < at);
-                if !behind || waited.elapsed() >= self.inner.response_timeout {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
+        self.wait_for_reader(after).await?;
         let subscribed = self.inner.hub.subscribe(after, options)?;
         let start = match subscribed.start {
             HubStart::Replay(changes) => WatchStart::Resumed(changes),
