@@ -171,6 +171,118 @@ impl fmt::Display for InvalidNodeId {
 
 impl std::error::Error for InvalidNodeId {}
 
+/// How an online node says it is doing: `up` (the default), `degraded` (online,
+/// impaired) or `draining` (online, finishing its work, taking no new).
+///
+/// ```
+/// use presence::model::Status;
+/// assert_eq!("draining".parse::<Status>(), Ok(Status::Draining));
+/// assert_eq!(Status::default().as_str(), "up");
+/// assert!("down".parse::<Status>().is_err());
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Online and well (the default).
+    #[default]
+    Up,
+    /// Online, impaired.
+    Degraded,
+    /// Online, finishing its work, taking no new.
+    Draining,
+}
+
+impl Status {
+    /// Every status, in the order `GET /presence/stats` lists them.
+    pub const ALL: [Status; 3] = [Status::Up, Status::Degraded, Status::Draining];
+
+    /// The status as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Up => "up",
+            Status::Degraded => "degraded",
+            Status::Draining => "draining",
+        }
+    }
+
+    /// Position in [`Status::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = InvalidStatus;
+
+    fn from_str(s: &str) -> Result<Status, InvalidStatus> {
+        match s {
+            "up" => Ok(Status::Up),
+            "degraded" => Ok(Status::Degraded),
+            "draining" => Ok(Status::Draining),
+            other => Err(InvalidStatus(other.chars().take(64).collect())),
+        }
+    }
+}
+
+/// A status that is not `up`, `degraded` or `draining` (`422 invalid_status`); holds
+/// the value given (its first 64 characters).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidStatus(pub String);
+
+impl fmt::Display for InvalidStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "status {:?} is not one of up, degraded, draining",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidStatus {}
+
+/// What `GET /presence/stats` answers: how many nodes are online, in all and by
+/// status, from counters the writes keep (no node is read).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Nodes online.
+    pub online: u64,
+    /// Nodes online by status; the three add up to `online`.
+    pub by_status: StatusCounts,
+}
+
+/// Node counts by [`Status`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusCounts {
+    /// Nodes `up`.
+    pub up: u64,
+    /// Nodes `degraded`.
+    pub degraded: u64,
+    /// Nodes `draining`.
+    pub draining: u64,
+}
+
+impl Stats {
+    /// Stats from the counts in [`Status::ALL`] order.
+    pub fn from_counts(counts: [u64; 3]) -> Stats {
+        let [up, degraded, draining] = counts;
+        Stats {
+            online: up + degraded + draining,
+            by_status: StatusCounts {
+                up,
+                degraded,
+                draining,
+            },
+        }
+    }
+}
+
 /// One online node, as listed by `GET /presence` and returned by
 /// `GET /presence/{node_id}`. All times are Unix epoch milliseconds from the store's
 /// clock.
@@ -178,6 +290,10 @@ impl std::error::Error for InvalidNodeId {}
 pub struct Node {
     /// The node's id (always a valid [`NodeId`] when produced by a store).
     pub node_id: String,
+    /// How the node says it is doing (`up` when it never said; absent from a server
+    /// older than statuses, which is read as `up`).
+    #[serde(default)]
+    pub status: Status,
     /// The node's metadata (`{}` when none was given).
     pub meta: Meta,
     /// When the current session started (the last login).
@@ -196,6 +312,9 @@ pub struct LoginRequest {
     /// Initial metadata; absent or `null` means `{}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<Meta>,
+    /// Initial status; absent or `null` means `up`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
 }
 
 /// Successful reply to `POST /presence/login`.
@@ -226,6 +345,9 @@ pub struct HeartbeatRequest {
     /// New metadata; present replaces the stored meta, absent or `null` keeps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<Meta>,
+    /// New status; present replaces the stored one, absent or `null` keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
 }
 
 /// Successful reply to `POST /presence/heartbeat`.
@@ -375,6 +497,7 @@ mod tests {
     fn node_round_trips_with_spec_field_names() {
         let n = Node {
             node_id: "a".into(),
+            status: Status::Degraded,
             meta: Meta::new(),
             online_since_ms: 1,
             last_seen_ms: 2,
@@ -383,9 +506,12 @@ mod tests {
         let v = serde_json::to_value(&n).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"node_id":"a","meta":{},"online_since_ms":1,"last_seen_ms":2,"expires_at_ms":3})
+            serde_json::json!({"node_id":"a","status":"degraded","meta":{},"online_since_ms":1,"last_seen_ms":2,"expires_at_ms":3})
         );
         assert_eq!(serde_json::from_value::<Node>(v).unwrap(), n);
+        // A node from a server older than statuses is `up`.
+        let old = serde_json::json!({"node_id":"a","meta":{},"online_since_ms":1,"last_seen_ms":2,"expires_at_ms":3});
+        assert_eq!(serde_json::from_value::<Node>(old).unwrap().status, Status::Up);
     }
 
     #[test]

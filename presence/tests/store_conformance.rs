@@ -166,6 +166,7 @@ async fn login_then_get_and_list(h: &Harness) {
         node,
         Node {
             node_id: "n1".into(),
+            status: presence::model::Status::Up,
             meta: m,
             online_since_ms: out.online_since_ms,
             last_seen_ms: out.online_since_ms,

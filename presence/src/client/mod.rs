@@ -429,6 +429,7 @@ impl PresenceClient {
         let body = LoginRequest {
             node_id: id.as_str().to_owned(),
             meta: meta.clone(),
+            status: None,
         };
         let lease: Lease = self
             .call(Method::POST, "/login", Some(&body), false)
@@ -493,6 +494,7 @@ impl PresenceClient {
             node_id: id.as_str().to_owned(),
             lease_id: lease_id.to_owned(),
             meta: meta.clone(),
+            status: None,
         };
         let reply: HeartbeatResponse = self
             .call(Method::POST, "/heartbeat", Some(&body), true)

@@ -215,6 +215,7 @@ mod tests {
     fn node(id: &str, seen: u64) -> Node {
         Node {
             node_id: id.into(),
+            status: Default::default(),
             meta: Default::default(),
             online_since_ms: 1,
             last_seen_ms: seen,

@@ -21,7 +21,8 @@ use tokio::sync::Notify;
 
 use super::feed::{Cursor, Watch, WatchOptions};
 use super::{BoxFuture, LoginOutcome, MemoryStore, NodeListJson, Store, StoreError};
-use crate::model::{Meta, Node, NodeId};
+use super::query::{Page, Query};
+use crate::model::{Meta, Node, NodeId, Stats, Status};
 
 /// What a [`FaultyStore`] does wrong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,26 +130,30 @@ impl FaultyStore {
 }
 
 impl Store for FaultyStore {
-    fn login<'a>(
+    fn login_with<'a>(
         &'a self,
         node: &'a NodeId,
         lease_id: &'a str,
         ttl_ms: u64,
         meta: Meta,
+        status: Status,
     ) -> BoxFuture<'a, Result<LoginOutcome, StoreError>> {
         self.fault()
-            .unwrap_or_else(|| self.inner.login(node, lease_id, ttl_ms, meta))
+            .unwrap_or_else(|| self.inner.login_with(node, lease_id, ttl_ms, meta, status))
     }
 
-    fn heartbeat<'a>(
+    fn heartbeat_with<'a>(
         &'a self,
         node: &'a NodeId,
         lease_id: &'a str,
         ttl_ms: u64,
         meta: Option<Meta>,
+        status: Option<Status>,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
-        self.fault()
-            .unwrap_or_else(|| self.inner.heartbeat(node, lease_id, ttl_ms, meta))
+        self.fault().unwrap_or_else(|| {
+            self.inner
+                .heartbeat_with(node, lease_id, ttl_ms, meta, status)
+        })
     }
 
     fn logout<'a>(
@@ -166,6 +171,14 @@ impl Store for FaultyStore {
 
     fn list_json(&self) -> BoxFuture<'_, Result<NodeListJson, StoreError>> {
         self.listing(self.inner.list_json())
+    }
+
+    fn query_json<'a>(&'a self, query: &'a Query) -> BoxFuture<'a, Result<Page, StoreError>> {
+        self.listing(self.inner.query_json(query))
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Result<Stats, StoreError>> {
+        self.fault().unwrap_or_else(|| self.inner.stats())
     }
 
     fn get<'a>(&'a self, node: &'a NodeId) -> BoxFuture<'a, Result<Option<Node>, StoreError>> {

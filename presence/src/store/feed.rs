@@ -55,6 +55,7 @@ use tokio::sync::mpsc;
 
 use super::json::write_node;
 use super::StoreError;
+use crate::model::Status;
 
 /// A place in one shard's feed. [`RedisStore`](super::RedisStore): the stream entry id
 /// `ms-seq`; [`MemoryStore`](super::MemoryStore): `0-seq`. Ordered like the feed.
@@ -314,6 +315,7 @@ impl Change {
     pub(crate) fn node(
         kind: ChangeKind,
         node_id: &str,
+        status: Status,
         meta: Option<&[u8]>,
         online_since_ms: u64,
         last_seen_ms: u64,
@@ -323,6 +325,7 @@ impl Change {
         write_node(
             &mut buf,
             node_id,
+            status,
             meta,
             online_since_ms,
             last_seen_ms,

@@ -11,12 +11,15 @@ use bytes::Bytes;
 use serde::de::IgnoredAny;
 
 use super::NodeListJson;
+use crate::model::Status;
 
 /// Bytes a node costs in the listing besides its id and meta: the field names,
 /// punctuation and three 13-digit timestamps (an over-estimate is fine; it only sizes
 /// the buffer).
 pub(crate) const NODE_OVERHEAD: usize =
-    r#"{"node_id":"","meta":,"online_since_ms":,"last_seen_ms":,"expires_at_ms":},"#.len() + 3 * 13;
+    r#"{"node_id":"","status":"draining","meta":,"online_since_ms":,"last_seen_ms":,"expires_at_ms":},"#
+        .len()
+        + 3 * 13;
 
 /// Builds the JSON array of a listing, one node at a time, in `node_id` order, in
 /// pieces of about [`NodeListJson::CHUNK`] bytes.
@@ -46,6 +49,7 @@ impl ListWriter {
     pub(crate) fn push(
         &mut self,
         node_id: &str,
+        status: Status,
         meta: Option<&[u8]>,
         online_since_ms: u64,
         last_seen_ms: u64,
@@ -65,6 +69,7 @@ impl ListWriter {
         write_node(
             buf,
             node_id,
+            status,
             meta,
             online_since_ms,
             last_seen_ms,
@@ -111,6 +116,7 @@ impl ListWriter {
 pub(crate) fn write_node(
     buf: &mut Vec<u8>,
     node_id: &str,
+    status: Status,
     meta: Option<&[u8]>,
     online_since_ms: u64,
     last_seen_ms: u64,
@@ -118,7 +124,9 @@ pub(crate) fn write_node(
 ) {
     buf.extend_from_slice(br#"{"node_id":"#);
     write_str(buf, node_id);
-    buf.extend_from_slice(br#","meta":"#);
+    buf.extend_from_slice(br#","status":""#);
+    buf.extend_from_slice(status.as_str().as_bytes());
+    buf.extend_from_slice(br#"","meta":"#);
     buf.extend_from_slice(meta.unwrap_or(b"{}"));
     buf.extend_from_slice(br#","online_since_ms":"#);
     write_u64(buf, online_since_ms);
@@ -189,6 +197,7 @@ pub mod compare {
     use serde_json::value::RawValue;
 
     use super::ListWriter;
+    use crate::model::Status;
 
     /// One node as the writers take it: id, meta JSON text, three times.
     pub type Row = (String, String, u64, u64, u64);
@@ -197,7 +206,7 @@ pub mod compare {
     pub fn by_hand(rows: &[Row]) -> Vec<bytes::Bytes> {
         let mut w = ListWriter::with_capacity(rows.len() * 128);
         for (id, meta, a, b, c) in rows {
-            w.push(id, Some(meta.as_bytes()), *a, *b, *c);
+            w.push(id, Status::Up, Some(meta.as_bytes()), *a, *b, *c);
         }
         w.finish().chunks
     }
@@ -205,6 +214,7 @@ pub mod compare {
     #[derive(Serialize)]
     struct Listed<'a> {
         node_id: &'a str,
+        status: Status,
         meta: &'a RawValue,
         online_since_ms: u64,
         last_seen_ms: u64,
@@ -226,6 +236,7 @@ pub mod compare {
             };
             let node = Listed {
                 node_id: id,
+                status: Status::Up,
                 meta,
                 online_since_ms: *a,
                 last_seen_ms: *b,
@@ -248,6 +259,7 @@ mod tests {
     fn node(id: &str, meta: Meta, t: u64) -> Node {
         Node {
             node_id: id.to_owned(),
+            status: Status::ALL[(t % 3) as usize],
             meta,
             online_since_ms: t,
             last_seen_ms: t + 1,
@@ -271,6 +283,7 @@ mod tests {
             let meta = (!n.meta.is_empty()).then(|| serde_json::to_vec(&n.meta).unwrap());
             w.push(
                 &n.node_id,
+                n.status,
                 meta.as_deref(),
                 n.online_since_ms,
                 n.last_seen_ms,
@@ -323,10 +336,11 @@ mod tests {
         for i in 0..500 {
             let id = format!("node-{i:04}");
             let meta = (i % 3 == 0).then_some(meta.as_bytes());
-            w.push(&id, meta, i, i + 1, u64::MAX - i);
+            w.push(&id, Status::Draining, meta, i, i + 1, u64::MAX - i);
             let meta = meta.map_or_else(Meta::new, |m| serde_json::from_slice(m).unwrap());
             nodes.push(Node {
                 node_id: id,
+                status: Status::Up,
                 meta,
                 online_since_ms: i,
                 last_seen_ms: i + 1,

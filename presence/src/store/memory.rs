@@ -1,6 +1,7 @@
 //! [`MemoryStore`]: presence state in process memory, for a single server.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -12,8 +13,9 @@ use super::feed::{
     WatchStart,
 };
 use super::json::{ListWriter, NODE_OVERHEAD};
+use super::query::{Page, Query};
 use super::{sort_key, BoxFuture, LoginOutcome, NodeListJson, Store, StoreError, Sweep};
-use crate::model::{Meta, Node, NodeId};
+use crate::model::{Meta, Node, NodeId, Stats, Status};
 
 const SHARDS: usize = 32;
 
@@ -59,6 +61,13 @@ pub struct MemoryStore {
     scratch: Mutex<Vec<Row>>,
     /// The change feed.
     hub: Hub,
+    /// Every record's id in `node_id` order, for pages and prefixes: written only
+    /// when a record is added or removed (a heartbeat does not touch it). Lock order:
+    /// a shard, then this.
+    index: RwLock<BTreeSet<Arc<str>>>,
+    /// Records held by status ([`Status::index`]), kept by every write under the
+    /// record's shard lock: `GET /presence/stats` reads no record.
+    counts: [AtomicU64; 3],
 }
 
 // Ids are shared (`Arc`) so that a listing can hold on to them without copying.
@@ -67,6 +76,7 @@ type Shard = RwLock<HashMap<Arc<str>, Entry>>;
 #[derive(Debug)]
 struct Entry {
     lease: Box<str>,
+    status: Status,
     /// Serialized JSON object; `None` stands for `{}` (the common case costs nothing).
     meta: Option<Arc<str>>,
     online_since_ms: u64,
@@ -100,6 +110,8 @@ impl MemoryStore {
             next_purge_ms: AtomicU64::new(base_ms.saturating_add(PURGE_INTERVAL_MS)),
             scratch: Mutex::default(),
             hub: Hub::new(Some(random_epoch()), Position::default(), MAX_FEED_CHANGES),
+            index: RwLock::default(),
+            counts: Default::default(),
         }
     }
 
@@ -128,6 +140,7 @@ impl MemoryStore {
     fn sweep(&self) -> Sweep {
         let now = self.now_ms();
         let mut sweep = Sweep::default();
+        let mut gone = Vec::new();
         for shard in self.shards.iter() {
             let mut map = write(shard);
             let before = map.len();
@@ -136,9 +149,16 @@ impl MemoryStore {
                     return true;
                 }
                 sweep.lag_ms = sweep.lag_ms.max(now - e.expires_at_ms);
-                self.expired(id, now);
+                self.expired(id, e, now);
+                gone.push(id.clone());
                 false
             });
+            if !gone.is_empty() {
+                let mut index = write(&self.index);
+                for id in gone.drain(..) {
+                    index.remove(&id);
+                }
+            }
             sweep.expired += (before - map.len()) as u64;
             if map.capacity() > 64 && map.capacity() > 4 * map.len() {
                 map.shrink_to_fit();
@@ -147,10 +167,30 @@ impl MemoryStore {
         sweep
     }
 
-    /// Publishes that `node` expired (called under its shard's lock, as it is removed).
-    fn expired(&self, node: &str, now: u64) {
+    /// Publishes that `node` expired and counts it out (called under its shard's
+    /// lock, as it is removed).
+    fn expired(&self, node: &str, e: &Entry, now: u64) {
+        self.count(e.status, false);
         self.hub
             .publish_next(Change::leave(node, LeaveReason::Expired), now);
+    }
+
+    /// Counts a record of `status` in (`true`) or out (under its shard's lock).
+    fn count(&self, status: Status, add: bool) {
+        let counter = &self.counts[status.index()];
+        if add {
+            counter.fetch_add(1, Ordering::Relaxed);
+        } else {
+            counter.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Removes `node`'s record (under its shard's lock, held as `map`), from the
+    /// index and the counts too.
+    fn remove(&self, map: &mut HashMap<Arc<str>, Entry>, node: &str) -> Option<Entry> {
+        let (id, entry) = map.remove_entry(node)?;
+        write(&self.index).remove(&id);
+        Some(entry)
     }
 
     /// Publishes a join or update of `node` (under its shard's lock).
@@ -158,6 +198,7 @@ impl MemoryStore {
         let change = Change::node(
             kind,
             node,
+            e.status,
             e.meta.as_deref().map(str::as_bytes),
             e.online_since_ms,
             e.last_seen_ms,
@@ -200,6 +241,7 @@ impl MemoryStore {
         lease_id: &str,
         ttl_ms: u64,
         meta: &Meta,
+        status: Status,
     ) -> Result<LoginOutcome, StoreError> {
         let meta = encode_meta(meta)?;
         let now = self.now_ms();
@@ -207,17 +249,32 @@ impl MemoryStore {
         let expires_at_ms = now.saturating_add(ttl_ms);
         let entry = Entry {
             lease: lease_id.into(),
+            status,
             meta,
             online_since_ms: now,
             last_seen_ms: now,
             expires_at_ms,
         };
         let mut map = write(self.shard(node.as_str()));
-        if map.get(node.as_str()).is_some_and(|old| !old.online(now)) {
-            self.expired(node.as_str(), now);
+        match map.get_mut(node.as_str()) {
+            Some(old) => {
+                if old.online(now) {
+                    self.count(old.status, false);
+                } else {
+                    self.expired(node.as_str(), old, now);
+                }
+                self.count(status, true);
+                self.changed(ChangeKind::Join, node.as_str(), &entry, now);
+                *old = entry;
+            }
+            None => {
+                self.count(status, true);
+                self.changed(ChangeKind::Join, node.as_str(), &entry, now);
+                let id: Arc<str> = node.as_str().into();
+                write(&self.index).insert(id.clone());
+                map.insert(id, entry);
+            }
         }
-        self.changed(ChangeKind::Join, node.as_str(), &entry, now);
-        map.insert(node.as_str().into(), entry);
         drop(map);
         Ok(LoginOutcome {
             online_since_ms: now,
@@ -231,6 +288,7 @@ impl MemoryStore {
         lease_id: &str,
         ttl_ms: u64,
         meta: Option<&Meta>,
+        status: Option<Status>,
     ) -> Result<u64, StoreError> {
         let meta = meta.map(encode_meta).transpose()?;
         let now = self.now_ms();
@@ -239,8 +297,9 @@ impl MemoryStore {
         let entry = match map.get_mut(node.as_str()) {
             Some(e) if e.online(now) => e,
             Some(_) => {
-                map.remove(node.as_str());
-                self.expired(node.as_str(), now);
+                if let Some(old) = self.remove(&mut map, node.as_str()) {
+                    self.expired(node.as_str(), &old, now);
+                }
                 return Err(StoreError::NotFound);
             }
             None => return Err(StoreError::NotFound),
@@ -250,9 +309,20 @@ impl MemoryStore {
         }
         entry.last_seen_ms = now;
         entry.expires_at_ms = now.saturating_add(ttl_ms);
-        // Only a meta that differs is a change: a heartbeat that moves time is none.
+        // Only a meta or status that differs is a change: a heartbeat that moves
+        // time is none.
+        let mut changed = false;
         if let Some(meta) = meta.filter(|m| *m != entry.meta) {
             entry.meta = meta;
+            changed = true;
+        }
+        if let Some(status) = status.filter(|s| *s != entry.status) {
+            self.count(entry.status, false);
+            self.count(status, true);
+            entry.status = status;
+            changed = true;
+        }
+        if changed {
             self.changed(ChangeKind::Update, node.as_str(), entry, now);
         }
         Ok(entry.expires_at_ms)
@@ -264,13 +334,16 @@ impl MemoryStore {
         match map.get(node.as_str()) {
             None => Ok(false),
             Some(e) if !e.online(now) => {
-                map.remove(node.as_str());
-                self.expired(node.as_str(), now);
+                if let Some(old) = self.remove(&mut map, node.as_str()) {
+                    self.expired(node.as_str(), &old, now);
+                }
                 Ok(false)
             }
             Some(e) if *e.lease != *lease_id => Err(StoreError::LeaseMismatch),
             Some(_) => {
-                map.remove(node.as_str());
+                if let Some(old) = self.remove(&mut map, node.as_str()) {
+                    self.count(old.status, false);
+                }
                 self.hub
                     .publish_next(Change::leave(node.as_str(), LeaveReason::Logout), now);
                 Ok(true)
@@ -317,6 +390,7 @@ impl MemoryStore {
                 rows.push(Row {
                     key: sort_key(id.as_bytes()),
                     id: id.clone(),
+                    status: e.status,
                     meta: e.meta.clone(),
                     online_since_ms: e.online_since_ms,
                     last_seen_ms: e.last_seen_ms,
@@ -330,6 +404,7 @@ impl MemoryStore {
         for row in rows.iter() {
             list.push(
                 &row.id,
+                row.status,
                 row.meta.as_deref().map(str::as_bytes),
                 row.online_since_ms,
                 row.last_seen_ms,
@@ -343,6 +418,81 @@ impl MemoryStore {
             rows.shrink_to(len);
         }
         list.finish()
+    }
+
+    fn query_json_sync(&self, query: &Query) -> Page {
+        // Ids are copied out of the index a batch at a time and looked up after
+        // releasing it (writers take a shard, then the index: the other order here
+        // could deadlock).
+        const BATCH: usize = 512;
+        let now = self.now_ms();
+        self.maybe_purge(now);
+        let filter = query.filter();
+        let want = query.limit_value().unwrap_or(usize::MAX);
+        let mut from: Bound<Arc<str>> = match query.scan_start() {
+            None => Bound::Unbounded,
+            Some((id, true)) => Bound::Included(id.into()),
+            Some((id, false)) => Bound::Excluded(id.into()),
+        };
+        let mut list = ListWriter::with_capacity(want.min(BATCH) * 128);
+        let mut last: Option<Arc<str>> = None;
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            batch.clear();
+            batch.extend(
+                read(&self.index)
+                    .range::<str, _>((from.as_ref().map(|id| &**id), Bound::Unbounded))
+                    .take(BATCH)
+                    .cloned(),
+            );
+            let Some(end) = batch.last() else { break };
+            from = Bound::Excluded(end.clone());
+            for id in &batch {
+                if query.scan_done(id) {
+                    return Page {
+                        json: list.finish(),
+                        next_after: None,
+                    };
+                }
+                let map = read(self.shard(id));
+                let Some(e) = map.get(id).filter(|e| e.online(now)) else {
+                    continue;
+                };
+                let meta = e.meta.as_deref().map(str::as_bytes);
+                if !filter.matches(id, e.status, meta) {
+                    continue;
+                }
+                if list.count() == want {
+                    drop(map);
+                    return Page {
+                        json: list.finish(),
+                        next_after: last.map(|id| id.to_string()),
+                    };
+                }
+                list.push(
+                    id,
+                    e.status,
+                    meta,
+                    e.online_since_ms,
+                    e.last_seen_ms,
+                    e.expires_at_ms,
+                );
+                drop(map);
+                last = Some(id.clone());
+            }
+        }
+        Page {
+            json: list.finish(),
+            next_after: None,
+        }
+    }
+
+    /// Online nodes by status, from the counters (a record counts until its expiry
+    /// is swept and reported; expired ones are swept at least once a second here
+    /// and every 100 ms by the server).
+    fn stats_sync(&self) -> Stats {
+        self.maybe_purge(self.now_ms());
+        Stats::from_counts(self.counts.each_ref().map(|c| c.load(Ordering::Relaxed)))
     }
 
     fn get_sync(&self, node: &NodeId) -> Result<Option<Node>, StoreError> {
@@ -363,6 +513,7 @@ struct Row {
     /// pointer (sorting is most of a large listing's time otherwise).
     key: u128,
     id: Arc<str>,
+    status: Status,
     meta: Option<Arc<str>>,
     online_since_ms: u64,
     last_seen_ms: u64,
@@ -372,6 +523,7 @@ struct Row {
 /// A copy of one record taken under the lock and decoded after releasing it.
 struct Snapshot {
     id: Box<str>,
+    status: Status,
     meta: Option<Arc<str>>,
     online_since_ms: u64,
     last_seen_ms: u64,
@@ -381,6 +533,7 @@ struct Snapshot {
 fn snapshot(id: &str, e: &Entry) -> Snapshot {
     Snapshot {
         id: id.into(),
+        status: e.status,
         meta: e.meta.clone(),
         online_since_ms: e.online_since_ms,
         last_seen_ms: e.last_seen_ms,
@@ -397,6 +550,7 @@ impl Snapshot {
         };
         Ok(Node {
             node_id: self.id.into(),
+            status: self.status,
             meta,
             online_since_ms: self.online_since_ms,
             last_seen_ms: self.last_seen_ms,
@@ -440,24 +594,28 @@ fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 // The futures copy their arguments and act when polled, not when created, like any
 // other future (a timed-out or dropped call that never ran has no effect).
 impl Store for MemoryStore {
-    fn login<'a>(
+    fn login_with<'a>(
         &'a self,
         node: &'a NodeId,
         lease_id: &'a str,
         ttl_ms: u64,
         meta: Meta,
+        status: Status,
     ) -> BoxFuture<'a, Result<LoginOutcome, StoreError>> {
-        Box::pin(async move { self.login_sync(node, lease_id, ttl_ms, &meta) })
+        Box::pin(async move { self.login_sync(node, lease_id, ttl_ms, &meta, status) })
     }
 
-    fn heartbeat<'a>(
+    fn heartbeat_with<'a>(
         &'a self,
         node: &'a NodeId,
         lease_id: &'a str,
         ttl_ms: u64,
         meta: Option<Meta>,
+        status: Option<Status>,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
-        Box::pin(async move { self.heartbeat_sync(node, lease_id, ttl_ms, meta.as_ref()) })
+        Box::pin(async move {
+            self.heartbeat_sync(node, lease_id, ttl_ms, meta.as_ref(), status)
+        })
     }
 
     fn logout<'a>(
@@ -474,6 +632,14 @@ impl Store for MemoryStore {
 
     fn list_json(&self) -> BoxFuture<'_, Result<NodeListJson, StoreError>> {
         Box::pin(async move { Ok(self.list_json_sync()) })
+    }
+
+    fn query_json<'a>(&'a self, query: &'a Query) -> BoxFuture<'a, Result<Page, StoreError>> {
+        Box::pin(async move { Ok(self.query_json_sync(query)) })
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Result<Stats, StoreError>> {
+        Box::pin(async move { Ok(self.stats_sync()) })
     }
 
     fn get<'a>(&'a self, node: &'a NodeId) -> BoxFuture<'a, Result<Option<Node>, StoreError>> {

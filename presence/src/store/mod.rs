@@ -65,7 +65,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use self::feed::{Cursor, Watch, WatchOptions};
-use crate::model::{Meta, Node, NodeId};
+use self::query::{Page, Query};
+use crate::model::{Meta, Node, NodeId, Stats, Status};
 
 pub mod faulty;
 pub mod feed;
@@ -75,6 +76,7 @@ pub(crate) mod json;
 #[doc(hidden)]
 pub mod json;
 pub mod memory;
+pub mod query;
 pub mod redis;
 
 pub use self::faulty::{Fault, FaultyStore};
@@ -193,24 +195,52 @@ impl std::error::Error for StoreError {}
 /// nothing until polled. See the [module docs](self) for the exact semantics every
 /// implementation follows.
 pub trait Store: Send + Sync + 'static {
-    /// Starts a new session for `node` under `lease_id` (always succeeds unless the
-    /// store is unavailable), replacing any previous session and lease.
+    /// Starts a new session for `node` under `lease_id` with status `up`: see
+    /// [`Store::login_with`].
     fn login<'a>(
         &'a self,
         node: &'a NodeId,
         lease_id: &'a str,
         ttl_ms: u64,
         meta: Meta,
+    ) -> BoxFuture<'a, Result<LoginOutcome, StoreError>> {
+        self.login_with(node, lease_id, ttl_ms, meta, Status::Up)
+    }
+
+    /// Starts a new session for `node` under `lease_id` (always succeeds unless the
+    /// store is unavailable), replacing any previous session and lease.
+    fn login_with<'a>(
+        &'a self,
+        node: &'a NodeId,
+        lease_id: &'a str,
+        ttl_ms: u64,
+        meta: Meta,
+        status: Status,
     ) -> BoxFuture<'a, Result<LoginOutcome, StoreError>>;
 
-    /// Extends an online node's session; returns the new `expires_at_ms`.
-    /// `Some(meta)` replaces the meta, `None` keeps it.
+    /// Extends an online node's session, keeping its status: see
+    /// [`Store::heartbeat_with`].
     fn heartbeat<'a>(
         &'a self,
         node: &'a NodeId,
         lease_id: &'a str,
         ttl_ms: u64,
         meta: Option<Meta>,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        self.heartbeat_with(node, lease_id, ttl_ms, meta, None)
+    }
+
+    /// Extends an online node's session; returns the new `expires_at_ms`.
+    /// `Some(meta)` replaces the meta, `None` keeps it; `Some(status)` replaces the
+    /// status, `None` keeps it. A heartbeat that changes the meta or the status is an
+    /// `update` in the feed; one that only moves time is none.
+    fn heartbeat_with<'a>(
+        &'a self,
+        node: &'a NodeId,
+        lease_id: &'a str,
+        ttl_ms: u64,
+        meta: Option<Meta>,
+        status: Option<Status>,
     ) -> BoxFuture<'a, Result<u64, StoreError>>;
 
     /// Ends an online node's session; `Ok(false)` if it was not online.
@@ -238,6 +268,63 @@ pub trait Store: Send + Sync + 'static {
                 count: nodes.len(),
                 chunks: vec![json.into()],
             })
+        })
+    }
+
+    /// One page of the online nodes a [`Query`] selects, sorted by `node_id`, as
+    /// the JSON array `GET /presence` answers with (see [`query`] for matching).
+    ///
+    /// The default filters [`Store::list`]: it reads every node. Both stores
+    /// override it so that a page costs what the page costs (an index in `node_id`
+    /// order), not what the deployment costs.
+    fn query_json<'a>(&'a self, query: &'a Query) -> BoxFuture<'a, Result<Page, StoreError>> {
+        Box::pin(async move {
+            let nodes = self.list().await?;
+            let mut list = json::ListWriter::with_capacity(0);
+            let (mut next_after, mut last) = (None, None);
+            for node in nodes.iter().filter(|n| query.in_range(&n.node_id)) {
+                let meta = serde_json::to_vec(&node.meta).map_err(|e| {
+                    StoreError::Unavailable(format!("cannot encode meta: {e}"))
+                })?;
+                let meta = (!node.meta.is_empty()).then_some(meta.as_slice());
+                if !query.filter().matches(&node.node_id, node.status, meta) {
+                    continue;
+                }
+                if query.limit_value().is_some_and(|l| list.count() == l) {
+                    next_after = last.map(str::to_owned);
+                    break;
+                }
+                last = Some(node.node_id.as_str());
+                list.push(
+                    &node.node_id,
+                    node.status,
+                    meta,
+                    node.online_since_ms,
+                    node.last_seen_ms,
+                    node.expires_at_ms,
+                );
+            }
+            Ok(Page {
+                json: list.finish(),
+                next_after,
+            })
+        })
+    }
+
+    /// How many nodes are online, in all and by status (`GET /presence/stats`).
+    /// A node counts from its login until its `leave` is in the feed: a node that
+    /// expired is counted out by [`Store::sweep_expired`], which the server runs
+    /// every 100 ms.
+    ///
+    /// The default counts [`Store::list`]. Both stores override it with counters
+    /// their writes keep, so that it reads no node.
+    fn stats(&self) -> BoxFuture<'_, Result<Stats, StoreError>> {
+        Box::pin(async move {
+            let mut counts = [0u64; 3];
+            for node in self.list().await? {
+                counts[node.status.index()] += 1;
+            }
+            Ok(Stats::from_counts(counts))
         })
     }
 

@@ -6,9 +6,9 @@ use redis::aio::ConnectionManager;
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind};
 use tokio::sync::{mpsc, oneshot};
 
-use super::scripts::{HEARTBEATS, SCRIPT_KEYS};
+use super::scripts::{status_arg, HEARTBEATS, SCRIPT_KEYS};
 use super::{grace_ms, unavailable, DeploymentKeys};
-use crate::model::NodeId;
+use crate::model::{NodeId, Status};
 use crate::store::StoreError;
 
 /// One heartbeat waiting for [`batch_heartbeats`].
@@ -19,6 +19,8 @@ pub(super) struct HeartbeatJob {
     pub(super) ttl_ms: u64,
     /// The new meta, serialized; `None` keeps the stored one.
     pub(super) meta: Option<String>,
+    /// The new status; `None` keeps the stored one.
+    pub(super) status: Option<Status>,
     /// The [`HEARTBEATS`] code of this heartbeat.
     pub(super) reply: oneshot::Sender<Result<i64, StoreError>>,
 }
@@ -134,7 +136,8 @@ fn call(mut conn: ConnectionManager, keys: &DeploymentKeys, jobs: Vec<HeartbeatJ
     for job in &jobs {
         cmd.arg(job.node.as_str())
             .arg(&job.lease)
-            .arg(job.meta.as_deref().unwrap_or(""));
+            .arg(job.meta.as_deref().unwrap_or(""))
+            .arg(job.status.map_or("", status_arg));
     }
     cmd.arg(keys.retention_ms());
     Box::pin(async move {
@@ -175,12 +178,14 @@ pub(super) fn evalsha(script: &Script, keys: &DeploymentKeys, args: usize, bytes
     let fixed = [
         "EVALSHA",
         script.get_hash(),
-        "5",
+        "7",
         &keys.nodes,
         &keys.records,
         &keys.feed,
         &keys.epoch,
         &keys.swept,
+        &keys.index,
+        &keys.counts,
     ];
     debug_assert_eq!(fixed.len(), 3 + SCRIPT_KEYS);
     let mut cmd = Cmd::with_capacity(

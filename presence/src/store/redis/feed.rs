@@ -252,6 +252,7 @@ fn entry_change(entry: &Value, epoch: u64) -> Option<Change> {
             write_node(
                 &mut data,
                 node_id,
+                rec.status,
                 rec.meta_json(node_id),
                 rec.online_since_ms,
                 rec.last_seen_ms,

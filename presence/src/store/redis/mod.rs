@@ -82,7 +82,7 @@
 //! build does not enable: such a URI fails at connect with a clear error.
 
 use std::fmt;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -94,17 +94,21 @@ use self::batch::{batch_heartbeats, eval, evalsha, HeartbeatJob};
 use self::bulk::{BulkConnection, Bulks, Session};
 use self::feed::{changes_between, read_feed};
 use self::record::{parse_u64, to_node, Record};
-use self::scripts::{lease_header, LOGIN, LOGIN_PURGE, LOGOUT, OUTAGE_CLAIM, OUTAGE_SHIFT, SWEEP};
+use self::scripts::{
+    lease_header, status_arg, status_mark, INDEX_BUILD, LOGIN, LOGIN_PURGE, LOGOUT,
+    OUTAGE_CLAIM, OUTAGE_SHIFT, PAGE, SWEEP,
+};
 pub use self::scripts::{INDEX_GRANULARITY, KEY_SLACK, MAX_LEASE_LEN};
 use super::feed::{
     Cursor, Hub, HubStart, Position, Watch, WatchOptions, WatchStart, DEFAULT_RETENTION_MS,
 };
 use super::json::{ListWriter, NODE_OVERHEAD};
+use super::query::{Page, Query};
 use super::{
     redact_uri, sort_key, BoxFuture, LoginOutcome, NodeListJson, Store, StoreError, Sweep,
     MAX_PRESERVED_OUTAGE,
 };
-use crate::model::{Meta, Node, NodeId};
+use crate::model::{Meta, Node, NodeId, Stats, Status};
 
 mod batch;
 mod bulk;
@@ -128,6 +132,10 @@ const SWEEP_PAGE: usize = 1000;
 /// longer in a stalled Redis does nothing (see [`SWEEP`]). Far above a healthy
 /// round trip, far below the TTLs an outage would run down.
 const SWEEP_LATENESS_MS: u64 = 500;
+
+/// Most ids one [`PAGE`] call reads: bounds the time a filtered scan holds Redis
+/// (about 1 ms per 1 000 ids).
+const QUERY_BUDGET: usize = 2_048;
 
 /// Changes the in-process feed keeps for watchers that resume (older ones are read
 /// from the stream).
@@ -232,6 +240,9 @@ struct Inner {
     bulk: BulkConnection,
     /// Nodes in the last listing: sizes the next one's buffer list.
     list_nodes_hint: AtomicUsize,
+    /// Whether this store has made sure the deployment has its id index and
+    /// counters ([`INDEX_BUILD`], before its first sweep).
+    index_built: AtomicBool,
     /// Redis clock minus the local wall clock, in ms, as of the last listing
     /// (`i64::MIN`: not known yet). Bounds the next listing's `ZRANGE`.
     clock_offset_ms: AtomicI64,
@@ -254,6 +265,8 @@ struct DeploymentKeys {
     pub(super) feed: String,
     pub(super) epoch: String,
     pub(super) swept: String,
+    pub(super) index: String,
+    pub(super) counts: String,
     retention_ms: Arc<AtomicU64>,
 }
 
@@ -323,6 +336,8 @@ impl RedisStore {
             records: format!("{{{prefix}}}:records"),
             feed: format!("{{{prefix}}}:feed"),
             epoch: format!("{{{prefix}}}:feed-epoch"),
+            index: format!("{{{prefix}}}:ids"),
+            counts: format!("{{{prefix}}}:counts"),
             swept: format!("{{{prefix}}}:swept"),
             retention_ms: Arc::new(AtomicU64::new(DEFAULT_RETENTION_MS)),
         };
@@ -347,6 +362,7 @@ impl RedisStore {
                 page_concurrency: options.page_concurrency.max(1),
                 bulk,
                 list_nodes_hint: AtomicUsize::new(0),
+                index_built: AtomicBool::new(false),
                 clock_offset_ms: AtomicI64::new(i64::MIN),
                 list_bytes_per_node: AtomicUsize::new(NODE_OVERHEAD + 32),
                 heartbeats,
@@ -420,6 +436,7 @@ impl RedisStore {
         lease_id: &str,
         ttl_ms: u64,
         meta: Meta,
+        status: Status,
     ) -> Result<LoginOutcome, StoreError> {
         if lease_id.len() > MAX_LEASE_LEN {
             return Err(StoreError::Unavailable(format!(
@@ -434,8 +451,11 @@ impl RedisStore {
             8,
             140 + lease_id.len() + meta.len(),
         );
+        // The record's status mark follows the lease (none for `up`).
+        let mut lease = lease_header(lease_id);
+        lease.push_str(status_mark(status));
         call.arg(node.as_str())
-            .arg(lease_header(lease_id))
+            .arg(lease)
             .arg(ttl_ms)
             .arg(meta)
             .arg(grace_ms())
@@ -457,6 +477,7 @@ impl RedisStore {
         lease_id: &str,
         ttl_ms: u64,
         meta: Option<Meta>,
+        status: Option<Status>,
     ) -> Result<u64, StoreError> {
         let meta = meta.as_ref().map(encode_meta).transpose()?;
         let (reply, outcome) = oneshot::channel();
@@ -465,6 +486,7 @@ impl RedisStore {
             lease: lease_header(lease_id),
             ttl_ms,
             meta,
+            status,
             reply,
         };
         if self.inner.heartbeats.send(job).is_err() {
@@ -657,6 +679,7 @@ impl RedisStore {
         self.for_each_live(|id, rec| {
             list.push(
                 id,
+                rec.status,
                 rec.meta_json(id),
                 rec.online_since_ms,
                 rec.last_seen_ms,
@@ -827,6 +850,20 @@ impl RedisStore {
     }
 
     async fn sweep_impl(&self) -> Result<Sweep, StoreError> {
+        if !self.inner.index_built.load(Ordering::Relaxed) {
+            let mut call = evalsha(&INDEX_BUILD, &self.inner.keys, 1, 16);
+            call.arg(grace_ms());
+            let built: u64 = eval(&mut self.conn.clone(), &INDEX_BUILD, &call)
+                .await
+                .map_err(unavailable)?;
+            if built > 0 {
+                tracing::info!(
+                    records = built,
+                    "redis: built the id index and the counters of a deployment written by an older server"
+                );
+            }
+            self.inner.index_built.store(true, Ordering::Relaxed);
+        }
         // The Redis clock by which this sweep must have run (see `SWEEP`), from the
         // clock offset the last listing or sweep measured.
         let offset = self.inner.clock_offset_ms.load(Ordering::Relaxed);
@@ -855,6 +892,94 @@ impl RedisStore {
         })
     }
 
+    /// [`Store::query_json`]: [`PAGE`] calls along the id index, each reading at
+    /// most [`QUERY_BUDGET`] ids, until the page has one match more than it holds
+    /// (which says that a next page exists) or the range is done.
+    async fn query_json_impl(&self, query: &Query) -> Result<Page, StoreError> {
+        let filter = query.filter();
+        let limit = query.limit_value().unwrap_or(usize::MAX);
+        let mut start = match query.scan_start() {
+            None => "-".to_owned(),
+            Some((id, true)) => format!("[{id}"),
+            Some((id, false)) => format!("({id}"),
+        };
+        // Node ids are ASCII below DEL: every id with the prefix sorts before
+        // `prefix` + DEL.
+        let stop = filter
+            .prefix_value()
+            .map_or_else(|| "+".to_owned(), |p| format!("({p}\u{7f}"));
+        let statuses: String = if filter.has_status_filter() {
+            filter.selected_statuses().map(status_arg).collect()
+        } else {
+            String::new()
+        };
+        let mut list = ListWriter::with_capacity(limit.min(QUERY_BUDGET) * 128);
+        let mut last: Option<String> = None;
+        loop {
+            let want = limit.saturating_sub(list.count()).saturating_add(1);
+            let needles = filter.meta_needles();
+            let mut call = evalsha(&PAGE, &self.inner.keys, 5 + needles.len(), 64);
+            call.arg(&start)
+                .arg(&stop)
+                .arg(want.min(QUERY_BUDGET))
+                .arg(QUERY_BUDGET)
+                .arg(&statuses);
+            for needle in needles {
+                call.arg(needle);
+            }
+            let (found, next): (Vec<Vec<u8>>, String) = eval(&mut self.conn.clone(), &PAGE, &call)
+                .await
+                .map_err(unavailable)?;
+            for pair in found.chunks_exact(2) {
+                let (Some(id), Some(rec)) = (listed_id(&pair[0]), Record::parse(&pair[1])) else {
+                    continue;
+                };
+                let meta = rec.meta_json(id);
+                if !filter.matches(id, rec.status, meta) {
+                    continue;
+                }
+                if list.count() == limit {
+                    return Ok(Page {
+                        json: list.finish(),
+                        next_after: last,
+                    });
+                }
+                list.push(
+                    id,
+                    rec.status,
+                    meta,
+                    rec.online_since_ms,
+                    rec.last_seen_ms,
+                    rec.expires_at_ms,
+                );
+                last = Some(id.to_owned());
+            }
+            if next.is_empty() {
+                return Ok(Page {
+                    json: list.finish(),
+                    next_after: None,
+                });
+            }
+            start = next;
+        }
+    }
+
+    /// [`Store::stats`]: the counters, one `HMGET`.
+    async fn stats_impl(&self) -> Result<Stats, StoreError> {
+        let counts: Vec<Option<i64>> = redis::cmd("HMGET")
+            .arg(&self.inner.keys.counts)
+            .arg(&["u", "d", "r"][..])
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        let mut out = [0u64; 3];
+        for (slot, n) in out.iter_mut().zip(counts) {
+            // A counter below zero would be a bug; never report one.
+            *slot = n.map_or(0, |n| n.max(0).unsigned_abs());
+        }
+        Ok(Stats::from_counts(out))
+    }
+
     async fn ping_impl(&self) -> Result<(), StoreError> {
         let ping = || async { redis::cmd("PING").exec_async(&mut self.conn.clone()).await };
         match ping().await {
@@ -870,24 +995,26 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
-    fn login<'a>(
+    fn login_with<'a>(
         &'a self,
         node: &'a NodeId,
         lease_id: &'a str,
         ttl_ms: u64,
         meta: Meta,
+        status: Status,
     ) -> BoxFuture<'a, Result<LoginOutcome, StoreError>> {
-        Box::pin(self.login_impl(node, lease_id, ttl_ms, meta))
+        Box::pin(self.login_impl(node, lease_id, ttl_ms, meta, status))
     }
 
-    fn heartbeat<'a>(
+    fn heartbeat_with<'a>(
         &'a self,
         node: &'a NodeId,
         lease_id: &'a str,
         ttl_ms: u64,
         meta: Option<Meta>,
+        status: Option<Status>,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
-        Box::pin(self.heartbeat_impl(node, lease_id, ttl_ms, meta))
+        Box::pin(self.heartbeat_impl(node, lease_id, ttl_ms, meta, status))
     }
 
     fn logout<'a>(
@@ -904,6 +1031,14 @@ impl Store for RedisStore {
 
     fn list_json(&self) -> BoxFuture<'_, Result<NodeListJson, StoreError>> {
         Box::pin(self.list_json_impl())
+    }
+
+    fn query_json<'a>(&'a self, query: &'a Query) -> BoxFuture<'a, Result<Page, StoreError>> {
+        Box::pin(self.query_json_impl(query))
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Result<Stats, StoreError>> {
+        Box::pin(self.stats_impl())
     }
 
     fn get<'a>(&'a self, node: &'a NodeId) -> BoxFuture<'a, Result<Option<Node>, StoreError>> {

@@ -1,7 +1,7 @@
 //! [`Record`]: a node as `{prefix}:records` stores it, read without copying.
 
 use super::scripts::{LEASE_LEN_DIGITS, TIME_DIGITS};
-use crate::model::Node;
+use crate::model::{Node, Status};
 use crate::store::json::is_json_object;
 
 /// A node's record as `{prefix}:records` holds it (see the [module docs](self)),
@@ -12,13 +12,17 @@ pub(super) struct Record<'a> {
     pub(super) last_seen_ms: u64,
     pub(super) online_since_ms: u64,
     pub(super) lease: &'a [u8],
+    /// From the mark after the lease: `d` degraded, `r` draining, none `up`.
+    pub(super) status: Status,
     /// The meta as stored: JSON text, empty for none.
     pub(super) meta: &'a [u8],
 }
 
 impl<'a> Record<'a> {
-    /// Parses `<expires_at><last_seen><online_since><lease length><lease><meta>`
-    /// (fixed-width decimal numbers); `None` if it is not that.
+    /// Parses `<expires_at><last_seen><online_since><lease length><lease>[status
+    /// mark]<meta>` (fixed-width decimal numbers; the mark is `d` or `r`, absent for
+    /// `up`, so that the records of `up` nodes are those of a server older than
+    /// statuses); `None` if it is not that.
     pub(super) fn parse(rec: &'a [u8]) -> Option<Record<'a>> {
         let digits = |at: usize, len: usize| parse_u64(rec.get(at..at + len)?);
         let t = TIME_DIGITS;
@@ -30,12 +34,18 @@ impl<'a> Record<'a> {
         if lease_len > rest.len() {
             return None;
         }
-        let (lease, meta) = rest.split_at(lease_len);
+        let (lease, rest) = rest.split_at(lease_len);
+        let (status, meta) = match rest.split_first() {
+            Some((b'd', meta)) => (Status::Degraded, meta),
+            Some((b'r', meta)) => (Status::Draining, meta),
+            _ => (Status::Up, rest),
+        };
         Some(Record {
             expires_at_ms,
             last_seen_ms,
             online_since_ms,
             lease,
+            status,
             meta,
         })
     }
@@ -78,6 +88,7 @@ pub(super) fn to_node(id: &str, rec: &Record<'_>) -> Node {
         .unwrap_or_default();
     Node {
         node_id: id.to_owned(),
+        status: rec.status,
         meta,
         online_since_ms: rec.online_since_ms,
         last_seen_ms: rec.last_seen_ms,
@@ -113,9 +124,17 @@ mod tests {
                 last_seen_ms: 22,
                 online_since_ms: 1,
                 lease: b"abcd",
+                status: Status::Up,
                 meta: br#"{"x":1}"#,
             })
         );
+        for (mark, status) in [("d", Status::Degraded), ("r", Status::Draining)] {
+            let marked = record(3, 2, 1, &format!("ab{mark}"), r#"{"x":1}"#);
+            // The mark follows a lease of two: a header of 3 would hold it.
+            let marked = String::from_utf8(marked).unwrap().replace("00003ab", "00002ab");
+            let rec = Record::parse(marked.as_bytes()).expect("parses");
+            assert_eq!((rec.lease, rec.status, rec.meta), (&b"ab"[..], status, &br#"{"x":1}"#[..]));
+        }
         let no_meta = record(3, 2, 1, "", "");
         assert_eq!(
             Record::parse(&no_meta).map(|r| (r.lease, r.meta)),

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use redis::Script;
 
+use crate::model::Status;
+
 /// How long `{prefix}:nodes` and `{prefix}:records` outlive the garbage-collection
 /// time of their newest record. The slack lets a script renew their expiry once
 /// per [`KEY_SLACK`] instead of on every write.
@@ -50,15 +52,16 @@ end
     };
 }
 
-/// `keep(gc)`: keeps both deployment keys (KEYS[1] nodes, KEYS[2] records) alive
-/// until at least `gc`, the garbage-collection time of a record just written;
-/// renews them [`KEY_SLACK`] beyond it, so this writes only once per slack.
+/// `keep(gc)`: keeps the deployment's keys (all but the sweep's watermark, which
+/// has its own expiry) alive until at least `gc`, the garbage-collection time of a
+/// record just written; renews them [`KEY_SLACK`] beyond it, so this writes only
+/// once per slack.
 macro_rules! lua_keep {
     () => {
         concat!(
             "local function keep(gc)
   if redis.call('PTTL', KEYS[1]) < gc - now then
-    for k = 1, 4 do
+    for _, k in ipairs({1, 2, 3, 4, 6, 7}) do
       redis.call('PEXPIREAT', KEYS[k], gc + ",
             lua_key_slack_ms!(),
             ")
@@ -100,6 +103,24 @@ end
     };
 }
 
+/// `mark_of(rec)`: a record's status as the counters (KEYS[7]) name it: `u`, `d`
+/// or `r` (the mark after the lease; none is `u`). `count(rec, n)`: adds `n` to the
+/// counter of the record's status.
+macro_rules! lua_count {
+    () => {
+        "local function mark_of(rec)
+  local p = 51 + tonumber(string.sub(rec, 46, 50))
+  local c = string.sub(rec, p, p)
+  if c == 'd' or c == 'r' then return c end
+  return 'u'
+end
+local function count(rec, n)
+  redis.call('HINCRBY', KEYS[7], mark_of(rec), n)
+end
+"
+    };
+}
+
 /// How far a node's score in `{prefix}:nodes` may lag behind its record's
 /// `expires_at` (it is never ahead): a heartbeat updates the score only when the
 /// expiry moves into another slot of this width (see [`HEARTBEATS`]). Readers of the
@@ -120,21 +141,29 @@ macro_rules! lua_index_digits {
 pub(super) const LOGIN_PURGE: usize = 64;
 
 /// The keys every script takes, in this order: nodes zset, records hash, feed
-/// stream, feed epoch, sweep watermark (see the [data model](super#data-model)). The
+/// stream, feed epoch, sweep watermark, id index (a score-0 zset of every record's
+/// id, read `BYLEX` for pages), counters by status (a hash `u`/`d`/`r` of the
+/// records online or expired but not yet reported) (see the
+/// [data model](super#data-model)). The
 /// scripts that write the feed take the feed's retention in ms as their **last**
 /// argument.
-pub(super) const SCRIPT_KEYS: usize = 5;
+pub(super) const SCRIPT_KEYS: usize = 7;
 
 /// KEYS: see [`SCRIPT_KEYS`]. ARGV: node_id, lease header (see
 /// [`lease_header`]), ttl_ms, meta JSON, grace_ms (how long expired records are
 /// kept, [`MAX_PRESERVED_OUTAGE`](crate::store::MAX_PRESERVED_OUTAGE)), purge limit,
 /// [`INDEX_GRANULARITY`] in ms, feed retention ms. Returns `{now, expires_at}`.
-/// Events: `leave`/`expired` for an expired record it replaces that was not
-/// reported yet, then `join` (`k j`, `n` id, `r` record).
+/// The lease header is followed by the record's status mark (see
+/// [`status_mark`]). Events: `leave`/`expired` for an expired record it replaces (or
+/// purges) that was not reported yet, then `join` (`k j`, `n` id, `r` record). The
+/// counters lose the record replaced (unless its expiry was reported) and gain the
+/// new one; a new id joins the index.
 pub(super) static LOGIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
         lua_keep!(),
+        lua_valid!(),
+        lua_count!(),
         lua_emit!(),
         "local minid = now - tonumber(ARGV[8])
 local grace = tonumber(ARGV[5])
@@ -142,16 +171,33 @@ local exp = now + tonumber(ARGV[3])
 local old = redis.call('ZRANGE', KEYS[1], '-inf', now - grace - tonumber(ARGV[7]),
   'BYSCORE', 'LIMIT', 0, tonumber(ARGV[6]))
 if #old > 0 then
+  local recs = redis.call('HMGET', KEYS[2], unpack(old))
+  for j = 1, #old do
+    local r = recs[j]
+    if r and valid(r) and unreported(r) then
+      emit(minid, 'k', 'l', 'n', old[j], 'w', 'expired')
+      count(r, -1)
+    end
+  end
   redis.call('HDEL', KEYS[2], unpack(old))
   redis.call('ZREM', KEYS[1], unpack(old))
+  redis.call('ZREM', KEYS[6], unpack(old))
 end
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
-if prev and string.sub(prev, 1, 15) <= now_s and unreported(prev) then
-  emit(minid, 'k', 'l', 'n', ARGV[1], 'w', 'expired')
+if prev and valid(prev) then
+  if string.sub(prev, 1, 15) > now_s then
+    count(prev, -1)
+  elseif unreported(prev) then
+    emit(minid, 'k', 'l', 'n', ARGV[1], 'w', 'expired')
+    count(prev, -1)
+  end
+else
+  redis.call('ZADD', KEYS[6], 0, ARGV[1])
 end
 local rec = string.format('%015d', exp) .. now_s .. now_s .. ARGV[2] .. ARGV[4]
 redis.call('HSET', KEYS[2], ARGV[1], rec)
 redis.call('ZADD', KEYS[1], exp, ARGV[1])
+count(rec, 1)
 keep(exp + grace)
 emit(minid, 'k', 'j', 'n', ARGV[1], 'r', rec)
 return {now, exp}
@@ -161,12 +207,14 @@ return {now, exp}
 
 /// Heartbeats, several per call (see [`RedisStore`](super::RedisStore)'s batching),
 /// all with the same TTL and each of another node. KEYS: see [`SCRIPT_KEYS`]. ARGV:
-/// grace_ms, ttl_ms, then three values per heartbeat: node_id, lease header (see
-/// [`lease_header`]), the new meta (`""` keeps the stored one), and last the feed
-/// retention in ms. Returns one integer per heartbeat: `0` not online, `1` lease
-/// mismatch, otherwise the new `expires_at`. A heartbeat whose meta differs from the
-/// stored one is an `update` event (`k u`, `n` id, `r` record); one that keeps it
-/// (the common case) writes no event and costs one string comparison at most.
+/// grace_ms, ttl_ms, then four values per heartbeat: node_id, lease header (see
+/// [`lease_header`]), the new meta (`""` keeps the stored one), the new status (see
+/// [`status_arg`]; `""` keeps the stored one), and last the feed retention in ms.
+/// Returns one integer per heartbeat: `0` not online, `1` lease mismatch, otherwise
+/// the new `expires_at`. A heartbeat whose meta or status differs from the stored
+/// one is an `update` event (`k u`, `n` id, `r` record), and a status change moves
+/// the node between the counters; one that keeps both (the common case) writes no
+/// event and costs two string comparisons at most.
 ///
 /// The hot path, written for what Lua is slow at in Redis (number formatting about
 /// 1 µs, pattern matching about as much): per call `TIME`, one `HMGET` for all
@@ -193,9 +241,9 @@ local exp_s = string.format('%015d', exp)
 local bucket = string.sub(exp_s, 1, ",
         lua_index_digits!(),
         ")
-local n = (#ARGV - 3) / 3
+local n = (#ARGV - 3) / 4
 local ids = {}
-for i = 1, n do ids[i] = ARGV[3 * i] end
+for i = 1, n do ids[i] = ARGV[4 * i - 1] end
 local recs = redis.call('HMGET', KEYS[2], unpack(ids))
 local out, hset, zadd = {}, {}, {}
 local w, z = 0, 0
@@ -203,17 +251,32 @@ for i = 1, n do
   local rec = recs[i]
   local code = 0
   if rec and string.sub(rec, 1, 15) > now_s then
-    local lease = ARGV[3 * i + 1]
+    local lease = ARGV[4 * i]
     if string.find(rec, lease, 46, true) ~= 46 then
       if valid(rec) then code = 1 end
     else
-      local meta = ARGV[3 * i + 2]
+      local meta, st = ARGV[4 * i + 1], ARGV[4 * i + 2]
       local new
-      if meta == '' then
+      if meta == '' and st == '' then
         new = exp_s .. now_s .. string.sub(rec, 31)
       else
-        new = exp_s .. now_s .. string.sub(rec, 31, 45) .. lease .. meta
-        if string.sub(rec, 46 + #lease) ~= meta then
+        -- The status mark (none for up) sits between the lease and the meta.
+        local p = 46 + #lease
+        local c = string.sub(rec, p, p)
+        local old_st, m = 'u', p
+        if c == 'd' or c == 'r' then old_st, m = c, p + 1 end
+        local new_st = old_st
+        if st ~= '' then new_st = st end
+        local old_meta = string.sub(rec, m)
+        if meta == '' then meta = old_meta end
+        local mark = new_st
+        if mark == 'u' then mark = '' end
+        new = exp_s .. now_s .. string.sub(rec, 31, p - 1) .. mark .. meta
+        if new_st ~= old_st then
+          redis.call('HINCRBY', KEYS[7], old_st, -1)
+          redis.call('HINCRBY', KEYS[7], new_st, 1)
+        end
+        if new_st ~= old_st or meta ~= old_meta then
           emit(now - tonumber(ARGV[#ARGV]), 'k', 'u', 'n', ids[i], 'r', new)
         end
       end
@@ -246,11 +309,13 @@ return out
 /// [`lease_header`]), feed retention ms. Returns 0 not online, 1 removed, 2 lease
 /// mismatch. An expired (or unreadable) record is removed whatever the lease.
 /// Events: `leave`/`logout` (`k l`, `n` id, `w logout`) for a removed online node;
-/// `leave`/`expired` for an expired one whose expiry was not reported yet.
+/// `leave`/`expired` for an expired one whose expiry was not reported yet; either
+/// leaves the counters.
 pub(super) static LOGOUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
         lua_valid!(),
+        lua_count!(),
         lua_emit!(),
         "local minid = now - tonumber(ARGV[3])
 local rec = redis.call('HGET', KEYS[2], ARGV[1])
@@ -258,12 +323,15 @@ local online = rec and string.sub(rec, 1, 15) > now_s and valid(rec)
 if online and string.find(rec, ARGV[2], 46, true) ~= 46 then return 2 end
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
 if online then
   emit(minid, 'k', 'l', 'n', ARGV[1], 'w', 'logout')
+  count(rec, -1)
   return 1
 end
 if rec and valid(rec) and unreported(rec) then
   emit(minid, 'k', 'l', 'n', ARGV[1], 'w', 'expired')
+  count(rec, -1)
 end
 return 0
 "
@@ -289,7 +357,7 @@ return {1, now}
 /// (inclusive), outage_ms, grace_ms, page size, lowest and highest `expires_at` to
 /// move (inclusive), members to skip, feed retention ms. A record moved whose
 /// expiry had already been reported (by a server that did not see the outage) is
-/// back: a `join` event. Moves one page of the members in the score
+/// back: a `join` event, and counted again. Moves one page of the members in the score
 /// range, highest score first: those whose record's `expires_at` is in the range
 /// move by the outage (record and score); a member whose record is gone (or does
 /// not parse) is garbage and removed; the others stay (a score lags its record's
@@ -303,6 +371,7 @@ pub(super) static OUTAGE_SHIFT: LazyLock<Script> = LazyLock::new(|| {
         lua_now!(),
         lua_keep!(),
         lua_valid!(),
+        lua_count!(),
         lua_emit!(),
         "local d = tonumber(ARGV[3])
 local swept = redis.call('GET', KEYS[5])
@@ -330,6 +399,7 @@ for j = 1, #ids do
       hset[#hset + 1] = moved
       if swept and string.sub(rec, 1, 15) <= swept then
         emit(now - tonumber(ARGV[9]), 'k', 'j', 'n', ids[j], 'r', moved)
+        count(rec, 1)
       end
       zadd[#zadd + 1] = exp
       zadd[#zadd + 1] = ids[j]
@@ -344,6 +414,7 @@ end
 if #gone > 0 then
   redis.call('ZREM', KEYS[1], unpack(gone))
   redis.call('HDEL', KEYS[2], unpack(gone))
+  redis.call('ZREM', KEYS[6], unpack(gone))
 end
 if #hset > 0 then
   redis.call('HSET', KEYS[2], unpack(hset))
@@ -373,12 +444,13 @@ return {#ids, #hset / 2, lowest, stayed}
 /// reported (which is what lets `login` and `logout` tell a reported expiry from one
 /// still due). Each expiry falls in exactly one script's range, so it is reported
 /// exactly once however many servers sweep. Records are not removed: they stay for
-/// self-preservation, as always (see [`OUTAGE_SHIFT`]). A member without a record is
-/// garbage and removed.
+/// self-preservation, as always (see [`OUTAGE_SHIFT`]), but each reported one leaves
+/// the counters. A member without a record is garbage and removed.
 pub(super) static SWEEP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
         lua_valid!(),
+        lua_count!(),
         lua_emit!(),
         "local page = tonumber(ARGV[1])
 local keep_ms = tonumber(ARGV[2]) + ",
@@ -420,6 +492,7 @@ for j = 1, n do
     local e = string.sub(rec, 1, 15)
     if e <= upto_s then
       emit(minid, 'k', 'l', 'n', ids[j], 'w', 'expired')
+      count(rec, -1)
       reported = reported + 1
       local late = now - tonumber(e)
       if late > lag then lag = late end
@@ -431,9 +504,96 @@ for j = 1, n do
   end
 end
 if #zadd > 0 then redis.call('ZADD', KEYS[1], unpack(zadd)) end
-if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+  redis.call('ZREM', KEYS[6], unpack(gone))
+end
 redis.call('SET', KEYS[5], upto_s, 'PX', keep_ms)
 return {reported, lag, more, now}
+"
+    ))
+});
+
+/// Reads a page: KEYS: see [`SCRIPT_KEYS`]. ARGV: the lex range of the id index
+/// (start, end, as `ZRANGE ... BYLEX` takes them), how many matches to return at
+/// most, how many ids to read at most, the statuses wanted as counter names (`ud`;
+/// `""` any), then the text each matching record contains (the filter's meta
+/// needles). Returns `{{id, record, ...}, next}`: the online records in the range
+/// that pass (in id order; the caller confirms the meta match), and where to go on
+/// (`(` and the last id read) or `""` when the range is done.
+///
+/// Cost is what the page reads: the ids of the range up to the page, and their
+/// records, never the whole deployment (unless the filter is that unselective).
+pub(super) static PAGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        lua_now!(),
+        lua_count!(),
+        "local start, stop = ARGV[1], ARGV[2]
+local want, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
+local statuses = ARGV[5]
+local out, read = {}, 0
+while read < budget do
+  local ids = redis.call('ZRANGE', KEYS[6], start, stop, 'BYLEX', 'LIMIT', 0,
+    math.min(want + 16, budget - read))
+  if #ids == 0 then return {out, ''} end
+  read = read + #ids
+  local recs = redis.call('HMGET', KEYS[2], unpack(ids))
+  for j = 1, #ids do
+    local rec = recs[j]
+    if rec and string.sub(rec, 1, 15) > now_s then
+      local ok = statuses == '' or string.find(statuses, mark_of(rec), 1, true) ~= nil
+      for k = 6, #ARGV do
+        if ok and not string.find(rec, ARGV[k], 51, true) then ok = false end
+      end
+      if ok then
+        out[#out + 1] = ids[j]
+        out[#out + 1] = rec
+        if #out == 2 * want then return {out, '(' .. ids[j]} end
+      end
+    end
+  end
+  start = '(' .. ids[#ids]
+end
+return {out, start}
+"
+    ))
+});
+
+/// Builds the id index and the counters of a deployment written by a server older
+/// than them (KEYS: see [`SCRIPT_KEYS`]; ARGV: grace_ms): when the records exist
+/// but the counters do not, adds every record's id to the index and counts every
+/// record whose expiry is after the sweep's watermark (which it sets to now if
+/// there is none: an older server had no feed, so its expired nodes have nothing
+/// to report). Returns how many records it read (0 when there was nothing to do).
+/// Once per deployment: the counters exist from then on.
+pub(super) static INDEX_BUILD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        lua_now!(),
+        lua_valid!(),
+        lua_count!(),
+        "if redis.call('EXISTS', KEYS[7]) == 1 or redis.call('EXISTS', KEYS[2]) == 0 then
+  return 0
+end
+local swept = redis.call('GET', KEYS[5])
+if not swept then
+  swept = now_s
+  redis.call('SET', KEYS[5], swept, 'PX', tonumber(ARGV[1]) + ",
+        lua_key_slack_ms!(),
+        ")
+end
+local all = redis.call('HGETALL', KEYS[2])
+redis.call('HSET', KEYS[7], 'u', 0, 'd', 0, 'r', 0)
+for i = 1, #all, 2 do
+  local rec = all[i + 1]
+  redis.call('ZADD', KEYS[6], 0, all[i])
+  if valid(rec) and string.sub(rec, 1, 15) > swept then count(rec, 1) end
+end
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[6], ttl)
+  redis.call('PEXPIRE', KEYS[7], ttl)
+end
+return #all / 2
 "
     ))
 });
@@ -457,6 +617,25 @@ return {epoch, last, deleted, first}
 ",
     )
 });
+
+/// The mark a record carries after its lease for a status (`up` has none: its
+/// records are byte for byte those of a server older than statuses).
+pub(super) fn status_mark(status: Status) -> &'static str {
+    match status {
+        Status::Up => "",
+        Status::Degraded => "d",
+        Status::Draining => "r",
+    }
+}
+
+/// A status as the heartbeat script takes it: `u`, `d` or `r` (`""` keeps the
+/// stored one).
+pub(super) fn status_arg(status: Status) -> &'static str {
+    match status {
+        Status::Up => "u",
+        other => status_mark(other),
+    }
+}
 
 /// Width of a time in a record, in digits (zero-padded; enough until the year
 /// 33658).

@@ -1,0 +1,264 @@
+//! [`Query`]: which online nodes a listing (or a watch) is about, and which page of
+//! them; [`Filter::matches`] is the one definition of a match both stores use.
+//!
+//! ```
+//! use presence::model::Status;
+//! use presence::store::query::{Filter, Query};
+//!
+//! let filter = Filter::default()
+//!     .prefix("eu-")
+//!     .statuses([Status::Up, Status::Degraded])
+//!     .meta("region", "eu")
+//!     .meta("gpu", "true");
+//! assert!(filter.matches("eu-1", Status::Up, Some(br#"{"region":"eu","gpu":true}"#)));
+//! // A number or boolean matches its JSON text; a string matches itself, unquoted.
+//! assert!(!filter.matches("eu-1", Status::Up, Some(br#"{"region":"eu","gpu":"yes"}"#)));
+//! assert!(!filter.matches("us-1", Status::Up, Some(br#"{"region":"eu","gpu":true}"#)));
+//! assert!(!filter.matches("eu-1", Status::Draining, Some(br#"{"region":"eu","gpu":true}"#)));
+//!
+//! let page = Query::new(filter).after("eu-1").limit(100);
+//! assert_eq!(page.limit_value(), Some(100));
+//! ```
+//!
+//! # Matching
+//! The filters are ANDed:
+//! - `prefix`: the node id starts with it;
+//! - `statuses`: the node's status is one of them;
+//! - `meta(key, value)`, repeatable: the node's meta has the top-level `key`, and its
+//!   value is the JSON string `value`, or a number or boolean whose JSON text (as
+//!   stored: the meta is kept as the JSON the node sent, re-serialized compactly) is
+//!   `value`. `null`, arrays and objects match nothing.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::model::Status;
+
+/// Largest page a [`Query`] may ask for (`limit=1..10000`).
+pub const MAX_PAGE: usize = 10_000;
+
+/// Which nodes: see the [module docs](self). The default selects every node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    prefix: Option<String>,
+    /// Bit `s.index()` set: status `s` is selected; 0 selects every status.
+    statuses: u8,
+    meta: Vec<(String, String)>,
+    /// `"key":` for each meta pair (see [`Filter::meta_needles`]).
+    needles: Vec<String>,
+}
+
+impl Filter {
+    /// Only nodes whose id starts with `prefix` (an empty prefix is no filter).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Filter {
+        let prefix = prefix.into();
+        self.prefix = (!prefix.is_empty()).then_some(prefix);
+        self
+    }
+
+    /// Only nodes whose status is one of `statuses` (replaces an earlier list; an
+    /// empty list is no filter).
+    pub fn statuses(mut self, statuses: impl IntoIterator<Item = Status>) -> Filter {
+        self.statuses = statuses
+            .into_iter()
+            .fold(0, |mask, s| mask | (1 << s.index()));
+        self
+    }
+
+    /// Only nodes whose meta has `key` with `value` (see the [module docs](self));
+    /// repeatable, every pair must match.
+    pub fn meta(mut self, key: impl Into<String>, value: impl Into<String>) -> Filter {
+        let key = key.into();
+        // Serializing a `str` cannot fail.
+        let mut needle = serde_json::to_string(&key).unwrap_or_default();
+        needle.push(':');
+        self.needles.push(needle);
+        self.meta.push((key, value.into()));
+        self
+    }
+
+    /// `true` for the filter that selects every node.
+    pub fn is_all(&self) -> bool {
+        self.prefix.is_none() && self.statuses == 0 && self.meta.is_empty()
+    }
+
+    /// The prefix, if any.
+    pub fn prefix_value(&self) -> Option<&str> {
+        self.prefix.as_deref()
+    }
+
+    /// Whether `status` is selected.
+    pub fn selects_status(&self, status: Status) -> bool {
+        self.statuses == 0 || self.statuses & (1 << status.index()) != 0
+    }
+
+    /// The statuses selected, in [`Status::ALL`] order (all three when there is no
+    /// status filter).
+    pub fn selected_statuses(&self) -> impl Iterator<Item = Status> + '_ {
+        Status::ALL
+            .into_iter()
+            .filter(|&s| self.selects_status(s))
+    }
+
+    /// Whether the filter has a status part.
+    pub fn has_status_filter(&self) -> bool {
+        self.statuses != 0
+    }
+
+    /// The meta pairs, in the order given.
+    pub fn meta_pairs(&self) -> &[(String, String)] {
+        &self.meta
+    }
+
+    /// Text the stored meta (compact JSON) contains when it matches: `"key":` for
+    /// each meta pair. A store may skip a record that lacks one without decoding its
+    /// meta (a necessary condition, not a sufficient one: confirm with
+    /// [`matches`](Self::matches)).
+    pub fn meta_needles(&self) -> &[String] {
+        &self.needles
+    }
+
+    /// Whether a node matches: its id, status and stored meta (JSON text; `None` for
+    /// `{}`).
+    pub fn matches(&self, node_id: &str, status: Status, meta: Option<&[u8]>) -> bool {
+        if self.prefix.as_deref().is_some_and(|p| !node_id.starts_with(p)) {
+            return false;
+        }
+        if !self.selects_status(status) {
+            return false;
+        }
+        if self.meta.is_empty() {
+            return true;
+        }
+        let Some(meta) = meta else {
+            return false;
+        };
+        // Cheap rejection first: a match has each `"key":` in the text.
+        if !self.needles.iter().all(|n| contains(meta, n.as_bytes())) {
+            return false;
+        }
+        let Ok(fields) = serde_json::from_slice::<TopLevel<'_>>(meta) else {
+            return false;
+        };
+        self.meta.iter().all(|(key, want)| {
+            fields
+                .0
+                .get(key)
+                .is_some_and(|raw| value_matches(raw.get(), want))
+        })
+    }
+}
+
+/// A meta's top-level fields, each value as its JSON text.
+#[derive(Deserialize)]
+struct TopLevel<'a>(#[serde(borrow)] HashMap<String, &'a RawValue>);
+
+fn value_matches(raw: &str, want: &str) -> bool {
+    match raw.as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<std::borrow::Cow<'_, str>>(raw)
+            .is_ok_and(|s| s == want),
+        Some(b't' | b'f' | b'-' | b'0'..=b'9') => raw == want,
+        _ => false,
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A listing request: a [`Filter`], and optionally a page of it: the first `limit`
+/// matching nodes after `after` (exclusive) in `node_id` order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Query {
+    filter: Filter,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+impl Query {
+    /// Every node `filter` selects, unpaged.
+    pub fn new(filter: Filter) -> Query {
+        Query {
+            filter,
+            after: None,
+            limit: None,
+        }
+    }
+
+    /// Only nodes whose id sorts after `node_id` (exclusive).
+    pub fn after(mut self, node_id: impl Into<String>) -> Query {
+        self.after = Some(node_id.into());
+        self
+    }
+
+    /// At most `limit` nodes (clamped to `1..=`[`MAX_PAGE`]).
+    pub fn limit(mut self, limit: usize) -> Query {
+        self.limit = Some(limit.clamp(1, MAX_PAGE));
+        self
+    }
+
+    /// The filter.
+    pub fn filter(&self) -> &Filter {
+        &self.filter
+    }
+
+    /// The exclusive lower bound, if any.
+    pub fn after_value(&self) -> Option<&str> {
+        self.after.as_deref()
+    }
+
+    /// The page size, if paged.
+    pub fn limit_value(&self) -> Option<usize> {
+        self.limit
+    }
+
+    /// `true` when this is the plain `GET /presence`: every node, unpaged.
+    pub fn is_everything(&self) -> bool {
+        self.filter.is_all() && self.after.is_none() && self.limit.is_none()
+    }
+
+    /// Whether a node id is past the lower bound and has the prefix (what an index in
+    /// `node_id` order can decide alone).
+    pub fn in_range(&self, node_id: &str) -> bool {
+        self.after.as_deref().is_none_or(|a| node_id > a)
+            && self
+                .filter
+                .prefix
+                .as_deref()
+                .is_none_or(|p| node_id.starts_with(p))
+    }
+
+    /// Where a scan in `node_id` order starts: the later of `after` (exclusive) and
+    /// the prefix (inclusive). `(id, inclusive)`; `None` from the start.
+    pub fn scan_start(&self) -> Option<(&str, bool)> {
+        match (self.after.as_deref(), self.filter.prefix.as_deref()) {
+            (None, None) => None,
+            (Some(a), None) => Some((a, false)),
+            (None, Some(p)) => Some((p, true)),
+            (Some(a), Some(p)) if a >= p => Some((a, false)),
+            (Some(_), Some(p)) => Some((p, true)),
+        }
+    }
+
+    /// Whether a scan in `node_id` order that has reached `node_id` is past every
+    /// possible match (it left the prefix).
+    pub fn scan_done(&self, node_id: &str) -> bool {
+        self.filter
+            .prefix
+            .as_deref()
+            .is_some_and(|p| !node_id.starts_with(p) && node_id > p)
+    }
+}
+
+/// One page of a [`Query`]: what [`Store::query_json`](super::Store::query_json)
+/// returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Page {
+    /// The nodes, as the JSON array `GET /presence` answers with.
+    pub json: super::NodeListJson,
+    /// When more nodes match after this page: the last node id of the page (the
+    /// next page's `after`).
+    pub next_after: Option<String>,
+}
