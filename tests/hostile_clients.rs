@@ -257,9 +257,17 @@ async fn hostile_node_ids_never_reach_a_redis_key() {
         cursor = next;
     }
     for key in &keys {
-        let ok = ["nodes", "records", "feed", "feed-epoch", "swept"]
-            .iter()
-            .any(|k| *key == format!("{{{prefix}}}:{k}"));
+        let ok = [
+            "nodes",
+            "records",
+            "feed",
+            "feed-epoch",
+            "swept",
+            "ids",
+            "counts",
+        ]
+        .iter()
+        .any(|k| *key == format!("{{{prefix}}}:{k}"));
         assert!(ok, "unexpected key {key:?}");
     }
     // ... and every record's field and every sorted set member is a valid id.
@@ -275,7 +283,19 @@ async fn hostile_node_ids_never_reach_a_redis_key() {
         .query_async(&mut conn)
         .await
         .expect("zrange");
-    for id in fields.iter().chain(&members) {
+    let indexed: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{{{prefix}}}:ids"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .expect("zrange");
+    assert_eq!(
+        indexed.len(),
+        fields.len(),
+        "the id index holds every record"
+    );
+    for id in fields.iter().chain(&members).chain(&indexed) {
         assert!(NodeId::parse(id).is_ok(), "unexpected node id {id:?}");
     }
     println!(

@@ -604,12 +604,26 @@ fn the_document_is_openapi_3_1_its_refs_resolve_and_its_schemas_compile() {
 
 #[test]
 fn the_schemas_reject_what_the_server_must_not_send() {
-    let node = json!({"node_id": "n-1", "meta": {}, "online_since_ms": 1, "last_seen_ms": 2, "expires_at_ms": 3});
+    let node = json!({"node_id": "n-1", "status": "up", "meta": {}, "online_since_ms": 1, "last_seen_ms": 2, "expires_at_ms": 3});
+    let mut down = node.clone();
+    down["status"] = json!("down");
+    let mut statusless = node.clone();
+    statusless.as_object_mut().map(|n| n.remove("status"));
     assert_valid(&schema_named("Node"), &node, "a node");
     let mut extra = node.clone();
     extra["lease_id"] = json!("x");
     for (schema, bad) in [
         ("Node", extra),
+        ("Node", down),
+        ("Node", statusless),
+        (
+            "Stats",
+            json!({"online": 1, "by_status": {"up": 1, "degraded": 0}}),
+        ),
+        (
+            "Stats",
+            json!({"online": -1, "by_status": {"up": 0, "degraded": 0, "draining": 0}}),
+        ),
         ("Node", json!({"node_id": "n-1", "meta": {}})),
         (
             "Node",
@@ -626,10 +640,7 @@ fn the_schemas_reject_what_the_server_must_not_send() {
             json!({"node_id": "n", "lease_id": "ABC", "ttl_ms": 1, "heartbeat_ms": 1, "expires_at_ms": 1}),
         ),
         ("LogoutResponse", json!({"node_id": "n", "removed": "yes"})),
-        (
-            "WatchLeaveData",
-            json!({"node_id": "n", "reason": "unmatched"}),
-        ),
+        ("WatchLeaveData", json!({"node_id": "n", "reason": "gone"})),
         (
             "WatchEvent",
             json!({"id": "AQ", "event": "join", "data": {"node_id": "n", "reason": "logout"}}),
@@ -651,7 +662,7 @@ async fn every_documented_method_is_routed_and_every_other_is_405_allowing_exact
 ) {
     let svc = service(&[]);
     let paths = doc()["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 9, "the server has nine route templates");
+    assert_eq!(paths.len(), 10, "the server has ten route templates");
     for template in paths.keys() {
         let path = template.replace("{node_id}", "sweep-node");
         let documented = documented_methods(template);
@@ -993,12 +1004,23 @@ async fn client_errors_400_404_405_409_413_415_422_match_their_documented_respon
             get("/presence/a%2Fb"),
             "invalid_node_id",
         ),
-        (
-            "/presence/{node_id}",
-            get("/presence/stats"),
-            "invalid_node_id",
-        ),
         ("/presence/login", get("/presence/login"), "invalid_node_id"),
+        (
+            "/presence/login",
+            post(
+                "/presence/login",
+                &json!({"node_id": "n-1", "status": "down"}),
+            ),
+            "invalid_status",
+        ),
+        (
+            "/presence/heartbeat",
+            post(
+                "/presence/heartbeat",
+                &json!({"node_id": "n-1", "lease_id": lease, "status": 3}),
+            ),
+            "invalid_status",
+        ),
         (
             "/presence/heartbeat",
             get("/presence/heartbeat"),
@@ -1114,9 +1136,18 @@ async fn a_jwt_without_the_scope_for_the_call_is_403() {
         ("/presence", "/presence"),
         ("/presence/{node_id}", "/presence/n-1"),
         ("/presence/watch", "/presence/watch"),
+        ("/presence/stats", "/presence/stats"),
+        ("/presence", "/presence?status=up&limit=1"),
     ] {
         expect(&svc, template, request("GET", path, &as_writer, ""), 403).await;
     }
+    expect(
+        &svc,
+        "/presence/stats",
+        request("GET", "/presence/stats", &as_reader, ""),
+        200,
+    )
+    .await;
 
     // A token that does not verify is 401, not 403.
     let forged = bearer(&jwt(b"another-secret", "n-1", "presence:admin"));
@@ -1350,4 +1381,109 @@ async fn watch_resumes_after_a_presence_cursor_given_as_since_or_last_event_id()
     let mut garbled = Sse::open(&svc, "/presence/watch?since=garbage", &[]).await;
     let snapshot = garbled.next_valid("snapshot").await;
     assert_eq!(snapshot.data["nodes"].as_array().map(Vec::len), Some(2));
+}
+
+/// Logs `node` in with `status` (checked against the document); returns the lease.
+async fn login_as(svc: &PresenceService, node: &str, status: &str) -> String {
+    let reply = expect(
+        svc,
+        "/presence/login",
+        post(
+            "/presence/login",
+            &json!({"node_id": node, "status": status}),
+        ),
+        200,
+    )
+    .await;
+    reply.json()["lease_id"]
+        .as_str()
+        .expect("a lease")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn filtered_pages_carry_a_link_and_stats_match_their_schemas() {
+    let svc = service(&[]);
+    for (node, status) in [
+        ("p-1", "up"),
+        ("p-2", "draining"),
+        ("p-3", "up"),
+        ("p-4", "up"),
+    ] {
+        login_as(&svc, node, status).await;
+    }
+    let first = expect(&svc, "/presence", get("/presence?status=up&limit=2"), 200).await;
+    first.header("presence-cursor");
+    let link = first.header("link").to_owned();
+    assert_eq!(
+        link,
+        "</presence?status=up&limit=2&after=p-3>; rel=\"next\""
+    );
+    let next = link
+        .strip_prefix('<')
+        .and_then(|l| l.split_once('>'))
+        .map(|(target, _)| target.to_owned())
+        .expect("a link target");
+    let last = expect(&svc, "/presence", get(&next), 200).await;
+    assert_eq!(last.json()[0]["node_id"], "p-4");
+    assert!(
+        last.headers.get("link").is_none(),
+        "no Link on the last page"
+    );
+    let head = expect(
+        &svc,
+        "/presence",
+        request("HEAD", "/presence?status=up&limit=2", &[], ""),
+        200,
+    )
+    .await;
+    assert_eq!(head.header("link"), link);
+    for path in [
+        "/presence?limit=0",
+        "/presence?status=down",
+        "/presence?meta.=x",
+    ] {
+        expect(&svc, "/presence", get(path), 400).await;
+        expect(&svc, "/presence", request("HEAD", path, &[], ""), 400).await;
+    }
+    expect(&svc, "/presence/watch", get("/presence/watch?limit=1"), 400).await;
+
+    let stats = expect(&svc, "/presence/stats", get("/presence/stats"), 200).await;
+    assert_eq!(
+        stats.json(),
+        json!({"online": 4, "by_status": {"up": 3, "degraded": 0, "draining": 1}})
+    );
+    let head = expect(
+        &svc,
+        "/presence/stats",
+        request("HEAD", "/presence/stats", &[], ""),
+        200,
+    )
+    .await;
+    assert_eq!(
+        head.header(CONTENT_LENGTH.as_str()),
+        stats.body.len().to_string()
+    );
+}
+
+#[tokio::test]
+async fn a_filtered_watch_sends_unmatched_leaves_that_match_their_schema() {
+    let svc = service(&[]);
+    let lease = login_as(&svc, "f-1", "up").await;
+    login_as(&svc, "f-2", "draining").await;
+    let mut feed = Sse::open(&svc, "/presence/watch?status=up", &[]).await;
+    let snapshot = feed.next_valid("snapshot").await;
+    assert_eq!(snapshot.data["nodes"].as_array().map(Vec::len), Some(1));
+    expect(
+        &svc,
+        "/presence/heartbeat",
+        post(
+            "/presence/heartbeat",
+            &json!({"node_id": "f-1", "lease_id": lease, "status": "degraded"}),
+        ),
+        200,
+    )
+    .await;
+    let leave = feed.next_valid("leave").await;
+    assert_eq!(leave.data, json!({"node_id": "f-1", "reason": "unmatched"}));
 }

@@ -89,7 +89,7 @@ async fn client_sdk_login_list_heartbeat_get_logout_round_trip() {
             .expect("login node-b");
         let a = pc.login("node-a").await.expect("login node-a");
         assert_eq!(b.node_id, "node-b");
-        assert_eq!(b.ttl_ms, 9_000, "SPEC default TTL = 3 x heartbeat");
+        assert_eq!(b.ttl_ms, 9_000, "the default TTL is 3 x the heartbeat");
         assert_eq!(b.heartbeat_ms, 3_000);
         assert_ne!(a.lease_id, b.lease_id);
         assert_eq!(
@@ -749,6 +749,70 @@ async fn unprocessable_422_invalid_node_id_and_invalid_meta() {
             "a rejected heartbeat leaves the meta alone"
         );
 
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn filtered_pages_follow_link_and_stats_count_statuses_over_a_socket() {
+    within(30, async {
+        let cfg = support::unlimited_config(Duration::from_secs(1));
+        let server = TestServer::start(&cfg, Arc::new(presence::store::MemoryStore::new())).await;
+        let login_url = server.url("/presence/login");
+        for i in 0..25 {
+            let status = ["up", "degraded", "draining"][i % 3];
+            let body =
+                json!({"node_id": format!("s-{i:02}"), "status": status, "meta": {"zone": "a b"}});
+            post_json(&login_url, body.to_string()).await.ok_json();
+        }
+        post_json(
+            &login_url,
+            json!({"node_id": "t-1", "status": "sleeping"}).to_string(),
+        )
+        .await
+        .assert_error(422, "invalid_status");
+
+        // Up or draining, in zone "a b", pages of 5: 17 nodes, four pages.
+        let mut path = "/presence?prefix=s-&status=up,draining&meta.zone=a+b&limit=5".to_owned();
+        let mut seen = Vec::new();
+        for page in 0.. {
+            assert!(page < 10, "the paging does not end");
+            let reply = get(&server.url(&path)).await;
+            assert!(
+                reply.header("presence-cursor").is_some(),
+                "{path}: no cursor"
+            );
+            seen.extend(listed_ids(&reply));
+            let Some(link) = reply.header("link") else {
+                break;
+            };
+            path = link
+                .strip_prefix('<')
+                .and_then(|l| l.strip_suffix(">; rel=\"next\""))
+                .unwrap_or_else(|| panic!("malformed Link {link:?}"))
+                .to_owned();
+            assert!(
+                path.starts_with(
+                    "/presence?prefix=s-&status=up,draining&meta.zone=a+b&limit=5&after="
+                ),
+                "{path}"
+            );
+        }
+        let expected: Vec<String> = (0..25)
+            .filter(|i| i % 3 != 1)
+            .map(|i| format!("s-{i:02}"))
+            .collect();
+        assert_eq!(seen, expected);
+        get(&server.url("/presence?limit=0"))
+            .await
+            .assert_error(400, "bad_request");
+
+        let stats = get(&server.url("/presence/stats")).await.ok_json();
+        assert_eq!(
+            stats,
+            json!({"online": 25, "by_status": {"up": 9, "degraded": 8, "draining": 8}})
+        );
         server.stop().await;
     })
     .await;

@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use presence::client::{LeaveReason, PresenceClient, WatchEvent, WatchFilter, WatchItem};
+use presence::client::{Filter, LeaveReason, PresenceClient, WatchEvent, WatchItem};
 use presence::store::redis::test_support::redis_for_tests;
 use presence::store::redis::RedisStore;
 use presence::store::Store;
@@ -638,7 +638,7 @@ async fn a_redis_outage_longer_than_the_ttl_expires_no_node_that_heartbeats_agai
         let fatal: Arc<Mutex<Vec<String>>> = Arc::default();
         let watcher = {
             let (items, fatal) = (items.clone(), fatal.clone());
-            let mut feed = pc.watch(WatchFilter::all());
+            let mut feed = pc.watch(Filter::all());
             tokio::spawn(async move {
                 while let Some(item) = feed.next().await {
                     match item {

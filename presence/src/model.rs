@@ -180,7 +180,9 @@ impl std::error::Error for InvalidNodeId {}
 /// assert_eq!(Status::default().as_str(), "up");
 /// assert!("down".parse::<Status>().is_err());
 /// ```
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Online and well (the default).
@@ -214,6 +216,12 @@ impl Status {
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl From<Status> for String {
+    fn from(status: Status) -> String {
+        status.as_str().to_owned()
     }
 }
 
@@ -494,7 +502,7 @@ mod tests {
     }
 
     #[test]
-    fn node_round_trips_with_spec_field_names() {
+    fn node_round_trips_with_the_api_field_names() {
         let n = Node {
             node_id: "a".into(),
             status: Status::Degraded,
@@ -511,7 +519,10 @@ mod tests {
         assert_eq!(serde_json::from_value::<Node>(v).unwrap(), n);
         // A node from a server older than statuses is `up`.
         let old = serde_json::json!({"node_id":"a","meta":{},"online_since_ms":1,"last_seen_ms":2,"expires_at_ms":3});
-        assert_eq!(serde_json::from_value::<Node>(old).unwrap().status, Status::Up);
+        assert_eq!(
+            serde_json::from_value::<Node>(old).unwrap().status,
+            Status::Up
+        );
     }
 
     #[test]

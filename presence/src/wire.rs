@@ -1,8 +1,9 @@
 //! The wire types of the POST bodies, and the heartbeat's hand-made fast paths.
 //!
-//! `meta` is a raw `Value` here (not the model's `Option<Meta>`) so that a
-//! non-object meta is a `422 invalid_meta`, as docs/http-api.md says, rather than a
-//! `400` from the deserializer.
+//! `meta` and `status` are raw `Value`s here (not the model's `Option<Meta>` and
+//! `Option<Status>`) so that a non-object meta is a `422 invalid_meta` and an unknown
+//! status a `422 invalid_status`, as docs/http-api.md says, rather than a `400` from
+//! the deserializer.
 
 use std::borrow::Cow;
 
@@ -16,6 +17,8 @@ pub(crate) struct LoginWire {
     pub(crate) node_id: String,
     #[serde(default)]
     pub(crate) meta: Option<serde_json::Value>,
+    #[serde(default)]
+    pub(crate) status: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -26,11 +29,13 @@ pub(crate) struct HeartbeatWire<'a> {
     pub(crate) lease_id: Cow<'a, str>,
     #[serde(default)]
     pub(crate) meta: Option<serde_json::Value>,
+    #[serde(default)]
+    pub(crate) status: Option<serde_json::Value>,
 }
 
 /// A heartbeat body of exactly the form the SDK (and any `serde_json` client)
-/// sends, `{"node_id":"<id>","lease_id":"<lease>"}` with no escapes, no whitespace
-/// and no meta, taken apart by hand; `None` for anything else, which the JSON parser
+/// sends, `{"node_id":"<id>","lease_id":"<lease>"}` with no escapes, no whitespace,
+/// no meta and no status, taken apart by hand; `None` for anything else, which the JSON parser
 /// then reads (and judges). For the bodies it accepts, the result is what the parser
 /// would give (a property test checks this).
 pub(crate) fn plain_heartbeat(body: &[u8]) -> Option<HeartbeatWire<'_>> {
@@ -49,6 +54,7 @@ pub(crate) fn plain_heartbeat(body: &[u8]) -> Option<HeartbeatWire<'_>> {
         node_id: Cow::Borrowed(std::str::from_utf8(node_id).ok()?),
         lease_id: Cow::Borrowed(std::str::from_utf8(lease_id).ok()?),
         meta: None,
+        status: None,
     })
 }
 
@@ -109,6 +115,9 @@ mod tests {
         assert_eq!((&*ok.node_id, &*ok.lease_id), ("n-1", "abc"));
         for other in [
             &br#"{"node_id":"n","lease_id":"a","meta":{}}"#[..],
+            // A status after the lease, or before it, is for the parser.
+            br#"{"node_id":"n","lease_id":"a","status":"draining"}"#,
+            br#"{"node_id":"n","status":"up","lease_id":"a"}"#,
             br#"{ "node_id":"n","lease_id":"a"}"#,
             br#"{"lease_id":"a","node_id":"n"}"#,
             br#"{"node_id":"n\u0041","lease_id":"a"}"#,
@@ -130,7 +139,7 @@ mod tests {
         fn plain_heartbeats_agree_with_serde(
             node in "[ -~]{0,12}|.{0,6}",
             lease in "[ -~]{0,40}|.{0,6}",
-            tail in proptest::sample::select(vec!["}", "} ", ",\"x\":1}", ""]),
+            tail in proptest::sample::select(vec!["}", "} ", ",\"x\":1}", ",\"status\":\"degraded\"}", ""]),
         ) {
             let body = format!(r#"{{"node_id":"{node}","lease_id":"{lease}"{tail}"#);
             if let Some(fast) = plain_heartbeat(body.as_bytes()) {
@@ -138,6 +147,7 @@ mod tests {
                 proptest::prop_assert_eq!(&*fast.node_id, &*slow.node_id);
                 proptest::prop_assert_eq!(&*fast.lease_id, &*slow.lease_id);
                 proptest::prop_assert!(slow.meta.is_none());
+                proptest::prop_assert!(slow.status.is_none());
             }
         }
     }

@@ -13,9 +13,7 @@ use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode};
 use http_body::Frame;
 use http_body_util::{Full, StreamBody};
-use presence::client::{
-    ClientError, LeaveReason, PresenceClient, WatchEvent, WatchFilter, WatchItem,
-};
+use presence::client::{ClientError, Filter, LeaveReason, PresenceClient, WatchEvent, WatchItem};
 use presence::model::Node;
 use resilience::BoxError;
 use serde_json::json;
@@ -190,7 +188,7 @@ async fn events_are_parsed_with_exact_data() {
         event("c7", "something-new", json!({})),
         event("c8", "join", node_json("d", 9)),
     ])]);
-    let mut watch = fake.client().watch(WatchFilter::all());
+    let mut watch = fake.client().watch(Filter::all());
     let expected = [
         ("c1", WatchEvent::Snapshot(vec![node("a", 5), node("b", 6)])),
         ("c2", WatchEvent::Join(node("c", 7))),
@@ -247,7 +245,7 @@ async fn chunk_boundaries_in_the_middle_of_lines() {
     // UTF-8 sequences too.
     let bytes = text.into_bytes();
     let fake = ByteFake::new(bytes.chunks(1).map(Bytes::copy_from_slice).collect());
-    let mut watch = fake.client().watch(WatchFilter::all());
+    let mut watch = fake.client().watch(Filter::all());
     let first = next(&mut watch).await;
     assert_eq!(first.cursor, "c1");
     assert_eq!(
@@ -265,7 +263,7 @@ async fn chunk_boundaries_in_the_middle_of_lines() {
             Bytes::copy_from_slice(&one[..cut]),
             Bytes::copy_from_slice(&one[cut..]),
         ]);
-        let mut watch = fake.client().watch(WatchFilter::all());
+        let mut watch = fake.client().watch(Filter::all());
         let item = next(&mut watch).await;
         assert_eq!(
             (item.cursor.as_str(), &item.event),
@@ -318,7 +316,7 @@ async fn resumes_after_the_body_ends_with_the_last_cursor() {
         ]),
         Act::StreamOpen(vec![event("c4", "update", node_json("a", 3))]),
     ]);
-    let mut watch = fake.client().watch(WatchFilter::all());
+    let mut watch = fake.client().watch(Filter::all());
     assert_eq!(next(&mut watch).await.cursor, "c1");
     assert_eq!(next(&mut watch).await.cursor, "c2");
     let resumed = next(&mut watch).await;
@@ -339,7 +337,7 @@ async fn a_broken_body_reconnects_and_resumes() {
         Act::StreamBroken(vec![snapshot("c1", &[])]),
         Act::StreamOpen(vec![event("c2", "join", node_json("a", 1))]),
     ]);
-    let mut watch = fake.client().watch(WatchFilter::all());
+    let mut watch = fake.client().watch(Filter::all());
     assert_eq!(next(&mut watch).await.cursor, "c1");
     assert_eq!(next(&mut watch).await.cursor, "c2");
     assert_eq!(fake.seen()[1].last_event_id(), Some("c1"));
@@ -352,7 +350,7 @@ async fn watch_from_sends_the_given_cursor_and_the_filter() {
         "join",
         node_json("a", 1),
     )])]);
-    let filter = WatchFilter::all()
+    let filter = Filter::all()
         .prefix("eu/")
         .status(["up", "degraded"])
         .meta("role", "edge cache");
@@ -387,7 +385,7 @@ async fn retries_503_and_429_honouring_retry_after() {
         Act::Status(500, vec![], "oops"),
         Act::StreamOpen(vec![snapshot("c1", &[])]),
     ]);
-    let mut watch = fake.client().watch(WatchFilter::all());
+    let mut watch = fake.client().watch(Filter::all());
     let item = next(&mut watch).await;
     assert_eq!(item.cursor, "c1");
     let seen = fake.seen();
@@ -407,7 +405,7 @@ async fn unauthorized_ends_the_stream_with_an_error() {
         vec![],
         r#"{"error":"unauthorized","message":"no"}"#,
     )]);
-    let mut watch = fake.client().watch(WatchFilter::all());
+    let mut watch = fake.client().watch(Filter::all());
     assert!(matches!(
         watch.next().await,
         Some(Err(ClientError::Unauthorized))
@@ -424,7 +422,7 @@ async fn other_client_errors_end_the_stream_too() {
             vec![],
             r#"{"error":"x","message":"y"}"#,
         )]);
-        let mut watch = fake.client().watch(WatchFilter::all());
+        let mut watch = fake.client().watch(Filter::all());
         match watch.next().await {
             Some(Err(e)) => assert!(!e.is_transient(), "{status}: {e}"),
             other => panic!("{status}: {other:?}"),
@@ -438,7 +436,7 @@ async fn other_client_errors_end_the_stream_too() {
         vec![("content-type", "application/json")],
         "[]",
     )]);
-    let mut watch = fake.client().watch(WatchFilter::all());
+    let mut watch = fake.client().watch(Filter::all());
     assert!(matches!(
         watch.next().await,
         Some(Err(ClientError::Server { status: 200, .. }))
@@ -455,7 +453,7 @@ async fn an_undecodable_event_restarts_without_a_cursor() {
         ]),
         Act::StreamOpen(vec![snapshot("c5", &[("a", 1)])]),
     ]);
-    let mut watch = fake.client().watch(WatchFilter::all());
+    let mut watch = fake.client().watch(Filter::all());
     assert_eq!(next(&mut watch).await.cursor, "c1");
     let again = next(&mut watch).await;
     assert_eq!(again.event, WatchEvent::Snapshot(vec![node("a", 1)]));
@@ -477,7 +475,7 @@ async fn the_idle_timeout_reconnects() {
         }))
         .build()
         .unwrap();
-    let mut watch = client.watch(WatchFilter::all());
+    let mut watch = client.watch(Filter::all());
     assert_eq!(next(&mut watch).await.cursor, "c1");
     assert_eq!(next(&mut watch).await.cursor, "c2");
     let seen = fake.seen();
@@ -489,7 +487,7 @@ async fn the_idle_timeout_reconnects() {
 async fn the_view_applies_every_event_and_changed_fires() {
     let (tx, rx) = mpsc::unbounded_channel();
     let fake = Fake::new(vec![Act::Channel(rx)]);
-    let mut view = fake.client().view(WatchFilter::all());
+    let mut view = fake.client().view(Filter::all());
     assert!(!view.is_synced());
     assert!(view.is_empty());
 
@@ -534,7 +532,7 @@ async fn the_view_resyncs_after_a_reconnect_snapshot() {
         // The server no longer holds c1: a fresh snapshot replaces everything.
         Act::StreamOpen(vec![snapshot("d1", &[("b", 2), ("c", 1)])]),
     ]);
-    let mut view = fake.client().view(WatchFilter::all());
+    let mut view = fake.client().view(Filter::all());
     assert!(view.changed().await);
     while view.get("c").is_none() {
         assert!(view.changed().await);
@@ -546,7 +544,7 @@ async fn the_view_resyncs_after_a_reconnect_snapshot() {
 #[tokio::test(start_paused = true)]
 async fn the_view_stops_on_a_fatal_error() {
     let fake = Fake::new(vec![Act::Status(401, vec![], "")]);
-    let mut view = fake.client().view(WatchFilter::all());
+    let mut view = fake.client().view(Filter::all());
     assert!(!view.changed().await);
     assert!(matches!(view.take_error(), Some(ClientError::Unauthorized)));
     assert!(view.take_error().is_none());
@@ -591,7 +589,7 @@ async fn streams_over_the_network_with_the_builtin_transport() {
     });
 
     let client = PresenceClient::new(&format!("http://{addr}/presence")).unwrap();
-    let mut watch = client.watch(WatchFilter::all());
+    let mut watch = client.watch(Filter::all());
     let first = tokio::time::timeout(Duration::from_secs(10), next(&mut watch))
         .await
         .unwrap();

@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use presence::client::PresenceClient;
 use presence::config::Config;
-use presence::server::PresenceService;
+use presence::server::{JwtVerifier, PresenceService};
 use presence::store::MemoryStore;
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -406,4 +406,136 @@ async fn the_sdk_asks_for_a_fresh_token_on_every_request() {
     );
     pc.heartbeat("n1").await.expect("the fourth works again");
     assert_eq!(calls.load(Ordering::SeqCst), 4);
+}
+
+// The cache of verified tokens.
+
+fn verifier() -> JwtVerifier {
+    JwtVerifier::new(Some(SECRET.as_bytes()), None).expect("verifier")
+}
+
+/// `token` with the byte at `at` replaced by another base64url character.
+fn with_byte_changed(token: &str, at: usize) -> String {
+    let mut bytes = token.as_bytes().to_vec();
+    bytes[at] = if bytes[at] == b'A' { b'B' } else { b'A' };
+    String::from_utf8(bytes).expect("ascii")
+}
+
+#[test]
+fn a_verified_token_is_answered_from_the_cache() {
+    let v = verifier();
+    let token = hs256(claims("n1", "presence:write"));
+    let first = v.verify(&token).expect("valid");
+    assert_eq!((v.cache_len(), v.cache_hits()), (1, 0));
+    let second = v.verify(&token).expect("still valid");
+    assert_eq!(first, second);
+    assert!(second.can_write("n1") && !second.can_write("n2") && !second.can_read());
+    assert_eq!((v.cache_len(), v.cache_hits()), (1, 1));
+    // Another token is verified on its own.
+    let read = v
+        .verify(&hs256(claims("n2", "presence:read")))
+        .expect("valid");
+    assert!(read.can_read() && !read.can_write("n2"));
+    assert_eq!((v.cache_len(), v.cache_hits()), (2, 1));
+    // Disabled, nothing is stored.
+    let off = verifier().with_cache_capacity(0);
+    assert_eq!(off.cache_capacity(), 0);
+    off.verify(&token).expect("valid");
+    off.verify(&token).expect("valid");
+    assert_eq!((off.cache_len(), off.cache_hits()), (0, 0));
+}
+
+#[test]
+fn a_cached_token_expires_when_an_uncached_one_would() {
+    let leeway = presence::server::JWT_LEEWAY_SECS;
+    let t = now();
+    let exp = t + 600;
+    let nbf = t + 10;
+    let token = hs256(json!({"sub": "n1", "scope": "presence:write", "exp": exp, "nbf": nbf}));
+    let v = verifier();
+    v.verify(&token).expect("valid (nbf within the leeway)");
+    assert_eq!(v.cache_len(), 1);
+    // The last second of `exp` plus the leeway, then the one after.
+    assert!(v.verify_at(&token, exp + leeway).is_ok());
+    let err = v.verify_at(&token, exp + leeway + 1).expect_err("expired");
+    assert_eq!(err.to_string(), "ExpiredSignature");
+    // `nbf` too: the first second allowed, and the one before.
+    assert!(v.verify_at(&token, nbf - leeway).is_ok());
+    let err = v.verify_at(&token, nbf - leeway - 1).expect_err("not yet");
+    assert_eq!(err.to_string(), "ImmatureSignature");
+    assert_eq!(v.cache_hits(), 4, "all answered by the cache");
+    // And it still works now.
+    assert!(v.verify(&token).is_ok());
+
+    // On the system clock: a token at the end of its leeway, cached, then refused
+    // once that second has passed, with the message of a full check.
+    let exp = now() - leeway;
+    let token = hs256(json!({"sub": "n1", "scope": "presence:write", "exp": exp}));
+    v.verify(&token).expect("within the leeway");
+    while now() <= exp + leeway {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let hits = v.cache_hits();
+    let cached = v.verify(&token).expect_err("expired");
+    assert_eq!(v.cache_hits(), hits + 1);
+    let full = verifier()
+        .with_cache_capacity(0)
+        .verify(&token)
+        .expect_err("expired");
+    assert_eq!(cached, full);
+}
+
+#[test]
+fn a_token_one_byte_off_a_cached_one_is_verified_in_full() {
+    let v = verifier();
+    let token = hs256(claims("n1", "presence:write"));
+    v.verify(&token).expect("valid");
+    let dots: Vec<usize> = token.match_indices('.').map(|(i, _)| i).collect();
+    // A byte of the header, of the payload, of the signature, and the last one.
+    for at in [1, dots[0] + 3, dots[1] + 3, token.len() - 2] {
+        let changed = with_byte_changed(&token, at);
+        assert_ne!(changed, token);
+        assert!(v.verify(&changed).is_err(), "byte {at} changed");
+    }
+    // One more and one less byte.
+    assert!(v.verify(&format!("{token}A")).is_err());
+    assert!(v.verify(&token[..token.len() - 1]).is_err());
+    assert_eq!(
+        (v.cache_len(), v.cache_hits()),
+        (1, 0),
+        "refusals add nothing"
+    );
+    assert!(v.verify(&token).is_ok());
+    assert_eq!(v.cache_hits(), 1);
+}
+
+#[test]
+fn the_cache_never_grows_past_its_bound() {
+    let v = verifier().with_cache_capacity(64);
+    assert_eq!(v.cache_capacity(), 64);
+    let exp = now() + 600;
+    let tokens: Vec<String> = (0..1000)
+        .map(|i| hs256(json!({"sub": format!("n{i}"), "scope": "presence:write", "exp": exp})))
+        .collect();
+    for (i, token) in tokens.iter().enumerate() {
+        let access = v.verify(token).expect("valid");
+        assert!(access.can_write(&format!("n{i}")));
+        assert!(v.cache_len() <= 64, "{} entries", v.cache_len());
+        // Just stored, so found.
+        let hits = v.cache_hits();
+        assert_eq!(v.verify(token).expect("valid"), access);
+        assert_eq!(v.cache_hits(), hits + 1);
+    }
+    assert!(v.cache_len() > 0);
+    // Garbage adds nothing, and evicts nothing.
+    let len = v.cache_len();
+    for (i, token) in tokens.iter().enumerate().take(200) {
+        assert!(v.verify(&format!("garbage.{i}.x")).is_err());
+        assert!(v
+            .verify(&with_byte_changed(token, token.len() - 2))
+            .is_err());
+    }
+    assert_eq!(v.cache_len(), len);
+    // The default bound.
+    assert_eq!(verifier().cache_capacity(), 16_384);
 }

@@ -7,10 +7,11 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use presence::model::{new_lease_id, Meta, Node, NodeId};
+use presence::model::{new_lease_id, Meta, Node, NodeId, Stats, Status};
 use presence::store::feed::{
     Change, ChangeKind, Changes, Cursor, LeaveReason, WatchOptions, WatchStart,
 };
+use presence::store::query::{Filter, Query};
 use presence::store::redis::test_support::{redis_for_tests, unique_prefix};
 use presence::store::{MemoryStore, RedisStore, Store, StoreError};
 use serde_json::json;
@@ -107,6 +108,14 @@ conformance!(
     feed_reports_joins_meta_changes_and_logouts_with_their_data,
     feed_resumes_after_a_cursor_and_snapshots_without_one,
     feed_reports_each_expiry_once,
+    login_status_defaults_to_up_and_login_with_sets_it,
+    heartbeat_with_status_changes_it_as_an_update_and_none_keeps_it,
+    query_filters_by_prefix_status_and_meta,
+    query_pages_250_nodes_by_100,
+    query_after_is_exclusive_and_combines_with_prefix,
+    query_pages_skip_expired_nodes,
+    stats_follow_logins_status_changes_logouts_and_expiry,
+    random_workload_keeps_stats_equal_to_the_listing,
 );
 
 fn id(s: &str) -> NodeId {
@@ -662,10 +671,16 @@ async fn redis_keys_follow_the_data_model_and_expire() {
         );
     }
 
-    // Logging the last node out leaves only the change feed (its stream and epoch),
-    // which expires by itself.
+    // Logging the last node out leaves only the change feed (its stream and epoch)
+    // and the counters (all zero), which expire by themselves.
     assert_eq!(store.logout(&n, &lease).await, Ok(true));
-    for k in ["feed", "feed-epoch"] {
+    let counts: Vec<(String, i64)> = redis::cmd("HGETALL")
+        .arg(format!("{{{}}}:counts", store.prefix()))
+        .query_async(&mut conn)
+        .await
+        .expect("hgetall");
+    assert!(counts.iter().all(|(_, n)| *n == 0), "{counts:?}");
+    for k in ["feed", "feed-epoch", "counts"] {
         let pttl: i64 = redis::cmd("PTTL")
             .arg(format!("{{{}}}:{k}", store.prefix()))
             .query_async(&mut conn)
@@ -673,7 +688,7 @@ async fn redis_keys_follow_the_data_model_and_expire() {
             .expect("pttl");
         assert!(pttl > 0, "{k} has PTTL {pttl}");
     }
-    assert_eq!(store.delete_prefix().await, Ok(2));
+    assert_eq!(store.delete_prefix().await, Ok(3));
 }
 
 #[tokio::test]
@@ -1079,4 +1094,992 @@ async fn redis_servers_sweeping_one_deployment_report_each_expiry_once() {
     }
     assert_eq!((events, leaves.len()), (200, 200));
     assert!(first.delete_prefix().await.is_ok());
+}
+
+// ---------------------------------------------------------------------------------
+// Statuses, queries and stats (both stores)
+
+/// One page of `q`: its nodes (the page's JSON decoded) and `next_after`.
+async fn page(h: &Harness, q: &Query) -> (Vec<Node>, Option<String>) {
+    let page = h.store.query_json(q).await.expect("query_json");
+    let nodes: Vec<Node> =
+        serde_json::from_slice(&page.json.to_bytes()).expect("a page is a JSON node list");
+    assert_eq!(page.json.count, nodes.len(), "count of {q:?}");
+    (nodes, page.next_after)
+}
+
+/// The ids of one page of `q`, and `next_after`.
+async fn page_ids(h: &Harness, q: &Query) -> (Vec<String>, Option<String>) {
+    let (nodes, next) = page(h, q).await;
+    (nodes.into_iter().map(|n| n.node_id).collect(), next)
+}
+
+/// Every page of `filter` by `limit`, each page's ids with its `next_after`; checks
+/// that `next_after` is the page's last id whenever it is set.
+async fn walk(h: &Harness, filter: Filter, limit: usize) -> Vec<(Vec<String>, Option<String>)> {
+    let mut pages = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut q = Query::new(filter.clone()).limit(limit);
+        if let Some(a) = &after {
+            q = q.after(a.clone());
+        }
+        let (ids, next) = page_ids(h, &q).await;
+        if let Some(n) = &next {
+            assert_eq!(ids.last(), Some(n), "next_after is the last id of the page");
+        }
+        pages.push((ids, next.clone()));
+        match next {
+            Some(n) => after = Some(n),
+            None => return pages,
+        }
+        assert!(pages.len() < 100, "paging does not end");
+    }
+}
+
+fn strings(ids: &[&str]) -> Vec<String> {
+    ids.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// The stats a listing implies.
+fn counted(nodes: &[Node]) -> Stats {
+    let mut counts = [0u64; 3];
+    for n in nodes {
+        counts[n.status.index()] += 1;
+    }
+    Stats::from_counts(counts)
+}
+
+async fn stats(h: &Harness) -> Stats {
+    h.store.stats().await.expect("stats")
+}
+
+/// Sweeps until nothing is left to report; returns how many expiries were reported.
+async fn sweep_all(h: &Harness) -> u64 {
+    let mut reported = 0;
+    for _ in 0..1_000 {
+        let sweep = h.store.sweep_expired().await.expect("sweep");
+        reported += sweep.expired;
+        if sweep.expired == 0 && !sweep.more {
+            return reported;
+        }
+    }
+    panic!("sweeping does not end");
+}
+
+async fn status_of(h: &Harness, node: &str) -> Option<Status> {
+    get(h, node).await.map(|n| n.status)
+}
+
+async fn login_status_defaults_to_up_and_login_with_sets_it(h: &Harness) {
+    let s = &h.store;
+    s.login(&id("plain"), &new_lease_id(), TTL, Meta::new())
+        .await
+        .expect("login");
+    for (n, status) in [
+        ("deg", Status::Degraded),
+        ("drn", Status::Draining),
+        ("up", Status::Up),
+    ] {
+        s.login_with(&id(n), &new_lease_id(), TTL, meta(json!({"n": n})), status)
+            .await
+            .expect("login");
+    }
+    assert_eq!(status_of(h, "plain").await, Some(Status::Up));
+    assert_eq!(status_of(h, "deg").await, Some(Status::Degraded));
+    assert_eq!(status_of(h, "drn").await, Some(Status::Draining));
+    assert_eq!(status_of(h, "up").await, Some(Status::Up));
+    // `list` checks that `list_json` is exactly the listing serialized.
+    let listed = list(h).await;
+    let statuses: Vec<(&str, Status)> = listed
+        .iter()
+        .map(|n| (n.node_id.as_str(), n.status))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("deg", Status::Degraded),
+            ("drn", Status::Draining),
+            ("plain", Status::Up),
+            ("up", Status::Up)
+        ]
+    );
+    let text = h.store.list_json().await.expect("list_json").to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    for st in ["up", "degraded", "draining"] {
+        assert!(text.contains(&format!(r#""status":"{st}""#)), "{text}");
+    }
+    // A login replaces the status with its own (default up).
+    s.login(&id("deg"), &new_lease_id(), TTL, Meta::new())
+        .await
+        .expect("login");
+    assert_eq!(status_of(h, "deg").await, Some(Status::Up));
+    s.login_with(
+        &id("up"),
+        &new_lease_id(),
+        TTL,
+        Meta::new(),
+        Status::Draining,
+    )
+    .await
+    .expect("login");
+    assert_eq!(status_of(h, "up").await, Some(Status::Draining));
+}
+
+async fn heartbeat_with_status_changes_it_as_an_update_and_none_keeps_it(h: &Harness) {
+    let s = &h.store;
+    let mut watch = s.watch(None, WatchOptions::default()).await.expect("watch");
+    let (n, lease) = (id("n"), new_lease_id());
+    s.login(&n, &lease, TTL, meta(json!({"load": 0.5})))
+        .await
+        .expect("login");
+    let joined = next_change(&mut watch.changes).await.expect("join");
+    assert_eq!(described(&joined).2["status"], "up");
+
+    // No status keeps it, the same status again is no change, and neither is an event.
+    s.heartbeat_with(&n, &lease, TTL, None, None)
+        .await
+        .expect("hb");
+    s.heartbeat_with(&n, &lease, TTL, None, Some(Status::Up))
+        .await
+        .expect("hb");
+    assert_eq!(status_of(h, "n").await, Some(Status::Up));
+    s.heartbeat_with(&n, &lease, TTL, None, Some(Status::Draining))
+        .await
+        .expect("hb");
+    let update = next_change(&mut watch.changes).await.expect("update");
+    let node = get(h, "n").await.expect("online");
+    assert_eq!(node.status, Status::Draining);
+    assert_eq!(node.meta, meta(json!({"load": 0.5})), "the meta is kept");
+    let as_json = serde_json::to_value(&node).expect("node");
+    assert_eq!(
+        described(&update),
+        (ChangeKind::Update, "n".into(), as_json)
+    );
+
+    // Kept by a heartbeat without status, with or without meta; the same status and
+    // meta again is no event.
+    s.heartbeat_with(&n, &lease, TTL, None, None)
+        .await
+        .expect("hb");
+    s.heartbeat_with(
+        &n,
+        &lease,
+        TTL,
+        Some(meta(json!({"load": 0.5}))),
+        Some(Status::Draining),
+    )
+    .await
+    .expect("hb");
+    assert_eq!(status_of(h, "n").await, Some(Status::Draining));
+    s.heartbeat(&n, &lease, TTL, Some(meta(json!({"load": 0.7}))))
+        .await
+        .expect("hb");
+    let update = next_change(&mut watch.changes).await.expect("meta update");
+    let data = described(&update).2;
+    assert_eq!(update.kind, ChangeKind::Update);
+    assert_eq!(
+        (data["status"].clone(), data["meta"].clone()),
+        (json!("draining"), json!({"load": 0.7}))
+    );
+
+    // Status and meta at once: one update.
+    s.heartbeat_with(
+        &n,
+        &lease,
+        TTL,
+        Some(meta(json!({"load": 0.1}))),
+        Some(Status::Degraded),
+    )
+    .await
+    .expect("hb");
+    let update = next_change(&mut watch.changes).await.expect("update");
+    let node = serde_json::to_value(get(h, "n").await.expect("online")).expect("node");
+    assert_eq!(node["status"], "degraded");
+    assert_eq!(described(&update), (ChangeKind::Update, "n".into(), node));
+
+    // A heartbeat under another lease changes nothing.
+    assert_eq!(
+        s.heartbeat_with(&n, &new_lease_id(), TTL, None, Some(Status::Up))
+            .await,
+        Err(StoreError::LeaseMismatch)
+    );
+    assert_eq!(status_of(h, "n").await, Some(Status::Degraded));
+
+    // Back to up.
+    s.heartbeat_with(&n, &lease, TTL, None, Some(Status::Up))
+        .await
+        .expect("hb");
+    let update = next_change(&mut watch.changes).await.expect("update");
+    assert_eq!(
+        (update.kind, described(&update).2["status"].clone()),
+        (ChangeKind::Update, json!("up"))
+    );
+    assert!(
+        next_change(&mut watch.changes).await.is_none(),
+        "nothing else is a change"
+    );
+    let listed = list(h).await;
+    assert_eq!(
+        listed.iter().map(|n| n.status).collect::<Vec<_>>(),
+        [Status::Up]
+    );
+}
+
+async fn query_filters_by_prefix_status_and_meta(h: &Harness) {
+    let nodes = [
+        (
+            "eu-1",
+            Status::Up,
+            json!({"region": "eu", "load": 0.5, "gpu": true}),
+        ),
+        (
+            "eu-2",
+            Status::Degraded,
+            json!({"region": "eu", "load": 0.25, "gpu": false}),
+        ),
+        (
+            "eu-3",
+            Status::Draining,
+            json!({"region": "eu", "load": 0.5}),
+        ),
+        (
+            "us-1",
+            Status::Up,
+            json!({"region": "us", "load": 0.5, "gpu": true}),
+        ),
+        ("us-2", Status::Degraded, json!({"region": "us", "load": 1})),
+        // Nested keys do not match, nor does null, an array, a missing key or no meta.
+        (
+            "x-1",
+            Status::Up,
+            json!({"nested": {"region": "eu", "load": 0.5, "gpu": true}}),
+        ),
+        ("x-2", Status::Up, json!({})),
+        (
+            "x-3",
+            Status::Draining,
+            json!({"region": null, "load": [0.5], "gpu": {"v": true}}),
+        ),
+    ];
+    for (n, status, m) in &nodes {
+        h.store
+            .login_with(&id(n), &new_lease_id(), TTL, meta(m.clone()), *status)
+            .await
+            .expect("login");
+    }
+    let all = list(h).await;
+    let f = Filter::default;
+    let cases: Vec<(Filter, Vec<&str>)> = vec![
+        (
+            f(),
+            vec!["eu-1", "eu-2", "eu-3", "us-1", "us-2", "x-1", "x-2", "x-3"],
+        ),
+        (
+            f().prefix(""),
+            vec!["eu-1", "eu-2", "eu-3", "us-1", "us-2", "x-1", "x-2", "x-3"],
+        ),
+        (f().prefix("eu-"), vec!["eu-1", "eu-2", "eu-3"]),
+        (f().prefix("u"), vec!["us-1", "us-2"]),
+        (f().prefix("x-3"), vec!["x-3"]),
+        (f().prefix("zz"), vec![]),
+        (f().prefix("eu-10"), vec![]),
+        (f().statuses([Status::Degraded]), vec!["eu-2", "us-2"]),
+        (
+            f().statuses([Status::Up, Status::Draining]),
+            vec!["eu-1", "eu-3", "us-1", "x-1", "x-2", "x-3"],
+        ),
+        (
+            f().statuses(Status::ALL),
+            vec!["eu-1", "eu-2", "eu-3", "us-1", "us-2", "x-1", "x-2", "x-3"],
+        ),
+        (f().meta("region", "eu"), vec!["eu-1", "eu-2", "eu-3"]),
+        (f().meta("region", "us"), vec!["us-1", "us-2"]),
+        (f().meta("region", "EU"), vec![]),
+        (f().meta("load", "0.5"), vec!["eu-1", "eu-3", "us-1"]),
+        (f().meta("load", "1"), vec!["us-2"]),
+        // By JSON text: 0.50 is not how 0.5 is written.
+        (f().meta("load", "0.50"), vec![]),
+        (f().meta("gpu", "true"), vec!["eu-1", "us-1"]),
+        (f().meta("gpu", "false"), vec!["eu-2"]),
+        (f().meta("region", "null"), vec![]),
+        (f().meta("zone", "eu"), vec![]),
+        (f().meta("region", "eu").meta("gpu", "true"), vec!["eu-1"]),
+        (f().meta("region", "eu").meta("region", "us"), vec![]),
+        (
+            f().prefix("eu-")
+                .statuses([Status::Up, Status::Draining])
+                .meta("load", "0.5"),
+            vec!["eu-1", "eu-3"],
+        ),
+        (
+            f().prefix("eu-")
+                .statuses([Status::Up, Status::Draining])
+                .meta("load", "0.5")
+                .meta("gpu", "true"),
+            vec!["eu-1"],
+        ),
+        (f().prefix("us-").statuses([Status::Draining]), vec![]),
+        (
+            f().statuses([Status::Degraded]).meta("gpu", "false"),
+            vec!["eu-2"],
+        ),
+    ];
+    for (filter, expected) in cases {
+        for q in [
+            Query::new(filter.clone()),
+            Query::new(filter.clone()).limit(100),
+        ] {
+            let (got, next) = page(h, &q).await;
+            let want: Vec<&Node> = all
+                .iter()
+                .filter(|n| expected.contains(&n.node_id.as_str()))
+                .collect();
+            assert_eq!(got.iter().collect::<Vec<_>>(), want, "{q:?}");
+            assert_eq!(next, None, "{q:?}");
+        }
+        // The same by pages of one: every match once, in order, and no next after the
+        // last.
+        let pages = walk(h, filter.clone(), 1).await;
+        let mut nexts: Vec<Option<String>> =
+            expected.iter().map(|n| Some((*n).to_owned())).collect();
+        if let Some(last) = nexts.last_mut() {
+            *last = None;
+        }
+        if expected.is_empty() {
+            nexts.push(None);
+        }
+        let walked: Vec<String> = pages.iter().flat_map(|(ids, _)| ids.clone()).collect();
+        assert_eq!(walked, strings(&expected), "{filter:?} by pages of 1");
+        assert_eq!(
+            pages.into_iter().map(|(_, n)| n).collect::<Vec<_>>(),
+            nexts,
+            "{filter:?} by pages of 1"
+        );
+    }
+}
+
+async fn query_pages_250_nodes_by_100(h: &Harness) {
+    let tasks: Vec<_> = (0..250)
+        .map(|i| {
+            let store = Arc::clone(&h.store);
+            tokio::spawn(async move {
+                let status = Status::ALL[i % 3];
+                store
+                    .login_with(
+                        &id(&format!("p{i:03}")),
+                        &new_lease_id(),
+                        TTL,
+                        meta(json!({ "i": i })),
+                        status,
+                    )
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task").expect("login");
+    }
+    let mut after: Option<String> = None;
+    let mut sizes = Vec::new();
+    let mut nexts = Vec::new();
+    let mut paged = Vec::new();
+    loop {
+        let mut q = Query::new(Filter::default()).limit(100);
+        if let Some(a) = &after {
+            q = q.after(a.clone());
+        }
+        let (nodes, next) = page(h, &q).await;
+        sizes.push(nodes.len());
+        nexts.push(next.clone());
+        paged.extend(nodes);
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+        assert!(sizes.len() < 10, "paging does not end");
+    }
+    assert_eq!(sizes, [100, 100, 50]);
+    assert_eq!(
+        nexts,
+        [Some("p099".to_owned()), Some("p199".to_owned()), None]
+    );
+    assert_eq!(paged, list(h).await, "every node once, in order, as listed");
+    // Filtered pages: the degraded ones (i % 3 == 1: 83 of them) by 40.
+    let pages = walk(h, Filter::default().statuses([Status::Degraded]), 40).await;
+    let sizes: Vec<usize> = pages.iter().map(|(ids, _)| ids.len()).collect();
+    assert_eq!(sizes, [40, 40, 3]);
+    let walked: Vec<String> = pages.into_iter().flat_map(|(ids, _)| ids).collect();
+    let expected: Vec<String> = (0..250)
+        .filter(|i| i % 3 == 1)
+        .map(|i| format!("p{i:03}"))
+        .collect();
+    assert_eq!(walked, expected);
+}
+
+async fn query_after_is_exclusive_and_combines_with_prefix(h: &Harness) {
+    for n in [
+        "a1", "a2", "a3", "a4", "a5", "b1", "b2", "b3", "b4", "b5", "c1",
+    ] {
+        h.store
+            .login(&id(n), &new_lease_id(), TTL, Meta::new())
+            .await
+            .expect("login");
+    }
+    let q = |f: Filter| Query::new(f);
+    let all = Filter::default;
+    let b = || Filter::default().prefix("b");
+    let cases: Vec<(Query, Vec<&str>, Option<&str>)> = vec![
+        (
+            q(all()).after("a3"),
+            vec!["a4", "a5", "b1", "b2", "b3", "b4", "b5", "c1"],
+            None,
+        ),
+        (q(all()).after("a3").limit(2), vec!["a4", "a5"], Some("a5")),
+        (q(all()).after("a5").limit(2), vec!["b1", "b2"], Some("b2")),
+        // An id that is not a node's: what sorts after it.
+        (
+            q(all()).after("a35").limit(3),
+            vec!["a4", "a5", "b1"],
+            Some("b1"),
+        ),
+        (
+            q(all()).after("0"),
+            vec![
+                "a1", "a2", "a3", "a4", "a5", "b1", "b2", "b3", "b4", "b5", "c1",
+            ],
+            None,
+        ),
+        (q(all()).after("c1"), vec![], None),
+        (q(all()).after("c1").limit(5), vec![], None),
+        (q(all()).after("b5").limit(1), vec!["c1"], None),
+        // With a prefix: `after` before the prefix's ids, inside them, after them.
+        (q(b()).after("a3"), vec!["b1", "b2", "b3", "b4", "b5"], None),
+        (q(b()).after("a3").limit(2), vec!["b1", "b2"], Some("b2")),
+        (q(b()).after("b2"), vec!["b3", "b4", "b5"], None),
+        (q(b()).after("b"), vec!["b1", "b2", "b3", "b4", "b5"], None),
+        // Exactly as many matches as the limit: no next page.
+        (q(b()).after("b2").limit(3), vec!["b3", "b4", "b5"], None),
+        (q(b()).limit(5), vec!["b1", "b2", "b3", "b4", "b5"], None),
+        (q(b()).limit(4), vec!["b1", "b2", "b3", "b4"], Some("b4")),
+        (q(b()).after("b5"), vec![], None),
+        (q(b()).after("b5").limit(1), vec![], None),
+        (q(b()).after("c"), vec![], None),
+        // A limit larger than the matches: all of them, no next page.
+        (
+            q(all()).limit(100),
+            vec![
+                "a1", "a2", "a3", "a4", "a5", "b1", "b2", "b3", "b4", "b5", "c1",
+            ],
+            None,
+        ),
+        (
+            q(b()).after("b1").limit(10_000),
+            vec!["b2", "b3", "b4", "b5"],
+            None,
+        ),
+    ];
+    for (query, ids, next) in cases {
+        assert_eq!(
+            page_ids(h, &query).await,
+            (strings(&ids), next.map(str::to_owned)),
+            "{query:?}"
+        );
+    }
+}
+
+async fn query_pages_skip_expired_nodes(h: &Harness) {
+    let short = 1_000;
+    // Every odd node expires; the last one (e19) too.
+    for i in 0..20 {
+        let ttl = if i % 2 == 0 { TTL } else { short };
+        let status = if i % 4 < 2 {
+            Status::Up
+        } else {
+            Status::Degraded
+        };
+        h.store
+            .login_with(
+                &id(&format!("e{i:02}")),
+                &new_lease_id(),
+                ttl,
+                Meta::new(),
+                status,
+            )
+            .await
+            .expect("login");
+    }
+    assert_eq!(
+        page_ids(h, &Query::new(Filter::default()).limit(3)).await.0,
+        ["e00", "e01", "e02"]
+    );
+    h.elapse(Duration::from_millis(short + 200)).await;
+    let even = |from: usize, to: usize| -> Vec<String> {
+        (from..to)
+            .filter(|i| i % 2 == 0)
+            .map(|i| format!("e{i:02}"))
+            .collect()
+    };
+    let all = || Query::new(Filter::default());
+    assert_eq!(
+        page_ids(h, &all().limit(5)).await,
+        (even(0, 10), Some("e08".into()))
+    );
+    assert_eq!(
+        page_ids(h, &all().limit(5).after("e08")).await,
+        (even(10, 20), None)
+    );
+    // Ten online nodes, the expired e19 after the last: a page of ten is all of it.
+    assert_eq!(page_ids(h, &all().limit(10)).await, (even(0, 20), None));
+    assert_eq!(page_ids(h, &all().limit(11)).await, (even(0, 20), None));
+    assert_eq!(page_ids(h, &all()).await, (even(0, 20), None));
+    assert_eq!(
+        page_ids(h, &all().after("e17").limit(1)).await,
+        (vec!["e18".to_owned()], None)
+    );
+    assert_eq!(
+        page_ids(h, &all().after("e18").limit(1)).await,
+        (vec![], None)
+    );
+    // Filtered: the degraded online ones are e02, e06, e10, e14, e18.
+    let degraded = Query::new(Filter::default().statuses([Status::Degraded]));
+    assert_eq!(
+        page_ids(h, &degraded.clone().limit(2)).await,
+        (strings(&["e02", "e06"]), Some("e06".into()))
+    );
+    assert_eq!(
+        page_ids(h, &degraded.clone().limit(3).after("e06")).await,
+        (strings(&["e10", "e14", "e18"]), None)
+    );
+    let prefixed = Query::new(Filter::default().prefix("e1")).limit(2);
+    assert_eq!(
+        page_ids(h, &prefixed).await,
+        (strings(&["e10", "e12"]), Some("e12".into()))
+    );
+}
+
+async fn stats_follow_logins_status_changes_logouts_and_expiry(h: &Harness) {
+    let s = &h.store;
+    let short = 1_000;
+    assert_eq!(stats(h).await, Stats::default());
+    let mut leases = std::collections::HashMap::new();
+    for (n, status, ttl) in [
+        ("a", Status::Up, TTL),
+        ("b", Status::Degraded, TTL),
+        ("c", Status::Draining, TTL),
+        ("d", Status::Degraded, TTL),
+        ("e", Status::Draining, short),
+        ("f", Status::Up, short),
+    ] {
+        let lease = new_lease_id();
+        s.login_with(&id(n), &lease, ttl, Meta::new(), status)
+            .await
+            .expect("login");
+        leases.insert(n, lease);
+    }
+    assert_eq!(stats(h).await, Stats::from_counts([2, 2, 2]));
+    assert_eq!(stats(h).await.online, 6);
+
+    let hb = |n: &'static str, status: Option<Status>| {
+        let lease = leases[n].clone();
+        async move { s.heartbeat_with(&id(n), &lease, TTL, None, status).await }
+    };
+    hb("b", Some(Status::Up)).await.expect("hb");
+    assert_eq!(stats(h).await, Stats::from_counts([3, 1, 2]));
+    hb("b", None).await.expect("hb");
+    hb("b", Some(Status::Up)).await.expect("hb");
+    assert_eq!(stats(h).await, Stats::from_counts([3, 1, 2]));
+    assert_eq!(
+        s.heartbeat_with(&id("a"), &new_lease_id(), TTL, None, Some(Status::Draining))
+            .await,
+        Err(StoreError::LeaseMismatch)
+    );
+    assert_eq!(stats(h).await, Stats::from_counts([3, 1, 2]));
+
+    // A node online logs in again with another status: moved, not counted twice.
+    let lease = new_lease_id();
+    s.login_with(&id("c"), &lease, TTL, Meta::new(), Status::Degraded)
+        .await
+        .expect("login");
+    leases.insert("c", lease);
+    assert_eq!(stats(h).await, Stats::from_counts([3, 2, 1]));
+    s.login_with(&id("c"), &leases["c"], TTL, Meta::new(), Status::Degraded)
+        .await
+        .expect("login");
+    assert_eq!(stats(h).await, Stats::from_counts([3, 2, 1]));
+
+    assert_eq!(s.logout(&id("d"), &leases["d"]).await, Ok(true));
+    assert_eq!(stats(h).await, Stats::from_counts([3, 1, 1]));
+    assert_eq!(s.logout(&id("d"), &leases["d"]).await, Ok(false));
+    assert_eq!(
+        s.logout(&id("a"), &new_lease_id()).await,
+        Err(StoreError::LeaseMismatch)
+    );
+    assert_eq!(stats(h).await, Stats::from_counts([3, 1, 1]));
+    assert_eq!(stats(h).await, counted(&list(h).await));
+
+    // e (draining) and f (up) expire; f logs in again (degraded) before any sweep.
+    h.elapse(Duration::from_millis(short + 200)).await;
+    assert_eq!(
+        s.heartbeat_with(&id("e"), &leases["e"], TTL, None, Some(Status::Up))
+            .await,
+        Err(StoreError::NotFound)
+    );
+    s.login_with(
+        &id("f"),
+        &new_lease_id(),
+        TTL,
+        Meta::new(),
+        Status::Degraded,
+    )
+    .await
+    .expect("login");
+    // Reported once: by the sweep, or (memory) already by the failed heartbeat.
+    assert!(sweep_all(h).await <= 1, "e's expiry, once");
+    // a, b up; c, f degraded; none draining.
+    assert_eq!(stats(h).await, Stats::from_counts([2, 2, 0]));
+    assert_eq!(stats(h).await, counted(&list(h).await));
+    assert_eq!(sweep_all(h).await, 0);
+    assert_eq!(stats(h).await, Stats::from_counts([2, 2, 0]));
+    // The expired e comes back.
+    s.login_with(
+        &id("e"),
+        &new_lease_id(),
+        TTL,
+        Meta::new(),
+        Status::Draining,
+    )
+    .await
+    .expect("login");
+    assert_eq!(stats(h).await, Stats::from_counts([2, 2, 1]));
+    assert_eq!(stats(h).await, counted(&list(h).await));
+}
+
+/// xorshift64*: enough randomness for a workload, reproducible from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn status(&mut self) -> Status {
+        Status::ALL[self.below(3) as usize]
+    }
+}
+
+/// `PRESENCE_TEST_SEED` or the clock; printed, so that a failure can be replayed.
+fn workload_seed() -> u64 {
+    let seed = std::env::var("PRESENCE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| wall_ms() ^ u64::from(std::process::id()) << 32);
+    eprintln!("random workload seed {seed} (set PRESENCE_TEST_SEED to replay)");
+    seed | 1
+}
+
+const WORKLOAD_IDS: usize = 8;
+
+/// `tasks` tasks doing `ops` random logins (random status), heartbeats (random
+/// status and meta changes, sometimes under a stale lease) and logouts each, on
+/// [`WORKLOAD_IDS`] ids, so that they race; `ttl(i)` is node `i`'s TTL. Every call
+/// must answer (a `NotFound` or `LeaseMismatch` is part of the race).
+async fn workload(h: &Harness, seed: u64, tasks: u64, ops: usize, ttl: fn(usize) -> u64) {
+    let leases: Arc<std::sync::Mutex<Vec<String>>> =
+        Arc::new(std::sync::Mutex::new(vec![new_lease_id(); WORKLOAD_IDS]));
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let store = Arc::clone(&h.store);
+            let leases = Arc::clone(&leases);
+            tokio::spawn(async move {
+                let mut rng = Rng(seed.wrapping_add(t.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1);
+                for _ in 0..ops {
+                    let i = rng.below(WORKLOAD_IDS as u64) as usize;
+                    let node = id(&format!("w{i}"));
+                    let lease = leases.lock().expect("leases")[i].clone();
+                    match rng.below(20) {
+                        0..=6 => {
+                            let fresh = new_lease_id();
+                            let m = meta(json!({ "v": rng.below(3) }));
+                            store
+                                .login_with(&node, &fresh, ttl(i), m, rng.status())
+                                .await
+                                .expect("login");
+                            leases.lock().expect("leases")[i] = fresh;
+                        }
+                        7..=14 => {
+                            let status = (rng.below(2) == 0).then(|| rng.status());
+                            let m = (rng.below(4) == 0).then(|| meta(json!({ "v": rng.below(3) })));
+                            let r = store.heartbeat_with(&node, &lease, ttl(i), m, status).await;
+                            assert!(
+                                matches!(
+                                    r,
+                                    Ok(_) | Err(StoreError::NotFound | StoreError::LeaseMismatch)
+                                ),
+                                "heartbeat: {r:?}"
+                            );
+                        }
+                        15..=17 => {
+                            let r = store.logout(&node, &lease).await;
+                            assert!(
+                                matches!(r, Ok(_) | Err(StoreError::LeaseMismatch)),
+                                "logout: {r:?}"
+                            );
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(1 + rng.below(3))).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.expect("workload task");
+    }
+}
+
+async fn random_workload_keeps_stats_equal_to_the_listing(h: &Harness) {
+    let seed = workload_seed();
+    // Phase one: nothing expires. At the quiescent point the counters are the listing.
+    workload(h, seed, 6, 300, |_| TTL).await;
+    let listed = list(h).await;
+    assert_eq!(stats(h).await, counted(&listed), "seed {seed}");
+    assert_eq!(stats(h).await.online, listed.len() as u64, "seed {seed}");
+    assert_eq!(sweep_all(h).await, 0, "seed {seed}");
+    assert_eq!(stats(h).await, counted(&listed), "seed {seed}");
+
+    // Phase two: half the ids have a short TTL, and a sweeper runs all along (as the
+    // server does), racing the logins that replace expired records.
+    const SHORT: u64 = 300;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sweeper = {
+        let store = Arc::clone(&h.store);
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                store.sweep_expired().await.expect("sweep");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    workload(h, seed ^ 0x5555, 6, 300, |i| {
+        if i % 2 == 0 {
+            TTL
+        } else {
+            SHORT
+        }
+    })
+    .await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sweeper.await.expect("sweeper");
+    // Every short-lived node runs out; once the sweeps have reported them all, the
+    // counters are the listing again.
+    h.elapse(Duration::from_millis(SHORT + 300)).await;
+    sweep_all(h).await;
+    let listed = list(h).await;
+    assert_eq!(stats(h).await, counted(&listed), "seed {seed}");
+    assert_eq!(stats(h).await.online, listed.len() as u64, "seed {seed}");
+    assert!(
+        listed
+            .iter()
+            .all(|n| n.node_id.ends_with(['0', '2', '4', '6'])),
+        "only long-lived nodes are left: {:?} (seed {seed})",
+        ids(&listed)
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// RedisStore: the id index and counters of a deployment written before them
+
+/// A record as an older server wrote it (no status mark unless `mark` gives one).
+fn v1_record(exp: u64, seen: u64, lease: &str, mark: &str, meta: &str) -> String {
+    format!(
+        "{exp:015}{seen:015}{seen:015}{:05}{lease}{mark}{meta}",
+        lease.len()
+    )
+}
+
+/// Writes records directly, as a server older than the id index and the counters
+/// did: the records hash and the nodes sorted set only.
+async fn write_v1(store: &RedisStore, records: &[(&str, u64, String)]) {
+    let mut conn = raw().await;
+    for (node, exp, rec) in records {
+        let _: () = redis::pipe()
+            .cmd("HSET")
+            .arg(store.records_key())
+            .arg(*node)
+            .arg(rec)
+            .ignore()
+            .cmd("ZADD")
+            .arg(store.nodes_key())
+            .arg(*exp)
+            .arg(*node)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+            .expect("write a v1 record");
+    }
+    for key in [store.records_key(), store.nodes_key()] {
+        let _: () = redis::cmd("PEXPIRE")
+            .arg(key)
+            .arg(3_600_000)
+            .query_async(&mut conn)
+            .await
+            .expect("pexpire");
+    }
+}
+
+async fn key_exists(key: String) -> bool {
+    let n: u64 = redis::cmd("EXISTS")
+        .arg(key)
+        .query_async(&mut raw().await)
+        .await
+        .expect("exists");
+    n == 1
+}
+
+#[tokio::test]
+async fn redis_index_build_indexes_and_counts_the_records_of_an_older_server() {
+    let Some(store) = redis_for_tests("redis_index_build").await else {
+        return;
+    };
+    let now = Store::now_ms(&store).await.expect("now");
+    let lease = new_lease_id();
+    let online = now + TTL;
+    write_v1(
+        &store,
+        &[
+            (
+                "v1-a",
+                online,
+                v1_record(online, now, &lease, "", r#"{"region":"eu"}"#),
+            ),
+            (
+                "v1-b",
+                online,
+                v1_record(online, now, &lease, "d", r#"{"region":"us"}"#),
+            ),
+            ("v1-c", online, v1_record(online, now, &lease, "", "")),
+            (
+                "v1-old",
+                now - 5_000,
+                v1_record(now - 5_000, now - 6_000, &lease, "", ""),
+            ),
+        ],
+    )
+    .await;
+    let prefix = store.prefix().to_owned();
+    assert!(!key_exists(format!("{{{prefix}}}:ids")).await);
+    assert!(!key_exists(format!("{{{prefix}}}:counts")).await);
+
+    // The first sweep builds them; the older server had no feed, so its expired
+    // node has nothing to report.
+    let sweep = store.sweep_expired().await.expect("sweep");
+    assert_eq!(sweep.expired, 0);
+    assert!(key_exists(format!("{{{prefix}}}:ids")).await);
+    assert_eq!(store.stats().await, Ok(Stats::from_counts([2, 1, 0])));
+    let h = Harness {
+        store: Arc::new(store.clone()),
+        redis: None,
+    };
+    assert_eq!(
+        page_ids(&h, &Query::new(Filter::default())).await,
+        (strings(&["v1-a", "v1-b", "v1-c"]), None)
+    );
+    assert_eq!(
+        page_ids(&h, &Query::new(Filter::default().prefix("v1-")).limit(2)).await,
+        (strings(&["v1-a", "v1-b"]), Some("v1-b".into()))
+    );
+    assert_eq!(
+        page_ids(&h, &Query::new(Filter::default().meta("region", "eu"))).await,
+        (strings(&["v1-a"]), None)
+    );
+    assert_eq!(
+        page_ids(
+            &h,
+            &Query::new(Filter::default().statuses([Status::Degraded]))
+        )
+        .await,
+        (strings(&["v1-b"]), None)
+    );
+    assert_eq!(stats(&h).await, counted(&list(&h).await));
+
+    // The migrated nodes live on under their leases.
+    store
+        .heartbeat_with(&id("v1-a"), &lease, TTL, None, Some(Status::Draining))
+        .await
+        .expect("heartbeat");
+    assert_eq!(store.logout(&id("v1-b"), &lease).await, Ok(true));
+    assert_eq!(store.stats().await, Ok(Stats::from_counts([1, 0, 1])));
+    // Another server's first sweep finds the work done.
+    let uri = std::env::var("PRESENCE_TEST_REDIS_URI")
+        .unwrap_or_else(|_| presence::store::redis::test_support::DEFAULT_TEST_REDIS_URI.into());
+    let other = RedisStore::connect(&uri, store.prefix())
+        .await
+        .expect("connect");
+    assert_eq!(other.sweep_expired().await.map(|s| s.expired), Ok(0));
+    assert_eq!(other.stats().await, Ok(Stats::from_counts([1, 0, 1])));
+    other
+        .login(&id("v2-a"), &new_lease_id(), TTL, Meta::new())
+        .await
+        .expect("login");
+    assert_eq!(
+        page_ids(&h, &Query::new(Filter::default())).await,
+        (strings(&["v1-a", "v1-c", "v2-a"]), None)
+    );
+    assert_eq!(store.stats().await, Ok(Stats::from_counts([2, 0, 1])));
+    assert!(store.delete_prefix().await.is_ok());
+}
+
+#[tokio::test]
+async fn redis_index_build_counts_an_older_servers_records_after_a_first_write() {
+    // A server that starts on an older deployment may take a request before its
+    // first sweep: the records of the older server must be indexed and counted all
+    // the same.
+    let Some(store) = redis_for_tests("redis_index_build_after_write").await else {
+        return;
+    };
+    let now = Store::now_ms(&store).await.expect("now");
+    let lease = new_lease_id();
+    let online = now + TTL;
+    write_v1(
+        &store,
+        &[
+            ("v1-a", online, v1_record(online, now, &lease, "", "")),
+            ("v1-b", online, v1_record(online, now, &lease, "", "")),
+        ],
+    )
+    .await;
+    store
+        .login_with(
+            &id("v2-a"),
+            &new_lease_id(),
+            TTL,
+            Meta::new(),
+            Status::Degraded,
+        )
+        .await
+        .expect("login");
+    // Logged in again by the new server before its first sweep: still one node.
+    store
+        .login(&id("v1-b"), &lease, TTL, Meta::new())
+        .await
+        .expect("login");
+    store.sweep_expired().await.expect("sweep");
+    let h = Harness {
+        store: Arc::new(store.clone()),
+        redis: None,
+    };
+    assert_eq!(
+        page_ids(&h, &Query::new(Filter::default())).await,
+        (strings(&["v1-a", "v1-b", "v2-a"]), None)
+    );
+    assert_eq!(store.stats().await, Ok(Stats::from_counts([2, 1, 0])));
+    assert!(store.delete_prefix().await.is_ok());
 }

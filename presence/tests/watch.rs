@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use presence::client::{LeaveReason, PresenceClient, Watch, WatchEvent, WatchFilter, WatchItem};
+use presence::client::{Filter, LeaveReason, PresenceClient, Watch, WatchEvent, WatchItem};
 use presence::config::Config;
 use presence::model::{Meta, Node};
 use presence::server::PresenceService;
@@ -65,7 +65,7 @@ async fn every_event_type_arrives_with_its_exact_data() {
     pc.login_with_meta("before", meta(json!({"a": 1})))
         .await
         .expect("login");
-    let mut watch = pc.watch(WatchFilter::all());
+    let mut watch = pc.watch(Filter::all());
     let WatchEvent::Snapshot(nodes) = next(&mut watch).await.event else {
         panic!("a snapshot first");
     };
@@ -121,7 +121,7 @@ async fn a_garbled_or_too_old_cursor_gets_a_snapshot_then_live_events() {
     cfg.watch_retention = Duration::from_secs(1);
     let svc = service(&cfg);
     let pc = client(&svc);
-    let mut watch = pc.watch(WatchFilter::all());
+    let mut watch = pc.watch(Filter::all());
     let start = next(&mut watch).await;
     assert!(start.event.is_snapshot());
     pc.login("a").await.expect("login");
@@ -129,7 +129,7 @@ async fn a_garbled_or_too_old_cursor_gets_a_snapshot_then_live_events() {
     drop(watch);
 
     // A good cursor resumes: no snapshot, the next change.
-    let mut resumed = pc.watch_from(WatchFilter::all(), joined.cursor.clone());
+    let mut resumed = pc.watch_from(Filter::all(), joined.cursor.clone());
     pc.login("b").await.expect("login");
     assert!(matches!(next(&mut resumed).await.event, WatchEvent::Join(n) if n.node_id == "b"));
     drop(resumed);
@@ -138,7 +138,7 @@ async fn a_garbled_or_too_old_cursor_gets_a_snapshot_then_live_events() {
     tokio::time::advance(Duration::from_secs(2)).await;
     pc.login("c").await.expect("login");
     for cursor in [start.cursor.as_str(), "garbled!", "AQAAAAAAAAAAAAE"] {
-        let mut w = pc.watch_from(WatchFilter::all(), cursor);
+        let mut w = pc.watch_from(Filter::all(), cursor);
         let WatchEvent::Snapshot(nodes) = next(&mut w).await.event else {
             panic!("{cursor}: a snapshot first");
         };
@@ -159,7 +159,7 @@ async fn too_many_watchers_get_503_with_retry_after() {
     cfg.max_watchers = 1;
     let svc = service(&cfg);
     let pc = client(&svc);
-    let mut first = pc.watch(WatchFilter::all());
+    let mut first = pc.watch(Filter::all());
     next(&mut first).await;
     let req = http::Request::get("/presence/watch")
         .body(http_body_util::Full::new(bytes::Bytes::new()))
@@ -221,7 +221,7 @@ proptest! {
         runtime.block_on(async move {
             let svc = service(&config());
             let pc = client(&svc);
-            let mut view = pc.view(WatchFilter::all());
+            let mut view = pc.view(Filter::all());
             for op in ops {
                 let node = |n: u8| format!("node-{n}");
                 // Answers such as 404 (not online) are part of the history too.

@@ -7,6 +7,8 @@
 //! each iteration measures `poll_ready` + `call` + one poll of the response future,
 //! which takes and frees one slot, for all three in the same run.
 //!
+//! The `clock` group times one read of each clock the adaptive limit could use.
+//!
 //! Run: `cargo bench -p resilience --bench concurrency_limit -- --warm-up-time 1 --measurement-time 2`
 
 mod support;
@@ -60,5 +62,16 @@ fn overhead(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, overhead);
+/// What one clock read costs: the adaptive limit reads its clock twice per call, so this
+/// is why it reads the time-stamp counter (`quanta`) rather than `Instant::now`.
+fn clocks(c: &mut Criterion) {
+    let mut group = c.benchmark_group("clock");
+    group.bench_function("std_instant_now", |b| b.iter(std::time::Instant::now));
+    group.bench_function("tokio_instant_now", |b| b.iter(tokio::time::Instant::now));
+    let clock = quanta::Clock::new();
+    group.bench_function("quanta_raw", |b| b.iter(|| clock.raw()));
+    group.finish();
+}
+
+criterion_group!(benches, overhead, clocks);
 criterion_main!(benches);

@@ -78,6 +78,7 @@
 #![warn(missing_docs)]
 
 pub mod circuit_breaker;
+mod clock;
 pub mod concurrency_limit;
 mod http_response;
 pub mod key;

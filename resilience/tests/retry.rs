@@ -69,15 +69,24 @@ fn paused_runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// The worst `retries − (ratio × requests + floor × t)` over a schedule, for our budget
-/// (through the layer, on a dependency that always fails) and for tower's `TpsBudget`
-/// (deposit per request, withdraw per retry, the same attempt cap).
-fn overspend(schedule: &[Step], ratio: f64, floor: u32, window_s: u64, max: u32) -> (f64, f64) {
+/// The worst `retries − (ratio × requests + floor × t + initial)` over a schedule, for
+/// our budget (through the layer, on a dependency that always fails) and for tower's
+/// `TpsBudget` (deposit per request, withdraw per retry, the same attempt cap; it has no
+/// start-up allowance, so `initial` only loosens its bound).
+fn overspend(
+    schedule: &[Step],
+    ratio: f64,
+    floor: u32,
+    window_s: u64,
+    max: u32,
+    initial: u32,
+) -> (f64, f64) {
     paused_runtime().block_on(async {
         let budget = RetryBudget::builder()
             .ratio(ratio)
             .min_per_sec(f64::from(floor))
             .window(Duration::from_secs(window_s))
+            .initial(initial)
             .build();
         let tps = TpsBudget::new(Duration::from_secs(window_s), floor, ratio as f32);
         let start = Instant::now();
@@ -100,8 +109,9 @@ fn overspend(schedule: &[Step], ratio: f64, floor: u32, window_s: u64, max: u32)
                     }
                     tps_retries += 1;
                 }
-                let allowed =
-                    ratio * requests as f64 + f64::from(floor) * start.elapsed().as_secs_f64();
+                let allowed = ratio * requests as f64
+                    + f64::from(floor) * start.elapsed().as_secs_f64()
+                    + f64::from(initial);
                 let retries = u64::from(calls.load(Ordering::SeqCst)) - requests;
                 assert_eq!(budget.stats().retries, retries);
                 ours_worst = ours_worst.max(retries as f64 - allowed);
@@ -119,7 +129,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
     #[test]
-    fn budget_never_lets_retries_exceed_ratio_times_requests_plus_floor_times_t(
+    fn budget_never_lets_retries_exceed_ratio_times_requests_plus_floor_times_t_plus_initial(
         schedule in prop::collection::vec(
             (0u64..4_000, 1u32..25).prop_map(|(gap_ms, burst)| Step { gap_ms, burst }),
             1..40,
@@ -128,8 +138,9 @@ proptest! {
         floor in prop::sample::select(vec![0u32, 1, 5, 10]),
         window_s in 1u64..20,
         max in 2u32..6,
+        initial in prop::sample::select(vec![0u32, 1, 3, 10]),
     ) {
-        let (ours, tower) = overspend(&schedule, ratio, floor, window_s, max);
+        let (ours, tower) = overspend(&schedule, ratio, floor, window_s, max, initial);
         prop_assert!(ours <= 1e-9, "our budget overspent by {ours}");
         let mut worst = TOWER_WORST.lock().unwrap();
         if tower > *worst {
@@ -170,10 +181,57 @@ fn tower_tps_budget_overspend_beside_ours_on_fixed_schedules() {
         ("trickle", &trickle),
         ("bursts", &bursts),
     ] {
-        let (ours, tower) = overspend(schedule, 0.2, 10, 10, 4);
+        let (ours, tower) = overspend(schedule, 0.2, 10, 10, 4, 0);
         eprintln!("{name}: overspend ours {ours:.3}, tower TpsBudget {tower:.3}");
         assert!(ours <= 1e-9);
     }
+}
+
+#[test]
+fn a_start_up_allowance_retries_the_first_failing_calls_and_only_initial_of_them() {
+    paused_runtime().block_on(async {
+        // Without one, the very first failing call is not retried: nothing deposited yet,
+        // no floor accrued yet.
+        let calls = Arc::new(AtomicU32::new(0));
+        let bare = RetryLayer::new(AlwaysRetry { max: 3 })
+            .budget(RetryBudget::builder().ratio(0.2).min_per_sec(10.0).build());
+        assert!(bare
+            .layer(always_failing(calls.clone()))
+            .oneshot(1)
+            .await
+            .is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(bare.retry_budget().stats().denied, 1);
+
+        // With `initial(2)`: the first call gets its two retries at t = 0...
+        let calls = Arc::new(AtomicU32::new(0));
+        let budget = RetryBudget::builder()
+            .ratio(0.2)
+            .min_per_sec(10.0)
+            .initial(2)
+            .build();
+        assert_eq!(budget.initial(), 2);
+        let layer = RetryLayer::new(AlwaysRetry { max: 3 }).budget(budget.clone());
+        let svc = layer.layer(always_failing(calls.clone()));
+        assert!(svc.clone().oneshot(1).await.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        // ...and the allowance does not refill: the next call at t = 0 has only its own
+        // 0.2 + the first call's 0.2 of credit.
+        assert!(svc.clone().oneshot(2).await.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(
+            budget.stats(),
+            resilience::retry::BudgetStats {
+                requests: 2,
+                retries: 2,
+                denied: 1
+            }
+        );
+        // The floor still accrues afterwards, as without an allowance.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(svc.clone().oneshot(3).await.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 6);
+    });
 }
 
 #[test]

@@ -30,14 +30,14 @@ use bytes::Bytes;
 use http::HeaderValue;
 use http_body::Body;
 use resilience::{
-    BoxError, Burst, CircuitBreaker, CircuitBreakerLayer, HttpClassifier, Rate, TokenBucketLayer,
+    BoxError, Burst, CircuitBreaker, CircuitBreakerLayer, HttpClassifier, Rate, RetryLayer,
+    TokenBucketLayer,
 };
-use tower::retry::RetryLayer;
 use tower::timeout::TimeoutLayer;
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceBuilder};
 
-use super::retry::{RetryConfig, RetryPolicy};
+use super::retry::{ClientRetryPolicy, RetryConfig};
 use super::transport::{self, ClientRequest, HttpService, RawService};
 use super::watch::WatchSettings;
 use super::{ClientError, PresenceClient};
@@ -45,8 +45,9 @@ use super::{ClientError, PresenceClient};
 /// Builds a [`PresenceClient`]; made by [`PresenceClient::builder`].
 ///
 /// The stack, outermost first: token bucket in wait mode (one global bucket) ->
-/// circuit breaker (an `Err` or a `5xx` counts as a failure) -> retry (idempotent
-/// calls only, see [`RetryConfig`]) -> timeout per attempt -> transport. The breaker
+/// circuit breaker (an `Err` or a `5xx` counts as a failure) -> retry
+/// (`resilience`'s `RetryLayer` with one retry budget per client; idempotent calls
+/// only, see [`RetryConfig`]) -> timeout per attempt -> transport. The breaker
 /// sits outside the retry, so one call that exhausts its retries counts once, and an
 /// open breaker stops a call before any attempt; the limiter sits outside both, so a
 /// burst waits instead of tripping anything.
@@ -262,7 +263,7 @@ impl PresenceClientBuilder {
         let breaker = self.breaker.unwrap_or_default();
         let core = ServiceBuilder::new()
             .layer(CircuitBreakerLayer::new(breaker.clone()).classifier(HttpClassifier))
-            .layer(RetryLayer::new(RetryPolicy::new(self.retry)))
+            .layer(RetryLayer::new(ClientRetryPolicy::new(self.retry)).budget(self.retry.budget()))
             .layer(TimeoutLayer::new(self.timeout))
             .service(transport);
         let service: HttpService = match self.rate_limit {

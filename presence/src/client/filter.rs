@@ -1,10 +1,12 @@
-//! [`WatchFilter`]: which nodes a [watch feed](super::watch) (and, later, a listing)
-//! is about, rendered as the query string the server reads.
+//! [`Filter`]: which nodes a [watch feed](super::watch) or a listing
+//! ([`PresenceClient::list_nodes_with`](super::PresenceClient::list_nodes_with),
+//! [`PresenceClient::pages`](super::PresenceClient::pages)) is about, rendered as the
+//! query string the server reads.
 //!
 //! ```
-//! use presence::client::WatchFilter;
+//! use presence::client::Filter;
 //!
-//! let filter = WatchFilter::all()
+//! let filter = Filter::all()
 //!     .prefix("eu-west/")
 //!     .status(["up", "degraded"])
 //!     .meta("role", "edge cache");
@@ -12,7 +14,7 @@
 //!     filter.query_string(),
 //!     "prefix=eu-west%2F&status=up,degraded&meta.role=edge%20cache"
 //! );
-//! assert_eq!(WatchFilter::all().query_string(), "");
+//! assert_eq!(Filter::all().query_string(), "");
 //! ```
 //!
 //! The parameters: `prefix=<p>` (node ids starting with `p`), `status=<s>,<s>...`
@@ -32,27 +34,27 @@ const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// Which nodes to watch; [`WatchFilter::all`] (the default) is every node.
+/// Which nodes to watch or list; [`Filter::all`] (the default) is every node.
 ///
 /// Builder-style: each method returns the filter. A filter is sent as query
 /// parameters (see [`query_string`](Self::query_string)); it is kept apart from the
 /// watch call so listing can take the same value.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct WatchFilter {
+pub struct Filter {
     prefix: Option<String>,
     status: Vec<String>,
     meta: Vec<(String, String)>,
 }
 
-impl WatchFilter {
+impl Filter {
     /// Every node (no parameter at all).
-    pub fn all() -> WatchFilter {
-        WatchFilter::default()
+    pub fn all() -> Filter {
+        Filter::default()
     }
 
     /// Only nodes whose id starts with `prefix` (replaces an earlier prefix; an empty
     /// prefix is no filter).
-    pub fn prefix(mut self, prefix: impl Into<String>) -> WatchFilter {
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Filter {
         let prefix = prefix.into();
         self.prefix = (!prefix.is_empty()).then_some(prefix);
         self
@@ -61,7 +63,7 @@ impl WatchFilter {
     /// Only nodes whose status is one of `statuses` (e.g. `["up", "degraded"]`;
     /// replaces an earlier list; an empty list is no filter). Empty strings are
     /// dropped.
-    pub fn status<I, S>(mut self, statuses: I) -> WatchFilter
+    pub fn status<I, S>(mut self, statuses: I) -> Filter
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
@@ -76,7 +78,7 @@ impl WatchFilter {
 
     /// Only nodes whose meta has `key` equal to `value` (as the server compares
     /// them); repeatable, every pair must match.
-    pub fn meta(mut self, key: impl Into<String>, value: impl Into<String>) -> WatchFilter {
+    pub fn meta(mut self, key: impl Into<String>, value: impl Into<String>) -> Filter {
         self.meta.push((key.into(), value.into()));
         self
     }
@@ -129,7 +131,7 @@ impl WatchFilter {
     }
 }
 
-impl fmt::Display for WatchFilter {
+impl fmt::Display for Filter {
     /// The query string, as [`query_string`](Self::query_string).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.query_string())
@@ -146,7 +148,7 @@ mod tests {
 
     #[test]
     fn renders_and_encodes_every_parameter() {
-        let f = WatchFilter::all()
+        let f = Filter::all()
             .prefix("a b&c=d")
             .status(["up", "", "de,graded"])
             .meta("zone", "eu/1")
@@ -161,17 +163,14 @@ mod tests {
 
     #[test]
     fn all_is_empty_and_default() {
-        assert_eq!(WatchFilter::default(), WatchFilter::all());
-        assert!(WatchFilter::all()
+        assert_eq!(Filter::default(), Filter::all());
+        assert!(Filter::all()
             .prefix("")
             .status(Vec::<String>::new())
             .is_all());
-        assert_eq!(WatchFilter::all().apply_to("/watch"), "/watch");
+        assert_eq!(Filter::all().apply_to("/watch"), "/watch");
         assert_eq!(
-            WatchFilter::all()
-                .prefix("x")
-                .prefix("y-1.z_~")
-                .query_string(),
+            Filter::all().prefix("x").prefix("y-1.z_~").query_string(),
             "prefix=y-1.z_~"
         );
     }

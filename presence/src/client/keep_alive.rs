@@ -3,7 +3,7 @@
 //! ```no_run
 //! # async fn run() -> Result<(), presence::client::ClientError> {
 //! use presence::client::PresenceClient;
-//! use presence::model::Meta;
+//! use presence::model::{Meta, Status};
 //!
 //! let pc = PresenceClient::new("http://localhost:8080/presence")?;
 //! let mut meta = Meta::new();
@@ -12,6 +12,7 @@
 //! // ... the node does its work; heartbeats go out in the background ...
 //! meta.insert("load".into(), 0.75.into());
 //! keep.set_meta(meta); // sent with the next heartbeat
+//! keep.set_status(Status::Draining); // so is a status: watchers see an update
 //! let removed = keep.stop().await?; // stops heartbeating and logs out
 //! assert!(removed);
 //! # Ok(()) }
@@ -35,8 +36,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::retry::spread;
-use super::{ClientError, Heartbeat, PresenceClient};
-use crate::model::{Lease, Meta, NodeId};
+use super::{ClientError, Heartbeat, NodeUpdate, PresenceClient};
+use crate::model::{Lease, Meta, NodeId, Status};
 
 /// The shortest interval the task heartbeats at, whatever the server advises: a
 /// misconfigured server must not turn every client into a busy loop.
@@ -55,19 +56,19 @@ const JITTER: f64 = 0.1;
 pub struct KeepAlive {
     client: PresenceClient,
     node_id: NodeId,
-    meta: watch::Sender<Option<Meta>>,
+    update: watch::Sender<NodeUpdate>,
     task: Option<JoinHandle<ClientError>>,
 }
 
 impl KeepAlive {
     pub(crate) fn spawn(client: PresenceClient, node_id: NodeId, first: &Lease) -> KeepAlive {
-        let (meta, rx) = watch::channel(None);
+        let (update, rx) = watch::channel(NodeUpdate::default());
         let interval = Duration::from_millis(first.heartbeat_ms);
         let task = tokio::spawn(run(client.clone(), node_id.clone(), interval, rx));
         KeepAlive {
             client,
             node_id,
-            meta,
+            update,
             task: Some(task),
         }
     }
@@ -85,7 +86,13 @@ impl KeepAlive {
     /// Replaces the node's meta; the next heartbeat carries it (and so does a login
     /// the task makes after that).
     pub fn set_meta(&self, meta: Meta) {
-        self.meta.send_replace(Some(meta));
+        self.update.send_modify(|u| u.meta = Some(meta));
+    }
+
+    /// Sets the node's status (e.g. [`Status::Draining`] before a shutdown); the
+    /// next heartbeat carries it (and so does a login the task makes after that).
+    pub fn set_status(&self, status: Status) {
+        self.update.send_modify(|u| u.status = Some(status));
     }
 
     /// `true` once the task has stopped by itself after an error no retry fixes
@@ -135,19 +142,25 @@ async fn run(
     client: PresenceClient,
     node_id: NodeId,
     mut interval: Duration,
-    mut meta: watch::Receiver<Option<Meta>>,
+    mut changes: watch::Receiver<NodeUpdate>,
 ) -> ClientError {
-    let mut pending_meta: Option<Meta> = None;
+    // What the next heartbeat must carry: the latest meta and status set since the
+    // last heartbeat that went through.
+    let mut pending = NodeUpdate::default();
     let mut last_failed = false;
     loop {
         let base = interval.max(MIN_INTERVAL);
         let wait = if last_failed { base / 2 } else { base };
         tokio::time::sleep(spread(wait, JITTER)).await;
 
-        if meta.has_changed().unwrap_or(false) {
-            pending_meta = meta.borrow_and_update().clone();
+        if changes.has_changed().unwrap_or(false) {
+            // The latest of each ever set (sending a meta again that is already
+            // stored changes nothing, so it is no event).
+            let set = changes.borrow_and_update().clone();
+            pending.meta = set.meta.or(pending.meta);
+            pending.status = set.status.or(pending.status);
         }
-        match client.heartbeat_inner(&node_id, pending_meta.clone()).await {
+        match client.heartbeat_inner(&node_id, pending.clone()).await {
             Ok(beat) => {
                 if let Heartbeat::Relogged(lease) = &beat {
                     tracing::info!(
@@ -157,7 +170,7 @@ async fn run(
                     );
                     interval = Duration::from_millis(lease.heartbeat_ms);
                 }
-                pending_meta = None;
+                pending = NodeUpdate::default();
                 last_failed = false;
             }
             Err(e) if e.is_transient() => {

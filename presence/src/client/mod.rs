@@ -51,7 +51,8 @@
 //! [`PresenceClient::watch`] streams the changes of the online set (a snapshot, then
 //! joins, updates and leaves) from `GET /presence/watch`, reconnecting and resuming
 //! by itself; [`PresenceClient::view`] keeps a local map current from that feed. See
-//! [`watch`] and [`view`]; [`WatchFilter`] selects the nodes.
+//! [`watch`] and [`view`]; [`Filter`] selects the nodes (and the listings of
+//! [`PresenceClient::list_nodes_with`] and [`PresenceClient::pages`]).
 //!
 //! All time is `tokio::time`, so the whole client runs on paused time in tests.
 
@@ -81,7 +82,7 @@ use tower::ServiceExt;
 
 pub use self::builder::PresenceClientBuilder;
 pub use self::error::ClientError;
-pub use self::filter::WatchFilter;
+pub use self::filter::Filter;
 pub use self::keep_alive::KeepAlive;
 pub use self::retry::RetryConfig;
 pub use self::view::PresenceView;
@@ -92,7 +93,7 @@ use self::transport::{ClientRequest, HttpService, RawService};
 use self::watch::WatchSettings;
 use crate::model::{
     HeartbeatRequest, HeartbeatResponse, Lease, LoginRequest, LogoutRequest, LogoutResponse, Meta,
-    Node, NodeId,
+    Node, NodeId, Stats, Status,
 };
 
 /// A client of the presence HTTP API (docs/http-api.md).
@@ -135,6 +136,25 @@ struct Session {
     lease: Lease,
     /// The meta last sent, for a re-login (`None`: never sent, log in without).
     meta: Option<Meta>,
+    /// The status last sent, for a re-login (`None`: never sent, `up`).
+    status: Option<Status>,
+}
+
+/// What a login or heartbeat sets besides time: `None` keeps (heartbeat) or
+/// leaves out (login) each part.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct NodeUpdate {
+    pub(crate) meta: Option<Meta>,
+    pub(crate) status: Option<Status>,
+}
+
+impl NodeUpdate {
+    fn meta(meta: Meta) -> NodeUpdate {
+        NodeUpdate {
+            meta: Some(meta),
+            status: None,
+        }
+    }
 }
 
 impl Slot {
@@ -252,7 +272,26 @@ impl PresenceClient {
     /// any error of the call.
     pub async fn login(&self, node_id: impl AsRef<str>) -> Result<Lease, ClientError> {
         let id = parse_node_id(node_id.as_ref())?;
-        self.login_inner(&id, None).await
+        self.login_inner(&id, NodeUpdate::default()).await
+    }
+
+    /// Logs `node_id` in with `meta` and `status` (see [`Status`]), and remembers
+    /// the lease, meta and status for a later re-login. Never retried.
+    ///
+    /// # Errors
+    /// As [`login_with_meta`](Self::login_with_meta).
+    pub async fn login_with_status(
+        &self,
+        node_id: impl AsRef<str>,
+        meta: Meta,
+        status: Status,
+    ) -> Result<Lease, ClientError> {
+        let id = parse_node_id(node_id.as_ref())?;
+        let update = NodeUpdate {
+            meta: Some(meta),
+            status: Some(status),
+        };
+        self.login_inner(&id, update).await
     }
 
     /// Logs `node_id` in with `meta` and remembers the lease (and the meta, for a
@@ -267,7 +306,7 @@ impl PresenceClient {
         meta: Meta,
     ) -> Result<Lease, ClientError> {
         let id = parse_node_id(node_id.as_ref())?;
-        self.login_inner(&id, Some(meta)).await
+        self.login_inner(&id, NodeUpdate::meta(meta)).await
     }
 
     /// Extends the node's lease, keeping its meta. Without a remembered lease, or
@@ -279,7 +318,7 @@ impl PresenceClient {
     /// since; any error of the calls.
     pub async fn heartbeat(&self, node_id: impl AsRef<str>) -> Result<Heartbeat, ClientError> {
         let id = parse_node_id(node_id.as_ref())?;
-        self.heartbeat_inner(&id, None).await
+        self.heartbeat_inner(&id, NodeUpdate::default()).await
     }
 
     /// As [`heartbeat`](Self::heartbeat), replacing the node's meta with `meta`.
@@ -292,7 +331,26 @@ impl PresenceClient {
         meta: Meta,
     ) -> Result<Heartbeat, ClientError> {
         let id = parse_node_id(node_id.as_ref())?;
-        self.heartbeat_inner(&id, Some(meta)).await
+        self.heartbeat_inner(&id, NodeUpdate::meta(meta)).await
+    }
+
+    /// As [`heartbeat`](Self::heartbeat), setting the node's status (its meta is
+    /// kept). A status that differs from the stored one is an `update` for
+    /// watchers.
+    ///
+    /// # Errors
+    /// As [`heartbeat`](Self::heartbeat).
+    pub async fn heartbeat_with_status(
+        &self,
+        node_id: impl AsRef<str>,
+        status: Status,
+    ) -> Result<Heartbeat, ClientError> {
+        let id = parse_node_id(node_id.as_ref())?;
+        let update = NodeUpdate {
+            meta: None,
+            status: Some(status),
+        };
+        self.heartbeat_inner(&id, update).await
     }
 
     /// Logs the node out with its remembered lease and forgets the lease. `Ok(true)`
@@ -338,6 +396,97 @@ impl PresenceClient {
         self.call(Method::GET, "", None::<&()>, true).await
     }
 
+    /// The online nodes `filter` selects, sorted by node id, in one listing.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), presence::client::ClientError> {
+    /// use presence::client::{Filter, PresenceClient};
+    ///
+    /// let pc = PresenceClient::new("http://localhost:8080/presence")?;
+    /// let eu = Filter::all().status(["up"]).meta("region", "eu");
+    /// for node in pc.list_nodes_with(&eu).await? {
+    ///     println!("{} {}", node.node_id, node.status);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidInput`] for a filter the server refuses (`400`); any
+    /// error of the call.
+    pub async fn list_nodes_with(&self, filter: &Filter) -> Result<Vec<Node>, ClientError> {
+        self.call(Method::GET, &filter.apply_to(""), None::<&()>, true)
+            .await
+    }
+
+    /// The online nodes `filter` selects, a page of at most `page_size` (1 to
+    /// 10 000) at a time, in node id order: a [`Stream`](futures_util::Stream) that
+    /// asks for the next page only when the previous one has been taken, and ends
+    /// after the last (the server says whether more remain with a `Link: ...;
+    /// rel="next"` header). Each page costs the server what the page costs, so a
+    /// large deployment can be walked without one huge listing.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), presence::client::ClientError> {
+    /// use futures_util::TryStreamExt;
+    /// use presence::client::{Filter, PresenceClient};
+    ///
+    /// let pc = PresenceClient::new("http://localhost:8080/presence")?;
+    /// let mut pages = std::pin::pin!(pc.pages(Filter::all(), 1000));
+    /// while let Some(page) = pages.try_next().await? {
+    ///     println!("{} nodes, from {:?}", page.len(), page.first().map(|n| &n.node_id));
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// A node that logs in or out while the walk goes on may or may not be seen
+    /// (each page is read as of its own request); none is seen twice.
+    pub fn pages(
+        &self,
+        filter: Filter,
+        page_size: usize,
+    ) -> impl futures_util::Stream<Item = Result<Vec<Node>, ClientError>> + Send + 'static {
+        let client = self.clone();
+        let size = page_size.clamp(1, crate::store::query::MAX_PAGE);
+        // `Some(after)`: the next page starts after it (`""`: the first page).
+        futures_util::stream::try_unfold(Some(String::new()), move |after| {
+            let client = client.clone();
+            let filter = filter.clone();
+            async move {
+                let Some(after) = after else {
+                    return Ok(None);
+                };
+                let mut path = filter.apply_to("");
+                path.push(if path.is_empty() { '?' } else { '&' });
+                path.push_str(&format!("limit={size}"));
+                if !after.is_empty() {
+                    path.push_str(&format!("&after={}", filter::encode(&after)));
+                }
+                let (page, headers): (Vec<Node>, _) = client
+                    .call_with_headers(Method::GET, &path, None::<&()>, true)
+                    .await?;
+                let more = headers
+                    .get_all(http::header::LINK)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| v.contains("rel=\"next\""));
+                let next = match page.last() {
+                    Some(last) if more => Some(last.node_id.clone()),
+                    _ => None,
+                };
+                Ok(Some((page, next)))
+            }
+        })
+    }
+
+    /// How many nodes are online, in all and by status (`GET /presence/stats`:
+    /// counters, the server reads no node).
+    ///
+    /// # Errors
+    /// Any error of the call.
+    pub async fn stats(&self) -> Result<Stats, ClientError> {
+        self.call(Method::GET, "/stats", None::<&()>, true).await
+    }
+
     /// One node; `Ok(None)` if it is not online.
     ///
     /// # Errors
@@ -364,7 +513,27 @@ impl PresenceClient {
         meta: Meta,
     ) -> Result<KeepAlive, ClientError> {
         let id = parse_node_id(node_id.as_ref())?;
-        let lease = self.login_inner(&id, Some(meta)).await?;
+        let lease = self.login_inner(&id, NodeUpdate::meta(meta)).await?;
+        Ok(KeepAlive::spawn(self.clone(), id, &lease))
+    }
+
+    /// As [`keep_alive`](Self::keep_alive), logging in with `status`;
+    /// [`KeepAlive::set_status`] changes it later.
+    ///
+    /// # Errors
+    /// As [`keep_alive`](Self::keep_alive).
+    pub async fn keep_alive_with_status(
+        &self,
+        node_id: impl AsRef<str>,
+        meta: Meta,
+        status: Status,
+    ) -> Result<KeepAlive, ClientError> {
+        let id = parse_node_id(node_id.as_ref())?;
+        let update = NodeUpdate {
+            meta: Some(meta),
+            status: Some(status),
+        };
+        let lease = self.login_inner(&id, update).await?;
         Ok(KeepAlive::spawn(self.clone(), id, &lease))
     }
 
@@ -413,10 +582,10 @@ impl PresenceClient {
         }
     }
 
-    async fn login_inner(&self, id: &NodeId, meta: Option<Meta>) -> Result<Lease, ClientError> {
+    async fn login_inner(&self, id: &NodeId, update: NodeUpdate) -> Result<Lease, ClientError> {
         let slot = self.slot(id);
         let _guard = slot.lease_lock.lock().await;
-        self.login_locked(id, &slot, meta).await
+        self.login_locked(id, &slot, update).await
     }
 
     /// Logs in; the caller holds `slot.lease_lock`.
@@ -424,12 +593,13 @@ impl PresenceClient {
         &self,
         id: &NodeId,
         slot: &Slot,
-        meta: Option<Meta>,
+        update: NodeUpdate,
     ) -> Result<Lease, ClientError> {
+        let NodeUpdate { meta, status } = update;
         let body = LoginRequest {
             node_id: id.as_str().to_owned(),
             meta: meta.clone(),
-            status: None,
+            status,
         };
         let lease: Lease = self
             .call(Method::POST, "/login", Some(&body), false)
@@ -437,6 +607,7 @@ impl PresenceClient {
         *lock(&slot.session) = Some(Session {
             lease: lease.clone(),
             meta,
+            status,
         });
         Ok(lease)
     }
@@ -444,13 +615,13 @@ impl PresenceClient {
     pub(crate) async fn heartbeat_inner(
         &self,
         id: &NodeId,
-        meta: Option<Meta>,
+        update: NodeUpdate,
     ) -> Result<Heartbeat, ClientError> {
         let slot = self.slot(id);
         let sent_with = slot.current();
         if let Some(session) = &sent_with {
             match self
-                .send_heartbeat(id, &slot, &session.lease.lease_id, &meta)
+                .send_heartbeat(id, &slot, &session.lease.lease_id, &update)
                 .await
             {
                 Err(ClientError::NotFound) => {}
@@ -468,7 +639,7 @@ impl PresenceClient {
                 // Someone logged in while this heartbeat was out; extend that lease
                 // instead of issuing yet another one.
                 match self
-                    .send_heartbeat(id, &slot, &now.lease.lease_id, &meta)
+                    .send_heartbeat(id, &slot, &now.lease.lease_id, &update)
                     .await
                 {
                     Err(ClientError::NotFound) => {}
@@ -477,8 +648,15 @@ impl PresenceClient {
             }
         }
         tracing::debug!(node_id = %id, "presence: node not online; logging in again");
-        let login_meta = meta.or_else(|| current.or(sent_with).and_then(|s| s.meta));
-        self.login_locked(id, &slot, login_meta)
+        // Log in again as the node last was, with whatever this heartbeat changes.
+        let last = current.or(sent_with);
+        let again = NodeUpdate {
+            meta: update
+                .meta
+                .or_else(|| last.as_ref().and_then(|s| s.meta.clone())),
+            status: update.status.or_else(|| last.and_then(|s| s.status)),
+        };
+        self.login_locked(id, &slot, again)
             .await
             .map(Heartbeat::Relogged)
     }
@@ -488,21 +666,24 @@ impl PresenceClient {
         id: &NodeId,
         slot: &Slot,
         lease_id: &str,
-        meta: &Option<Meta>,
+        update: &NodeUpdate,
     ) -> Result<Heartbeat, ClientError> {
         let body = HeartbeatRequest {
             node_id: id.as_str().to_owned(),
             lease_id: lease_id.to_owned(),
-            meta: meta.clone(),
-            status: None,
+            meta: update.meta.clone(),
+            status: update.status,
         };
         let reply: HeartbeatResponse = self
             .call(Method::POST, "/heartbeat", Some(&body), true)
             .await?;
-        if let Some(meta) = meta {
-            if let Some(session) = lock(&slot.session).as_mut() {
-                if session.lease.lease_id == lease_id {
+        if let Some(session) = lock(&slot.session).as_mut() {
+            if session.lease.lease_id == lease_id {
+                if let Some(meta) = &update.meta {
                     session.meta = Some(meta.clone());
+                }
+                if update.status.is_some() {
+                    session.status = update.status;
                 }
             }
         }
@@ -521,6 +702,23 @@ impl PresenceClient {
         Req: Serialize + ?Sized,
         Res: DeserializeOwned,
     {
+        self.call_with_headers(method, path, body, idempotent)
+            .await
+            .map(|(reply, _)| reply)
+    }
+
+    /// [`call`](Self::call), also returning the reply's headers.
+    async fn call_with_headers<Req, Res>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Req>,
+        idempotent: bool,
+    ) -> Result<(Res, http::HeaderMap), ClientError>
+    where
+        Req: Serialize + ?Sized,
+        Res: DeserializeOwned,
+    {
         let request = self.request(method, path, body, idempotent)?;
         let service = lock(&self.inner.service).clone();
         let response = service
@@ -531,7 +729,9 @@ impl PresenceClient {
         if !parts.status.is_success() {
             return Err(ClientError::from_reply(parts.status, &parts.headers, &body));
         }
-        serde_json::from_slice(&body).map_err(|e| ClientError::invalid_response(parts.status, &e))
+        let reply = serde_json::from_slice(&body)
+            .map_err(|e| ClientError::invalid_response(parts.status, &e))?;
+        Ok((reply, parts.headers))
     }
 
     fn request<Req: Serialize + ?Sized>(

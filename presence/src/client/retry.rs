@@ -36,7 +36,20 @@
 //! is wrong, repeating it does not help), never another `5xx` (a `500` is likely a
 //! bug that repeats), never the client's own `CircuitOpen` / `RateLimited`. A `503`
 //! whose `Retry-After` is longer than `max_backoff` is returned at once instead of
-//! being retried against a server that said it needs longer.
+//! being retried against a server that said it needs longer; a shorter one is waited
+//! (or the jittered backoff, if that is longer).
+//!
+//! # The budget
+//!
+//! The retries run in `resilience`'s [`RetryLayer`](resilience::RetryLayer), within one
+//! [`RetryBudget`] per client: 20 % of its calls
+//! ([`BUDGET_RATIO`](RetryConfig::BUDGET_RATIO)) plus 10 retries per second
+//! ([`BUDGET_MIN_PER_SEC`](RetryConfig::BUDGET_MIN_PER_SEC)) over 10 s, and a
+//! start-up allowance of [`BUDGET_INITIAL`](RetryConfig::BUDGET_INITIAL) retries, so
+//! a node whose first calls at boot meet a server that is still starting retries them
+//! (the budget's floor starts empty). So, over the client's life,
+//! `retries ≤ 0.2 × calls + 10 × seconds + 10`: a fleet of clients cannot multiply the
+//! load of a struggling server by `max_attempts`.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -44,8 +57,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
+use resilience::retry::{Action, Refused, RetryBudget, RetryPolicy};
 use resilience::{BoxError, CircuitOpen, RateLimited};
-use tower::retry::Policy;
 
 use super::transport::{ClientRequest, ClientResponse};
 
@@ -126,20 +139,34 @@ impl Default for RetryConfig {
     }
 }
 
-/// The tower retry policy. Tower clones it for every request, so `attempts` counts
-/// the attempts of one call.
-#[derive(Clone, Debug)]
-pub(crate) struct RetryPolicy {
-    config: RetryConfig,
-    attempts: u32,
+impl RetryConfig {
+    /// The share of calls the client's retry budget lets be retried: 20 %.
+    pub const BUDGET_RATIO: f64 = 0.2;
+    /// The retries per second the client's budget allows whatever the traffic: 10.
+    pub const BUDGET_MIN_PER_SEC: f64 = 10.0;
+    /// The client's start-up allowance of retries: 10.
+    pub const BUDGET_INITIAL: u32 = 10;
+
+    /// The retry budget of one client with this configuration.
+    pub(crate) fn budget(&self) -> RetryBudget {
+        RetryBudget::builder()
+            .ratio(Self::BUDGET_RATIO)
+            .min_per_sec(Self::BUDGET_MIN_PER_SEC)
+            .initial(Self::BUDGET_INITIAL)
+            .build()
+    }
 }
 
-impl RetryPolicy {
-    pub(crate) fn new(config: RetryConfig) -> RetryPolicy {
-        RetryPolicy {
-            config,
-            attempts: 1,
-        }
+/// The client's policy for `resilience`'s [`RetryLayer`](resilience::RetryLayer): what
+/// is retried and how long to wait (see the [module docs](self)).
+#[derive(Clone, Debug)]
+pub(crate) struct ClientRetryPolicy {
+    config: RetryConfig,
+}
+
+impl ClientRetryPolicy {
+    pub(crate) fn new(config: RetryConfig) -> ClientRetryPolicy {
+        ClientRetryPolicy { config }
     }
 }
 
@@ -156,52 +183,46 @@ fn retryable_error(e: &BoxError) -> bool {
     !(e.is::<CircuitOpen>() || e.is::<RateLimited>())
 }
 
-impl Policy<ClientRequest, ClientResponse, BoxError> for RetryPolicy {
-    type Future = tokio::time::Sleep;
-
-    fn retry(
-        &mut self,
-        req: &mut ClientRequest,
-        result: &mut Result<ClientResponse, BoxError>,
-    ) -> Option<Self::Future> {
+impl RetryPolicy<ClientRequest, ClientResponse, BoxError> for ClientRetryPolicy {
+    fn retry(&self, result: &Result<ClientResponse, BoxError>, attempts: u32) -> Action {
         let server_wait = match result {
             Ok(response) if retryable_status(response.status()) => {
                 super::error::retry_after(response.headers())
             }
-            Ok(_) => return None,
+            Ok(_) => return Action::Stop,
             Err(e) if retryable_error(e) => None,
-            Err(_) => return None,
+            Err(_) => return Action::Stop,
         };
-        if self.attempts >= self.config.max_attempts {
-            return None;
+        if attempts >= self.config.max_attempts {
+            return Action::Stop;
         }
         if server_wait.is_some_and(|w| w > self.config.max_backoff) {
-            return None;
+            return Action::Stop;
         }
-        let retry = self.attempts;
-        self.attempts += 1;
-        let jittered = full_jitter(self.config.backoff_ceiling(retry));
-        let delay = server_wait.map_or(jittered, |w| w.max(jittered));
+        // `attempts` is 1 after the first call: retry number `attempts` comes next.
+        let jittered = full_jitter(self.config.backoff_ceiling(attempts));
+        let after = server_wait.map_or(jittered, |w| w.max(jittered));
         tracing::debug!(
-            method = %req.method(),
-            uri = %req.uri(),
-            attempt = self.attempts,
-            delay_ms = delay.as_millis() as u64,
+            attempt = attempts + 1,
+            delay_ms = after.as_millis() as u64,
             outcome = %match result {
                 Ok(r) => r.status().to_string(),
                 Err(e) => e.to_string(),
             },
             "presence client: retrying"
         );
-        Some(tokio::time::sleep(delay))
+        Action::Retry { after }
     }
 
-    fn clone_request(&mut self, req: &ClientRequest) -> Option<ClientRequest> {
-        if self.config.max_attempts > 1 && req.extensions().get::<Idempotent>().is_some() {
-            Some(req.clone())
-        } else {
-            None
+    fn clone_request(&self, req: &ClientRequest) -> Result<ClientRequest, Refused> {
+        if self.config.max_attempts <= 1 {
+            return Err(Refused::new("retries are disabled"));
         }
+        // The mark, not the method: heartbeat and logout are POSTs, and idempotent.
+        if req.extensions().get::<Idempotent>().is_none() {
+            return Err(Refused::new("the call is not idempotent"));
+        }
+        Ok(req.clone())
     }
 }
 

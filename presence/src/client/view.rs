@@ -4,7 +4,7 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), presence::client::ClientError> {
-//! use presence::client::{PresenceClient, WatchFilter};
+//! use presence::client::{PresenceClient, Filter};
 //!
 //! const NODE: &str = r#"{"node_id":"n1","meta":{},"online_since_ms":1,"last_seen_ms":1,"expires_at_ms":9}"#;
 //! let server = tower::service_fn(|_req: http::Request<http_body_util::Full<bytes::Bytes>>| async {
@@ -25,7 +25,7 @@
 //!     .service(server)
 //!     .build()?;
 //!
-//! let mut view = client.view(WatchFilter::all());
+//! let mut view = client.view(Filter::all());
 //! assert!(view.changed().await); // the first snapshot is in
 //! assert_eq!(view.len(), 1);
 //! assert_eq!(view.get("n1").map(|n| n.expires_at_ms), Some(9));
@@ -49,7 +49,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::watch::{Watch, WatchEvent, WatchItem};
-use super::{lock, ClientError, PresenceClient, WatchFilter};
+use super::{lock, ClientError, Filter, PresenceClient};
 use crate::model::Node;
 
 /// A local map of the nodes matching a filter, kept current from the watch feed;
@@ -80,7 +80,7 @@ impl PresenceClient {
     ///
     /// # Panics
     /// Outside a tokio runtime (as `tokio::spawn`).
-    pub fn view(&self, filter: WatchFilter) -> PresenceView {
+    pub fn view(&self, filter: Filter) -> PresenceView {
         PresenceView::spawn(self.watch(filter))
     }
 }

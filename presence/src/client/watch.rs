@@ -5,7 +5,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), presence::client::ClientError> {
 //! use futures_util::StreamExt;
-//! use presence::client::{LeaveReason, PresenceClient, WatchEvent, WatchFilter};
+//! use presence::client::{LeaveReason, PresenceClient, WatchEvent, Filter};
 //!
 //! // A stand-in for the server: one snapshot, one join, one leave, then the stream
 //! // stays open. Over the network this is `PresenceClient::new(url)?` instead.
@@ -31,7 +31,7 @@
 //!     .service(server)
 //!     .build()?;
 //!
-//! let mut watch = client.watch(WatchFilter::all());
+//! let mut watch = client.watch(Filter::all());
 //! let first = watch.next().await.expect("the feed does not end")?;
 //! assert_eq!(first.cursor, "c1");
 //! assert!(matches!(first.event, WatchEvent::Snapshot(ref nodes) if nodes.is_empty()));
@@ -102,7 +102,7 @@ use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
 use super::error::retry_after;
-use super::filter::WatchFilter;
+use super::filter::Filter;
 use super::retry::full_jitter;
 use super::sse::{SseEvent, SseParser};
 use super::transport::{read_body, StreamingBody};
@@ -238,19 +238,19 @@ impl PresenceClient {
     /// The watch feed of the nodes that match `filter`: a snapshot, then every
     /// join, update and leave, reconnecting and resuming by itself (see
     /// [`watch`](super::watch)).
-    pub fn watch(&self, filter: WatchFilter) -> Watch {
+    pub fn watch(&self, filter: Filter) -> Watch {
         self.watch_inner(filter, None)
     }
 
     /// As [`watch`](Self::watch), resuming after `cursor` (a [`WatchItem::cursor`]
     /// seen earlier, e.g. by another process): the server sends what happened since,
     /// or a snapshot if it no longer holds that cursor.
-    pub fn watch_from(&self, filter: WatchFilter, cursor: impl Into<String>) -> Watch {
+    pub fn watch_from(&self, filter: Filter, cursor: impl Into<String>) -> Watch {
         let cursor = cursor.into();
         self.watch_inner(filter, (!cursor.is_empty()).then_some(cursor))
     }
 
-    fn watch_inner(&self, filter: WatchFilter, cursor: Option<String>) -> Watch {
+    fn watch_inner(&self, filter: Filter, cursor: Option<String>) -> Watch {
         let state = Feed {
             client: self.clone(),
             settings: self.inner.watch,
@@ -276,7 +276,7 @@ impl PresenceClient {
 struct Feed {
     client: PresenceClient,
     settings: WatchSettings,
-    filter: WatchFilter,
+    filter: Filter,
     /// The cursor of the last event handed out (or given to `watch_from`).
     cursor: Option<String>,
     /// Reconnects in a row without a byte received.

@@ -16,14 +16,15 @@ use serde::Serialize;
 use resilience::retry_after_secs;
 
 use super::ResponseBody;
-use crate::model::{ErrorBody, InvalidNodeId};
+use crate::model::{ErrorBody, InvalidNodeId, InvalidStatus};
 
 /// An error response of the presence API.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum ApiError {
     /// `400 bad_request`: the body is not valid JSON, a field has the wrong type or a
-    /// required field is missing. The string says which.
+    /// required field is missing, or a query parameter is malformed. The string says
+    /// which.
     BadRequest(String),
     /// `401 unauthorized`: the bearer token is missing or wrong.
     Unauthorized,
@@ -58,6 +59,8 @@ pub enum ApiError {
     InvalidNodeId(InvalidNodeId),
     /// `422 invalid_meta`: meta is not an object or is too large. The string says which.
     InvalidMeta(String),
+    /// `422 invalid_status`: a status that is not `up`, `degraded` or `draining`.
+    InvalidStatus(InvalidStatus),
     /// `408 request_timeout`: the request body took longer than
     /// `PRESENCE_REQUEST_TIMEOUT_MS` to arrive.
     RequestTimeout,
@@ -120,6 +123,7 @@ impl ApiError {
             }
             ApiError::InvalidNodeId(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_node_id"),
             ApiError::InvalidMeta(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_meta"),
+            ApiError::InvalidStatus(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_status"),
             ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::StoreUnavailable { .. } | ApiError::StoreRefused(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
@@ -179,6 +183,7 @@ impl ApiError {
                 format!("the request body is larger than {limit} bytes")
             }
             ApiError::InvalidNodeId(why) => why.to_string(),
+            ApiError::InvalidStatus(why) => why.to_string(),
             ApiError::RequestTimeout => "the request took too long".to_owned(),
             ApiError::StoreUnavailable { .. } => format!(
                 "the presence store is unavailable; retry after {} s",

@@ -9,18 +9,22 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::header::{HeaderValue, LINK};
 use http::{Method, StatusCode};
 use serde::Serialize;
 use tower::Service;
 
 use super::errors::{bytes_response, json_response, ApiError};
 use super::jwt::Access;
-use super::list::list_response;
+use super::list::{list_response, Listing};
+use super::params::{self, Params, Route};
 use super::request::{parse_json, read_body, read_json};
 use super::routes::{Endpoint, Resolved};
 use super::store_call::State;
 use super::{RequestBody, ResponseBody};
-use crate::model::{try_new_lease_id, LoginResponse, LogoutResponse, Meta, NodeId};
+use crate::model::{
+    try_new_lease_id, InvalidStatus, LoginResponse, LogoutResponse, Meta, NodeId, Status,
+};
 use crate::wire::{heartbeat_reply, plain_heartbeat, HeartbeatWire, LoginWire, LogoutWire};
 
 /// A node id as it stands in a path segment, percent-decoded (`svc%40host%3A7000` is
@@ -39,29 +43,40 @@ impl State {
     ) -> Result<http::Response<ResponseBody>, ApiError> {
         let (parts, body) = req.into_parts();
         let access = super::auth::access(&parts.extensions);
-        if matches!(action, Endpoint::List | Endpoint::Watch | Endpoint::Node) && !access.can_read()
+        if matches!(
+            action,
+            Endpoint::List | Endpoint::Watch | Endpoint::Stats | Endpoint::Node
+        ) && !access.can_read()
         {
             return Err(ApiError::Forbidden(
                 "the token does not allow reading (scope presence:read)".to_owned(),
             ));
         }
         match action {
-            Endpoint::Healthz => Ok(json_response(StatusCode::OK, &Status { status: "ok" })),
+            Endpoint::Healthz => Ok(json_response(StatusCode::OK, &Health { status: "ok" })),
             Endpoint::Readyz => {
                 self.guarded("", |s| s.ping()).await?;
-                Ok(json_response(StatusCode::OK, &Status { status: "ready" }))
+                Ok(json_response(StatusCode::OK, &Health { status: "ready" }))
             }
             Endpoint::Metrics => Ok(bytes_response(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 Bytes::from(self.metrics.encode()),
             )),
-            Endpoint::List => {
-                let list = self.list.list(self).await?;
-                self.metrics.set_online_nodes(list.json.count);
-                Ok(list_response(list))
-            }
+            Endpoint::List => match params::parse(parts.uri.query(), Route::List)? {
+                // The plain listing: shared by concurrent requests (see `list`).
+                None => {
+                    let list = self.list.list(self).await?;
+                    self.metrics.set_online_nodes(list.json.count);
+                    Ok(list_response(list))
+                }
+                Some(params) => self.query_listing(parts.uri.path(), &params).await,
+            },
             Endpoint::Watch => super::watch::respond(self, &parts).await,
+            Endpoint::Stats => {
+                let stats = self.guarded("", |s| s.stats()).await?;
+                Ok(json_response(StatusCode::OK, &stats))
+            }
             Endpoint::Node => {
                 let id = decode_node_id(
                     parts
@@ -81,11 +96,12 @@ impl State {
                 let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
                 may_write(access, &node)?;
                 let meta = self.check_meta(req.meta)?.unwrap_or_default();
+                let status = check_status(req.status)?.unwrap_or_default();
                 let lease_id = try_new_lease_id()
                     .map_err(|e| ApiError::Internal(format!("OS random source failed: {e}")))?;
                 let outcome = self
                     .guarded(&req.node_id, |s| {
-                        s.login(&node, &lease_id, self.ttl_ms, meta)
+                        s.login_with(&node, &lease_id, self.ttl_ms, meta, status)
                     })
                     .await?;
                 Ok(json_response(
@@ -135,9 +151,10 @@ impl State {
         let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
         may_write(access, &node)?;
         let meta = self.check_meta(req.meta)?;
+        let status = check_status(req.status)?;
         let expires_at_ms = self
             .guarded(&req.node_id, |s| {
-                s.heartbeat(&node, &req.lease_id, self.ttl_ms, meta)
+                s.heartbeat_with(&node, &req.lease_id, self.ttl_ms, meta, status)
             })
             .await?;
         Ok(bytes_response(
@@ -172,6 +189,48 @@ impl State {
     }
 }
 
+impl State {
+    /// `GET /presence` with filter or page parameters: one store query (not shared
+    /// with other requests: each asks for its own page), with the feed's cursor from
+    /// before it, and a `Link` to the next page when there is one.
+    async fn query_listing(
+        self: &Arc<Self>,
+        path: &str,
+        params: &Params,
+    ) -> Result<http::Response<ResponseBody>, ApiError> {
+        // Taken before the store is read, as the plain listing does: watching from
+        // it misses nothing that changed after the page was read.
+        let cursor = self.store.feed_cursor().map(|c| c.encode());
+        let page = self.guarded("", |s| s.query_json(&params.query)).await?;
+        let mut response = list_response(Listing {
+            cursor,
+            json: page.json,
+        });
+        if let Some(next_after) = page.next_after {
+            // Every byte of the link is percent-encoded ASCII or a node id given by
+            // the store; a value that still fails to be a header is left out, which
+            // only ends the paging early, rather than failing the page.
+            if let Ok(link) = HeaderValue::try_from(params.next_link(path, &next_after)) {
+                response.headers_mut().insert(LINK, link);
+            }
+        }
+        Ok(response)
+    }
+}
+
+/// The status of a login or heartbeat body: `null` or absent is none, a string must
+/// be `up`, `degraded` or `draining`; anything else is a `422 invalid_status`.
+fn check_status(status: Option<serde_json::Value>) -> Result<Option<Status>, ApiError> {
+    match status {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => s.parse().map(Some).map_err(ApiError::InvalidStatus),
+        // A number, boolean, array or object: named by its JSON text.
+        Some(other) => Err(ApiError::InvalidStatus(InvalidStatus(
+            other.to_string().chars().take(64).collect(),
+        ))),
+    }
+}
+
 /// `403` unless `access` may write `node`.
 fn may_write(access: &Access, node: &NodeId) -> Result<(), ApiError> {
     if access.can_write(node.as_str()) {
@@ -197,8 +256,9 @@ impl std::io::Write for ByteCounter {
     }
 }
 
+/// The body of `/healthz` and `/readyz`.
 #[derive(Serialize)]
-struct Status {
+struct Health {
     status: &'static str,
 }
 

@@ -45,6 +45,7 @@ mod limit;
 mod list;
 mod metrics;
 mod outage;
+mod params;
 mod request;
 mod routes;
 mod serve;

@@ -8,7 +8,7 @@
 //! The table is [`Endpoint::ALL`], matched in order: static paths first, so
 //! `/presence/login` is the action, then `/presence/{node_id}`, whose parameter is one
 //! path segment (`/presence/a/b` is no route). It is a table of its own rather than
-//! `matchit` (the router axum uses): for nine routes a scan costs less than
+//! `matchit` (the router axum uses): for ten routes a scan costs less than
 //! `matchit`'s tree walk, which took about 270 instructions of every heartbeat
 //! (callgrind, in-process; see the README's design notes). `HEAD` is served wherever `GET` is
 //! (RFC 9110 9.3.2): the same status and headers, no body; load balancers' health
@@ -30,11 +30,12 @@ pub(crate) enum Endpoint {
     Heartbeat,
     Logout,
     Watch,
+    Stats,
     Node,
 }
 
 impl Endpoint {
-    const ALL: [Endpoint; 9] = [
+    const ALL: [Endpoint; 10] = [
         Endpoint::Healthz,
         Endpoint::Readyz,
         Endpoint::Metrics,
@@ -43,6 +44,7 @@ impl Endpoint {
         Endpoint::Heartbeat,
         Endpoint::Logout,
         Endpoint::Watch,
+        Endpoint::Stats,
         Endpoint::Node,
     ];
 
@@ -57,6 +59,7 @@ impl Endpoint {
             Endpoint::Heartbeat => "/presence/heartbeat",
             Endpoint::Logout => "/presence/logout",
             Endpoint::Watch => "/presence/watch",
+            Endpoint::Stats => "/presence/stats",
             Endpoint::Node => "/presence/{node_id}",
         }
     }
@@ -207,6 +210,7 @@ mod tests {
     #[test]
     fn statics_win_over_the_parameter_and_it_is_one_segment() {
         assert_eq!(Endpoint::of("/presence/login"), Some(Endpoint::Login));
+        assert_eq!(Endpoint::of("/presence/stats"), Some(Endpoint::Stats));
         assert_eq!(Endpoint::of("/presence/n-1"), Some(Endpoint::Node));
         assert_eq!(Endpoint::of("/presence/"), Some(Endpoint::Node));
         assert_eq!(Endpoint::of("/presence/a/b"), None);
@@ -240,6 +244,12 @@ mod tests {
     fn routes() {
         assert_eq!(action(Method::GET, "/presence"), Ok(Endpoint::List));
         assert_eq!(action(Method::HEAD, "/presence"), Ok(Endpoint::List));
+        assert_eq!(action(Method::GET, "/presence/stats"), Ok(Endpoint::Stats));
+        assert_eq!(action(Method::HEAD, "/presence/stats"), Ok(Endpoint::Stats));
+        assert_eq!(
+            action(Method::POST, "/presence/stats"),
+            Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" })
+        );
         assert_eq!(action(Method::POST, "/presence/login"), Ok(Endpoint::Login));
         assert_eq!(action(Method::GET, "/presence/login"), Ok(Endpoint::Node));
         assert_eq!(action(Method::GET, "/presence/n-1"), Ok(Endpoint::Node));

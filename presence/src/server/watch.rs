@@ -8,8 +8,17 @@
 //! request timeout. It ends when the server shuts down (cleanly: the client resumes
 //! elsewhere with its cursor), and when the watcher falls `PRESENCE_WATCH_BACKLOG`
 //! changes behind (the connection is closed, even if its writes are blocked).
+//!
+//! # Filtered watches
+//! `?prefix=`, `?status=` and `?meta.<key>=` (as for `GET /presence`) narrow the
+//! stream to the nodes that match: the snapshot lists only them, and a
+//! [`WatchFilter`] judges each change. A join or update of a matching node is sent;
+//! one of a node that no longer matches is sent as a `leave` with reason
+//! `unmatched` if the watcher holds the node, else dropped; a leave is sent only if
+//! the watcher holds the node. An unfiltered watch has no filter and pays nothing.
 
-use std::collections::VecDeque;
+use std::borrow::Cow;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,10 +36,15 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::errors::ApiError;
 use super::metrics::{Metrics, WATCH_EVENTS};
+use super::params::{self, Route};
 use super::store_call::State;
 use super::ResponseBody;
 use crate::config::Config;
-use crate::store::feed::{Change, ChangeKind, Changes, Cursor, WatchOptions, WatchStart};
+use crate::model::Status;
+use crate::store::feed::{
+    Change, ChangeKind, Changes, Cursor, LeaveReason, WatchOptions, WatchStart,
+};
+use crate::store::query::Filter;
 
 /// How often the server sweeps the store for expiries.
 pub(crate) const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
@@ -144,6 +158,7 @@ pub(crate) async fn respond(
     parts: &http::request::Parts,
 ) -> Result<http::Response<ResponseBody>, ApiError> {
     let cursor = requested_cursor(parts);
+    let query = params::parse(parts.uri.query(), Route::Watch)?.map(|p| p.query);
     let slot = state.watchers.enter(&state.metrics)?;
     let abort = parts.extensions.get::<ConnectionAbort>().cloned();
     let metrics = state.metrics.clone();
@@ -160,23 +175,33 @@ pub(crate) async fn respond(
         .guarded("", |s| s.watch(cursor.as_ref(), options))
         .await?;
     let mut first = VecDeque::new();
-    match watch.start {
-        WatchStart::Resumed(changes) => {
+    let mut filter = None;
+    match (watch.start, query) {
+        (WatchStart::Resumed(changes), query) => {
+            // What the client held at its cursor is unknown here: see `WatchFilter`.
+            filter = query.map(|q| WatchFilter::resumed(q.filter().clone()));
             for change in &changes {
-                state.metrics.watch_event_sent(event_index(change.kind));
-                first.push_back(change.encoded(sse_frame));
+                if let Some(frame) = frame_for(filter.as_mut(), change, &state.metrics) {
+                    first.push_back(frame);
+                }
             }
         }
-        WatchStart::Snapshot => {
+        (WatchStart::Snapshot, None) => {
             // Listed after subscribing: everything up to the cursor is in it.
             let listing = state.list.list(state).await?;
-            state.metrics.watch_event_sent(0);
-            first.push_back(Bytes::from(format!(
-                "id: {}\nevent: snapshot\ndata: {{\"nodes\":",
-                watch.cursor.encode()
-            )));
-            first.extend(listing.json.chunks);
-            first.push_back(Bytes::from_static(b"}\n\n"));
+            push_snapshot(
+                &mut first,
+                &watch.cursor,
+                listing.json.chunks,
+                &state.metrics,
+            );
+        }
+        (WatchStart::Snapshot, Some(query)) => {
+            // Queried after subscribing, like the plain snapshot.
+            let page = state.guarded("", |s| s.query_json(&query)).await?;
+            let held = WatchFilter::snapshot(query.filter().clone(), &page.json)?;
+            filter = Some(held);
+            push_snapshot(&mut first, &watch.cursor, page.json.chunks, &state.metrics);
         }
     }
     let keepalive = state.watchers.keepalive;
@@ -187,6 +212,7 @@ pub(crate) async fn respond(
         next_keepalive: Box::pin(tokio::time::sleep(keepalive)),
         closing: Box::pin(state.watchers.closing.clone().cancelled_owned()),
         metrics: state.metrics.clone(),
+        filter,
         _slot: slot,
         done: false,
     };
@@ -215,6 +241,205 @@ fn sse_frame(change: &Change) -> Bytes {
     frame.freeze()
 }
 
+/// Queues a `snapshot` event at `cursor` holding the JSON array `nodes`.
+fn push_snapshot(
+    first: &mut VecDeque<Bytes>,
+    cursor: &Cursor,
+    nodes: Vec<Bytes>,
+    metrics: &Metrics,
+) {
+    metrics.watch_event_sent(0);
+    first.push_back(Bytes::from(format!(
+        "id: {}\nevent: snapshot\ndata: {{\"nodes\":",
+        cursor.encode()
+    )));
+    first.extend(nodes);
+    first.push_back(Bytes::from_static(b"}\n\n"));
+}
+
+/// The frame a watcher gets for `change`: the change's own (shared) frame when there
+/// is no filter or it passes, an `unmatched` leave, or nothing. Counted in the
+/// metrics as what is sent.
+fn frame_for(
+    filter: Option<&mut WatchFilter>,
+    change: &Change,
+    metrics: &Metrics,
+) -> Option<Bytes> {
+    let verdict = filter.map_or(Verdict::Send, |f| f.judge(change));
+    match verdict {
+        Verdict::Send => {
+            metrics.watch_event_sent(event_index(change.kind));
+            Some(change.encoded(sse_frame))
+        }
+        Verdict::Unmatched => {
+            metrics.watch_event_sent(event_index(ChangeKind::Leave(LeaveReason::Unmatched)));
+            Some(unmatched_frame(change))
+        }
+        Verdict::Drop => None,
+    }
+}
+
+/// The `leave` a filtered watcher gets when a node it holds stops matching: the
+/// change's cursor as `id:`, `{"node_id","reason":"unmatched"}` as data. Made per
+/// watcher (the change's shared frame is its join or update).
+fn unmatched_frame(change: &Change) -> Bytes {
+    // Serializing a `str` cannot fail (node ids never even need escaping).
+    let node_id = serde_json::to_string(&*change.node_id).unwrap_or_default();
+    Bytes::from(format!(
+        "id: {}\nevent: leave\ndata: {{\"node_id\":{node_id},\"reason\":\"{}\"}}\n\n",
+        change.cursor().encode(),
+        LeaveReason::Unmatched.as_str()
+    ))
+}
+
+/// What a filtered watcher does with one change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Send the change as it is.
+    Send,
+    /// Send a `leave` with reason `unmatched`.
+    Unmatched,
+    /// Send nothing.
+    Drop,
+}
+
+/// The filter of one watch and the nodes its client holds: those it was sent as
+/// matching (in the snapshot or a join/update) and not sent a leave for since.
+///
+/// A watch that resumed from a cursor does not know what its client held at that
+/// cursor; it treats a node it has not seen yet as possibly held, so the first
+/// non-matching change of such a node is still sent (as `unmatched`, or as the
+/// leave it is). A leave of a node the client never had is harmless (applying by
+/// `node_id` is idempotent); a missed leave would keep a stale node in its view.
+#[derive(Debug)]
+struct WatchFilter {
+    filter: Filter,
+    held: HashSet<Box<str>>,
+    /// Resumed watches only: the nodes known not to be held (seen not matching).
+    /// `None`: every node not in `held` is not held (a snapshot told the client all).
+    not_held: Option<HashSet<Box<str>>>,
+}
+
+impl WatchFilter {
+    /// The filter of a watch that started with `snapshot` (a `query_json` array):
+    /// the client holds exactly the nodes in it.
+    fn snapshot(
+        filter: Filter,
+        snapshot: &crate::store::NodeListJson,
+    ) -> Result<WatchFilter, ApiError> {
+        let text = snapshot.to_bytes();
+        let nodes: Vec<NodeFields<'_>> = serde_json::from_slice(&text)
+            .map_err(|e| ApiError::Internal(format!("the store's listing is not JSON: {e}")))?;
+        let held = nodes.into_iter().map(|n| n.node_id.into()).collect();
+        Ok(WatchFilter {
+            filter,
+            held,
+            not_held: None,
+        })
+    }
+
+    /// The filter of a watch that resumed from a cursor (see the type's docs).
+    fn resumed(filter: Filter) -> WatchFilter {
+        WatchFilter {
+            filter,
+            held: HashSet::new(),
+            not_held: Some(HashSet::new()),
+        }
+    }
+
+    /// What to send for `change`; updates what the client holds accordingly.
+    fn judge(&mut self, change: &Change) -> Verdict {
+        let id = &*change.node_id;
+        match change.kind {
+            ChangeKind::Join | ChangeKind::Update if self.node_matches(change) => {
+                self.hold(id);
+                Verdict::Send
+            }
+            ChangeKind::Join | ChangeKind::Update => {
+                if self.release(id) {
+                    Verdict::Unmatched
+                } else {
+                    Verdict::Drop
+                }
+            }
+            ChangeKind::Leave(_) => {
+                let maybe_held = self.may_hold(id);
+                // Gone: in neither set, so a watcher's sets stay within the nodes
+                // online (the next change of this node is its join, which decides).
+                self.held.remove(id);
+                if let Some(not_held) = &mut self.not_held {
+                    not_held.remove(id);
+                }
+                if maybe_held {
+                    Verdict::Send
+                } else {
+                    Verdict::Drop
+                }
+            }
+        }
+    }
+
+    /// Whether the client holds `id`, or may (resumed watches).
+    fn may_hold(&self, id: &str) -> bool {
+        self.held.contains(id)
+            || self
+                .not_held
+                .as_ref()
+                .is_some_and(|not_held| !not_held.contains(id))
+    }
+
+    /// Marks `id` held: the client was sent it as matching.
+    fn hold(&mut self, id: &str) {
+        if let Some(not_held) = &mut self.not_held {
+            not_held.remove(id);
+        }
+        if !self.held.contains(id) {
+            self.held.insert(id.into());
+        }
+    }
+
+    /// Marks `id` not held; whether it was (or may have been).
+    fn release(&mut self, id: &str) -> bool {
+        let was = self.may_hold(id);
+        self.held.remove(id);
+        if let Some(not_held) = &mut self.not_held {
+            if !not_held.contains(id) {
+                not_held.insert(id.into());
+            }
+        }
+        was
+    }
+
+    /// Whether the node of a join or update (its data is the node's JSON) matches.
+    fn node_matches(&self, change: &Change) -> bool {
+        match serde_json::from_slice::<NodeFields<'_>>(&change.data) {
+            Ok(node) => self.filter.matches(
+                &change.node_id,
+                node.status,
+                node.meta.map(|m| m.get().as_bytes()),
+            ),
+            // A store always writes the node; if one ever did not, the node is not
+            // shown as matching (and a held one is taken away from the client).
+            Err(e) => {
+                tracing::warn!(node_id = %change.node_id, error = %e, "a change's node is not readable");
+                false
+            }
+        }
+    }
+}
+
+/// The fields of a node's JSON a filter looks at (the meta as its JSON text, which
+/// is how a store keeps it and how [`Filter::matches`] compares numbers).
+#[derive(serde::Deserialize)]
+struct NodeFields<'a> {
+    #[serde(borrow)]
+    node_id: Cow<'a, str>,
+    #[serde(default)]
+    status: Status,
+    #[serde(borrow, default)]
+    meta: Option<&'a serde_json::value::RawValue>,
+}
+
 fn event_index(kind: ChangeKind) -> usize {
     let name = kind.name();
     WATCH_EVENTS.iter().position(|&e| e == name).unwrap_or(0)
@@ -229,6 +454,8 @@ struct WatchBody {
     next_keepalive: Pin<Box<Sleep>>,
     closing: Pin<Box<WaitForCancellationFutureOwned>>,
     metrics: Arc<Metrics>,
+    /// The filter of a filtered watch; `None` sends every change.
+    filter: Option<WatchFilter>,
     _slot: WatcherSlot,
     done: bool,
 }
@@ -252,19 +479,25 @@ impl Body for WatchBody {
             this.done = true;
             return Poll::Ready(None);
         }
-        match this.changes.poll_recv(cx) {
-            Poll::Ready(Some(change)) => {
-                this.metrics.watch_event_sent(event_index(change.kind));
-                let deadline = Instant::now() + this.keepalive;
-                this.next_keepalive.as_mut().reset(deadline);
-                return Poll::Ready(Some(Ok(Frame::data(change.encoded(sse_frame)))));
+        // Changes a filter drops are skipped until one is sent or none is ready.
+        loop {
+            match this.changes.poll_recv(cx) {
+                Poll::Ready(Some(change)) => {
+                    let Some(frame) = frame_for(this.filter.as_mut(), &change, &this.metrics)
+                    else {
+                        continue;
+                    };
+                    let deadline = Instant::now() + this.keepalive;
+                    this.next_keepalive.as_mut().reset(deadline);
+                    return Poll::Ready(Some(Ok(Frame::data(frame))));
+                }
+                // Dropped for being slow, or the feed restarted: the client resumes.
+                Poll::Ready(None) => {
+                    this.done = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => break,
             }
-            // Dropped for being slow, or the feed restarted: the client resumes.
-            Poll::Ready(None) => {
-                this.done = true;
-                return Poll::Ready(None);
-            }
-            Poll::Pending => {}
         }
         if this.next_keepalive.as_mut().poll(cx).is_ready() {
             let deadline = Instant::now() + this.keepalive;

@@ -20,8 +20,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use super::feed::{Cursor, Watch, WatchOptions};
-use super::{BoxFuture, LoginOutcome, MemoryStore, NodeListJson, Store, StoreError};
 use super::query::{Page, Query};
+use super::{BoxFuture, LoginOutcome, MemoryStore, NodeListJson, Store, StoreError};
 use crate::model::{Meta, Node, NodeId, Stats, Status};
 
 /// What a [`FaultyStore`] does wrong.

@@ -340,7 +340,7 @@ mod tests {
             let meta = meta.map_or_else(Meta::new, |m| serde_json::from_slice(m).unwrap());
             nodes.push(Node {
                 node_id: id,
-                status: Status::Up,
+                status: Status::Draining,
                 meta,
                 online_since_ms: i,
                 last_seen_ms: i + 1,

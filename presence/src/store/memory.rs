@@ -370,6 +370,13 @@ impl MemoryStore {
     }
 
     fn list_json_sync(&self) -> NodeListJson {
+        self.scan_json(None)
+    }
+
+    /// The listing, of every online node or of those `query` selects (its filter
+    /// and `after`; no limit): one pass over the shards, then a sort of what was
+    /// kept.
+    fn scan_json(&self, query: Option<&Query>) -> NodeListJson {
         let now = self.now_ms();
         self.maybe_purge(now);
         // Concurrent listings (several services on one store) get a fresh vector.
@@ -385,7 +392,18 @@ impl MemoryStore {
         for shard in self.shards.iter() {
             let map = read(shard);
             rows.reserve(map.len());
-            for (id, e) in map.iter().filter(|(_, e)| e.online(now)) {
+            let selected = |id: &str, e: &Entry| {
+                e.online(now)
+                    && query.is_none_or(|q| {
+                        q.in_range(id)
+                            && q.filter().matches(
+                                id,
+                                e.status,
+                                e.meta.as_deref().map(str::as_bytes),
+                            )
+                    })
+            };
+            for (id, e) in map.iter().filter(|(id, e)| selected(id, e)) {
                 bytes += id.len() + e.meta.as_deref().map_or(2, str::len) + NODE_OVERHEAD;
                 rows.push(Row {
                     key: sort_key(id.as_bytes()),
@@ -425,6 +443,14 @@ impl MemoryStore {
         // releasing it (writers take a shard, then the index: the other order here
         // could deadlock).
         const BATCH: usize = 512;
+        if query.limit_value().is_none() && query.filter().prefix_value().is_none() {
+            // Everything the filter selects, and no prefix to narrow the index
+            // with: one pass over the shards is cheaper than a lookup per id.
+            return Page {
+                json: self.scan_json(Some(query)),
+                next_after: None,
+            };
+        }
         let now = self.now_ms();
         self.maybe_purge(now);
         let filter = query.filter();
@@ -613,9 +639,7 @@ impl Store for MemoryStore {
         meta: Option<Meta>,
         status: Option<Status>,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
-        Box::pin(async move {
-            self.heartbeat_sync(node, lease_id, ttl_ms, meta.as_ref(), status)
-        })
+        Box::pin(async move { self.heartbeat_sync(node, lease_id, ttl_ms, meta.as_ref(), status) })
     }
 
     fn logout<'a>(

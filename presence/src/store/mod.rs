@@ -283,9 +283,8 @@ pub trait Store: Send + Sync + 'static {
             let mut list = json::ListWriter::with_capacity(0);
             let (mut next_after, mut last) = (None, None);
             for node in nodes.iter().filter(|n| query.in_range(&n.node_id)) {
-                let meta = serde_json::to_vec(&node.meta).map_err(|e| {
-                    StoreError::Unavailable(format!("cannot encode meta: {e}"))
-                })?;
+                let meta = serde_json::to_vec(&node.meta)
+                    .map_err(|e| StoreError::Unavailable(format!("cannot encode meta: {e}")))?;
                 let meta = (!node.meta.is_empty()).then_some(meta.as_slice());
                 if !query.filter().matches(&node.node_id, node.status, meta) {
                     continue;

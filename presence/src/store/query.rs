@@ -31,6 +31,7 @@
 
 use std::collections::HashMap;
 
+use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -46,8 +47,9 @@ pub struct Filter {
     /// Bit `s.index()` set: status `s` is selected; 0 selects every status.
     statuses: u8,
     meta: Vec<(String, String)>,
-    /// `"key":` for each meta pair (see [`Filter::meta_needles`]).
-    needles: Vec<String>,
+    /// What the stored meta contains for each meta pair to match (see
+    /// [`Filter::meta_needles`]).
+    needles: Vec<MetaNeedle>,
 }
 
 impl Filter {
@@ -70,12 +72,9 @@ impl Filter {
     /// Only nodes whose meta has `key` with `value` (see the [module docs](self));
     /// repeatable, every pair must match.
     pub fn meta(mut self, key: impl Into<String>, value: impl Into<String>) -> Filter {
-        let key = key.into();
-        // Serializing a `str` cannot fail.
-        let mut needle = serde_json::to_string(&key).unwrap_or_default();
-        needle.push(':');
-        self.needles.push(needle);
-        self.meta.push((key, value.into()));
+        let (key, value) = (key.into(), value.into());
+        self.needles.push(MetaNeedle::new(&key, &value));
+        self.meta.push((key, value));
         self
     }
 
@@ -97,9 +96,7 @@ impl Filter {
     /// The statuses selected, in [`Status::ALL`] order (all three when there is no
     /// status filter).
     pub fn selected_statuses(&self) -> impl Iterator<Item = Status> + '_ {
-        Status::ALL
-            .into_iter()
-            .filter(|&s| self.selects_status(s))
+        Status::ALL.into_iter().filter(|&s| self.selects_status(s))
     }
 
     /// Whether the filter has a status part.
@@ -112,18 +109,22 @@ impl Filter {
         &self.meta
     }
 
-    /// Text the stored meta (compact JSON) contains when it matches: `"key":` for
-    /// each meta pair. A store may skip a record that lacks one without decoding its
-    /// meta (a necessary condition, not a sufficient one: confirm with
+    /// For each meta pair, the text the stored meta (compact JSON) contains when it
+    /// matches. A store may skip a record that lacks one without decoding its meta
+    /// (a necessary condition, not a sufficient one: confirm with
     /// [`matches`](Self::matches)).
-    pub fn meta_needles(&self) -> &[String] {
+    pub fn meta_needles(&self) -> &[MetaNeedle] {
         &self.needles
     }
 
     /// Whether a node matches: its id, status and stored meta (JSON text; `None` for
     /// `{}`).
     pub fn matches(&self, node_id: &str, status: Status, meta: Option<&[u8]>) -> bool {
-        if self.prefix.as_deref().is_some_and(|p| !node_id.starts_with(p)) {
+        if self
+            .prefix
+            .as_deref()
+            .is_some_and(|p| !node_id.starts_with(p))
+        {
             return false;
         }
         if !self.selects_status(status) {
@@ -135,8 +136,9 @@ impl Filter {
         let Some(meta) = meta else {
             return false;
         };
-        // Cheap rejection first: a match has each `"key":` in the text.
-        if !self.needles.iter().all(|n| contains(meta, n.as_bytes())) {
+        // Cheap rejection first: most records of a selective filter fail here,
+        // without their meta being decoded.
+        if !self.needles.iter().all(|n| n.found_in(meta)) {
             return false;
         }
         let Ok(fields) = serde_json::from_slice::<TopLevel<'_>>(meta) else {
@@ -157,15 +159,77 @@ struct TopLevel<'a>(#[serde(borrow)] HashMap<String, &'a RawValue>);
 
 fn value_matches(raw: &str, want: &str) -> bool {
     match raw.as_bytes().first() {
-        Some(b'"') => serde_json::from_str::<std::borrow::Cow<'_, str>>(raw)
-            .is_ok_and(|s| s == want),
+        Some(b'"') => {
+            serde_json::from_str::<std::borrow::Cow<'_, str>>(raw).is_ok_and(|s| s == want)
+        }
         Some(b't' | b'f' | b'-' | b'0'..=b'9') => raw == want,
         _ => false,
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+/// What a stored meta (compact JSON, as `serde_json` writes it) must contain for
+/// one `meta.<key>=<value>` pair to match: `"key":"value"` (the value as a JSON
+/// string, escaped as `serde_json` escapes it), or, when the value is the JSON text
+/// of a number or boolean, `"key":value`. A nested object can contain the same text,
+/// and `"key":0.5` is in `"key":0.55`: a hit still needs
+/// [`Filter::matches`].
+#[derive(Clone, Debug)]
+pub struct MetaNeedle {
+    string: String,
+    literal: Option<String>,
+    /// Searchers for the two texts, built once: a filtered listing searches every
+    /// record's meta, and building a searcher costs more than most searches.
+    finders: [Option<Finder<'static>>; 2],
+}
+
+impl PartialEq for MetaNeedle {
+    fn eq(&self, other: &MetaNeedle) -> bool {
+        (&self.string, &self.literal) == (&other.string, &other.literal)
+    }
+}
+
+impl Eq for MetaNeedle {}
+
+impl MetaNeedle {
+    fn new(key: &str, value: &str) -> MetaNeedle {
+        // Serializing a `str` cannot fail.
+        let key = serde_json::to_string(key).unwrap_or_default();
+        let string = format!("{key}:{}", serde_json::to_string(value).unwrap_or_default());
+        let literal = serde_json::from_str::<serde_json::Value>(value)
+            .ok()
+            .filter(|v| v.is_number() || v.is_boolean())
+            .map(|_| format!("{key}:{value}"));
+        let finders = [
+            Some(Finder::new(string.as_bytes()).into_owned()),
+            literal
+                .as_deref()
+                .map(|l| Finder::new(l.as_bytes()).into_owned()),
+        ];
+        MetaNeedle {
+            string,
+            literal,
+            finders,
+        }
+    }
+
+    /// The text a string value leaves in the meta: `"key":"value"`.
+    pub fn string_text(&self) -> &str {
+        &self.string
+    }
+
+    /// The text a number or boolean value leaves: `"key":value`, if the value is
+    /// the JSON text of one.
+    pub fn literal_text(&self) -> Option<&str> {
+        self.literal.as_deref()
+    }
+
+    /// Whether `meta` contains either text.
+    pub fn found_in(&self, meta: &[u8]) -> bool {
+        self.finders
+            .iter()
+            .flatten()
+            .any(|f| f.find(meta).is_some())
+    }
 }
 
 /// A listing request: a [`Filter`], and optionally a page of it: the first `limit`
@@ -261,4 +325,39 @@ pub struct Page {
     /// When more nodes match after this page: the last node id of the page (the
     /// next page's `after`).
     pub next_after: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn needles_reject_without_decoding_and_never_miss_a_match() {
+        let f = Filter::default().meta("on", "true").meta("name", "a\"b");
+        let [on, name] = f.meta_needles() else {
+            panic!("two needles")
+        };
+        assert_eq!(on.string_text(), r#""on":"true""#);
+        assert_eq!(on.literal_text(), Some(r#""on":true"#));
+        assert_eq!(name.string_text(), r#""name":"a\"b""#);
+        assert_eq!(name.literal_text(), None);
+        // Both forms of `true` match; the needle only pre-selects.
+        for meta in [
+            r#"{"on":true,"name":"a\"b"}"#,
+            r#"{"name":"a\"b","on":"true"}"#,
+        ] {
+            assert!(f.matches("n", Status::Up, Some(meta.as_bytes())), "{meta}");
+        }
+        for meta in [
+            r#"{"on":false,"name":"a\"b"}"#,
+            r#"{"on":true,"name":"a\"bc"}"#,
+            r#"{"x":{"on":true,"name":"a\"b"}}"#,
+        ] {
+            assert!(!f.matches("n", Status::Up, Some(meta.as_bytes())), "{meta}");
+        }
+        let n = Filter::default().meta("load", "0.5");
+        assert!(n.matches("n", Status::Up, Some(br#"{"load":0.5}"#)));
+        assert!(!n.matches("n", Status::Up, Some(br#"{"load":0.55}"#)));
+        assert!(n.matches("n", Status::Up, Some(br#"{"load":"0.5"}"#)));
+    }
 }

@@ -3,8 +3,6 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use tokio::time::Instant;
-
 use super::{
     error::InvalidAdaptiveLimit,
     layer::{ConcurrencyLimitLayer, DEFAULT_RETRY_AFTER},
@@ -460,46 +458,39 @@ impl fmt::Debug for AdaptiveLimitBuilder {
 // ---------------------------------------------------------------------------------------
 // State
 
-/// The mutable part of an adaptive limit, behind the limit's mutex.
+/// The mutable part of an adaptive limit, behind the limit's mutex: taken only when a
+/// sample window closes (the samples themselves are added lock-free, in
+/// [`Limit`](super::limit::Limit)).
 pub(crate) struct State {
     algorithm: Algorithm,
     min: usize,
     max: usize,
-    window: SampleWindow,
     /// Gradient2's limit as a real number (AIMD keeps it whole).
     estimated: f64,
     /// Gradient2's long-term latency, in seconds, and the windows it has seen.
     long_rtt: f64,
     long_count: usize,
-    // The open window.
-    started: Option<Instant>,
-    samples: usize,
-    rtt_sum: Duration,
-    dropped: bool,
-    max_in_flight: usize,
+}
+
+/// What one closed window saw.
+pub(crate) struct WindowSummary {
+    /// The mean latency of its samples, in seconds.
+    pub(crate) mean_rtt: f64,
+    /// Whether one of its samples was a drop.
+    pub(crate) dropped: bool,
+    /// Its most calls in flight.
+    pub(crate) max_in_flight: usize,
 }
 
 impl State {
-    pub(crate) fn new(
-        algorithm: Algorithm,
-        min: usize,
-        max: usize,
-        initial: usize,
-        window: SampleWindow,
-    ) -> Self {
+    pub(crate) fn new(algorithm: Algorithm, min: usize, max: usize, initial: usize) -> Self {
         State {
             algorithm,
             min,
             max,
-            window,
             estimated: initial as f64,
             long_rtt: 0.0,
             long_count: 0,
-            started: None,
-            samples: 0,
-            rtt_sum: Duration::ZERO,
-            dropped: false,
-            max_in_flight: 0,
         }
     }
 
@@ -507,51 +498,21 @@ impl State {
         self.algorithm
     }
 
-    pub(crate) fn window(&self) -> SampleWindow {
-        self.window
-    }
-
-    /// Adds one sample; at the end of a window returns the new limit.
-    pub(crate) fn sample(
-        &mut self,
-        now: Instant,
-        rtt: Duration,
-        in_flight: usize,
-        dropped: bool,
-        limit: usize,
-    ) -> Option<usize> {
-        let started = *self.started.get_or_insert(now);
-        self.samples += 1;
-        self.rtt_sum += rtt;
-        self.max_in_flight = self.max_in_flight.max(in_flight);
-        self.dropped |= dropped || matches!(self.algorithm, Algorithm::Aimd(a) if rtt > a.timeout);
-        let closed = match self.window {
-            SampleWindow::Samples(n) => self.samples >= n,
-            SampleWindow::Time(d) => now.duration_since(started) >= d,
-        };
-        if !closed {
-            return None;
-        }
-        let mean = self.rtt_sum.as_secs_f64() / self.samples as f64;
-        let (dropped, max_in_flight) = (self.dropped, self.max_in_flight);
-        self.started = None;
-        self.samples = 0;
-        self.rtt_sum = Duration::ZERO;
-        self.dropped = false;
-        self.max_in_flight = 0;
-        Some(match self.algorithm {
+    /// The new limit after a window that saw `w`, the limit being `limit`.
+    pub(crate) fn update(&mut self, w: WindowSummary, limit: usize) -> usize {
+        match self.algorithm {
             Algorithm::Aimd(a) => {
-                let new = if dropped {
+                let new = if w.dropped {
                     (limit as f64 * a.backoff_ratio) as usize
-                } else if max_in_flight * 2 >= limit {
+                } else if w.max_in_flight * 2 >= limit {
                     limit + 1
                 } else {
                     limit
                 };
                 new.clamp(self.min, self.max)
             }
-            Algorithm::Gradient2(g) => self.gradient2(g, mean, max_in_flight),
-        })
+            Algorithm::Gradient2(g) => self.gradient2(g, w.mean_rtt, w.max_in_flight),
+        }
     }
 
     fn gradient2(&mut self, g: Gradient2, short: f64, max_in_flight: usize) -> usize {

@@ -135,8 +135,7 @@
 //! `Retry-After` in HTTP mode).
 //!
 //! * **Samples.** Each admitted call is one sample: its latency from `call` to the
-//!   completion of its response future, on [`tokio::time`] (so tests run on paused
-//!   time), and whether it was a *drop*: an `Err` from the inner service or, in HTTP
+//!   completion of its response future, and whether it was a *drop*: an `Err` from the inner service or, in HTTP
 //!   mode, a `5xx` response (any other status is a success; the body's streaming time
 //!   is not part of the latency). A response future dropped before completing gives no
 //!   sample. Rejected calls give none either.
@@ -157,8 +156,18 @@
 //!   layer and every service (all clones share it);
 //!   [`on_limit_change`](AdaptiveLimitBuilder::on_limit_change) is called with
 //!   `(old, new)` on every change, to export it as a metric.
+//! * **Clock.** Latency is read from the CPU's time-stamp counter (`quanta`: one
+//!   `rdtsc` on x86-64, about half of `Instant::now`'s cost, measured in the
+//!   `concurrency_limit` bench's `clock` group), unless tokio's clock is paused when
+//!   the layer is built: then from [`tokio::time`], so tests on paused time
+//!   (`start_paused`, `advance`) are deterministic. Build the layer after pausing. The
+//!   first counter clock of a process calibrates itself against the OS clock, once
+//!   (0.5–200 ms, when the first adaptive layer or retry budget is built).
 //! * **Cost.** Admission is the same compare-and-swap, plus one clock read; the end of
-//!   each call takes a mutex briefly to add its sample.
+//!   a call reads the clock again and adds its sample to the open window with relaxed
+//!   atomics, no lock. Only the sample that closes a window takes the limit's mutex, to
+//!   run the algorithm (and the hook). Under concurrency a sample that lands while a
+//!   window closes may count in either window.
 //!
 //! ```
 //! use std::{sync::{Arc, Mutex}, time::Duration};

@@ -13,7 +13,7 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::{
-    budget::RetryBudget,
+    layer::Shared,
     policy::{Action, Refused, RetryPolicy},
 };
 
@@ -27,8 +27,7 @@ pin_project! {
         #[pin]
         state: State<S::Future, Req>,
         svc: S,
-        policy: Arc<P>,
-        budget: RetryBudget,
+        shared: Arc<Shared<P>>,
         // The copy for the next attempt, or why there is none.
         spare: Result<Req, Refused>,
         attempts: u32,
@@ -60,15 +59,13 @@ where
     pub(crate) fn new(
         future: S::Future,
         svc: S,
-        policy: Arc<P>,
-        budget: RetryBudget,
+        shared: Arc<Shared<P>>,
         spare: Result<Req, Refused>,
     ) -> Self {
         ResponseFuture {
             state: State::Called { future },
             svc,
-            policy,
-            budget,
+            shared,
             spare,
             attempts: 1,
         }
@@ -89,7 +86,7 @@ where
                 StateProj::Called { future } => {
                     let result = ready!(future.poll(cx));
                     let attempts = *this.attempts;
-                    let after = match this.policy.retry(&result, attempts) {
+                    let after = match this.shared.policy.retry(&result, attempts) {
                         Action::Stop => return Poll::Ready(result),
                         Action::Retry { after } => after,
                     };
@@ -97,7 +94,7 @@ where
                         tracing::debug!(attempts, reason = refused.reason(), "not retried");
                         return Poll::Ready(result);
                     }
-                    if !this.budget.try_withdraw() {
+                    if !this.shared.budget.try_withdraw() {
                         tracing::debug!(attempts, reason = "retry budget spent", "not retried");
                         return Poll::Ready(result);
                     }
@@ -131,7 +128,7 @@ where
                     let request = request
                         .take()
                         .expect("the retry's request is taken only when it is sent");
-                    *this.spare = this.policy.clone_request(&request);
+                    *this.spare = this.shared.policy.clone_request(&request);
                     *this.attempts += 1;
                     let future = this.svc.call(request);
                     this.state.set(State::Called { future });
@@ -148,7 +145,7 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("attempts", &self.attempts)
-            .field("budget", &self.budget)
+            .field("budget", &self.shared.budget)
             .finish_non_exhaustive()
     }
 }

@@ -238,28 +238,37 @@ impl Clone for HttpRetryPolicy {
     }
 }
 
-impl<B, RB, E> RetryPolicy<Request<B>, Response<RB>, E> for HttpRetryPolicy
-where
-    B: ReplayBody,
-{
-    fn retry(&self, result: &Result<Response<RB>, E>, attempts: u32) -> Action {
+impl HttpRetryPolicy {
+    /// The decision on a response with `status` and `headers`, or on a transport error
+    /// (`None`), after attempt number `attempts`.
+    fn decide(&self, response: Option<(StatusCode, &HeaderMap)>, attempts: u32) -> Action {
         if attempts >= self.max_attempts {
             return Action::Stop;
         }
         let n = attempts.saturating_sub(1);
-        match result {
-            Err(_) => Action::Retry {
+        match response {
+            None => Action::Retry {
                 after: self.backoff_delay(n),
             },
-            Ok(res) if Self::retryable_status(res.status()) => {
-                let after = match parse_retry_after(res.headers(), SystemTime::now()) {
+            Some((status, headers)) if Self::retryable_status(status) => {
+                let after = match parse_retry_after(headers, SystemTime::now()) {
                     Some(d) => d.min(self.max_retry_after),
                     None => self.backoff_delay(n),
                 };
                 Action::Retry { after }
             }
-            Ok(_) => Action::Stop,
+            Some(_) => Action::Stop,
         }
+    }
+}
+
+impl<B, RB, E> RetryPolicy<Request<B>, Response<RB>, E> for HttpRetryPolicy
+where
+    B: ReplayBody,
+{
+    fn retry(&self, result: &Result<Response<RB>, E>, attempts: u32) -> Action {
+        let response = result.as_ref().ok().map(|r| (r.status(), r.headers()));
+        self.decide(response, attempts)
     }
 
     fn clone_request(&self, req: &Request<B>) -> Result<Request<B>, Refused> {
@@ -277,6 +286,25 @@ where
         *copy.headers_mut() = req.headers().clone();
         *copy.extensions_mut() = req.extensions().clone();
         Ok(copy)
+    }
+}
+
+/// With the `reqwest` feature: the same policy for a `reqwest::Client` used as a tower
+/// service. A request is copied with `reqwest::Request::try_clone`, which refuses a
+/// streaming body ("request body cannot be replayed"); the decisions are the ones above.
+#[cfg(feature = "reqwest")]
+impl<E> RetryPolicy<reqwest::Request, reqwest::Response, E> for HttpRetryPolicy {
+    fn retry(&self, result: &Result<reqwest::Response, E>, attempts: u32) -> Action {
+        let response = result.as_ref().ok().map(|r| (r.status(), r.headers()));
+        self.decide(response, attempts)
+    }
+
+    fn clone_request(&self, req: &reqwest::Request) -> Result<reqwest::Request, Refused> {
+        if !self.methods.contains(req.method()) {
+            return Err(Refused::new("method is not idempotent"));
+        }
+        req.try_clone()
+            .ok_or(Refused::new("request body cannot be replayed"))
     }
 }
 

@@ -6,6 +6,13 @@ use tower_layer::Layer;
 
 use super::{budget::RetryBudget, service::RetryService};
 
+/// What a layer's services and their response futures share: one `Arc`, so a call clones
+/// one reference count rather than two.
+pub(crate) struct Shared<P> {
+    pub(crate) policy: Arc<P>,
+    pub(crate) budget: RetryBudget,
+}
+
 /// A [`Layer`] that retries failed calls as its [`RetryPolicy`](super::RetryPolicy)
 /// says, within a [`RetryBudget`].
 ///
@@ -49,7 +56,13 @@ impl<S, P> Layer<S> for RetryLayer<P> {
     type Service = RetryService<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RetryService::from_parts(inner, self.policy.clone(), self.budget.clone())
+        RetryService::from_parts(
+            inner,
+            Arc::new(Shared {
+                policy: self.policy.clone(),
+                budget: self.budget.clone(),
+            }),
+        )
     }
 }
 

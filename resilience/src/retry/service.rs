@@ -8,7 +8,7 @@ use std::{
 
 use tower_service::Service;
 
-use super::{budget::RetryBudget, future::ResponseFuture, policy::RetryPolicy};
+use super::{budget::RetryBudget, future::ResponseFuture, layer::Shared, policy::RetryPolicy};
 
 /// A service that retries failed calls; made by [`RetryLayer`](super::RetryLayer).
 ///
@@ -20,22 +20,22 @@ use super::{budget::RetryBudget, future::ResponseFuture, policy::RetryPolicy};
 /// returns the last attempt's result unchanged.
 pub struct RetryService<S, P> {
     inner: S,
-    policy: Arc<P>,
-    budget: RetryBudget,
+    shared: Arc<Shared<P>>,
 }
 
 impl<S, P> RetryService<S, P> {
-    pub(crate) fn from_parts(inner: S, policy: Arc<P>, budget: RetryBudget) -> Self {
-        RetryService {
-            inner,
-            policy,
-            budget,
-        }
+    pub(crate) fn from_parts(inner: S, shared: Arc<Shared<P>>) -> Self {
+        RetryService { inner, shared }
     }
 
     /// The budget this service shares with its layer.
     pub fn retry_budget(&self) -> &RetryBudget {
-        &self.budget
+        &self.shared.budget
+    }
+
+    /// The policy this service shares with its layer.
+    pub fn policy(&self) -> &P {
+        &self.shared.policy
     }
 
     /// The inner service.
@@ -68,14 +68,15 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        self.budget.deposit();
-        let spare = self.policy.clone_request(&req);
+        self.shared.budget.deposit();
+        let spare = self.shared.policy.clone_request(&req);
         // The ready service makes the call and goes with the future for the retries.
         let clone = self.inner.clone();
         let mut svc = std::mem::replace(&mut self.inner, clone);
         let future = svc.call(req);
-        ResponseFuture::new(future, svc, self.policy.clone(), self.budget.clone(), spare)
+        ResponseFuture::new(future, svc, self.shared.clone(), spare)
     }
 }
 
@@ -83,8 +84,7 @@ impl<S: Clone, P> Clone for RetryService<S, P> {
     fn clone(&self) -> Self {
         RetryService {
             inner: self.inner.clone(),
-            policy: self.policy.clone(),
-            budget: self.budget.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -93,8 +93,8 @@ impl<S: fmt::Debug, P: fmt::Debug> fmt::Debug for RetryService<S, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryService")
             .field("inner", &self.inner)
-            .field("policy", &self.policy)
-            .field("budget", &self.budget)
+            .field("policy", &self.shared.policy)
+            .field("budget", &self.shared.budget)
             .finish()
     }
 }

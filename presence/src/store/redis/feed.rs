@@ -351,7 +351,7 @@ mod tests {
             assert_eq!(changes[0].kind, ChangeKind::Join);
             assert_eq!(
                 &changes[0].data[..],
-                br#"{"node_id":"a","meta":{"load":0.1},"online_since_ms":1764600000000,"last_seen_ms":1764600003000,"expires_at_ms":1764600012000}"#
+                br#"{"node_id":"a","status":"up","meta":{"load":0.1},"online_since_ms":1764600000000,"last_seen_ms":1764600003000,"expires_at_ms":1764600012000}"#
             );
             assert_eq!(changes[1].position, Position { ms: 5, seq: 2 });
             assert_eq!(

@@ -18,12 +18,29 @@
 //!   `000001764600012000` `000001764600003000` `000001764600000000` `00032`
 //!   `6f1c…9a` `{"load":0.1}` (without the spaces). Fixed widths let the scripts
 //!   check and renew a record with substring operations, without parsing or
-//!   formatting numbers (see [`HEARTBEATS`]).
+//!   formatting numbers (see [`HEARTBEATS`]). A node that is not `up` has a status
+//!   mark between the lease and the meta: `d` degraded, `r` draining (an `up`
+//!   node's record is byte for byte what a server older than statuses wrote).
+//! - `{<prefix>}:ids`: sorted set, every record's `node_id` at score 0: the index in
+//!   `node_id` order that pages and prefixes read with `ZRANGE ... BYLEX`, so a page
+//!   costs what the page costs. Written by `login` (a new id) and by whatever
+//!   removes a record.
+//! - `{<prefix>}:counts`: hash `u`/`d`/`r`, the records by status that are online or
+//!   expired but not yet reported: `GET /presence/stats` is one `HMGET`. Every
+//!   script that adds, removes, re-statuses or reports a record keeps it, in the
+//!   same atomic step.
+//! - `{<prefix>}:feed`, `{<prefix>}:feed-epoch`, `{<prefix>}:swept`: the change
+//!   feed, its epoch, and the expiry sweep's watermark (see [`Store::watch`] and
+//!   [`Store::sweep_expired`]).
 //! - `{<prefix>}:outage`: when the last outage was given back to the leases (see
 //!   [self-preservation](super#outages-self-preservation)); expires after
 //!   [`MAX_PRESERVED_OUTAGE`].
 //!
-//! Both `nodes` and `records` expire [`KEY_SLACK`] after the last record's garbage
+//! A deployment written by a server older than the id index and the counters
+//! gets both built once, before a newer server first writes, reads a page or the
+//! stats, or sweeps (one script that reads every record).
+//!
+//! All these keys expire [`KEY_SLACK`] after the last record's garbage
 //! collection time (its expiry plus [`MAX_PRESERVED_OUTAGE`]), so an abandoned
 //! deployment leaves nothing behind. Expired records stay (invisible: every read
 //! compares `expires_at` with `TIME`) for [`MAX_PRESERVED_OUTAGE`] after their
@@ -95,8 +112,8 @@ use self::bulk::{BulkConnection, Bulks, Session};
 use self::feed::{changes_between, read_feed};
 use self::record::{parse_u64, to_node, Record};
 use self::scripts::{
-    lease_header, status_arg, status_mark, INDEX_BUILD, LOGIN, LOGIN_PURGE, LOGOUT,
-    OUTAGE_CLAIM, OUTAGE_SHIFT, PAGE, SWEEP,
+    lease_header, status_arg, status_mark, INDEX_BUILD, LOGIN, LOGIN_PURGE, LOGOUT, OUTAGE_CLAIM,
+    OUTAGE_SHIFT, PAGE, SWEEP,
 };
 pub use self::scripts::{INDEX_GRANULARITY, KEY_SLACK, MAX_LEASE_LEN};
 use super::feed::{
@@ -230,7 +247,7 @@ pub struct RedisStore {
 
 struct Inner {
     prefix: String,
-    /// The keys every script gets: `{prefix}:nodes`, `{prefix}:records`.
+    /// The keys every script gets (see [`SCRIPT_KEYS`](scripts::SCRIPT_KEYS)).
     keys: DeploymentKeys,
     outage_key: String,
     description: String,
@@ -241,7 +258,8 @@ struct Inner {
     /// Nodes in the last listing: sizes the next one's buffer list.
     list_nodes_hint: AtomicUsize,
     /// Whether this store has made sure the deployment has its id index and
-    /// counters ([`INDEX_BUILD`], before its first sweep).
+    /// counters ([`INDEX_BUILD`], before its first write, page, stats or sweep:
+    /// see [`RedisStore::ensure_index`]).
     index_built: AtomicBool,
     /// Redis clock minus the local wall clock, in ms, as of the last listing
     /// (`i64::MIN`: not known yet). Bounds the next listing's `ZRANGE`.
@@ -445,6 +463,7 @@ impl RedisStore {
             )));
         }
         let meta = encode_meta(&meta)?;
+        self.ensure_index().await?;
         let mut call = evalsha(
             &LOGIN,
             &self.inner.keys,
@@ -480,6 +499,7 @@ impl RedisStore {
         status: Option<Status>,
     ) -> Result<u64, StoreError> {
         let meta = meta.as_ref().map(encode_meta).transpose()?;
+        self.ensure_index().await?;
         let (reply, outcome) = oneshot::channel();
         let job = HeartbeatJob {
             node: node.clone(),
@@ -509,6 +529,7 @@ impl RedisStore {
     }
 
     async fn logout_impl(&self, node: &NodeId, lease_id: &str) -> Result<bool, StoreError> {
+        self.ensure_index().await?;
         let mut call = evalsha(
             &LOGOUT,
             &self.inner.keys,
@@ -849,21 +870,32 @@ impl RedisStore {
         })
     }
 
-    async fn sweep_impl(&self) -> Result<Sweep, StoreError> {
-        if !self.inner.index_built.load(Ordering::Relaxed) {
-            let mut call = evalsha(&INDEX_BUILD, &self.inner.keys, 1, 16);
-            call.arg(grace_ms());
-            let built: u64 = eval(&mut self.conn.clone(), &INDEX_BUILD, &call)
-                .await
-                .map_err(unavailable)?;
-            if built > 0 {
-                tracing::info!(
-                    records = built,
-                    "redis: built the id index and the counters of a deployment written by an older server"
-                );
-            }
-            self.inner.index_built.store(true, Ordering::Relaxed);
+    /// Makes sure, once per store, that the deployment has its id index and
+    /// counters ([`INDEX_BUILD`]) before this store first writes, reads a page or
+    /// the stats, or sweeps: a write that came first would create the counters, and
+    /// [`INDEX_BUILD`] would then take the deployment for a built one and leave the
+    /// older server's records out of the index and the counters for good.
+    async fn ensure_index(&self) -> Result<(), StoreError> {
+        if self.inner.index_built.load(Ordering::Relaxed) {
+            return Ok(());
         }
+        let mut call = evalsha(&INDEX_BUILD, &self.inner.keys, 1, 16);
+        call.arg(grace_ms());
+        let built: u64 = eval(&mut self.conn.clone(), &INDEX_BUILD, &call)
+            .await
+            .map_err(unavailable)?;
+        if built > 0 {
+            tracing::info!(
+                records = built,
+                "redis: built the id index and the counters of a deployment written by an older server"
+            );
+        }
+        self.inner.index_built.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn sweep_impl(&self) -> Result<Sweep, StoreError> {
+        self.ensure_index().await?;
         // The Redis clock by which this sweep must have run (see `SWEEP`), from the
         // clock offset the last listing or sweep measured.
         let offset = self.inner.clock_offset_ms.load(Ordering::Relaxed);
@@ -896,6 +928,7 @@ impl RedisStore {
     /// most [`QUERY_BUDGET`] ids, until the page has one match more than it holds
     /// (which says that a next page exists) or the range is done.
     async fn query_json_impl(&self, query: &Query) -> Result<Page, StoreError> {
+        self.ensure_index().await?;
         let filter = query.filter();
         let limit = query.limit_value().unwrap_or(usize::MAX);
         let mut start = match query.scan_start() {
@@ -918,14 +951,15 @@ impl RedisStore {
         loop {
             let want = limit.saturating_sub(list.count()).saturating_add(1);
             let needles = filter.meta_needles();
-            let mut call = evalsha(&PAGE, &self.inner.keys, 5 + needles.len(), 64);
+            let mut call = evalsha(&PAGE, &self.inner.keys, 5 + 2 * needles.len(), 64);
             call.arg(&start)
                 .arg(&stop)
                 .arg(want.min(QUERY_BUDGET))
                 .arg(QUERY_BUDGET)
                 .arg(&statuses);
             for needle in needles {
-                call.arg(needle);
+                call.arg(needle.string_text())
+                    .arg(needle.literal_text().unwrap_or(""));
             }
             let (found, next): (Vec<Vec<u8>>, String) = eval(&mut self.conn.clone(), &PAGE, &call)
                 .await
@@ -966,6 +1000,7 @@ impl RedisStore {
 
     /// [`Store::stats`]: the counters, one `HMGET`.
     async fn stats_impl(&self) -> Result<Stats, StoreError> {
+        self.ensure_index().await?;
         let counts: Vec<Option<i64>> = redis::cmd("HMGET")
             .arg(&self.inner.keys.counts)
             .arg(&["u", "d", "r"][..])

@@ -131,9 +131,14 @@ mod tests {
         for (mark, status) in [("d", Status::Degraded), ("r", Status::Draining)] {
             let marked = record(3, 2, 1, &format!("ab{mark}"), r#"{"x":1}"#);
             // The mark follows a lease of two: a header of 3 would hold it.
-            let marked = String::from_utf8(marked).unwrap().replace("00003ab", "00002ab");
+            let marked = String::from_utf8(marked)
+                .unwrap()
+                .replace("00003ab", "00002ab");
             let rec = Record::parse(marked.as_bytes()).expect("parses");
-            assert_eq!((rec.lease, rec.status, rec.meta), (&b"ab"[..], status, &br#"{"x":1}"#[..]));
+            assert_eq!(
+                (rec.lease, rec.status, rec.meta),
+                (&b"ab"[..], status, &br#"{"x":1}"#[..])
+            );
         }
         let no_meta = record(3, 2, 1, "", "");
         assert_eq!(

@@ -109,7 +109,9 @@ end
 macro_rules! lua_count {
     () => {
         "local function mark_of(rec)
-  local p = 51 + tonumber(string.sub(rec, 46, 50))
+  local len = tonumber(string.sub(rec, 46, 50))
+  if not len then return 'u' end
+  local p = 51 + len
   local c = string.sub(rec, p, p)
   if c == 'd' or c == 'r' then return c end
   return 'u'
@@ -517,8 +519,9 @@ return {reported, lag, more, now}
 /// Reads a page: KEYS: see [`SCRIPT_KEYS`]. ARGV: the lex range of the id index
 /// (start, end, as `ZRANGE ... BYLEX` takes them), how many matches to return at
 /// most, how many ids to read at most, the statuses wanted as counter names (`ud`;
-/// `""` any), then the text each matching record contains (the filter's meta
-/// needles). Returns `{{id, record, ...}, next}`: the online records in the range
+/// `""` any), then two texts per meta pair of which a matching record contains one
+/// (the filter's [`MetaNeedle`](crate::store::query::MetaNeedle)s: the string form,
+/// then the literal form or `""`). Returns `{{id, record, ...}, next}`: the online records in the range
 /// that pass (in id order; the caller confirms the meta match), and where to go on
 /// (`(` and the last id read) or `""` when the range is done.
 ///
@@ -542,8 +545,11 @@ while read < budget do
     local rec = recs[j]
     if rec and string.sub(rec, 1, 15) > now_s then
       local ok = statuses == '' or string.find(statuses, mark_of(rec), 1, true) ~= nil
-      for k = 6, #ARGV do
-        if ok and not string.find(rec, ARGV[k], 51, true) then ok = false end
+      for k = 6, #ARGV, 2 do
+        if ok and not string.find(rec, ARGV[k], 51, true)
+            and (ARGV[k + 1] == '' or not string.find(rec, ARGV[k + 1], 51, true)) then
+          ok = false
+        end
       end
       if ok then
         out[#out + 1] = ids[j]
