@@ -140,16 +140,12 @@ fn requested_cursor(parts: &http::request::Parts) -> Option<Cursor> {
     }
 }
 
-/// The value of `key` in a query string (percent-decoded).
+/// The value of `key` in a query string, decoded as forms encode it (as the
+/// listing's parameters are, see `params`).
 fn form_value(query: &str, key: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == key).then(|| {
-            percent_encoding::percent_decode_str(&v.replace('+', " "))
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-    })
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
 }
 
 /// `GET /presence/watch`.
