@@ -13,6 +13,12 @@
 
 use std::process::ExitCode;
 
+// jemalloc rather than the system allocator: a heartbeat makes about fifteen short
+// allocations (hyper's, tower's and ours), and jemalloc's thread caches serve them in
+// a fraction of glibc's instructions (README, Performance).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use presence::config::Config;
 use presence::server::{shutdown_signal, Server};
 use tracing_subscriber::EnvFilter;

@@ -106,11 +106,7 @@ where
                 return Either::Right(self.inner.call(req));
             }
         }
-        let access = self.jwt.as_ref().map(|jwt| {
-            std::str::from_utf8(credentials)
-                .map_err(|_| super::jwt::InvalidToken("not UTF-8".to_owned()))
-                .and_then(|token| jwt.verify(token))
-        });
+        let access = self.jwt.as_ref().map(|jwt| jwt.verify_bytes(credentials));
         match access {
             Some(Ok(access)) => {
                 req.extensions_mut().insert(access);

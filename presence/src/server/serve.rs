@@ -305,8 +305,11 @@ async fn serve_connection(
             drive(conn, peer, &activity, limits, closing, false).await;
         }
         Protocol::Http2 => {
+            // Boxed: hyper's HTTP/2 connection is several kilobytes of state, and
+            // inline it would size every connection's task, so every HTTP/1
+            // connection (an idle watcher, say) would carry it too.
             let conn = builders.http2.serve_connection(io, service);
-            drive(conn, peer, &activity, limits, closing, true).await;
+            Box::pin(drive(conn, peer, &activity, limits, closing, true)).await;
         }
     }
 }
