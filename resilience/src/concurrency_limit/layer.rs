@@ -1,13 +1,13 @@
 //! [`ConcurrencyLimitLayer`]: a limit on calls in flight that rejects instead of queueing.
 
-use std::{fmt, marker::PhantomData, sync::Arc, time::Duration};
+use std::{fmt, marker::PhantomData, time::Duration};
 
 use tower_layer::Layer;
 
 use super::{
     adaptive::{AdaptiveLimitBuilder, Algorithm, SampleWindow},
     error::InvalidConcurrencyLimit,
-    limit::Limit,
+    limit::{Limit, SharedLimit},
     service::ConcurrencyLimitService,
 };
 use crate::mode::{ErrorMode, HttpMode};
@@ -39,7 +39,7 @@ pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// # }
 /// ```
 pub struct ConcurrencyLimitLayer<M = ErrorMode> {
-    limit: Arc<Limit>,
+    limit: SharedLimit,
     retry_after: Duration,
     _mode: PhantomData<fn() -> M>,
 }
@@ -87,7 +87,7 @@ impl ConcurrencyLimitLayer {
         AdaptiveLimitBuilder::new(algorithm.into())
     }
 
-    pub(crate) fn from_limit(limit: Arc<Limit>, retry_after: Duration) -> Self {
+    pub(crate) fn from_limit(limit: SharedLimit, retry_after: Duration) -> Self {
         ConcurrencyLimitLayer {
             limit,
             retry_after,

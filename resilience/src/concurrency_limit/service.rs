@@ -3,7 +3,6 @@
 use std::{
     fmt,
     marker::PhantomData,
-    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -13,7 +12,7 @@ use tower_service::Service;
 use super::{
     error::Overloaded,
     future::{HttpResponseFuture, PermitBody, ResponseFuture},
-    limit::Limit,
+    limit::SharedLimit,
 };
 use crate::{
     mode::{ErrorMode, HttpMode},
@@ -29,13 +28,13 @@ use crate::{
 /// never reaches the inner service. Clones share the limit.
 pub struct ConcurrencyLimitService<S, M = ErrorMode> {
     inner: S,
-    limit: Arc<Limit>,
+    limit: SharedLimit,
     retry_after: Duration,
     _mode: PhantomData<fn() -> M>,
 }
 
 impl<S, M> ConcurrencyLimitService<S, M> {
-    pub(crate) fn from_parts(inner: S, limit: Arc<Limit>, retry_after: Duration) -> Self {
+    pub(crate) fn from_parts(inner: S, limit: SharedLimit, retry_after: Duration) -> Self {
         ConcurrencyLimitService {
             inner,
             limit,
