@@ -602,7 +602,7 @@ async fn a_screenshot_of_fifty_nodes() {
         let m = meta(json!({
             "addr": format!("10.{}.0.{i}:7000", i % 4),
             "hp": 100 - i,
-            "load": f64::from(i % 10) / 10.0 + 0.05,
+            "load": f64::from(i * 37 % 100) / 100.0,
             "version": "1.4.2",
         }));
         store
@@ -611,13 +611,28 @@ async fn a_screenshot_of_fifty_nodes() {
             .unwrap_or_else(|e| panic!("login {id}: {e}"));
     }
     let server = TestServer::start(&cfg, store).await;
-    let browser = Browser::start(&binaries, 1280, 860).await;
+    let browser = Browser::start(&binaries, 1280, 900).await;
     browser.goto(&server.url("/ui")).await;
     browser
         .wait_for(
             "50 nodes shown",
             SHOW_SECS,
             "return document.getElementById('shown').textContent === '50 shown' && document.getElementById('count-online').textContent === '50';",
+            json!([]),
+        )
+        .await;
+    // One node's whole record in the side panel, as a click shows it.
+    browser
+        .eval(
+            "document.querySelector('#rows .row:nth-child(3)').click(); return true;",
+            json!([]),
+        )
+        .await;
+    browser
+        .wait_for(
+            "the detail panel is open",
+            SHOW_SECS,
+            "return !document.getElementById('detail').hidden && document.getElementById('detail-json').textContent.length > 0;",
             json!([]),
         )
         .await;

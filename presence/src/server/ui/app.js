@@ -439,9 +439,12 @@
     document.body.dataset.feed = state;
   }
 
+  let lastHeard = null; // when the feed last sent a byte (events or keep-alives)
+
   function feedDownText(extra) {
+    const since = lastHeard ? " since " + lastHeard.toLocaleTimeString() : "";
     const last = lastUpdate ? "last update " + lastUpdate.toLocaleTimeString() : "no update yet";
-    return "feed down, " + last + (extra ? " · " + extra : "");
+    return "feed down" + since + " · " + last + (extra ? " · " + extra : "");
   }
 
   function stopFeed() {
@@ -454,6 +457,7 @@
     stopFeed();
     cursor = null;
     synced = false;
+    lastHeard = null;
     nodes.clear();
     order = [];
     flashes.clear();
@@ -477,7 +481,8 @@
         const extra = { Accept: "text/event-stream" };
         if (cursor) extra["Last-Event-ID"] = cursor;
         const url = api("/watch") + (query ? "?" + query : "");
-        setFeed(lastUpdate ? "down" : "connecting", lastUpdate ? feedDownText("reconnecting…") : "connecting…");
+        if (lastHeard) setFeed("down", feedDownText("reconnecting…"));
+        else setFeed("connecting", "connecting…");
         const res = await fetch(url, { headers: headers(extra), signal: abort.signal, cache: "no-store" });
         if (gen !== feedGen) return;
         if (res.status === 401) return askToken(token() ? "The server refused the token (401). Paste a valid one." : "This server requires a bearer token.");
@@ -498,7 +503,9 @@
         const type = res.headers.get("content-type") || "";
         if (!res.ok || !type.startsWith("text/event-stream")) throw new Error("HTTP " + res.status);
         setFeed("live", "live");
+        lastHeard = new Date();
         $("signout").hidden = !token();
+        loadStats();
         await readStream(res.body, abort, gen, () => {
           delivered = true;
         });
@@ -531,6 +538,7 @@
         const { value, done } = await reader.read();
         if (done || gen !== feedGen) return;
         onBytes();
+        lastHeard = new Date();
         clearTimeout(idle);
         idle = setTimeout(() => abort.abort(), IDLE_MS);
         buffer += decoder.decode(value, { stream: true });
@@ -552,9 +560,14 @@
                 parsed = null;
               }
               if (parsed !== null) {
-                if (type === "snapshot") synced = true;
                 applyEvent(type, parsed);
-                if (!synced) synced = true; // resumed: the events continue our state
+                synced = true; // a snapshot, or a resume continuing what we hold
+              } else {
+                // An event that does not decode: start over from a snapshot rather
+                // than hold a silently wrong table.
+                cursor = null;
+                abort.abort();
+                return;
               }
             }
             id = null;
