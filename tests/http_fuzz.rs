@@ -90,6 +90,8 @@ fn path() -> impl Strategy<Value = String> {
         Just("/readyz".to_owned()),
         Just("/metrics".to_owned()),
         Just("/".to_owned()),
+        Just("/ui".to_owned()),
+        Just("/ui/app.js?v=1".to_owned()),
         Just("/presence//login".to_owned()),
         Just("/presence/../healthz".to_owned()),
         Just("/presence/a/b".to_owned()),
@@ -283,10 +285,16 @@ fn check(
     if case.method == "HEAD" && body.is_empty() {
         return Ok(());
     }
-    // Everything is JSON except the Prometheus text of `GET /metrics`.
+    // `/` redirects to the status page, with no body.
+    if status == 302 && body.is_empty() && header("location") == Some("ui") {
+        return Ok(());
+    }
+    // Everything is JSON except the Prometheus text of `GET /metrics` and the status
+    // page's HTML, JavaScript and CSS (`304` when the client holds the current copy).
     let json: serde_json::Value = match serde_json::from_slice(body) {
         Ok(json) => json,
         Err(_) if status == 200 && case.path.starts_with("/metrics") => return Ok(()),
+        Err(_) if (status == 200 || status == 304) && case.path.starts_with("/ui") => return Ok(()),
         Err(e) => {
             return Err(format!(
                 "{status}: body is not JSON ({e}): {:?}",

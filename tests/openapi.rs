@@ -662,7 +662,7 @@ async fn every_documented_method_is_routed_and_every_other_is_405_allowing_exact
 ) {
     let svc = service(&[]);
     let paths = doc()["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 10, "the server has ten route templates");
+    assert_eq!(paths.len(), 14, "the server has fourteen route templates");
     for template in paths.keys() {
         let path = template.replace("{node_id}", "sweep-node");
         let documented = documented_methods(template);
@@ -710,6 +710,9 @@ async fn undocumented_paths_are_404_no_route() {
         "/presence/login/",
         "/healthz/",
         "/presencex",
+        "/ui/",
+        "/ui/index.html",
+        "/index.html",
     ] {
         assert!(doc()["paths"].get(path).is_none(), "{path} is documented");
         for method in METHODS {
@@ -1252,6 +1255,55 @@ async fn a_panicking_handler_is_500_internal() {
     let reply = expect(&svc, "/presence", get("/presence"), 500).await;
     assert_eq!(reply.json()["error"], "internal");
     assert_eq!(reply.json()["message"], "internal server error");
+}
+
+#[tokio::test]
+async fn the_status_page_its_files_the_redirect_and_304s_match_their_documented_responses() {
+    // With auth on: the page and its files need no token (they hold no data).
+    let svc = service(&[("PRESENCE_AUTH_TOKEN", "page-test-token")]);
+    let root = expect(&svc, "/", get("/"), 302).await;
+    assert_eq!(root.header("location"), "ui");
+    expect(&svc, "/", request("HEAD", "/", &[], Bytes::new()), 302).await;
+    for (path, media) in [
+        ("/ui", "text/html"),
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/style.css", "text/css"),
+    ] {
+        let full = expect(&svc, path, get(path), 200).await;
+        assert!(full.header("content-type").starts_with(media), "{path}");
+        let etag = full.header("etag").to_owned();
+        let head = expect(&svc, path, request("HEAD", path, &[], Bytes::new()), 200).await;
+        assert_eq!(head.header("etag"), etag);
+        assert_eq!(
+            head.header(CONTENT_LENGTH.as_str()),
+            full.body.len().to_string()
+        );
+        for method in ["GET", "HEAD"] {
+            let cached = expect(
+                &svc,
+                path,
+                request(method, path, &[("if-none-match", &etag)], Bytes::new()),
+                304,
+            )
+            .await;
+            assert!(cached.body.is_empty(), "{path}: a 304 has no body");
+        }
+        let stale = expect(
+            &svc,
+            path,
+            request(
+                "GET",
+                path,
+                &[("if-none-match", "\"0000000000000000\"")],
+                Bytes::new(),
+            ),
+            200,
+        )
+        .await;
+        assert_eq!(stale.body, full.body);
+    }
+    // The data the page shows stays behind the token.
+    expect(&svc, "/presence/stats", get("/presence/stats"), 401).await;
 }
 
 #[tokio::test]

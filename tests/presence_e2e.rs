@@ -482,7 +482,7 @@ async fn not_found_404_for_unknown_routes_and_nodes_that_are_not_online() {
     within(30, async {
         let server = TestServer::memory(&config(&[])).await;
 
-        for path in ["/", "/nope", "/presence/a/b", "/presencex", "/healthz/x"] {
+        for path in ["/ui/", "/nope", "/presence/a/b", "/presencex", "/healthz/x"] {
             let message = get(&server.url(path)).await.assert_error(404, "not_found");
             assert!(message.contains(path), "{path}: {message}");
         }

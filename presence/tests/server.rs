@@ -328,10 +328,21 @@ async fn unauthorized_401_without_or_with_a_wrong_token_and_ops_routes_stay_open
 #[tokio::test]
 async fn not_found_404_for_unknown_routes_and_offline_nodes() {
     let svc = memory_service();
-    for path in ["/", "/nope", "/presence/a/b", "/presencex", "/healthz/"] {
+    for path in [
+        "/nope",
+        "/presence/a/b",
+        "/presencex",
+        "/healthz/",
+        "/ui/",
+        "/ui/x.js",
+    ] {
         let r = send(&svc, get(path)).await;
         assert_error(&r, StatusCode::NOT_FOUND, "not_found");
     }
+    // `/` is the way to the status page.
+    let root = send(&svc, get("/")).await;
+    assert_eq!(root.status, StatusCode::FOUND);
+    assert_eq!(root.headers["location"], "ui");
     let r = send(&svc, get("/presence/ghost")).await;
     assert_error(&r, StatusCode::NOT_FOUND, "not_found");
     assert!(r.body["message"]

@@ -9,10 +9,12 @@
 //! - [`raw_http`]: hand-written requests on a bare TCP connection;
 //! - [`in_process`]: requests to a `PresenceService` called in-process, no socket;
 //! - [`process`]: child processes (the example binaries) and their output lines;
-//! - [`redis`]: the shared test Redis and throwaway `redis-server` children.
+//! - [`redis`]: the shared test Redis and throwaway `redis-server` children;
+//! - [`browser`]: a headless Chromium driven over WebDriver (the status page).
 
 #![allow(dead_code)] // each test target uses its own subset
 
+pub mod browser;
 pub mod client;
 pub mod in_process;
 pub mod process;

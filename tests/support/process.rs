@@ -189,6 +189,21 @@ impl ChildGuard {
         assert!(status.success(), "kill -{signal} {pid}: {status:?}");
     }
 
+    /// Kills the process's whole process group (SIGKILL) and reaps the process: for
+    /// a child started as a group leader (`CommandExt::process_group(0)`) that starts
+    /// children of its own, such as chromedriver and its Chromium.
+    pub fn kill_group(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let group = format!("-{}", child.id());
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &group])
+                .stderr(Stdio::null())
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Kills the process (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

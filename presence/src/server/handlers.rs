@@ -73,6 +73,12 @@ impl State {
                 Some(params) => self.query_listing(parts.uri.path(), &params).await,
             },
             Endpoint::Watch => super::watch::respond(self, &parts).await,
+            Endpoint::Root => Ok(super::ui::redirect()),
+            Endpoint::Ui | Endpoint::UiScript | Endpoint::UiStyle => {
+                super::ui::asset(action, &parts.headers).ok_or_else(|| {
+                    ApiError::Internal(format!("{action:?} has no file of the page"))
+                })
+            }
             Endpoint::Stats => {
                 let stats = self.guarded("", |s| s.stats()).await?;
                 Ok(json_response(StatusCode::OK, &stats))

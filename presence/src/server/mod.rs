@@ -12,7 +12,7 @@
 //! ```text
 //! metrics (requests by route/method/status, latency) and a debug log line per request
 //!                                                            -> GET /metrics
-//! ├─ /healthz /readyz /metrics (and unknown paths) ─────────┐
+//! ├─ /healthz /readyz /metrics /ui* / (and unknown paths) ──┐
 //! └─ /presence*: bearer auth (401)                           │
 //!                token bucket per client IP (429 + Retry-After)
 //!                16 KiB body limit (413)                     │
@@ -51,6 +51,7 @@ mod routes;
 mod serve;
 mod service;
 mod store_call;
+mod ui;
 mod watch;
 
 use bytes::Bytes;

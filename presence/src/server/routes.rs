@@ -1,6 +1,8 @@
 //! The route table: every path the server answers, the methods each one takes, its
 //! metrics label, and whether it is under `/presence` (behind auth, the rate limit
-//! and the body limit). Dispatch, `404` / `405` + `Allow` and the metric labels all
+//! and the body limit). The status page (`/`, `/ui`, `/ui/app.js`, `/ui/style.css`)
+//! is outside `/presence`, so it is served without a token: it holds no data, and it
+//! is the page that asks for the token (see [`ui`](super::ui)). Dispatch, `404` / `405` + `Allow` and the metric labels all
 //! read this one table, and each request is resolved against it once
 //! ([`Resolved`], made by the outermost layer and carried in the request's
 //! extensions).
@@ -8,7 +10,7 @@
 //! The table is [`Endpoint::ALL`], matched in order: static paths first, so
 //! `/presence/login` is the action, then `/presence/{node_id}`, whose parameter is one
 //! path segment (`/presence/a/b` is no route). It is a table of its own rather than
-//! `matchit` (the router axum uses): for ten routes a scan costs less than
+//! `matchit` (the router axum uses): for fourteen routes a scan costs less than
 //! `matchit`'s tree walk, which took about 270 instructions of every heartbeat
 //! (callgrind, in-process; see the README's design notes). `HEAD` is served wherever `GET` is
 //! (RFC 9110 9.3.2): the same status and headers, no body; load balancers' health
@@ -31,11 +33,21 @@ pub(crate) enum Endpoint {
     Logout,
     Watch,
     Stats,
+    /// `/`: a redirect to the status page.
+    Root,
+    /// `/ui`: the status page.
+    Ui,
+    /// `/ui/app.js`: its script.
+    UiScript,
+    /// `/ui/style.css`: its style sheet.
+    UiStyle,
     Node,
 }
 
 impl Endpoint {
-    const ALL: [Endpoint; 10] = [
+    // The page's routes come after the API's static ones, so that the scan of a
+    // heartbeat, the hot path, does not grow with them.
+    const ALL: [Endpoint; 14] = [
         Endpoint::Healthz,
         Endpoint::Readyz,
         Endpoint::Metrics,
@@ -45,6 +57,10 @@ impl Endpoint {
         Endpoint::Logout,
         Endpoint::Watch,
         Endpoint::Stats,
+        Endpoint::Root,
+        Endpoint::Ui,
+        Endpoint::UiScript,
+        Endpoint::UiStyle,
         Endpoint::Node,
     ];
 
@@ -60,6 +76,10 @@ impl Endpoint {
             Endpoint::Logout => "/presence/logout",
             Endpoint::Watch => "/presence/watch",
             Endpoint::Stats => "/presence/stats",
+            Endpoint::Root => "/",
+            Endpoint::Ui => "/ui",
+            Endpoint::UiScript => "/ui/app.js",
+            Endpoint::UiStyle => "/ui/style.css",
             Endpoint::Node => "/presence/{node_id}",
         }
     }
@@ -255,6 +275,23 @@ mod tests {
         assert_eq!(action(Method::GET, "/presence/n-1"), Ok(Endpoint::Node));
         assert_eq!(action(Method::GET, "/presence/"), Ok(Endpoint::Node));
         assert_eq!(action(Method::HEAD, "/healthz"), Ok(Endpoint::Healthz));
+        assert_eq!(action(Method::GET, "/"), Ok(Endpoint::Root));
+        assert_eq!(action(Method::GET, "/ui"), Ok(Endpoint::Ui));
+        assert_eq!(action(Method::HEAD, "/ui/app.js"), Ok(Endpoint::UiScript));
+        assert_eq!(action(Method::GET, "/ui/style.css"), Ok(Endpoint::UiStyle));
+        assert_eq!(
+            action(Method::POST, "/ui"),
+            Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" })
+        );
+        for path in ["/ui/", "/ui/x.js", "/ui/app.js/", "//"] {
+            assert!(
+                matches!(
+                    action(Method::GET, path),
+                    Err(ApiError::RouteNotFound { .. })
+                ),
+                "{path}"
+            );
+        }
         assert!(matches!(
             action(Method::GET, "/presence/a/b"),
             Err(ApiError::RouteNotFound { .. })
@@ -287,5 +324,9 @@ mod tests {
         assert!(Resolved::of(&Method::GET, "/presence").is_presence());
         assert!(!Resolved::of(&Method::GET, "/presencex").is_presence());
         assert!(!Resolved::of(&Method::GET, "/healthz").is_presence());
+        // The page is outside /presence: no token, no rate limit (it holds no data).
+        for path in ["/", "/ui", "/ui/app.js", "/ui/style.css"] {
+            assert!(!Resolved::of(&Method::GET, path).is_presence(), "{path}");
+        }
     }
 }
