@@ -1539,3 +1539,41 @@ async fn a_filtered_watch_sends_unmatched_leaves_that_match_their_schema() {
     let leave = feed.next_valid("leave").await;
     assert_eq!(leave.data, json!({"node_id": "f-1", "reason": "unmatched"}));
 }
+
+/// Every metric family `GET /metrics` serves is in the document's table of
+/// `/metrics` (by its full name), and the table names no metric the server lacks.
+#[tokio::test]
+async fn the_metrics_table_lists_exactly_the_metrics_served() {
+    let svc = service(&[]);
+    // A request first: the request counter's family appears with its first sample.
+    assert_eq!(send(&svc, get("/healthz")).await.status, 200);
+    let reply = send(&svc, get("/metrics")).await;
+    assert_eq!(reply.status, 200);
+    let text = String::from_utf8(reply.body.to_vec()).expect("metrics are text");
+    let served: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let (name, kind) = (words.next()?, words.next()?);
+            // OpenMetrics names a counter family without its `_total`.
+            Some(match kind {
+                "counter" => format!("{name}_total"),
+                _ => name.to_owned(),
+            })
+        })
+        .filter(|name| name.starts_with("presence_"))
+        .collect();
+    let description = path_item("/metrics")["get"]["description"]
+        .as_str()
+        .expect("/metrics has a description");
+    let documented: BTreeSet<String> = description
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|name| name.starts_with("presence_"))
+        .map(str::to_owned)
+        .collect();
+    assert!(!served.is_empty(), "no presence metrics served:\n{text}");
+    assert_eq!(served, documented, "served vs documented metrics");
+}

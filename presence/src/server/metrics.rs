@@ -8,7 +8,7 @@
 //! | `presence_http_requests_total` | counter | `route`, `method`, `status` |
 //! | `presence_http_request_duration_seconds` | histogram | `route` |
 //! | `presence_rate_limited_total` | counter | |
-//! | `presence_store_errors_total` | counter | `kind` = `unavailable` / `timeout` / `circuit_open` |
+//! | `presence_store_errors_total` | counter | `kind` = `unavailable` / `refused` / `timeout` / `circuit_open` |
 //! | `presence_online_nodes` | gauge | |
 //! | `presence_store_circuit_state` | gauge | 0 closed, 1 half-open, 2 open |
 //! | `presence_watchers` | gauge | |
