@@ -116,6 +116,7 @@ conformance!(
     query_pages_skip_expired_nodes,
     stats_follow_logins_status_changes_logouts_and_expiry,
     random_workload_keeps_stats_equal_to_the_listing,
+    label_queries_follow_logins_meta_changes_logouts_and_expiry,
 );
 
 fn id(s: &str) -> NodeId {
@@ -672,14 +673,18 @@ async fn redis_keys_follow_the_data_model_and_expire() {
     }
 
     // Logging the last node out leaves only the change feed (its stream and epoch)
-    // and the counters (all zero), which expire by themselves.
+    // and the counters (all zero, and `l`: the label index is built), which expire
+    // by themselves.
     assert_eq!(store.logout(&n, &lease).await, Ok(true));
     let counts: Vec<(String, i64)> = redis::cmd("HGETALL")
         .arg(format!("{{{}}}:counts", store.prefix()))
         .query_async(&mut conn)
         .await
         .expect("hgetall");
-    assert!(counts.iter().all(|(_, n)| *n == 0), "{counts:?}");
+    assert!(
+        counts.iter().all(|(k, n)| *n == 0 || (k == "l" && *n == 1)),
+        "{counts:?}"
+    );
     for k in ["feed", "feed-epoch", "counts"] {
         let pttl: i64 = redis::cmd("PTTL")
             .arg(format!("{{{}}}:{k}", store.prefix()))
@@ -1459,6 +1464,106 @@ async fn query_filters_by_prefix_status_and_meta(h: &Harness) {
     }
 }
 
+/// The ids a filter selects, read through the query (unpaged, and by pages of 1)
+/// and, as the reference, from the full listing.
+async fn selected(h: &Harness, filter: Filter) -> Vec<String> {
+    let listed: Vec<String> = list(h)
+        .await
+        .into_iter()
+        .filter(|n| {
+            let meta = serde_json::to_vec(&n.meta).expect("meta");
+            filter.matches(&n.node_id, n.status, Some(&meta))
+        })
+        .map(|n| n.node_id)
+        .collect();
+    let (ids, next) = page_ids(h, &Query::new(filter.clone())).await;
+    assert_eq!((&ids, next), (&listed, None), "{filter:?}");
+    let walked: Vec<String> = walk(h, filter.clone(), 1)
+        .await
+        .into_iter()
+        .flat_map(|(ids, _)| ids)
+        .collect();
+    assert_eq!(walked, listed, "{filter:?} by pages of 1");
+    ids
+}
+
+async fn label_queries_follow_logins_meta_changes_logouts_and_expiry(h: &Harness) {
+    let s = &h.store;
+    let eu = || Filter::default().meta("region", "eu");
+    let mut leases = std::collections::HashMap::new();
+    for (n, m) in [
+        ("a", json!({"region": "eu", "load": 1})),
+        ("b", json!({"region": "us"})),
+        ("c", json!({"region": "eu", "gpu": true})),
+        ("d", json!({"nested": {"region": "eu"}})),
+    ] {
+        let lease = new_lease_id();
+        s.login(&id(n), &lease, TTL, meta(m)).await.expect("login");
+        leases.insert(n, lease);
+    }
+    assert_eq!(selected(h, eu()).await, strings(&["a", "c"]));
+    assert_eq!(
+        selected(h, eu().meta("gpu", "true")).await,
+        strings(&["c"])
+    );
+    assert_eq!(selected(h, eu().prefix("c")).await, strings(&["c"]));
+    assert_eq!(
+        page_ids(h, &Query::new(eu()).after("a")).await,
+        (strings(&["c"]), None)
+    );
+    // A meta change moves a node between labels; a change of a number alone keeps
+    // its labels.
+    s.heartbeat(&id("b"), &leases["b"], TTL, Some(meta(json!({"region": "eu"}))))
+        .await
+        .expect("heartbeat");
+    s.heartbeat(&id("a"), &leases["a"], TTL, Some(meta(json!({"region": "us"}))))
+        .await
+        .expect("heartbeat");
+    s.heartbeat(
+        &id("c"),
+        &leases["c"],
+        TTL,
+        Some(meta(json!({"region": "eu", "gpu": true, "load": 7}))),
+    )
+    .await
+    .expect("heartbeat");
+    assert_eq!(selected(h, eu()).await, strings(&["b", "c"]));
+    assert_eq!(
+        selected(h, Filter::default().meta("region", "us")).await,
+        strings(&["a"])
+    );
+    // A heartbeat without meta keeps the labels.
+    s.heartbeat(&id("b"), &leases["b"], TTL, None)
+        .await
+        .expect("heartbeat");
+    assert_eq!(selected(h, eu()).await, strings(&["b", "c"]));
+    // A logout and a re-login with other meta take the labels away.
+    assert_eq!(s.logout(&id("c"), &leases["c"]).await, Ok(true));
+    let lease = new_lease_id();
+    s.login(&id("a"), &lease, 1_000, meta(json!({"region": "eu"})))
+        .await
+        .expect("login");
+    assert_eq!(selected(h, eu()).await, strings(&["a", "b"]));
+    assert_eq!(
+        selected(h, Filter::default().meta("region", "us")).await,
+        strings(&[])
+    );
+    assert_eq!(
+        selected(h, Filter::default().meta("gpu", "true")).await,
+        strings(&[])
+    );
+    // An expired node leaves the label's answers at once, and its labels go with
+    // its record.
+    h.elapse(Duration::from_millis(1_200)).await;
+    assert_eq!(selected(h, eu()).await, strings(&["b"]));
+    sweep_all(h).await;
+    assert_eq!(selected(h, eu()).await, strings(&["b"]));
+    s.login(&id("a"), &new_lease_id(), TTL, meta(json!({"region": "eu"})))
+        .await
+        .expect("login");
+    assert_eq!(selected(h, eu()).await, strings(&["a", "b"]));
+}
+
 async fn query_pages_250_nodes_by_100(h: &Harness) {
     let tasks: Vec<_> = (0..250)
         .map(|i| {
@@ -1807,7 +1912,7 @@ async fn workload(h: &Harness, seed: u64, tasks: u64, ops: usize, ttl: fn(usize)
                     match rng.below(20) {
                         0..=6 => {
                             let fresh = new_lease_id();
-                            let m = meta(json!({ "v": rng.below(3) }));
+                            let m = meta(json!({ "v": rng.below(3), "tag": format!("t{}", rng.below(3)) }));
                             store
                                 .login_with(&node, &fresh, ttl(i), m, rng.status())
                                 .await
@@ -1816,7 +1921,9 @@ async fn workload(h: &Harness, seed: u64, tasks: u64, ops: usize, ttl: fn(usize)
                         }
                         7..=14 => {
                             let status = (rng.below(2) == 0).then(|| rng.status());
-                            let m = (rng.below(4) == 0).then(|| meta(json!({ "v": rng.below(3) })));
+                            let m = (rng.below(4) == 0).then(|| {
+                                meta(json!({ "v": rng.below(3), "tag": format!("t{}", rng.below(3)) }))
+                            });
                             let r = store.heartbeat_with(&node, &lease, ttl(i), m, status).await;
                             assert!(
                                 matches!(
@@ -1850,6 +1957,9 @@ async fn random_workload_keeps_stats_equal_to_the_listing(h: &Harness) {
     workload(h, seed, 6, 300, |_| TTL).await;
     let listed = list(h).await;
     assert_eq!(stats(h).await, counted(&listed), "seed {seed}");
+    for tag in ["t0", "t1", "t2"] {
+        selected(h, Filter::default().meta("tag", tag)).await;
+    }
     assert_eq!(stats(h).await.online, listed.len() as u64, "seed {seed}");
     assert_eq!(sweep_all(h).await, 0, "seed {seed}");
     assert_eq!(stats(h).await, counted(&listed), "seed {seed}");
@@ -1892,6 +2002,9 @@ async fn random_workload_keeps_stats_equal_to_the_listing(h: &Harness) {
         "only long-lived nodes are left: {:?} (seed {seed})",
         ids(&listed)
     );
+    for tag in ["t0", "t1", "t2"] {
+        selected(h, Filter::default().meta("tag", tag)).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -2081,5 +2194,127 @@ async fn redis_index_build_counts_an_older_servers_records_after_a_first_write()
         (strings(&["v1-a", "v1-b", "v2-a"]), None)
     );
     assert_eq!(store.stats().await, Ok(Stats::from_counts([2, 1, 0])));
+    assert!(store.delete_prefix().await.is_ok());
+}
+
+// ---------------------------------------------------------------------------------
+// RedisStore: the label index
+
+async fn labels_in(store: &RedisStore) -> (Vec<String>, Vec<(String, String)>) {
+    let mut conn = raw().await;
+    let prefix = store.prefix();
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{{{prefix}}}:labels"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .expect("zrange");
+    let mut of: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(format!("{{{prefix}}}:labels-of"))
+        .query_async(&mut conn)
+        .await
+        .expect("hgetall");
+    of.sort();
+    (members, of)
+}
+
+#[tokio::test]
+async fn redis_labels_follow_the_data_model_and_leave_nothing_behind() {
+    let Some(store) = redis_for_tests("redis_labels_data_model").await else {
+        return;
+    };
+    let lease = new_lease_id();
+    store
+        .login(
+            &id("n"),
+            &lease,
+            TTL,
+            meta(json!({"region": "eu", "gpu": true, "load": 1, "tags": ["x"]})),
+        )
+        .await
+        .expect("login");
+    // Members `<key>\0<value>\0<id>`; the node's labels joined by \x01.
+    assert_eq!(
+        labels_in(&store).await,
+        (
+            strings(&["gpu\0true\0n", "region\0eu\0n"]),
+            vec![("n".to_owned(), "gpu\0true\u{1}region\0eu".to_owned())]
+        )
+    );
+    let prefix = store.prefix().to_owned();
+    for k in ["labels", "labels-of"] {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(format!("{{{prefix}}}:{k}"))
+            .query_async(&mut raw().await)
+            .await
+            .expect("pttl");
+        assert!(pttl > 0, "{k} has PTTL {pttl}");
+    }
+    store
+        .heartbeat(&id("n"), &lease, TTL, Some(meta(json!({"region": "us"}))))
+        .await
+        .expect("heartbeat");
+    assert_eq!(
+        labels_in(&store).await,
+        (
+            strings(&["region\0us\0n"]),
+            vec![("n".to_owned(), "region\0us".to_owned())]
+        )
+    );
+    assert_eq!(store.logout(&id("n"), &lease).await, Ok(true));
+    assert_eq!(labels_in(&store).await, (vec![], vec![]));
+    for k in ["labels", "labels-of"] {
+        assert!(!key_exists(format!("{{{prefix}}}:{k}")).await, "{k} is gone");
+    }
+    assert!(store.delete_prefix().await.is_ok());
+}
+
+#[tokio::test]
+async fn redis_index_build_labels_an_older_servers_records_as_rust_does() {
+    // The build works the labels out in Lua; everything else in Rust: they agree.
+    let Some(store) = redis_for_tests("redis_index_build_labels").await else {
+        return;
+    };
+    let now = Store::now_ms(&store).await.expect("now");
+    let lease = new_lease_id();
+    let online = now + TTL;
+    let metas = [
+        json!({"b": true, "f": false, "s": "x y", "n": 1, "z": null, "o": {"a": "b"}, "l": ["c"]}),
+        json!({"u": "é\u{1}", "nul": "a\u{0}b", "q": "\"quoted\"", "e": ""}),
+        json!({"long": "v".repeat(251), "longer": "v".repeat(250)}),
+        json!({}),
+    ];
+    let records: Vec<(String, u64, String)> = metas
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let json = serde_json::to_string(m).expect("meta");
+            let mark = if i == 1 { "d" } else { "" };
+            (format!("v1-{i}"), online, v1_record(online, now, &lease, mark, &json))
+        })
+        .collect();
+    let borrowed: Vec<(&str, u64, String)> = records
+        .iter()
+        .map(|(n, e, r)| (n.as_str(), *e, r.clone()))
+        .collect();
+    write_v1(&store, &borrowed).await;
+    store.sweep_expired().await.expect("sweep");
+    let (_, of) = labels_in(&store).await;
+    let want: Vec<(String, String)> = metas
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            let labels = presence::store::query::labels_of(m.as_object()?).join("\u{1}");
+            (!labels.is_empty()).then(|| (format!("v1-{i}"), labels))
+        })
+        .collect();
+    assert_eq!(of, want);
+    let h = Harness {
+        store: Arc::new(store.clone()),
+        redis: None,
+    };
+    assert_eq!(selected(&h, Filter::default().meta("b", "true")).await, strings(&["v1-0"]));
+    assert_eq!(selected(&h, Filter::default().meta("e", "")).await, strings(&["v1-1"]));
     assert!(store.delete_prefix().await.is_ok());
 }

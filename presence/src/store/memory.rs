@@ -13,7 +13,7 @@ use super::feed::{
     WatchStart,
 };
 use super::json::{ListWriter, NODE_OVERHEAD};
-use super::query::{Page, Query};
+use super::query::{labels_of, Page, Query};
 use super::{sort_key, BoxFuture, LoginOutcome, NodeListJson, Store, StoreError, Sweep};
 use crate::model::{Meta, Node, NodeId, Stats, Status};
 
@@ -65,6 +65,12 @@ pub struct MemoryStore {
     /// when a record is added or removed (a heartbeat does not touch it). Lock order:
     /// a shard, then this.
     index: RwLock<BTreeSet<Arc<str>>>,
+    /// The ids of the records with each label (see
+    /// [labels](super::query#labels-the-index-of-meta-values)), in `node_id` order:
+    /// a meta filter reads the nodes it selects, not every record. Written when a
+    /// record is added or removed, or its labels change. Lock order: a shard, then
+    /// this (never together with `index`).
+    labels: RwLock<HashMap<Box<str>, BTreeSet<Arc<str>>>>,
     /// Records held by status ([`Status::index`]), kept by every write under the
     /// record's shard lock: `GET /presence/stats` reads no record.
     counts: [AtomicU64; 3],
@@ -79,9 +85,18 @@ struct Entry {
     status: Status,
     /// Serialized JSON object; `None` stands for `{}` (the common case costs nothing).
     meta: Option<Arc<str>>,
+    /// The meta's labels, as the label index holds them (empty for most metas).
+    labels: Labels,
     online_since_ms: u64,
     last_seen_ms: u64,
     expires_at_ms: u64,
+}
+
+/// A record's labels (see [`labels_of`]).
+type Labels = Box<[Box<str>]>;
+
+fn labels(meta: &Meta) -> Labels {
+    labels_of(meta).into_iter().map(String::into_boxed_str).collect()
 }
 
 impl Entry {
@@ -111,6 +126,7 @@ impl MemoryStore {
             scratch: Mutex::default(),
             hub: Hub::new(Some(random_epoch()), Position::default(), MAX_FEED_CHANGES),
             index: RwLock::default(),
+            labels: RwLock::default(),
             counts: Default::default(),
         }
     }
@@ -150,13 +166,17 @@ impl MemoryStore {
                 }
                 sweep.lag_ms = sweep.lag_ms.max(now - e.expires_at_ms);
                 self.expired(id, e, now);
-                gone.push(id.clone());
+                gone.push((id.clone(), std::mem::take(&mut e.labels)));
                 false
             });
             if !gone.is_empty() {
                 let mut index = write(&self.index);
-                for id in gone.drain(..) {
-                    index.remove(&id);
+                for (id, _) in &gone {
+                    index.remove(id);
+                }
+                drop(index);
+                for (id, labels) in gone.drain(..) {
+                    self.relabel(&id, &labels, &[]);
                 }
             }
             sweep.expired += (before - map.len()) as u64;
@@ -190,7 +210,28 @@ impl MemoryStore {
     fn remove(&self, map: &mut HashMap<Arc<str>, Entry>, node: &str) -> Option<Entry> {
         let (id, entry) = map.remove_entry(node)?;
         write(&self.index).remove(&id);
+        self.relabel(&id, &entry.labels, &[]);
         Some(entry)
+    }
+
+    /// Moves `node` from the labels `old` to the labels `new` in the label index
+    /// (under its shard's lock).
+    fn relabel(&self, node: &Arc<str>, old: &[Box<str>], new: &[Box<str>]) {
+        if old == new {
+            return;
+        }
+        let mut labels = write(&self.labels);
+        for label in old.iter().filter(|l| !new.contains(l)) {
+            if let Some(ids) = labels.get_mut(label) {
+                ids.remove(node);
+                if ids.is_empty() {
+                    labels.remove(label);
+                }
+            }
+        }
+        for label in new.iter().filter(|l| !old.contains(l)) {
+            labels.entry(label.clone()).or_default().insert(node.clone());
+        }
     }
 
     /// Publishes a join or update of `node` (under its shard's lock).
@@ -243,6 +284,7 @@ impl MemoryStore {
         meta: &Meta,
         status: Status,
     ) -> Result<LoginOutcome, StoreError> {
+        let labels = labels(meta);
         let meta = encode_meta(meta)?;
         let now = self.now_ms();
         self.maybe_purge(now);
@@ -251,13 +293,15 @@ impl MemoryStore {
             lease: lease_id.into(),
             status,
             meta,
+            labels,
             online_since_ms: now,
             last_seen_ms: now,
             expires_at_ms,
         };
         let mut map = write(self.shard(node.as_str()));
-        match map.get_mut(node.as_str()) {
-            Some(old) => {
+        let id = map.get_key_value(node.as_str()).map(|(id, _)| id.clone());
+        match (id, map.get_mut(node.as_str())) {
+            (Some(id), Some(old)) => {
                 if old.online(now) {
                     self.count(old.status, false);
                 } else {
@@ -265,13 +309,15 @@ impl MemoryStore {
                 }
                 self.count(status, true);
                 self.changed(ChangeKind::Join, node.as_str(), &entry, now);
+                self.relabel(&id, &old.labels, &entry.labels);
                 *old = entry;
             }
-            None => {
+            _ => {
                 self.count(status, true);
                 self.changed(ChangeKind::Join, node.as_str(), &entry, now);
                 let id: Arc<str> = node.as_str().into();
                 write(&self.index).insert(id.clone());
+                self.relabel(&id, &[], &entry.labels);
                 map.insert(id, entry);
             }
         }
@@ -290,7 +336,7 @@ impl MemoryStore {
         meta: Option<&Meta>,
         status: Option<Status>,
     ) -> Result<u64, StoreError> {
-        let meta = meta.map(encode_meta).transpose()?;
+        let encoded = meta.map(encode_meta).transpose()?;
         let now = self.now_ms();
         self.maybe_purge(now);
         let mut map = write(self.shard(node.as_str()));
@@ -312,8 +358,13 @@ impl MemoryStore {
         // Only a meta or status that differs is a change: a heartbeat that moves
         // time is none.
         let mut changed = false;
-        if let Some(meta) = meta.filter(|m| *m != entry.meta) {
-            entry.meta = meta;
+        let mut relabel = None;
+        if let Some(encoded) = encoded.filter(|m| *m != entry.meta) {
+            entry.meta = encoded;
+            let new = meta.map(labels).unwrap_or_default();
+            if new != entry.labels {
+                relabel = Some(std::mem::replace(&mut entry.labels, new));
+            }
             changed = true;
         }
         if let Some(status) = status.filter(|s| *s != entry.status) {
@@ -325,7 +376,14 @@ impl MemoryStore {
         if changed {
             self.changed(ChangeKind::Update, node.as_str(), entry, now);
         }
-        Ok(entry.expires_at_ms)
+        let expires_at_ms = entry.expires_at_ms;
+        if let Some(old) = relabel {
+            let new = entry.labels.clone();
+            if let Some((id, _)) = map.get_key_value(node.as_str()) {
+                self.relabel(id, &old, &new);
+            }
+        }
+        Ok(expires_at_ms)
     }
 
     fn logout_sync(&self, node: &NodeId, lease_id: &str) -> Result<bool, StoreError> {
@@ -443,9 +501,15 @@ impl MemoryStore {
         // releasing it (writers take a shard, then the index: the other order here
         // could deadlock).
         const BATCH: usize = 512;
-        if query.limit_value().is_none() && query.filter().prefix_value().is_none() {
-            // Everything the filter selects, and no prefix to narrow the index
-            // with: one pass over the shards is cheaper than a lookup per id.
+        // A meta filter with a label reads the ids with that label; otherwise the
+        // ids of the range.
+        let label = query.filter().label();
+        if query.limit_value().is_none()
+            && query.filter().prefix_value().is_none()
+            && label.is_none()
+        {
+            // Everything the filter selects, and no prefix or label to narrow the
+            // index with: one pass over the shards is cheaper than a lookup per id.
             return Page {
                 json: self.scan_json(Some(query)),
                 next_after: None,
@@ -465,12 +529,20 @@ impl MemoryStore {
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             batch.clear();
-            batch.extend(
-                read(&self.index)
-                    .range::<str, _>((from.as_ref().map(|id| &**id), Bound::Unbounded))
-                    .take(BATCH)
-                    .cloned(),
-            );
+            let range = (from.as_ref().map(|id| &**id), Bound::Unbounded);
+            match label.as_deref() {
+                None => batch.extend(
+                    read(&self.index)
+                        .range::<str, _>(range)
+                        .take(BATCH)
+                        .cloned(),
+                ),
+                Some(label) => {
+                    if let Some(ids) = read(&self.labels).get(label) {
+                        batch.extend(ids.range::<str, _>(range).take(BATCH).cloned());
+                    }
+                }
+            }
             let Some(end) = batch.last() else { break };
             from = Bound::Excluded(end.clone());
             for id in &batch {

@@ -28,6 +28,16 @@
 //!   value is the JSON string `value`, or a number or boolean whose JSON text (as
 //!   stored: the meta is kept as the JSON the node sent, re-serialized compactly) is
 //!   `value`. `null`, arrays and objects match nothing.
+//!
+//! # Labels: the index of meta values
+//! Both stores keep an index of every node's *labels*: each top-level meta key whose
+//! value is a string or a boolean, with that value ([`labels_of`]). A `meta` pair
+//! whose value is not the JSON text of a number selects exactly the nodes that carry
+//! its label ([`Filter::label`]), so a store reads only those nodes instead of
+//! every record. Numbers are not labels: they are what changes on every heartbeat
+//! (load, queue depth), and indexing them would rewrite the index each time; a
+//! filter on a number reads every record, as does one on a value with a control
+//! character `\0` or `\x01`, or a key and value longer than [`MAX_LABEL`] bytes.
 
 use std::collections::HashMap;
 
@@ -35,10 +45,44 @@ use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::model::Status;
+use crate::model::{Meta, Status};
 
 /// Largest page a [`Query`] may ask for (`limit=1..10000`).
 pub const MAX_PAGE: usize = 10_000;
+
+/// Longest label (key, a NUL byte, value) the index keeps, in bytes.
+pub const MAX_LABEL: usize = 256;
+
+/// The label of a top-level meta `key` with the string (or boolean text) `value`:
+/// `key`, a NUL byte, `value`; `None` if it is too long for the index or contains
+/// `\0` or `\x01` (the index's separators).
+pub fn label(key: &str, value: &str) -> Option<String> {
+    let fits = key.len() + 1 + value.len() <= MAX_LABEL;
+    let plain = |s: &str| !s.bytes().any(|b| b <= 1);
+    (fits && plain(key) && plain(value)).then(|| format!("{key}\0{value}"))
+}
+
+/// A meta's labels (see the [module docs](self#labels-the-index-of-meta-values)),
+/// sorted and without repeats.
+///
+/// ```
+/// let meta = serde_json::json!({"region": "eu", "gpu": true, "load": 0.5, "tags": ["a"]});
+/// let meta = meta.as_object().cloned().unwrap_or_default();
+/// assert_eq!(presence::store::query::labels_of(&meta), ["gpu\0true", "region\0eu"]);
+/// ```
+pub fn labels_of(meta: &Meta) -> Vec<String> {
+    let mut labels: Vec<String> = meta
+        .iter()
+        .filter_map(|(key, value)| match value {
+            serde_json::Value::String(s) => label(key, s),
+            serde_json::Value::Bool(b) => label(key, if *b { "true" } else { "false" }),
+            _ => None,
+        })
+        .collect();
+    labels.sort_unstable();
+    labels.dedup();
+    labels
+}
 
 /// Which nodes: see the [module docs](self). The default selects every node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -115,6 +159,22 @@ impl Filter {
     /// [`matches`](Self::matches)).
     pub fn meta_needles(&self) -> &[MetaNeedle] {
         &self.needles
+    }
+
+    /// The label of the first meta pair the label index can answer exactly (see the
+    /// [module docs](self#labels-the-index-of-meta-values)): every node that
+    /// matches the filter carries it. `None` when no pair can be looked up (no meta
+    /// pair, or only numbers).
+    pub fn label(&self) -> Option<String> {
+        self.meta.iter().find_map(|(key, value)| {
+            let number = serde_json::from_str::<serde_json::Value>(value)
+                .is_ok_and(|v| v.is_number());
+            if number {
+                None
+            } else {
+                label(key, value)
+            }
+        })
     }
 
     /// Whether a node matches: its id, status and stored meta (JSON text; `None` for
@@ -330,6 +390,7 @@ pub struct Page {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn needles_reject_without_decoding_and_never_miss_a_match() {
@@ -359,5 +420,62 @@ mod tests {
         assert!(n.matches("n", Status::Up, Some(br#"{"load":0.5}"#)));
         assert!(!n.matches("n", Status::Up, Some(br#"{"load":0.55}"#)));
         assert!(n.matches("n", Status::Up, Some(br#"{"load":"0.5"}"#)));
+    }
+
+    #[test]
+    fn a_filter_label_is_one_only_when_it_is_exact() {
+        assert_eq!(
+            Filter::default().meta("region", "eu").label().as_deref(),
+            Some("region\0eu")
+        );
+        // `true` matches the boolean and the string: both have that label.
+        assert_eq!(
+            Filter::default().meta("gpu", "true").label().as_deref(),
+            Some("gpu\0true")
+        );
+        // A number is no label; the next pair is.
+        let f = Filter::default().meta("load", "0.5").meta("zone", "a");
+        assert_eq!(f.label().as_deref(), Some("zone\0a"));
+        assert_eq!(Filter::default().meta("load", "5").label(), None);
+        assert_eq!(Filter::default().meta("k", "a\u{1}b").label(), None);
+        assert_eq!(Filter::default().meta("k", "v".repeat(MAX_LABEL)).label(), None);
+        assert_eq!(Filter::default().prefix("a").label(), None);
+    }
+
+    proptest::proptest! {
+        /// A meta pair with a label matches a node exactly when the node carries the
+        /// label: the index never misses a match nor adds one.
+        #[test]
+        fn a_label_is_carried_exactly_by_the_matching_nodes(
+            values in proptest::collection::vec(
+                proptest::prop_oneof![
+                    "[a-c\u{1}\u{0}\\\"é]{0,3}".prop_map(serde_json::Value::from),
+                    proptest::bool::ANY.prop_map(serde_json::Value::from),
+                    (-3i64..3).prop_map(serde_json::Value::from),
+                    proptest::strategy::Just(serde_json::Value::Null),
+                ],
+                0..4,
+            ),
+            want in proptest::prop_oneof![
+                "[a-c\u{1}\\\"é]{0,3}",
+                proptest::strategy::Just("true".to_owned()),
+                proptest::strategy::Just("false".to_owned()),
+                proptest::strategy::Just("1".to_owned()),
+            ],
+        ) {
+            let meta: Meta = values
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (format!("k{}", i % 2), v))
+                .collect();
+            let json = serde_json::to_string(&meta).unwrap_or_default();
+            let filter = Filter::default().meta("k0", want.clone());
+            let matches = filter.matches("n", Status::Up, Some(json.as_bytes()));
+            if let Some(label) = filter.label() {
+                prop_assert_eq!(labels_of(&meta).contains(&label), matches, "{} {:?}", json, want);
+            } else {
+                prop_assert!(want == "1" || want.contains('\u{1}'), "{:?}", want);
+            }
+        }
     }
 }

@@ -19,6 +19,9 @@ pub(super) struct HeartbeatJob {
     pub(super) ttl_ms: u64,
     /// The new meta, serialized; `None` keeps the stored one.
     pub(super) meta: Option<String>,
+    /// The new meta's labels (see [`labels_arg`](super::scripts::labels_arg)), with
+    /// a new meta.
+    pub(super) labels: Option<String>,
     /// The new status; `None` keeps the stored one.
     pub(super) status: Option<Status>,
     /// The [`HEARTBEATS`] code of this heartbeat.
@@ -124,20 +127,25 @@ fn fill_batch(
 /// through `Script::key/arg`, which allocates every argument on its own before
 /// copying it into the command.
 fn call(mut conn: ConnectionManager, keys: &DeploymentKeys, jobs: Vec<HeartbeatJob>) -> Call {
-    // Three numbers (grace, TTL, retention) and three strings per heartbeat.
+    // Three numbers (grace, TTL, retention) and five strings per heartbeat.
     let bytes = jobs
         .iter()
-        .map(|j| j.node.as_str().len() + j.lease.len() + j.meta.as_ref().map_or(0, String::len))
+        .map(|j| {
+            let meta = j.meta.as_ref().map_or(0, String::len);
+            let labels = j.labels.as_ref().map_or(0, String::len);
+            j.node.as_str().len() + j.lease.len() + meta + labels + 1
+        })
         .sum::<usize>()
         + 40;
-    let mut cmd = evalsha(&HEARTBEATS, keys, 3 + 3 * jobs.len(), bytes);
+    let mut cmd = evalsha(&HEARTBEATS, keys, 3 + 5 * jobs.len(), bytes);
     cmd.arg(grace_ms())
         .arg(jobs.first().map_or(0, |j| j.ttl_ms));
     for job in &jobs {
         cmd.arg(job.node.as_str())
             .arg(&job.lease)
             .arg(job.meta.as_deref().unwrap_or(""))
-            .arg(job.status.map_or("", status_arg));
+            .arg(job.status.map_or("", status_arg))
+            .arg(job.labels.as_deref().unwrap_or(""));
     }
     cmd.arg(keys.retention_ms());
     Box::pin(async move {
@@ -178,7 +186,7 @@ pub(super) fn evalsha(script: &Script, keys: &DeploymentKeys, args: usize, bytes
     let fixed = [
         "EVALSHA",
         script.get_hash(),
-        "7",
+        "9",
         &keys.nodes,
         &keys.records,
         &keys.feed,
@@ -186,6 +194,8 @@ pub(super) fn evalsha(script: &Script, keys: &DeploymentKeys, args: usize, bytes
         &keys.swept,
         &keys.index,
         &keys.counts,
+        &keys.labels,
+        &keys.labelled,
     ];
     debug_assert_eq!(fixed.len(), 3 + SCRIPT_KEYS);
     let mut cmd = Cmd::with_capacity(

@@ -112,7 +112,7 @@ use self::bulk::{BulkConnection, Bulks, Session};
 use self::feed::{changes_between, read_feed};
 use self::record::{parse_u64, to_node, Record};
 use self::scripts::{
-    lease_header, status_arg, status_mark, INDEX_BUILD, LOGIN, LOGIN_PURGE, LOGOUT, OUTAGE_CLAIM,
+    labels_arg, lease_header, status_arg, status_mark, INDEX_BUILD, LOGIN, LOGIN_PURGE, LOGOUT, OUTAGE_CLAIM,
     OUTAGE_SHIFT, PAGE, SWEEP,
 };
 pub use self::scripts::{INDEX_GRANULARITY, KEY_SLACK, MAX_LEASE_LEN};
@@ -285,6 +285,8 @@ struct DeploymentKeys {
     pub(super) swept: String,
     pub(super) index: String,
     pub(super) counts: String,
+    pub(super) labels: String,
+    pub(super) labelled: String,
     retention_ms: Arc<AtomicU64>,
 }
 
@@ -357,6 +359,8 @@ impl RedisStore {
             index: format!("{{{prefix}}}:ids"),
             counts: format!("{{{prefix}}}:counts"),
             swept: format!("{{{prefix}}}:swept"),
+            labels: format!("{{{prefix}}}:labels"),
+            labelled: format!("{{{prefix}}}:labels-of"),
             retention_ms: Arc::new(AtomicU64::new(DEFAULT_RETENTION_MS)),
         };
         let (heartbeats, queue) = mpsc::unbounded_channel();
@@ -462,13 +466,14 @@ impl RedisStore {
                 lease_id.len()
             )));
         }
+        let labels = labels_arg(&meta);
         let meta = encode_meta(&meta)?;
         self.ensure_index().await?;
         let mut call = evalsha(
             &LOGIN,
             &self.inner.keys,
-            8,
-            140 + lease_id.len() + meta.len(),
+            9,
+            140 + lease_id.len() + meta.len() + labels.len(),
         );
         // The record's status mark follows the lease (none for `up`).
         let mut lease = lease_header(lease_id);
@@ -480,6 +485,7 @@ impl RedisStore {
             .arg(grace_ms())
             .arg(LOGIN_PURGE)
             .arg(index_granularity_ms())
+            .arg(labels)
             .arg(self.inner.keys.retention_ms());
         let (now, exp): (u64, u64) = eval(&mut self.conn.clone(), &LOGIN, &call)
             .await
@@ -498,6 +504,7 @@ impl RedisStore {
         meta: Option<Meta>,
         status: Option<Status>,
     ) -> Result<u64, StoreError> {
+        let labels = meta.as_ref().map(labels_arg);
         let meta = meta.as_ref().map(encode_meta).transpose()?;
         self.ensure_index().await?;
         let (reply, outcome) = oneshot::channel();
@@ -506,6 +513,7 @@ impl RedisStore {
             lease: lease_header(lease_id),
             ttl_ms,
             meta,
+            labels,
             status,
             reply,
         };
@@ -924,20 +932,25 @@ impl RedisStore {
         })
     }
 
-    /// [`Store::query_json`]: [`PAGE`] calls along the id index, each reading at
+    /// [`Store::query_json`]: [`PAGE`] calls along the id index, or along the ids
+    /// with the filter's [label](crate::store::query::Filter::label) in the label index, each reading at
     /// most [`QUERY_BUDGET`] ids, until the page has one match more than it holds
     /// (which says that a next page exists) or the range is done.
     ///
-    /// Everything a filter selects, unpaged and with no prefix to narrow the index
-    /// with, is read as the full listing is (the records in bulk, over the listing
-    /// connection) and filtered here: a Lua loop over every record costs Redis more
-    /// than sending them (README, Performance).
+    /// Everything a filter selects, unpaged and with no prefix or label to narrow
+    /// the index with, is read as the full listing is (the records in bulk, over the
+    /// listing connection) and filtered here: a Lua loop over every record costs
+    /// Redis more than sending them (README, Performance).
     async fn query_json_impl(&self, query: &Query) -> Result<Page, StoreError> {
         self.ensure_index().await?;
         let filter = query.filter();
+        // Members of the label index are `<label>\0<id>`: a range of ids is the
+        // same range behind this prefix.
+        let label = filter.label().map(|l| l + "\0").unwrap_or_default();
         if query.limit_value().is_none()
             && query.after_value().is_none()
             && filter.prefix_value().is_none()
+            && label.is_empty()
         {
             let mut list = ListWriter::with_capacity(4096);
             self.for_each_live(|id, rec| {
@@ -961,15 +974,18 @@ impl RedisStore {
         }
         let limit = query.limit_value().unwrap_or(usize::MAX);
         let mut start = match query.scan_start() {
-            None => "-".to_owned(),
-            Some((id, true)) => format!("[{id}"),
-            Some((id, false)) => format!("({id}"),
-        };
+            None if label.is_empty() => "-".to_owned(),
+            None => format!("[{label}"),
+            Some((id, true)) => format!("[{label}{id}"),
+            Some((id, false)) => format!("({label}{id}"),
+        }
+        .into_bytes();
         // Node ids are ASCII below DEL: every id with the prefix sorts before
         // `prefix` + DEL.
-        let stop = filter
-            .prefix_value()
-            .map_or_else(|| "+".to_owned(), |p| format!("({p}\u{7f}"));
+        let stop = match filter.prefix_value() {
+            None if label.is_empty() => "+".to_owned(),
+            prefix => format!("({label}{}\u{7f}", prefix.unwrap_or("")),
+        };
         let statuses: String = if filter.has_status_filter() {
             filter.selected_statuses().map(status_arg).collect()
         } else {
@@ -980,17 +996,23 @@ impl RedisStore {
         loop {
             let want = limit.saturating_sub(list.count()).saturating_add(1);
             let needles = filter.meta_needles();
-            let mut call = evalsha(&PAGE, &self.inner.keys, 5 + 2 * needles.len(), 64);
+            let mut call = evalsha(
+                &PAGE,
+                &self.inner.keys,
+                6 + 2 * needles.len(),
+                64 + 3 * label.len(),
+            );
             call.arg(&start)
                 .arg(&stop)
                 .arg(want.min(QUERY_BUDGET))
                 .arg(QUERY_BUDGET)
-                .arg(&statuses);
+                .arg(&statuses)
+                .arg(&label);
             for needle in needles {
                 call.arg(needle.string_text())
                     .arg(needle.literal_text().unwrap_or(""));
             }
-            let (found, next): (Vec<Vec<u8>>, String) = eval(&mut self.conn.clone(), &PAGE, &call)
+            let (found, next): (Vec<Vec<u8>>, Vec<u8>) = eval(&mut self.conn.clone(), &PAGE, &call)
                 .await
                 .map_err(unavailable)?;
             for pair in found.chunks_exact(2) {

@@ -61,7 +61,7 @@ macro_rules! lua_keep {
         concat!(
             "local function keep(gc)
   if redis.call('PTTL', KEYS[1]) < gc - now then
-    for _, k in ipairs({1, 2, 3, 4, 6, 7}) do
+    for _, k in ipairs({1, 2, 3, 4, 6, 7, 8, 9}) do
       redis.call('PEXPIREAT', KEYS[k], gc + ",
             lua_key_slack_ms!(),
             ")
@@ -123,11 +123,59 @@ end
     };
 }
 
+/// `label(id, labels)`: gives node `id` the labels `labels` (see
+/// [labels](crate::store::query#labels-the-index-of-meta-values); joined by `\1`, as
+/// [`labels_arg`] writes them) in the label index (KEYS[8], members
+/// `<label>\0<id>` at score 0) and remembers them (KEYS[9], field `id`), replacing
+/// the ones it had; nothing when they are the same. `unlabel(id)`: takes them all
+/// away (for a record removed). A key the index creates gets the records' expiry
+/// at once, so an abandoned deployment leaves no index behind.
+macro_rules! lua_labels {
+    () => {
+        "local function unlabel(id)
+  local old = redis.call('HGET', KEYS[9], id)
+  if not old then return end
+  local m = {}
+  for l in string.gmatch(old, '[^\\1]+') do m[#m + 1] = l .. '\\0' .. id end
+  if #m > 0 then redis.call('ZREM', KEYS[8], unpack(m)) end
+  redis.call('HDEL', KEYS[9], id)
+end
+local function label(id, labels)
+  local old = redis.call('HGET', KEYS[9], id)
+  if old == labels or (not old and labels == '') then return end
+  if old then unlabel(id) end
+  if labels == '' then return end
+  local m = {}
+  for l in string.gmatch(labels, '[^\\1]+') do
+    m[#m + 1] = 0
+    m[#m + 1] = l .. '\\0' .. id
+  end
+  redis.call('ZADD', KEYS[8], unpack(m))
+  redis.call('HSET', KEYS[9], id, labels)
+  if redis.call('PTTL', KEYS[9]) == -1 then
+    local ttl = redis.call('PTTL', KEYS[2])
+    if ttl > 0 then
+      redis.call('PEXPIRE', KEYS[8], ttl)
+      redis.call('PEXPIRE', KEYS[9], ttl)
+    end
+  end
+end
+"
+    };
+}
+
 /// How far a node's score in `{prefix}:nodes` may lag behind its record's
 /// `expires_at` (it is never ahead): a heartbeat updates the score only when the
 /// expiry moves into another slot of this width (see [`HEARTBEATS`]). Readers of the
 /// sorted set widen their score ranges by it and decide by the record.
 pub const INDEX_GRANULARITY: Duration = Duration::from_secs(10);
+
+/// [`MAX_LABEL`](crate::store::query::MAX_LABEL), as the scripts' source spells it.
+macro_rules! lua_max_label {
+    () => {
+        "256"
+    };
+}
 
 /// The leading digits of a 15-digit time that name its [`INDEX_GRANULARITY`] slot
 /// (15 - 11 = 4 digits cut off: 10 000 ms).
@@ -145,21 +193,23 @@ pub(super) const LOGIN_PURGE: usize = 64;
 /// The keys every script takes, in this order: nodes zset, records hash, feed
 /// stream, feed epoch, sweep watermark, id index (a score-0 zset of every record's
 /// id, read `BYLEX` for pages), counters by status (a hash `u`/`d`/`r` of the
-/// records online or expired but not yet reported) (see the
-/// [data model](super#data-model)). The
+/// records online or expired but not yet reported; its field `l` says the label
+/// index is built), the label index and each record's labels (see [`lua_labels`])
+/// (see the [data model](super#data-model)). The
 /// scripts that write the feed take the feed's retention in ms as their **last**
 /// argument.
-pub(super) const SCRIPT_KEYS: usize = 7;
+pub(super) const SCRIPT_KEYS: usize = 9;
 
 /// KEYS: see [`SCRIPT_KEYS`]. ARGV: node_id, lease header (see
 /// [`lease_header`]), ttl_ms, meta JSON, grace_ms (how long expired records are
 /// kept, [`MAX_PRESERVED_OUTAGE`](crate::store::MAX_PRESERVED_OUTAGE)), purge limit,
-/// [`INDEX_GRANULARITY`] in ms, feed retention ms. Returns `{now, expires_at}`.
+/// [`INDEX_GRANULARITY`] in ms, the meta's labels (see [`labels_arg`]), feed
+/// retention ms. Returns `{now, expires_at}`.
 /// The lease header is followed by the record's status mark (see
 /// [`status_mark`]). Events: `leave`/`expired` for an expired record it replaces (or
 /// purges) that was not reported yet, then `join` (`k j`, `n` id, `r` record). The
 /// counters lose the record replaced (unless its expiry was reported) and gain the
-/// new one; a new id joins the index.
+/// new one; a new id joins the index, and the node gets its labels.
 pub(super) static LOGIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
@@ -167,7 +217,8 @@ pub(super) static LOGIN: LazyLock<Script> = LazyLock::new(|| {
         lua_valid!(),
         lua_count!(),
         lua_emit!(),
-        "local minid = now - tonumber(ARGV[8])
+        lua_labels!(),
+        "local minid = now - tonumber(ARGV[9])
 local grace = tonumber(ARGV[5])
 local exp = now + tonumber(ARGV[3])
 local old = redis.call('ZRANGE', KEYS[1], '-inf', now - grace - tonumber(ARGV[7]),
@@ -184,6 +235,7 @@ if #old > 0 then
   redis.call('HDEL', KEYS[2], unpack(old))
   redis.call('ZREM', KEYS[1], unpack(old))
   redis.call('ZREM', KEYS[6], unpack(old))
+  for j = 1, #old do unlabel(old[j]) end
 end
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
 if prev and valid(prev) then
@@ -199,6 +251,7 @@ end
 local rec = string.format('%015d', exp) .. now_s .. now_s .. ARGV[2] .. ARGV[4]
 redis.call('HSET', KEYS[2], ARGV[1], rec)
 redis.call('ZADD', KEYS[1], exp, ARGV[1])
+label(ARGV[1], ARGV[8])
 count(rec, 1)
 keep(exp + grace)
 emit(minid, 'k', 'j', 'n', ARGV[1], 'r', rec)
@@ -209,13 +262,14 @@ return {now, exp}
 
 /// Heartbeats, several per call (see [`RedisStore`](super::RedisStore)'s batching),
 /// all with the same TTL and each of another node. KEYS: see [`SCRIPT_KEYS`]. ARGV:
-/// grace_ms, ttl_ms, then four values per heartbeat: node_id, lease header (see
+/// grace_ms, ttl_ms, then five values per heartbeat: node_id, lease header (see
 /// [`lease_header`]), the new meta (`""` keeps the stored one), the new status (see
-/// [`status_arg`]; `""` keeps the stored one), and last the feed retention in ms.
+/// [`status_arg`]; `""` keeps the stored one), the new meta's labels (see
+/// [`labels_arg`]; read only with a new meta), and last the feed retention in ms.
 /// Returns one integer per heartbeat: `0` not online, `1` lease mismatch, otherwise
 /// the new `expires_at`. A heartbeat whose meta or status differs from the stored
-/// one is an `update` event (`k u`, `n` id, `r` record), and a status change moves
-/// the node between the counters; one that keeps both (the common case) writes no
+/// one is an `update` event (`k u`, `n` id, `r` record), a status change moves
+/// the node between the counters, and a meta change gives it the new meta's labels; one that keeps both (the common case) writes no
 /// event and costs two string comparisons at most.
 ///
 /// The hot path, written for what Lua is slow at in Redis (number formatting about
@@ -237,15 +291,16 @@ pub(super) static HEARTBEATS: LazyLock<Script> = LazyLock::new(|| {
         lua_keep!(),
         lua_valid!(),
         lua_emit!(),
+        lua_labels!(),
         "local grace = tonumber(ARGV[1])
 local exp = now + tonumber(ARGV[2])
 local exp_s = string.format('%015d', exp)
 local bucket = string.sub(exp_s, 1, ",
         lua_index_digits!(),
         ")
-local n = (#ARGV - 3) / 4
+local n = (#ARGV - 3) / 5
 local ids = {}
-for i = 1, n do ids[i] = ARGV[4 * i - 1] end
+for i = 1, n do ids[i] = ARGV[5 * i - 2] end
 local recs = redis.call('HMGET', KEYS[2], unpack(ids))
 local out, hset, zadd = {}, {}, {}
 local w, z = 0, 0
@@ -253,11 +308,11 @@ for i = 1, n do
   local rec = recs[i]
   local code = 0
   if rec and string.sub(rec, 1, 15) > now_s then
-    local lease = ARGV[4 * i]
+    local lease = ARGV[5 * i - 1]
     if string.find(rec, lease, 46, true) ~= 46 then
       if valid(rec) then code = 1 end
     else
-      local meta, st = ARGV[4 * i + 1], ARGV[4 * i + 2]
+      local meta, st = ARGV[5 * i], ARGV[5 * i + 1]
       local new
       if meta == '' and st == '' then
         new = exp_s .. now_s .. string.sub(rec, 31)
@@ -278,6 +333,7 @@ for i = 1, n do
           redis.call('HINCRBY', KEYS[7], old_st, -1)
           redis.call('HINCRBY', KEYS[7], new_st, 1)
         end
+        if meta ~= old_meta then label(ids[i], ARGV[5 * i + 2]) end
         if new_st ~= old_st or meta ~= old_meta then
           emit(now - tonumber(ARGV[#ARGV]), 'k', 'u', 'n', ids[i], 'r', new)
         end
@@ -312,13 +368,14 @@ return out
 /// mismatch. An expired (or unreadable) record is removed whatever the lease.
 /// Events: `leave`/`logout` (`k l`, `n` id, `w logout`) for a removed online node;
 /// `leave`/`expired` for an expired one whose expiry was not reported yet; either
-/// leaves the counters.
+/// leaves the counters; the node loses its labels.
 pub(super) static LOGOUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
         lua_valid!(),
         lua_count!(),
         lua_emit!(),
+        lua_labels!(),
         "local minid = now - tonumber(ARGV[3])
 local rec = redis.call('HGET', KEYS[2], ARGV[1])
 local online = rec and string.sub(rec, 1, 15) > now_s and valid(rec)
@@ -326,6 +383,7 @@ if online and string.find(rec, ARGV[2], 46, true) ~= 46 then return 2 end
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
+unlabel(ARGV[1])
 if online then
   emit(minid, 'k', 'l', 'n', ARGV[1], 'w', 'logout')
   count(rec, -1)
@@ -375,6 +433,7 @@ pub(super) static OUTAGE_SHIFT: LazyLock<Script> = LazyLock::new(|| {
         lua_valid!(),
         lua_count!(),
         lua_emit!(),
+        lua_labels!(),
         "local d = tonumber(ARGV[3])
 local swept = redis.call('GET', KEYS[5])
 local grace = tonumber(ARGV[4])
@@ -417,6 +476,7 @@ if #gone > 0 then
   redis.call('ZREM', KEYS[1], unpack(gone))
   redis.call('HDEL', KEYS[2], unpack(gone))
   redis.call('ZREM', KEYS[6], unpack(gone))
+  for j = 1, #gone do unlabel(gone[j]) end
 end
 if #hset > 0 then
   redis.call('HSET', KEYS[2], unpack(hset))
@@ -454,6 +514,7 @@ pub(super) static SWEEP: LazyLock<Script> = LazyLock::new(|| {
         lua_valid!(),
         lua_count!(),
         lua_emit!(),
+        lua_labels!(),
         "local page = tonumber(ARGV[1])
 local keep_ms = tonumber(ARGV[2]) + ",
         lua_key_slack_ms!(),
@@ -509,6 +570,7 @@ if #zadd > 0 then redis.call('ZADD', KEYS[1], unpack(zadd)) end
 if #gone > 0 then
   redis.call('ZREM', KEYS[1], unpack(gone))
   redis.call('ZREM', KEYS[6], unpack(gone))
+  for j = 1, #gone do unlabel(gone[j]) end
 end
 redis.call('SET', KEYS[5], upto_s, 'PX', keep_ms)
 return {reported, lag, more, now}
@@ -519,11 +581,13 @@ return {reported, lag, more, now}
 /// Reads a page: KEYS: see [`SCRIPT_KEYS`]. ARGV: the lex range of the id index
 /// (start, end, as `ZRANGE ... BYLEX` takes them), how many matches to return at
 /// most, how many ids to read at most, the statuses wanted as counter names (`ud`;
-/// `""` any), then two texts per meta pair of which a matching record contains one
+/// `""` any), the label to read (`<label>\0`: the range is then one of the label
+/// index, whose members are the ids behind it; `""` reads the id index), then two
+/// texts per meta pair of which a matching record contains one
 /// (the filter's [`MetaNeedle`](crate::store::query::MetaNeedle)s: the string form,
 /// then the literal form or `""`). Returns `{{id, record, ...}, next}`: the online records in the range
 /// that pass (in id order; the caller confirms the meta match), and where to go on
-/// (`(` and the last id read) or `""` when the range is done.
+/// (`(` and the last member read) or `""` when the range is done.
 ///
 /// Cost is what the page reads: the ids of the range up to the page, and their
 /// records, never the whole deployment (unless the filter is that unselective).
@@ -534,18 +598,25 @@ pub(super) static PAGE: LazyLock<Script> = LazyLock::new(|| {
         "local start, stop = ARGV[1], ARGV[2]
 local want, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
 local statuses = ARGV[5]
+local index, cut = KEYS[6], #ARGV[6]
+if cut > 0 then index = KEYS[8] end
 local out, read = {}, 0
 while read < budget do
-  local ids = redis.call('ZRANGE', KEYS[6], start, stop, 'BYLEX', 'LIMIT', 0,
+  local members = redis.call('ZRANGE', index, start, stop, 'BYLEX', 'LIMIT', 0,
     math.min(want + 16, budget - read))
-  if #ids == 0 then return {out, ''} end
-  read = read + #ids
+  if #members == 0 then return {out, ''} end
+  read = read + #members
+  local ids = members
+  if cut > 0 then
+    ids = {}
+    for j = 1, #members do ids[j] = string.sub(members[j], cut + 1) end
+  end
   local recs = redis.call('HMGET', KEYS[2], unpack(ids))
   for j = 1, #ids do
     local rec = recs[j]
     if rec and string.sub(rec, 1, 15) > now_s then
       local ok = statuses == '' or string.find(statuses, mark_of(rec), 1, true) ~= nil
-      for k = 6, #ARGV, 2 do
+      for k = 7, #ARGV, 2 do
         if ok and not string.find(rec, ARGV[k], 51, true)
             and (ARGV[k + 1] == '' or not string.find(rec, ARGV[k + 1], 51, true)) then
           ok = false
@@ -554,50 +625,88 @@ while read < budget do
       if ok then
         out[#out + 1] = ids[j]
         out[#out + 1] = rec
-        if #out == 2 * want then return {out, '(' .. ids[j]} end
+        if #out == 2 * want then return {out, '(' .. members[j]} end
       end
     end
   end
-  start = '(' .. ids[#ids]
+  start = '(' .. members[#members]
 end
 return {out, start}
 "
     ))
 });
 
-/// Builds the id index and the counters of a deployment written by a server older
-/// than them (KEYS: see [`SCRIPT_KEYS`]; ARGV: grace_ms): when the records exist
-/// but the counters do not, adds every record's id to the index and counts every
-/// record whose expiry is after the sweep's watermark (which it sets to now if
-/// there is none: an older server had no feed, so its expired nodes have nothing
-/// to report). Returns how many records it read (0 when there was nothing to do).
-/// Once per deployment: the counters exist from then on.
+/// Builds the id index, the counters and the label index of a deployment written
+/// by a server older than them (KEYS: see [`SCRIPT_KEYS`]; ARGV: grace_ms): when the
+/// records exist but the counters do not, adds every record's id to the index and
+/// counts every record whose expiry is after the sweep's watermark (which it sets
+/// to now if there is none: an older server had no feed, so its expired nodes have
+/// nothing to report); when the counters do not say (field `l`) that the label
+/// index is built, gives every record the labels of its meta. Returns how many
+/// records it read (0 when there was nothing to do). Once per deployment: the
+/// counters (and their `l`) exist from then on; on a deployment with no records yet
+/// it only marks the label index as built, so the first server's logins are never
+/// read again.
+///
+/// The labels of a stored meta are worked out here in Lua (`cjson`), by the rule
+/// [`labels_of`](crate::store::query::labels_of) follows in Rust everywhere else:
+/// every top-level string, and `true`/`false`, at most
+/// [`MAX_LABEL`](crate::store::query::MAX_LABEL) bytes with the key, without a
+/// `\0` or `\1`. A test compares the two.
 pub(super) static INDEX_BUILD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
         lua_valid!(),
         lua_count!(),
-        "if redis.call('EXISTS', KEYS[7]) == 1 or redis.call('EXISTS', KEYS[2]) == 0 then
+        lua_labels!(),
+        "local keep_ms = tonumber(ARGV[1]) + ",
+        lua_key_slack_ms!(),
+        "
+if redis.call('HEXISTS', KEYS[7], 'l') == 1 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[7], 'l', 1)
+  if redis.call('PTTL', KEYS[7]) < 0 then redis.call('PEXPIRE', KEYS[7], keep_ms) end
   return 0
 end
+local function labels_of(rec)
+  local p = 51 + (tonumber(string.sub(rec, 46, 50)) or 0)
+  local c = string.sub(rec, p, p)
+  if c == 'd' or c == 'r' then p = p + 1 end
+  local ok, m = pcall(cjson.decode, string.sub(rec, p))
+  if not ok or type(m) ~= 'table' then return '' end
+  local out = {}
+  for k, v in pairs(m) do
+    if type(v) == 'boolean' then v = tostring(v) end
+    if type(k) == 'string' and type(v) == 'string' and #k + 1 + #v <= ",
+        lua_max_label!(),
+        "
+        and not string.find(k .. v, '[%z\\1]') then
+      out[#out + 1] = k .. '\\0' .. v
+    end
+  end
+  table.sort(out)
+  return table.concat(out, '\\1')
+end
+local counted = redis.call('EXISTS', KEYS[7]) == 1
 local swept = redis.call('GET', KEYS[5])
-if not swept then
+if not counted and not swept then
   swept = now_s
-  redis.call('SET', KEYS[5], swept, 'PX', tonumber(ARGV[1]) + ",
-        lua_key_slack_ms!(),
-        ")
+  redis.call('SET', KEYS[5], swept, 'PX', keep_ms)
 end
 local all = redis.call('HGETALL', KEYS[2])
-redis.call('HSET', KEYS[7], 'u', 0, 'd', 0, 'r', 0)
+if not counted then redis.call('HSET', KEYS[7], 'u', 0, 'd', 0, 'r', 0) end
 for i = 1, #all, 2 do
   local rec = all[i + 1]
-  redis.call('ZADD', KEYS[6], 0, all[i])
-  if valid(rec) and string.sub(rec, 1, 15) > swept then count(rec, 1) end
+  if not counted then
+    redis.call('ZADD', KEYS[6], 0, all[i])
+    if valid(rec) and string.sub(rec, 1, 15) > swept then count(rec, 1) end
+  end
+  if valid(rec) then label(all[i], labels_of(rec)) end
 end
+redis.call('HSET', KEYS[7], 'l', 1)
 local ttl = redis.call('PTTL', KEYS[2])
 if ttl > 0 then
-  redis.call('PEXPIRE', KEYS[6], ttl)
-  redis.call('PEXPIRE', KEYS[7], ttl)
+  for _, k in ipairs({6, 7, 8, 9}) do redis.call('PEXPIRE', KEYS[k], ttl) end
 end
 return #all / 2
 "
@@ -655,6 +764,12 @@ pub(super) const LEASE_LEN_DIGITS: usize = 5;
 /// is refused.
 pub const MAX_LEASE_LEN: usize = 99_999;
 
+/// Labels as the scripts take them (see [`lua_labels`]): joined by `\x01`, which no
+/// label contains.
+pub(super) fn labels_arg(meta: &crate::model::Meta) -> String {
+    crate::store::query::labels_of(meta).join("\u{1}")
+}
+
 /// A lease as the scripts take it: its length in [`LEASE_LEN_DIGITS`] digits, then
 /// the lease, exactly as the record holds it, so that the lease check is one plain
 /// `find` at a fixed offset. A lease too long to be stored gets a header that
@@ -679,6 +794,14 @@ mod tests {
         );
         // Too long to be stored: matches nothing (records hold digits there).
         assert_eq!(lease_header(&"l".repeat(MAX_LEASE_LEN + 1)), "x");
+    }
+
+    #[test]
+    fn the_scripts_spell_the_label_limit_as_rust_does() {
+        assert_eq!(
+            lua_max_label!(),
+            crate::store::query::MAX_LABEL.to_string()
+        );
     }
 
     #[test]
