@@ -28,7 +28,15 @@
 //! - `{<prefix>}:counts`: hash `u`/`d`/`r`, the records by status that are online or
 //!   expired but not yet reported: `GET /presence/stats` is one `HMGET`. Every
 //!   script that adds, removes, re-statuses or reports a record keeps it, in the
-//!   same atomic step.
+//!   same atomic step. Its field `l` says that the label index below is built.
+//! - `{<prefix>}:labels`: sorted set at score 0 of `<key>\0<value>\0<node_id>`,
+//!   one member per [label](crate::store::query#labels-the-index-of-meta-values) of
+//!   each record (a top-level string or boolean of its meta), read `BYLEX`: a meta
+//!   filter reads the ids behind its label, in `node_id` order, instead of every
+//!   record. `{<prefix>}:labels-of`: hash, field `node_id`, the record's labels
+//!   joined by `\x01`, so that the script that changes or removes a record takes
+//!   its old labels away. Both are written by `login`, a heartbeat that changes the
+//!   meta, and whatever removes a record.
 //! - `{<prefix>}:feed`, `{<prefix>}:feed-epoch`, `{<prefix>}:swept`: the change
 //!   feed, its epoch, and the expiry sweep's watermark (see [`Store::watch`] and
 //!   [`Store::sweep_expired`]).
@@ -36,8 +44,8 @@
 //!   [self-preservation](super#outages-self-preservation)); expires after
 //!   [`MAX_PRESERVED_OUTAGE`].
 //!
-//! A deployment written by a server older than the id index and the counters
-//! gets both built once, before a newer server first writes, reads a page or the
+//! A deployment written by a server older than the id index, the counters or the
+//! labels gets them built once, before a newer server first writes, reads a page or the
 //! stats, or sweeps (one script that reads every record).
 //!
 //! All these keys expire [`KEY_SLACK`] after the last record's garbage
