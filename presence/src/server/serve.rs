@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -155,18 +155,18 @@ impl Server {
             tokio::select! {
                 (slot, accepted) = next => match accepted {
                     Ok((stream, peer)) => {
-                        let conn = serve_connection(
+                        // Spawned as it is: wrapped in another `async` block, the
+                        // connection's future would be stored twice in its task (once
+                        // captured, once awaited), 4 KB more per connection.
+                        connections.spawn(serve_connection(
                             stream,
                             peer,
                             builders.clone(),
                             service.clone(),
                             limits,
                             closing_rx.clone(),
-                        );
-                        connections.spawn(async move {
-                            conn.await;
-                            drop(slot);
-                        });
+                            slot,
+                        ));
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning on the error.
@@ -268,6 +268,8 @@ pub async fn shutdown_signal() {
 /// It also stands in for hyper's `header_read_timeout` (one timer per request): an
 /// HTTP/1 connection stuck in half a request head has nothing in flight, so it is
 /// closed `idle_timeout` after its last response (or its first byte).
+///
+/// `slot` is the connection's permit of the connection cap, given back when it ends.
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -275,7 +277,9 @@ async fn serve_connection(
     service: PresenceService,
     limits: ConnectionLimits,
     mut closing: watch::Receiver<bool>,
+    slot: Option<OwnedSemaphorePermit>,
 ) {
+    let _slot = slot;
     let protocol = tokio::select! {
         sent = first_bytes_within(&stream, limits.idle) => match sent {
             Some(protocol) => protocol,
@@ -301,15 +305,22 @@ async fn serve_connection(
     let io = TokioIo::new(stream);
     match protocol {
         Protocol::Http1 => {
+            // Pinned here and lent to `drive`: moved into it, hyper's connection would
+            // be stored twice in the task (as the argument and as the pinned local).
             let conn = builders.http1.serve_connection(io, service);
+            tokio::pin!(conn);
             drive(conn, peer, &activity, limits, closing, false).await;
         }
         Protocol::Http2 => {
             // Boxed: hyper's HTTP/2 connection is several kilobytes of state, and
             // inline it would size every connection's task, so every HTTP/1
             // connection (an idle watcher, say) would carry it too.
-            let conn = builders.http2.serve_connection(io, service);
-            Box::pin(drive(conn, peer, &activity, limits, closing, true)).await;
+            Box::pin(async move {
+                let conn = builders.http2.serve_connection(io, service);
+                tokio::pin!(conn);
+                drive(conn, peer, &activity, limits, closing, true).await;
+            })
+            .await;
         }
     }
 }
@@ -348,7 +359,7 @@ impl Builders {
 /// in flight, perhaps half a request head, which a graceful close would wait for);
 /// an idle HTTP/2 one gets a GOAWAY first.
 async fn drive<C>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     peer: SocketAddr,
     activity: &Activity,
     limits: ConnectionLimits,
@@ -358,7 +369,6 @@ async fn drive<C>(
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
-    tokio::pin!(conn);
     let shutdown = shutdown_begun(&mut closing);
     tokio::pin!(shutdown);
     let idle_check = tokio::time::sleep(limits.idle.min(limits.write_stall));
@@ -713,5 +723,43 @@ async fn first_bytes_within(stream: &TcpStream, timeout: Duration) -> Option<Pro
         if Instant::now() >= deadline {
             return None;
         }
+    }
+}
+
+#[cfg(test)]
+mod task_size {
+    use super::*;
+
+    /// An idle connection (a watcher, say) costs its task's memory for as long as it
+    /// is open: the task holds hyper's HTTP/1 connection once, not twice.
+    #[tokio::test]
+    async fn an_http1_connection_task_holds_hypers_connection_once() {
+        let config = Config::default();
+        let service = || {
+            PresenceService::new(Arc::new(crate::store::MemoryStore::new()), &config)
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (a, b) = (
+            TcpStream::connect(addr).await.expect("connect"),
+            TcpStream::connect(addr).await.expect("connect"),
+        );
+        let builders = Arc::new(Builders::new(&config));
+        let hyper_conn = builders.http1.serve_connection(
+            TokioIo::new(a),
+            ConnectionService {
+                service: Mutex::new(service()),
+                peer: addr,
+                activity: Arc::new(Activity::new()),
+            },
+        );
+        let limits = ConnectionLimits {
+            idle: Duration::from_secs(1),
+            write_stall: Duration::from_secs(1),
+        };
+        let (_closing_tx, closing) = watch::channel(false);
+        let task = serve_connection(b, addr, builders, service(), limits, closing, None);
+        let (task, hyper) = (std::mem::size_of_val(&task), std::mem::size_of_val(&hyper_conn));
+        assert!(task < 2 * hyper + 1024, "task {task} B, hyper's connection {hyper} B");
     }
 }
