@@ -1502,10 +1502,7 @@ async fn label_queries_follow_logins_meta_changes_logouts_and_expiry(h: &Harness
         leases.insert(n, lease);
     }
     assert_eq!(selected(h, eu()).await, strings(&["a", "c"]));
-    assert_eq!(
-        selected(h, eu().meta("gpu", "true")).await,
-        strings(&["c"])
-    );
+    assert_eq!(selected(h, eu().meta("gpu", "true")).await, strings(&["c"]));
     assert_eq!(selected(h, eu().prefix("c")).await, strings(&["c"]));
     assert_eq!(
         page_ids(h, &Query::new(eu()).after("a")).await,
@@ -1513,12 +1510,22 @@ async fn label_queries_follow_logins_meta_changes_logouts_and_expiry(h: &Harness
     );
     // A meta change moves a node between labels; a change of a number alone keeps
     // its labels.
-    s.heartbeat(&id("b"), &leases["b"], TTL, Some(meta(json!({"region": "eu"}))))
-        .await
-        .expect("heartbeat");
-    s.heartbeat(&id("a"), &leases["a"], TTL, Some(meta(json!({"region": "us"}))))
-        .await
-        .expect("heartbeat");
+    s.heartbeat(
+        &id("b"),
+        &leases["b"],
+        TTL,
+        Some(meta(json!({"region": "eu"}))),
+    )
+    .await
+    .expect("heartbeat");
+    s.heartbeat(
+        &id("a"),
+        &leases["a"],
+        TTL,
+        Some(meta(json!({"region": "us"}))),
+    )
+    .await
+    .expect("heartbeat");
     s.heartbeat(
         &id("c"),
         &leases["c"],
@@ -1558,9 +1565,14 @@ async fn label_queries_follow_logins_meta_changes_logouts_and_expiry(h: &Harness
     assert_eq!(selected(h, eu()).await, strings(&["b"]));
     sweep_all(h).await;
     assert_eq!(selected(h, eu()).await, strings(&["b"]));
-    s.login(&id("a"), &new_lease_id(), TTL, meta(json!({"region": "eu"})))
-        .await
-        .expect("login");
+    s.login(
+        &id("a"),
+        &new_lease_id(),
+        TTL,
+        meta(json!({"region": "eu"})),
+    )
+    .await
+    .expect("login");
     assert_eq!(selected(h, eu()).await, strings(&["a", "b"]));
 }
 
@@ -2265,7 +2277,10 @@ async fn redis_labels_follow_the_data_model_and_leave_nothing_behind() {
     assert_eq!(store.logout(&id("n"), &lease).await, Ok(true));
     assert_eq!(labels_in(&store).await, (vec![], vec![]));
     for k in ["labels", "labels-of"] {
-        assert!(!key_exists(format!("{{{prefix}}}:{k}")).await, "{k} is gone");
+        assert!(
+            !key_exists(format!("{{{prefix}}}:{k}")).await,
+            "{k} is gone"
+        );
     }
     assert!(store.delete_prefix().await.is_ok());
 }
@@ -2291,7 +2306,11 @@ async fn redis_index_build_labels_an_older_servers_records_as_rust_does() {
         .map(|(i, m)| {
             let json = serde_json::to_string(m).expect("meta");
             let mark = if i == 1 { "d" } else { "" };
-            (format!("v1-{i}"), online, v1_record(online, now, &lease, mark, &json))
+            (
+                format!("v1-{i}"),
+                online,
+                v1_record(online, now, &lease, mark, &json),
+            )
         })
         .collect();
     let borrowed: Vec<(&str, u64, String)> = records
@@ -2314,7 +2333,13 @@ async fn redis_index_build_labels_an_older_servers_records_as_rust_does() {
         store: Arc::new(store.clone()),
         redis: None,
     };
-    assert_eq!(selected(&h, Filter::default().meta("b", "true")).await, strings(&["v1-0"]));
-    assert_eq!(selected(&h, Filter::default().meta("e", "")).await, strings(&["v1-1"]));
+    assert_eq!(
+        selected(&h, Filter::default().meta("b", "true")).await,
+        strings(&["v1-0"])
+    );
+    assert_eq!(
+        selected(&h, Filter::default().meta("e", "")).await,
+        strings(&["v1-1"])
+    );
     assert!(store.delete_prefix().await.is_ok());
 }

@@ -245,3 +245,58 @@ proptest! {
         });
     }
 }
+
+/// The raw frames of a watch response, each with when it arrived (paused time).
+async fn next_frame(body: &mut presence::server::ResponseBody) -> (tokio::time::Instant, String) {
+    use http_body_util::BodyExt;
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(600), body.frame())
+            .await
+            .expect("a frame within 600 s")
+            .expect("the stream goes on")
+            .expect("no error");
+        if let Ok(data) = frame.into_data() {
+            let text = String::from_utf8(data.to_vec()).expect("UTF-8");
+            return (tokio::time::Instant::now(), text);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_keep_alive_comes_after_each_keepalive_interval_of_silence_only() {
+    use tower::ServiceExt;
+    let mut cfg = config();
+    cfg.watch_keepalive = Duration::from_secs(15);
+    cfg.ttl = Duration::from_secs(120);
+    let svc = service(&cfg);
+    let req = http::Request::get("/presence/watch")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let t0 = tokio::time::Instant::now();
+    let res = match svc.clone().oneshot(req).await {
+        Ok(res) => res,
+        Err(never) => match never {},
+    };
+    let mut body = res.into_body();
+    let mut snapshot = String::new();
+    while !snapshot.ends_with("\n\n") {
+        snapshot.push_str(&next_frame(&mut body).await.1);
+    }
+    assert!(snapshot.contains("event: snapshot"), "{snapshot}");
+    // Silent: one comment every 15 s.
+    for n in 1..=2 {
+        let (at, text) = next_frame(&mut body).await;
+        assert_eq!(text, ": keep-alive\n\n");
+        assert_eq!(at - t0, Duration::from_secs(15 * n));
+    }
+    // An event 5 s later restarts the interval: the next comment is 15 s after it,
+    // not 15 s after the last comment.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    client(&svc).login("n1").await.expect("login");
+    let (joined, text) = next_frame(&mut body).await;
+    assert!(text.contains("event: join"), "{text}");
+    assert_eq!(joined - t0, Duration::from_secs(35));
+    let (at, text) = next_frame(&mut body).await;
+    assert_eq!(text, ": keep-alive\n\n");
+    assert_eq!(at - joined, Duration::from_secs(15));
+}

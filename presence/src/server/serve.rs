@@ -735,9 +735,7 @@ mod task_size {
     #[tokio::test]
     async fn an_http1_connection_task_holds_hypers_connection_once() {
         let config = Config::default();
-        let service = || {
-            PresenceService::new(Arc::new(crate::store::MemoryStore::new()), &config)
-        };
+        let service = || PresenceService::new(Arc::new(crate::store::MemoryStore::new()), &config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (a, b) = (
@@ -759,7 +757,13 @@ mod task_size {
         };
         let (_closing_tx, closing) = watch::channel(false);
         let task = serve_connection(b, addr, builders, service(), limits, closing, None);
-        let (task, hyper) = (std::mem::size_of_val(&task), std::mem::size_of_val(&hyper_conn));
-        assert!(task < 2 * hyper + 1024, "task {task} B, hyper's connection {hyper} B");
+        let (task, hyper) = (
+            std::mem::size_of_val(&task),
+            std::mem::size_of_val(&hyper_conn),
+        );
+        assert!(
+            task < 2 * hyper + 1024,
+            "task {task} B, hyper's connection {hyper} B"
+        );
     }
 }

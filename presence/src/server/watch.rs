@@ -206,6 +206,7 @@ pub(crate) async fn respond(
         changes: watch.changes,
         keepalive,
         next_keepalive: Box::pin(tokio::time::sleep(keepalive)),
+        last_sent: Instant::now(),
         closing: Box::pin(state.watchers.closing.clone().cancelled_owned()),
         metrics: state.metrics.clone(),
         filter,
@@ -447,7 +448,13 @@ struct WatchBody {
     first: VecDeque<Bytes>,
     changes: Changes,
     keepalive: Duration,
+    /// Fires `keepalive` after the last frame, or earlier: it is not moved for every
+    /// frame (a timer reset per event per watcher is the fan-out's costliest step
+    /// after the socket write), but when it fires after a frame, it is moved to
+    /// `keepalive` after that frame instead of sending a comment.
     next_keepalive: Pin<Box<Sleep>>,
+    /// When the last frame was sent.
+    last_sent: Instant,
     closing: Pin<Box<WaitForCancellationFutureOwned>>,
     metrics: Arc<Metrics>,
     /// The filter of a filtered watch; `None` sends every change.
@@ -471,10 +478,6 @@ impl Body for WatchBody {
         if let Some(bytes) = this.first.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(bytes))));
         }
-        if this.closing.as_mut().poll(cx).is_ready() {
-            this.done = true;
-            return Poll::Ready(None);
-        }
         // Changes a filter drops are skipped until one is sent or none is ready.
         loop {
             match this.changes.poll_recv(cx) {
@@ -483,8 +486,7 @@ impl Body for WatchBody {
                     else {
                         continue;
                     };
-                    let deadline = Instant::now() + this.keepalive;
-                    this.next_keepalive.as_mut().reset(deadline);
+                    this.last_sent = Instant::now();
                     return Poll::Ready(Some(Ok(Frame::data(frame))));
                 }
                 // Dropped for being slow, or the feed restarted: the client resumes.
@@ -495,9 +497,25 @@ impl Body for WatchBody {
                 Poll::Pending => break,
             }
         }
-        if this.next_keepalive.as_mut().poll(cx).is_ready() {
-            let deadline = Instant::now() + this.keepalive;
-            this.next_keepalive.as_mut().reset(deadline);
+        // After the changes: a stream that shuts down with changes ready sends them
+        // first (at most its backlog), and one that is sending is polled here once
+        // per change, not twice.
+        if this.closing.as_mut().poll(cx).is_ready() {
+            this.done = true;
+            return Poll::Ready(None);
+        }
+        while this.next_keepalive.as_mut().poll(cx).is_ready() {
+            let due = this.last_sent + this.keepalive;
+            if due > Instant::now() {
+                // A frame went out since the timer was set: quiet for less than
+                // `keepalive` yet.
+                this.next_keepalive.as_mut().reset(due);
+                continue;
+            }
+            this.last_sent = Instant::now();
+            this.next_keepalive
+                .as_mut()
+                .reset(this.last_sent + this.keepalive);
             return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
                 b": keep-alive\n\n",
             )))));

@@ -96,7 +96,10 @@ struct Entry {
 type Labels = Box<[Box<str>]>;
 
 fn labels(meta: &Meta) -> Labels {
-    labels_of(meta).into_iter().map(String::into_boxed_str).collect()
+    labels_of(meta)
+        .into_iter()
+        .map(String::into_boxed_str)
+        .collect()
 }
 
 impl Entry {
@@ -230,7 +233,10 @@ impl MemoryStore {
             }
         }
         for label in new.iter().filter(|l| !old.contains(l)) {
-            labels.entry(label.clone()).or_default().insert(node.clone());
+            labels
+                .entry(label.clone())
+                .or_default()
+                .insert(node.clone());
         }
     }
 

@@ -167,8 +167,8 @@ impl Filter {
     /// pair, or only numbers).
     pub fn label(&self) -> Option<String> {
         self.meta.iter().find_map(|(key, value)| {
-            let number = serde_json::from_str::<serde_json::Value>(value)
-                .is_ok_and(|v| v.is_number());
+            let number =
+                serde_json::from_str::<serde_json::Value>(value).is_ok_and(|v| v.is_number());
             if number {
                 None
             } else {
@@ -438,7 +438,10 @@ mod tests {
         assert_eq!(f.label().as_deref(), Some("zone\0a"));
         assert_eq!(Filter::default().meta("load", "5").label(), None);
         assert_eq!(Filter::default().meta("k", "a\u{1}b").label(), None);
-        assert_eq!(Filter::default().meta("k", "v".repeat(MAX_LABEL)).label(), None);
+        assert_eq!(
+            Filter::default().meta("k", "v".repeat(MAX_LABEL)).label(),
+            None
+        );
         assert_eq!(Filter::default().prefix("a").label(), None);
     }
 

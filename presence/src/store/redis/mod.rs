@@ -120,8 +120,8 @@ use self::bulk::{BulkConnection, Bulks, Session};
 use self::feed::{changes_between, read_feed};
 use self::record::{parse_u64, to_node, Record};
 use self::scripts::{
-    labels_arg, lease_header, status_arg, status_mark, INDEX_BUILD, LOGIN, LOGIN_PURGE, LOGOUT, OUTAGE_CLAIM,
-    OUTAGE_SHIFT, PAGE, SWEEP,
+    labels_arg, lease_header, status_arg, status_mark, INDEX_BUILD, LOGIN, LOGIN_PURGE, LOGOUT,
+    OUTAGE_CLAIM, OUTAGE_SHIFT, PAGE, SWEEP,
 };
 pub use self::scripts::{INDEX_GRANULARITY, KEY_SLACK, MAX_LEASE_LEN};
 use super::feed::{

@@ -798,10 +798,7 @@ mod tests {
 
     #[test]
     fn the_scripts_spell_the_label_limit_as_rust_does() {
-        assert_eq!(
-            lua_max_label!(),
-            crate::store::query::MAX_LABEL.to_string()
-        );
+        assert_eq!(lua_max_label!(), crate::store::query::MAX_LABEL.to_string());
     }
 
     #[test]
