@@ -246,18 +246,6 @@ impl Adaptive {
     }
 }
 
-impl fmt::Debug for Limit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Limit")
-            .field("min", &self.min)
-            .field("max", &self.max)
-            .field("limit", &self.limit())
-            .field("adaptive", &self.algorithm())
-            .field("rejections", &self.rejections())
-            .finish()
-    }
-}
-
 /// One handle's share of [`SharedLimit::refs`]; the rest of the word counts permits.
 const HANDLE: u64 = 1 << 32;
 /// The permits in [`SharedLimit::refs`] (and the most that may be out at once).
