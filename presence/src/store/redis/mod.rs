@@ -714,14 +714,7 @@ impl RedisStore {
         let expected = self.inner.list_nodes_hint.load(Ordering::Relaxed);
         let mut list = ListWriter::with_capacity(expected.saturating_mul(per_node));
         self.for_each_live(|id, rec| {
-            list.push(
-                id,
-                rec.status,
-                rec.meta_json(id),
-                rec.online_since_ms,
-                rec.last_seen_ms,
-                rec.expires_at_ms,
-            );
+            rec.push_to(&mut list, id, rec.meta_json(id));
         })
         .await?;
         self.inner
@@ -964,14 +957,7 @@ impl RedisStore {
             self.for_each_live(|id, rec| {
                 let meta = rec.meta_json(id);
                 if filter.matches(id, rec.status, meta) {
-                    list.push(
-                        id,
-                        rec.status,
-                        meta,
-                        rec.online_since_ms,
-                        rec.last_seen_ms,
-                        rec.expires_at_ms,
-                    );
+                    rec.push_to(&mut list, id, meta);
                 }
             })
             .await?;
@@ -1037,14 +1023,7 @@ impl RedisStore {
                         next_after: last,
                     });
                 }
-                list.push(
-                    id,
-                    rec.status,
-                    meta,
-                    rec.online_since_ms,
-                    rec.last_seen_ms,
-                    rec.expires_at_ms,
-                );
+                rec.push_to(&mut list, id, meta);
                 last = Some(id.to_owned());
             }
             if next.is_empty() {

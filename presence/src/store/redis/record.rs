@@ -2,7 +2,7 @@
 
 use super::scripts::{LEASE_LEN_DIGITS, TIME_DIGITS};
 use crate::model::{Node, Status};
-use crate::store::json::is_json_object;
+use crate::store::json::{is_json_object, ListWriter};
 
 /// A node's record as `{prefix}:records` holds it (see the [module docs](self)),
 /// borrowed from the stored bytes.
@@ -64,6 +64,19 @@ impl<'a> Record<'a> {
                 None
             }
         }
+    }
+
+    /// Writes the record as node `id` of a listing, with `meta` (its
+    /// [`meta_json`](Self::meta_json)).
+    pub(super) fn push_to(&self, list: &mut ListWriter, id: &str, meta: Option<&[u8]>) {
+        list.push(
+            id,
+            self.status,
+            meta,
+            self.online_since_ms,
+            self.last_seen_ms,
+            self.expires_at_ms,
+        );
     }
 }
 
