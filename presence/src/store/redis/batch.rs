@@ -127,7 +127,8 @@ fn fill_batch(
 /// through `Script::key/arg`, which allocates every argument on its own before
 /// copying it into the command.
 fn call(mut conn: ConnectionManager, keys: &DeploymentKeys, jobs: Vec<HeartbeatJob>) -> Call {
-    // Three numbers (grace, TTL, retention) and five strings per heartbeat.
+    // Three numbers (grace, TTL, retention) and two strings per heartbeat, five
+    // for one that changes meta or status (see `HEARTBEATS`).
     let bytes = jobs
         .iter()
         .map(|j| {
@@ -137,15 +138,19 @@ fn call(mut conn: ConnectionManager, keys: &DeploymentKeys, jobs: Vec<HeartbeatJ
         })
         .sum::<usize>()
         + 40;
-    let mut cmd = evalsha(&HEARTBEATS, keys, 3 + 5 * jobs.len(), bytes);
+    let mut cmd = evalsha(&HEARTBEATS, keys, 3 + 2 * jobs.len(), bytes);
     cmd.arg(grace_ms())
         .arg(jobs.first().map_or(0, |j| j.ttl_ms));
     for job in &jobs {
-        cmd.arg(job.node.as_str())
-            .arg(&job.lease)
-            .arg(job.meta.as_deref().unwrap_or(""))
-            .arg(job.status.map_or("", status_arg))
-            .arg(job.labels.as_deref().unwrap_or(""));
+        cmd.arg(job.node.as_str());
+        if job.meta.is_none() && job.status.is_none() {
+            cmd.arg(&job.lease);
+        } else {
+            cmd.arg(format!("+{}", job.lease))
+                .arg(job.meta.as_deref().unwrap_or(""))
+                .arg(job.status.map_or("", status_arg))
+                .arg(job.labels.as_deref().unwrap_or(""));
+        }
     }
     cmd.arg(keys.retention_ms());
     Box::pin(async move {

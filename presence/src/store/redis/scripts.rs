@@ -262,10 +262,13 @@ return {now, exp}
 
 /// Heartbeats, several per call (see [`RedisStore`](super::RedisStore)'s batching),
 /// all with the same TTL and each of another node. KEYS: see [`SCRIPT_KEYS`]. ARGV:
-/// grace_ms, ttl_ms, then five values per heartbeat: node_id, lease header (see
-/// [`lease_header`]), the new meta (`""` keeps the stored one), the new status (see
-/// [`status_arg`]; `""` keeps the stored one), the new meta's labels (see
-/// [`labels_arg`]; read only with a new meta), and last the feed retention in ms.
+/// grace_ms, ttl_ms, then per heartbeat its node_id and lease header (see
+/// [`lease_header`]), and last the feed retention in ms. A heartbeat that brings a
+/// new meta or status has a `+` before its lease header and three more values: the
+/// new meta (`""` keeps the stored one), the new status (see [`status_arg`]; `""`
+/// keeps the stored one) and the new meta's labels (see [`labels_arg`]; read only
+/// with a new meta). A plain heartbeat, nearly every one, is two values: each value
+/// costs Redis a Lua string per heartbeat.
 /// Returns one integer per heartbeat: `0` not online, `1` lease mismatch, otherwise
 /// the new `expires_at`. A heartbeat whose meta or status differs from the stored
 /// one is an `update` event (`k u`, `n` id, `r` record), a status change moves
@@ -298,9 +301,21 @@ local exp_s = string.format('%015d', exp)
 local bucket = string.sub(exp_s, 1, ",
         lua_index_digits!(),
         ")
-local n = (#ARGV - 3) / 5
-local ids = {}
-for i = 1, n do ids[i] = ARGV[5 * i - 2] end
+local ids, leases, changes = {}, {}, {}
+local n, a, last = 0, 3, #ARGV - 1
+while a < last do
+  n = n + 1
+  ids[n] = ARGV[a]
+  local lease = ARGV[a + 1]
+  if string.byte(lease, 1) == 43 then
+    leases[n] = string.sub(lease, 2)
+    changes[n] = a + 2
+    a = a + 5
+  else
+    leases[n] = lease
+    a = a + 2
+  end
+end
 local recs = redis.call('HMGET', KEYS[2], unpack(ids))
 local out, hset, zadd = {}, {}, {}
 local w, z = 0, 0
@@ -308,11 +323,13 @@ for i = 1, n do
   local rec = recs[i]
   local code = 0
   if rec and string.sub(rec, 1, 15) > now_s then
-    local lease = ARGV[5 * i - 1]
+    local lease = leases[i]
     if string.find(rec, lease, 46, true) ~= 46 then
       if valid(rec) then code = 1 end
     else
-      local meta, st = ARGV[5 * i], ARGV[5 * i + 1]
+      local at = changes[i]
+      local meta, st = '', ''
+      if at then meta, st = ARGV[at], ARGV[at + 1] end
       local new
       if meta == '' and st == '' then
         new = exp_s .. now_s .. string.sub(rec, 31)
@@ -333,7 +350,7 @@ for i = 1, n do
           redis.call('HINCRBY', KEYS[7], old_st, -1)
           redis.call('HINCRBY', KEYS[7], new_st, 1)
         end
-        if meta ~= old_meta then label(ids[i], ARGV[5 * i + 2]) end
+        if meta ~= old_meta then label(ids[i], ARGV[at + 2]) end
         if new_st ~= old_st or meta ~= old_meta then
           emit(now - tonumber(ARGV[#ARGV]), 'k', 'u', 'n', ids[i], 'r', new)
         end
