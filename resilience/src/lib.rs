@@ -49,7 +49,8 @@
 //! State is created once, when a layer is built, and shared by every service it makes
 //! and every clone of those (hyper-util clones the service per request). Neither layer
 //! ever fails in `poll_ready`; rejections happen in `call`. Time comes from
-//! [`tokio::time`], so tests run on paused time.
+//! [`tokio::time`], or, on the per-call paths, from the CPU's time-stamp counter unless
+//! tokio's time is paused when the layer is built; so tests run on paused time.
 //!
 //! Conventions shared by both halves of the crate:
 //!

@@ -60,7 +60,10 @@
 //! one (or `n`). It is implemented as GCRA: the state is the instant the bucket will be
 //! full again, one `AtomicU64` of nanoseconds, changed by one compare-and-swap. No
 //! locks, no background task, no timer: refilling is arithmetic on the clock. The clock
-//! is [`tokio::time::Instant`], so tests can pause and advance time.
+//! is the CPU's time-stamp counter (through `quanta`: one `rdtsc` and a multiply, where
+//! `tokio::time::Instant::now` costs a `clock_gettime` and an atomic load), unless
+//! tokio's time is paused when the bucket or layer is made: then it is tokio's clock, so
+//! tests can pause and advance time.
 //!
 //! Guarantee: over any interval of length `t`, at most `burst + rate * t` tokens
 //! are granted. `retry_after` in [`RateLimited`] is exact: the same request made that
