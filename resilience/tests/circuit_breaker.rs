@@ -952,3 +952,191 @@ mod half_open_invariant {
         }
     }
 }
+
+// The controls: every one is a transition the hook and the stats see.
+
+#[tokio::test(start_paused = true)]
+async fn every_control_call_is_a_transition_the_hook_sees() {
+    use CircuitState::*;
+    let (b, log) = transitions_log(
+        CircuitBreaker::builder()
+            .consecutive_failures(1)
+            .open_for(SEC),
+    );
+    b.force_open();
+    b.force_open(); // to the state it is in: still a transition
+    b.disable();
+    b.force_closed();
+    assert!(run(&b, false).await.is_err()); // trips: Closed -> Open
+    b.reset();
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            (Closed, ForcedOpen),
+            (ForcedOpen, ForcedOpen),
+            (ForcedOpen, Disabled),
+            (Disabled, Closed),
+            (Closed, Open),
+            (Open, Closed),
+        ]
+    );
+    assert_eq!(b.stats().transitions, 6);
+    assert_eq!(b.state(), Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn forced_open_rejects_until_told_otherwise_and_counts_rejections() {
+    let b = CircuitBreaker::builder().open_for(SEC).build();
+    b.force_open();
+    advance(SEC * 3600).await;
+    assert_eq!(b.state(), CircuitState::ForcedOpen);
+    let err = run(&b, true).await.unwrap_err();
+    assert_eq!(err, BreakerError::Open(CircuitOpen::new(SEC)));
+    assert_eq!(b.stats().rejections, 1);
+
+    // The layer rejects without calling the inner service.
+    let probe = Probe::new(true);
+    let svc = CircuitBreakerLayer::new(b.clone()).layer(probe.clone());
+    let err = svc.oneshot(1).await.unwrap_err();
+    assert!(err.downcast_ref::<CircuitOpen>().is_some());
+    assert_eq!(probe.calls.load(Ordering::SeqCst), 0);
+
+    b.force_closed();
+    assert!(run(&b, true).await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn disabled_admits_everything_and_still_counts() {
+    let (b, log) = transitions_log(CircuitBreaker::builder().consecutive_failures(2));
+    b.disable();
+    for _ in 0..10 {
+        assert_eq!(run(&b, false).await, Err(BreakerError::Inner("fail")));
+    }
+    assert!(run(&b, true).await.is_ok());
+    assert_eq!(b.state(), CircuitState::Disabled);
+    let stats = b.stats();
+    assert_eq!(
+        (
+            stats.calls,
+            stats.failures,
+            stats.successes,
+            stats.rejections
+        ),
+        (11, 10, 1, 0)
+    );
+    assert_eq!(
+        log.lock().unwrap().len(),
+        1,
+        "nothing trips a disabled breaker"
+    );
+    // Failures counted while disabled do not carry over into the closed state.
+    b.force_closed();
+    assert!(run(&b, false).await.is_err());
+    assert_eq!(b.state(), CircuitState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permit_from_before_a_control_call_counts_for_no_state() {
+    let b = CircuitBreaker::builder().consecutive_failures(1).build();
+    let permit = b.try_acquire().unwrap();
+    b.force_closed();
+    permit.failure();
+    assert_eq!(b.state(), CircuitState::Closed);
+    assert_eq!(b.stats().failures, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reset_forgets_open_for_growth_force_closed_keeps_it() {
+    let grown = || {
+        CircuitBreaker::builder()
+            .consecutive_failures(1)
+            .open_for(SEC)
+            .open_for_growth(2.0, SEC * 60)
+            .build()
+    };
+    for (reset, expected) in [(true, SEC), (false, SEC * 2)] {
+        let b = grown();
+        assert!(run(&b, false).await.is_err()); // trip 1: open 1 s
+        if reset {
+            b.reset();
+        } else {
+            b.force_closed();
+        }
+        assert!(run(&b, false).await.is_err());
+        let err = run(&b, true).await.unwrap_err();
+        assert_eq!(
+            err,
+            BreakerError::Open(CircuitOpen::new(expected)),
+            "reset {reset}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_wait_in_half_open_reopens_exactly_at_the_deadline() {
+    use CircuitState::*;
+    let (b, log) = transitions_log(
+        CircuitBreaker::builder()
+            .consecutive_failures(1)
+            .open_for(SEC)
+            .max_wait_in_half_open(SEC * 3),
+    );
+    assert!(run(&b, false).await.is_err());
+    advance(SEC).await;
+    let trial = b.try_acquire().expect("the trial call");
+    assert_eq!(trial.state(), HalfOpen);
+    // The one trial slot is taken: others are rejected meanwhile.
+    assert!(b.try_acquire().is_err());
+    advance(SEC * 3 - Duration::from_nanos(1)).await;
+    assert_eq!(b.state(), HalfOpen);
+    advance(Duration::from_nanos(1)).await;
+    assert_eq!(b.state(), Open);
+    // Open for `open_for` from the deadline.
+    let err = b.try_acquire().unwrap_err();
+    assert_eq!(err.retry_after, SEC);
+    // The stale trial reports late: it changes nothing.
+    trial.success();
+    assert_eq!(b.state(), Open);
+    advance(SEC).await;
+    assert_eq!(b.state(), HalfOpen);
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            (Closed, Open),
+            (Open, HalfOpen),
+            (HalfOpen, Open),
+            (Open, HalfOpen)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_wait_in_half_open_noticed_late_by_a_call_is_dated_at_the_deadline() {
+    let b = CircuitBreaker::builder()
+        .consecutive_failures(1)
+        .open_for(SEC * 10)
+        .max_wait_in_half_open(SEC)
+        .build();
+    assert!(run(&b, false).await.is_err());
+    advance(SEC * 10).await;
+    let _hung = b.try_acquire().expect("the trial call");
+    advance(SEC * 4).await; // 3 s past the deadline, no one looked
+    let err = b.try_acquire().unwrap_err();
+    assert_eq!(err.retry_after, SEC * 7);
+    assert_eq!(b.state(), CircuitState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_max_wait_half_open_waits_for_its_trials() {
+    let b = CircuitBreaker::builder()
+        .consecutive_failures(1)
+        .open_for(SEC)
+        .build();
+    assert!(run(&b, false).await.is_err());
+    advance(SEC).await;
+    let trial = b.try_acquire().unwrap();
+    advance(SEC * 3600).await;
+    assert_eq!(b.state(), CircuitState::HalfOpen);
+    trial.success();
+    assert_eq!(b.state(), CircuitState::Closed);
+}
