@@ -111,5 +111,5 @@ pub use mode::{ErrorMode, HttpMode, WaitMode};
 pub use retry::{HttpRetryPolicy, RetryBudget, RetryLayer, RetryPolicy, RetryService};
 pub use token_bucket::{
     Acquired, Burst, InvalidTokenBucket, KeyedTokenBuckets, MissingKey, Rate, RateLimited,
-    TokenBucket, TokenBucketLayer, TokenBucketLayerBuilder, TokenBucketService,
+    ShadowRejection, TokenBucket, TokenBucketLayer, TokenBucketLayerBuilder, TokenBucketService,
 };

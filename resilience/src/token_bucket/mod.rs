@@ -81,6 +81,14 @@
 //!   seconds and never 0, and the IETF `RateLimit` / `RateLimit-Policy` fields), so the
 //!   service stays infallible for axum.
 //!
+//! # Shadow mode
+//!
+//! [`.shadow()`](TokenBucketLayerBuilder::shadow) on the builder lets every request
+//! through and counts the ones that would have been refused
+//! ([`TokenBucketLayer::shadowed`], and the
+//! [`on_shadowed`](TokenBucketLayerBuilder::on_shadowed) hook): a new limit can be
+//! watched on real traffic before it is enforced.
+//!
 //! # Parameters
 //!
 //! Every constructor takes the rate and the burst as [`Rate`] and [`Burst`], so a call
@@ -106,7 +114,7 @@ pub use self::{
     error::{InvalidTokenBucket, MissingKey, RateLimited},
     future::{HttpResponseFuture, ResponseFuture, WaitFuture},
     keyed::{KeyedTokenBuckets, DEFAULT_MAX_KEYS},
-    layer::{TokenBucketLayer, TokenBucketLayerBuilder},
+    layer::{ShadowRejection, TokenBucketLayer, TokenBucketLayerBuilder},
     rate::{Burst, Rate},
     service::TokenBucketService,
 };
