@@ -69,6 +69,8 @@
 //! [`Gradient2`]), moved by the calls' latency and errors.
 //! [`RetryLayer`] retries by a [`RetryPolicy`] ([`HttpRetryPolicy`] for HTTP clients)
 //! within a [`RetryBudget`]; see [`retry`], and its ordering with the breaker.
+//! [`FaultLayer`] injects seeded errors and latency, for tests and drills; see
+//! [`fault`].
 //! See [`circuit_breaker`] and [`token_bucket`] for the full contracts.
 //!
 //! ## Features
@@ -81,6 +83,7 @@
 pub mod circuit_breaker;
 mod clock;
 pub mod concurrency_limit;
+pub mod fault;
 mod http_response;
 pub mod key;
 pub mod mode;
@@ -103,6 +106,7 @@ pub use concurrency_limit::{AdaptiveLimitBuilder, Aimd, Gradient2, InvalidAdapti
 pub use concurrency_limit::{
     ConcurrencyLimitLayer, ConcurrencyLimitService, InvalidConcurrencyLimit, Overloaded,
 };
+pub use fault::{FaultLayer, InjectedFault, Latency};
 pub use key::{
     key_fn, FnKey, ForwardedHeader, GlobalKey, HeaderDigest, HeaderKey, KeyExtractor, KeyType,
     PeerIp, TrustedProxyIp,
