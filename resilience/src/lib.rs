@@ -69,6 +69,8 @@
 //! [`Gradient2`]), moved by the calls' latency and errors.
 //! [`RetryLayer`] retries by a [`RetryPolicy`] ([`HttpRetryPolicy`] for HTTP clients)
 //! within a [`RetryBudget`]; see [`retry`], and its ordering with the breaker.
+//! [`KeyedCircuitBreakerLayer`] keeps a breaker per key (an upstream host with
+//! [`UriHost`]), under a hard key cap; see [`keyed_breaker`].
 //! [`FaultLayer`] injects seeded errors and latency, for tests and drills; see
 //! [`fault`].
 //! See [`circuit_breaker`] and [`token_bucket`] for the full contracts.
@@ -86,6 +88,7 @@ pub mod concurrency_limit;
 pub mod fault;
 mod http_response;
 pub mod key;
+pub mod keyed_breaker;
 pub mod mode;
 pub mod retry;
 mod retry_after;
@@ -109,8 +112,9 @@ pub use concurrency_limit::{
 pub use fault::{FaultLayer, InjectedFault, Latency};
 pub use key::{
     key_fn, FnKey, ForwardedHeader, GlobalKey, HeaderDigest, HeaderKey, KeyExtractor, KeyType,
-    PeerIp, TrustedProxyIp,
+    PeerIp, TrustedProxyIp, UriHost,
 };
+pub use keyed_breaker::{KeyedCircuitBreakerLayer, KeyedCircuitBreakers};
 pub use mode::{ErrorMode, HttpMode, WaitMode};
 pub use retry::{HttpRetryPolicy, RetryBudget, RetryLayer, RetryPolicy, RetryService};
 pub use token_bucket::{

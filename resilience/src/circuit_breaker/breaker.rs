@@ -373,6 +373,12 @@ impl CircuitBreaker {
         self.acquire_slow(word)
     }
 
+    /// Whether anything besides its owner holds this breaker: a clone, or the permit of
+    /// a call in flight. What the keyed breakers' eviction calls "in use".
+    pub(crate) fn in_use(&self) -> bool {
+        Arc::strong_count(&self.inner) > 1
+    }
+
     #[inline]
     fn permit(&self, word: u64) -> BreakerPermit {
         BreakerPermit {
