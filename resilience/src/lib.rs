@@ -78,7 +78,10 @@
 //! ## Features
 //!
 //! - `axum`: [`PeerIp`] also reads axum's `ConnectInfo<SocketAddr>`.
-//! - `reqwest`: [`HttpClassifier`] classifies `reqwest::Response` by status.
+//! - `reqwest`: [`HttpClassifier`] classifies `reqwest::Response` by status; [`UriHost`]
+//!   keys `reqwest::Request`s too.
+//! - `redis`: `RedisBuckets` and `RedisTokenBucketLayer`, token buckets shared by
+//!   several processes through Redis (see [`token_bucket`]).
 
 #![warn(missing_docs)]
 
@@ -121,3 +124,5 @@ pub use token_bucket::{
     Acquired, Burst, InvalidTokenBucket, KeyedTokenBuckets, MissingKey, Rate, RateLimited,
     ShadowRejection, TokenBucket, TokenBucketLayer, TokenBucketLayerBuilder, TokenBucketService,
 };
+#[cfg(feature = "redis")]
+pub use token_bucket::{RedisBuckets, RedisFallback, RedisTokenBucketLayer};

@@ -318,6 +318,15 @@ impl fmt::Debug for HeaderDigest {
     }
 }
 
+/// 32 hex digits, e.g. for the Redis key of a shared bucket. The digest is keyed per
+/// [`HeaderKey`], so two processes digest one value differently: to share buckets across
+/// servers, key by the value itself with [`key_fn`].
+impl fmt::Display for HeaderDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
 impl KeyType for HeaderKey {
     type Key = HeaderDigest;
 }

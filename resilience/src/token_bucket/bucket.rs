@@ -92,6 +92,18 @@ impl Gcra {
         self.rate
     }
 
+    /// Nanoseconds per token.
+    #[cfg(feature = "redis")]
+    pub(crate) fn interval(&self) -> u64 {
+        self.interval
+    }
+
+    /// Nanoseconds a full burst takes to refill.
+    #[cfg(feature = "redis")]
+    pub(crate) fn tau(&self) -> u64 {
+        self.tau
+    }
+
     pub(crate) fn burst(&self) -> u32 {
         self.burst
     }

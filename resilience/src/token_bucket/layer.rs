@@ -109,7 +109,7 @@ impl fmt::Debug for Shadow {
 }
 
 impl Settings {
-    fn new(gcra: &Gcra) -> Settings {
+    pub(crate) fn new(gcra: &Gcra) -> Settings {
         let burst = gcra.burst();
         let window_nanos = (f64::from(burst) / gcra.rate().as_per_second() * 1e9).round();
         // Through whole nanoseconds first, so 3 / 0.3 is 10 s, not 10.000000000000002.

@@ -89,6 +89,12 @@
 //! [`on_shadowed`](TokenBucketLayerBuilder::on_shadowed) hook): a new limit can be
 //! watched on real traffic before it is enforced.
 //!
+//! # Shared buckets
+//!
+//! With the crate feature `redis`, `RedisBuckets` keep the buckets in Redis, so
+//! several processes share one limit per key, and `RedisTokenBucketLayer` is the
+//! layer on them; see their docs for the fallback when Redis fails.
+//!
 //! # Parameters
 //!
 //! Every constructor takes the rate and the burst as [`Rate`] and [`Burst`], so a call
@@ -107,6 +113,8 @@ mod future;
 mod keyed;
 mod layer;
 mod rate;
+#[cfg(feature = "redis")]
+mod redis;
 mod service;
 
 pub use self::{
@@ -117,4 +125,10 @@ pub use self::{
     layer::{ShadowRejection, TokenBucketLayer, TokenBucketLayerBuilder},
     rate::{Burst, Rate},
     service::TokenBucketService,
+};
+
+#[cfg(feature = "redis")]
+pub use self::redis::{
+    RedisBuckets, RedisBucketsBuilder, RedisFallback, RedisResponseFuture, RedisTokenBucketLayer,
+    RedisTokenBucketService, DEFAULT_REDIS_TIMEOUT,
 };

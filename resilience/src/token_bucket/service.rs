@@ -277,7 +277,7 @@ where
 
 impl Settings {
     /// The 429 for a refusal.
-    fn too_many_requests<B>(&self, rejected: &Rejected) -> Response<ResponseBody<B>> {
+    pub(crate) fn too_many_requests<B>(&self, rejected: &Rejected) -> Response<ResponseBody<B>> {
         let secs = retry_after_secs(rejected.limited.retry_after);
         let (content_type, body) = match &self.body {
             Some((content_type, body)) => (content_type.clone(), body.clone()),
@@ -306,7 +306,7 @@ impl Settings {
 ///
 /// Written into a stack buffer: this runs for every request that passes, and
 /// `format!` would allocate a `String` only to copy it into the header value.
-fn ratelimit_value(remaining: u32, until_full: Duration) -> Option<HeaderValue> {
+pub(crate) fn ratelimit_value(remaining: u32, until_full: Duration) -> Option<HeaderValue> {
     use std::io::Write;
 
     let t = until_full.as_secs() + u64::from(until_full.subsec_nanos() > 0);
