@@ -1140,3 +1140,47 @@ async fn without_max_wait_half_open_waits_for_its_trials() {
     trial.success();
     assert_eq!(b.state(), CircuitState::Closed);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_half_open_deadline_and_the_open_period_after_it_both_unobserved() {
+    use CircuitState::*;
+    let (b, log) = transitions_log(
+        CircuitBreaker::builder()
+            .consecutive_failures(1)
+            .open_for(SEC)
+            .max_wait_in_half_open(SEC),
+    );
+    assert!(run(&b, false).await.is_err());
+    advance(SEC).await;
+    let _hung = b.try_acquire().expect("the trial call");
+    // Reopened at t = 2 s, half-open again at t = 3 s; nobody looked until t = 10 s.
+    advance(SEC * 9).await;
+    let trial = b.try_acquire().expect("a new trial: both periods are over");
+    assert_eq!(trial.state(), HalfOpen);
+    trial.success();
+    assert_eq!(b.state(), Closed);
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            (Closed, Open),
+            (Open, HalfOpen),
+            (HalfOpen, Open),
+            (Open, HalfOpen),
+            (HalfOpen, Closed)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn state_reads_through_a_reopen_whose_open_period_is_over_too() {
+    let b = CircuitBreaker::builder()
+        .consecutive_failures(1)
+        .open_for(SEC)
+        .max_wait_in_half_open(SEC)
+        .build();
+    assert!(run(&b, false).await.is_err());
+    advance(SEC).await;
+    let _hung = b.try_acquire().expect("the trial call");
+    advance(SEC * 9).await;
+    assert_eq!(b.state(), CircuitState::HalfOpen);
+}

@@ -256,26 +256,23 @@ impl CircuitBreaker {
     pub fn state(&self) -> CircuitState {
         let inner = &*self.inner;
         let word = inner.state.0.load(Ordering::Acquire);
-        if word & STATE_MASK == HALF_OPEN {
-            inner.expire_half_open(inner.now_nanos());
-            return CircuitState::of_word(inner.state.0.load(Ordering::Acquire));
-        }
-        if word & STATE_MASK == OPEN {
+        let state = word & STATE_MASK;
+        if state == HALF_OPEN || state == OPEN {
             let now = inner.now_nanos();
-            if now >= inner.open_until.load(Ordering::Relaxed) {
-                let transition = {
-                    let mut shared = inner.lock();
-                    let word = inner.state.0.load(Ordering::Acquire);
-                    let due = now >= inner.open_until.load(Ordering::Relaxed);
-                    (word & STATE_MASK == OPEN && due)
-                        .then(|| inner.transition(&mut shared, word, CircuitState::HalfOpen, now))
-                };
-                inner.notify(transition);
-                // `open_for` and `max_wait_in_half_open` may both have passed unobserved.
+            if state == HALF_OPEN {
                 inner.expire_half_open(now);
             }
+            // A breaker reopened by `max_wait_in_half_open` is dated at the deadline, so
+            // its `open_for` may be over too if nobody looked for that long.
+            inner.expire_open(now);
         }
         CircuitState::of_word(inner.state.0.load(Ordering::Acquire))
+    }
+
+    /// The state as stored, without making a due transition (and so without running
+    /// the hook): for the keyed breakers' eviction, which holds a lock of its own.
+    pub(crate) fn stored_state(&self) -> CircuitState {
+        CircuitState::of_word(self.inner.state.0.load(Ordering::Acquire))
     }
 
     /// Opens the breaker by hand and keeps it open: every call is rejected (with
@@ -392,7 +389,7 @@ impl CircuitBreaker {
     }
 
     #[inline(never)]
-    fn acquire_slow(&self, word: u64) -> Result<BreakerPermit, CircuitOpen> {
+    fn acquire_slow(&self, mut word: u64) -> Result<BreakerPermit, CircuitOpen> {
         let inner = &*self.inner;
         match word & STATE_MASK {
             DISABLED => return Ok(self.permit(word)),
@@ -400,8 +397,18 @@ impl CircuitBreaker {
             _ => {}
         }
         let mut now = None;
-        if word & STATE_MASK == OPEN {
+        if word & STATE_MASK == HALF_OPEN {
+            // Reopen first if the trials have had their `max_wait_in_half_open`: the open
+            // period that follows may itself be over, which the branch below handles.
             let t = inner.now_nanos();
+            if t >= inner.half_open_until.load(Ordering::Relaxed) {
+                inner.expire_half_open(t);
+                word = inner.state.0.load(Ordering::Acquire);
+            }
+            now = Some(t);
+        }
+        if word & STATE_MASK == OPEN {
+            let t = now.unwrap_or_else(|| inner.now_nanos());
             let until = inner.open_until.load(Ordering::Relaxed);
             if t < until {
                 return Err(inner.reject(Duration::from_nanos(until - t)));
@@ -431,7 +438,8 @@ impl CircuitBreaker {
                     let t = now.unwrap_or_else(|| inner.now_nanos());
                     let deadline = inner.half_open_until.load(Ordering::Relaxed);
                     if t >= deadline {
-                        // The trials never reported: give up on them and reopen.
+                        // The deadline passed since the check above, in a race: the
+                        // trials never reported, give up on them and reopen.
                         transition =
                             Some(inner.transition(&mut shared, word, CircuitState::Open, deadline));
                         let until = inner.open_until.load(Ordering::Relaxed);
@@ -550,6 +558,22 @@ impl Inner {
             t
         };
         self.notify(Some(transition));
+    }
+
+    /// Turns an open breaker whose `open_for` is over at `now` half-open.
+    fn expire_open(&self, now: u64) {
+        let word = self.state.0.load(Ordering::Acquire);
+        if word & STATE_MASK != OPEN || now < self.open_until.load(Ordering::Relaxed) {
+            return;
+        }
+        let transition = {
+            let mut shared = self.lock();
+            let word = self.state.0.load(Ordering::Acquire);
+            let due = now >= self.open_until.load(Ordering::Relaxed);
+            (word & STATE_MASK == OPEN && due)
+                .then(|| self.transition(&mut shared, word, CircuitState::HalfOpen, now))
+        };
+        self.notify(transition);
     }
 
     /// Reopens a half-open breaker whose `max_wait_in_half_open` has passed at `now`,

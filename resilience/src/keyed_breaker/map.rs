@@ -100,7 +100,9 @@ struct Entry {
 impl Entry {
     /// Closed and held by no one but the map.
     fn idle(&self) -> bool {
-        !self.breaker.in_use() && self.breaker.state() == CircuitState::Closed
+        // The stored state: `state()` could make a transition and run the user's hook
+        // under the shard's lock.
+        !self.breaker.in_use() && self.breaker.stored_state() == CircuitState::Closed
     }
 }
 
