@@ -98,7 +98,7 @@ where
             Ok(key) => key,
             Err(missing) => return ResponseFuture::missing(missing),
         };
-        let future = match self.breakers.breaker(&key).try_acquire() {
+        let future = match self.breakers.try_acquire(&key) {
             Ok(permit) => {
                 BreakerFuture::called(self.inner.call(req), permit, self.classifier.clone())
             }
@@ -127,7 +127,7 @@ where
             Ok(key) => key,
             Err(missing) => return HttpResponseFuture::missing(missing),
         };
-        let future = match self.breakers.breaker(&key).try_acquire() {
+        let future = match self.breakers.try_acquire(&key) {
             Ok(permit) => {
                 BreakerHttpFuture::called(self.inner.call(req), permit, self.classifier.clone())
             }
