@@ -102,6 +102,15 @@ impl Faults {
     /// sequence.
     pub(crate) fn decide(&self) -> Decision {
         let config = &self.config;
+        if config.error_rate == 0.0 && config.latency.is_none() {
+            // Nothing to inject (a layer left in place, switched off): no draw can
+            // change the outcome, so skip the lock; the sequence stays the seed's.
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            return Decision {
+                delay: Duration::ZERO,
+                fail: false,
+            };
+        }
         let decision = {
             // Nothing here can panic while the lock is held; a poisoned lock still holds
             // a valid generator.
