@@ -353,6 +353,14 @@ async fn a_redis_that_never_answers_is_bounded_by_the_timeout() {
     drop(listener);
 }
 
+#[test]
+fn building_outside_a_runtime_is_an_error_not_a_panic_in_redis() {
+    let err = RedisBuckets::builder(client(REDIS), Rate::per_second(1.0), Burst(1))
+        .try_build::<u32>()
+        .unwrap_err();
+    assert!(err.to_string().contains("outside a tokio runtime"), "{err}");
+}
+
 #[tokio::test]
 async fn error_mode_refuses_with_rate_limited_and_a_missing_key_with_missing_key() {
     if !redis_up("error_mode_refuses").await {

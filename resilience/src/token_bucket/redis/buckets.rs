@@ -168,13 +168,14 @@ impl RedisBucketsBuilder {
         self
     }
 
-    /// The buckets. Connects lazily, on the first decision.
+    /// The buckets. Connects lazily, on the first decision, from a task the `redis`
+    /// connection manager spawns: so it must be called within a tokio runtime.
     ///
     /// # Panics
     ///
     /// On the parameters [`TokenBucket::new`](crate::TokenBucket::new) panics on, a key
-    /// cap of 0, or a Redis client the connection manager refuses; see
-    /// [`try_build`](Self::try_build).
+    /// cap of 0, a Redis client the connection manager refuses, or outside a tokio
+    /// runtime; see [`try_build`](Self::try_build).
     #[track_caller]
     pub fn build<K>(self) -> RedisBuckets<K>
     where
@@ -193,6 +194,13 @@ impl RedisBucketsBuilder {
     {
         let gcra = Gcra::new(self.rate, self.burst)?;
         check_max_keys(self.max_keys)?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            // The connection manager would panic in `tokio::spawn`, less helpfully.
+            return Err(InvalidTokenBucket::new(
+                "RedisBuckets built outside a tokio runtime".to_owned(),
+                "the Redis connection manager spawns a task: build within the runtime",
+            ));
+        }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
