@@ -1184,3 +1184,91 @@ async fn state_reads_through_a_reopen_whose_open_period_is_over_too() {
     advance(SEC * 9).await;
     assert_eq!(b.state(), CircuitState::HalfOpen);
 }
+
+mod controls_invariant {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Acquire,
+        Succeed(usize),
+        Fail(usize),
+        Advance(u64),
+        ForceOpen,
+        ForceClosed,
+        Disable,
+        Reset,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => Just(Op::Acquire),
+            2 => any::<usize>().prop_map(Op::Succeed),
+            3 => any::<usize>().prop_map(Op::Fail),
+            2 => (0u64..3000).prop_map(Op::Advance),
+            1 => Just(Op::ForceOpen),
+            1 => Just(Op::ForceClosed),
+            1 => Just(Op::Disable),
+            1 => Just(Op::Reset),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever mix of calls, time and control calls: the hook sees every
+        /// transition the stats count, as one unbroken chain (each starts where the
+        /// previous ended), and the state read back is where the chain ends.
+        #[test]
+        fn the_hook_sees_every_transition_as_one_chain(
+            ops in proptest::collection::vec(op(), 1..150),
+            max_wait in proptest::option::of(1u64..3000),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut builder = CircuitBreaker::builder()
+                    .consecutive_failures(2)
+                    .open_for(Duration::from_millis(1000));
+                if let Some(ms) = max_wait {
+                    builder = builder.max_wait_in_half_open(Duration::from_millis(ms));
+                }
+                let (b, log) = transitions_log(builder);
+                let mut running = Vec::new();
+                for op in ops {
+                    match op {
+                        Op::Acquire => running.extend(b.try_acquire().ok()),
+                        Op::Succeed(i) if !running.is_empty() => {
+                            let n = running.len();
+                            running.swap_remove(i % n).success();
+                        }
+                        Op::Fail(i) if !running.is_empty() => {
+                            let n = running.len();
+                            running.swap_remove(i % n).failure();
+                        }
+                        Op::Advance(ms) => advance(Duration::from_millis(ms)).await,
+                        Op::ForceOpen => b.force_open(),
+                        Op::ForceClosed => b.force_closed(),
+                        Op::Disable => b.disable(),
+                        Op::Reset => b.reset(),
+                        _ => {}
+                    }
+                    let state = b.state();
+                    let log = log.lock().unwrap();
+                    prop_assert_eq!(log.len() as u64, b.stats().transitions);
+                    let mut at = CircuitState::Closed;
+                    for &(from, to) in log.iter() {
+                        prop_assert_eq!(from, at);
+                        at = to;
+                    }
+                    prop_assert_eq!(state, at);
+                }
+                Ok(())
+            })?;
+        }
+    }
+}

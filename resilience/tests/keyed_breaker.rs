@@ -5,6 +5,7 @@ use std::{convert::Infallible, time::Duration};
 
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
+use proptest::prelude::*;
 use resilience::{
     key_fn, BoxError, CircuitBreaker, CircuitOpen, CircuitState, KeyedCircuitBreakerLayer,
     KeyedCircuitBreakers, MissingKey, UriHost,
@@ -186,4 +187,28 @@ fn uri_host_keys_reqwest_requests_like_http_ones() {
     );
     let http = Request::get("http://10.0.0.1:8080/").body(()).unwrap();
     assert_eq!(UriHost.extract(&http).unwrap(), "10.0.0.1:8080");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Any sequence of keys and outcomes: the map never holds more than its cap, and
+    /// every key either has its breaker or was evicted.
+    #[test]
+    fn the_map_never_exceeds_its_cap(
+        cap in 1usize..100,
+        calls in proptest::collection::vec((0u32..500, any::<bool>()), 1..400),
+    ) {
+        let breakers =
+            KeyedCircuitBreakers::<u32>::new(CircuitBreaker::builder().consecutive_failures(1), cap);
+        let mut seen = std::collections::HashSet::new();
+        for (key, ok) in calls {
+            if let Ok(permit) = breakers.try_acquire(&key) {
+                permit.record(!ok);
+            }
+            seen.insert(key);
+            prop_assert!(breakers.len() <= cap, "{} keys, cap {}", breakers.len(), cap);
+        }
+        prop_assert!(breakers.len() as u64 + breakers.evicted() >= seen.len() as u64);
+    }
 }

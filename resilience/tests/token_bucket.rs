@@ -21,7 +21,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use proptest::prelude::*;
 use resilience::{
-    BoxError, Burst, KeyedTokenBuckets, MissingKey, PeerIp, Rate, RateLimited, TokenBucket,
+    key_fn, BoxError, Burst, KeyedTokenBuckets, MissingKey, PeerIp, Rate, RateLimited, TokenBucket,
     TokenBucketLayer,
 };
 use tokio::time::{advance, Instant};
@@ -936,4 +936,38 @@ async fn without_shadow_the_counter_stays_zero_and_refusals_are_made() {
     assert!(svc.clone().oneshot("b").await.is_err());
     assert!(!layer.shadow());
     assert_eq!(layer.shadowed(), 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Shadow mode refuses nothing, and counts exactly what the same limit enforced
+    /// would have refused, request for request, on the same schedule.
+    #[test]
+    fn shadow_counts_exactly_what_enforcing_would_refuse(
+        schedule in proptest::collection::vec((0u64..400, 0u8..4), 1..60),
+    ) {
+        paused_runtime().block_on(async {
+            let rate = Rate::per_second(5.0);
+            let shadow = TokenBucketLayer::builder(rate, Burst(3))
+                .key(key_fn(|k: &u8| Some(*k)))
+                .shadow()
+                .build();
+            let enforced = TokenBucketLayer::builder(rate, Burst(3))
+                .key(key_fn(|k: &u8| Some(*k)))
+                .build();
+            let shadowed = shadow.layer(service_fn(|k: u8| async move { Ok::<_, Infallible>(k) }));
+            let limited = enforced.layer(service_fn(|k: u8| async move { Ok::<_, Infallible>(k) }));
+            let mut refused = 0u64;
+            for (gap_ms, key) in schedule {
+                advance(Duration::from_millis(gap_ms)).await;
+                prop_assert!(shadowed.clone().oneshot(key).await.is_ok());
+                if limited.clone().oneshot(key).await.is_err() {
+                    refused += 1;
+                }
+                prop_assert_eq!(shadow.shadowed(), refused);
+            }
+            Ok(())
+        })?;
+    }
 }
