@@ -235,6 +235,29 @@ async fn http_mode_answers_the_same_429_and_headers_as_local_buckets() {
     let res = redis.clone().oneshot(Request::new(())).await.unwrap();
     assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(shared.fallbacks(), 0);
+
+    // The body and the success headers are set as on the local layer.
+    let quiet = RedisTokenBucketLayer::new(PeerIp, shared.clone())
+        .http()
+        .headers_on_success(false)
+        .body(http::HeaderValue::from_static("text/plain"), "slow down\n")
+        .layer(app());
+    let mut req = request();
+    req.extensions_mut()
+        .insert("192.0.2.10:5000".parse::<SocketAddr>().unwrap());
+    let res = quiet.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers().get("ratelimit").is_none());
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let mut req = request();
+        req.extensions_mut()
+            .insert("192.0.2.10:5000".parse::<SocketAddr>().unwrap());
+        statuses.push(quiet.clone().oneshot(req).await.unwrap());
+    }
+    let limited = statuses.pop().unwrap();
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(limited.headers()["content-type"], "text/plain");
 }
 
 /// A `redis-server` of the test's own on a free port, killed on drop.

@@ -2,6 +2,8 @@
 
 use std::{fmt, marker::PhantomData, sync::Arc};
 
+use bytes::Bytes;
+use http::HeaderValue;
 use tower_layer::Layer;
 
 use super::{buckets::RedisBuckets, service::RedisTokenBucketService};
@@ -57,6 +59,21 @@ impl<E: KeyType, M> RedisTokenBucketLayer<E, M> {
             settings: self.settings,
             _mode: PhantomData,
         }
+    }
+
+    /// The body of the 429 and its `Content-Type`, instead of the default JSON; as
+    /// [`TokenBucketLayer::body`](crate::TokenBucketLayer::body).
+    pub fn body(mut self, content_type: HeaderValue, body: impl Into<Bytes>) -> Self {
+        Arc::make_mut(&mut self.settings).body = Some((content_type, body.into()));
+        self
+    }
+
+    /// Whether responses that pass carry `RateLimit-Policy` and `RateLimit` too (default
+    /// `true`); as
+    /// [`TokenBucketLayer::headers_on_success`](crate::TokenBucketLayer::headers_on_success).
+    pub fn headers_on_success(mut self, on: bool) -> Self {
+        Arc::make_mut(&mut self.settings).headers_on_success = on;
+        self
     }
 
     /// The key extractor, as given to [`new`](RedisTokenBucketLayer::new).
