@@ -1272,3 +1272,9 @@ mod controls_invariant {
         }
     }
 }
+
+#[test]
+#[should_panic(expected = "max_wait_in_half_open: the wait must be longer than zero")]
+fn a_zero_max_wait_in_half_open_panics() {
+    let _ = CircuitBreaker::builder().max_wait_in_half_open(Duration::ZERO);
+}

@@ -1165,7 +1165,17 @@ impl CircuitBreakerBuilder {
     /// # drop(trial);
     /// # }
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `d` is zero: the breaker would reopen the moment it turned half-open, admit no
+    /// trial, and never close.
+    #[track_caller]
     pub fn max_wait_in_half_open(mut self, d: Duration) -> Self {
+        assert!(
+            !d.is_zero(),
+            "max_wait_in_half_open: the wait must be longer than zero"
+        );
         self.max_wait_in_half_open = Some(d);
         self
     }
