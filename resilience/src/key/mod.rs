@@ -2,7 +2,8 @@
 //!
 //! A [`KeyExtractor`] looks at a request and returns the key of the bucket it draws
 //! from: nothing ([`GlobalKey`], one bucket for all), the peer IP ([`PeerIp`]), the
-//! client IP behind trusted proxies ([`TrustedProxyIp`]), a header ([`HeaderKey`]), or
+//! client IP behind trusted proxies ([`TrustedProxyIp`]), a header ([`HeaderKey`]), the
+//! host a client request goes to ([`UriHost`], for the keyed circuit breakers), or
 //! anything a closure computes ([`key_fn`]).
 //!
 //! When there is no key (no peer address, no such header), `extract` returns
