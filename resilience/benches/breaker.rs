@@ -4,6 +4,10 @@
 //! ready at once, so each iteration measures `poll_ready` + `call` + one poll of the
 //! response future, with and without the breaker, in the same run.
 //!
+//! `keyed_breaker/*`: a `KeyedCircuitBreakerLayer` over 10 000 keys, cycled (every key
+//! has its breaker already), and a `FaultLayer` injecting nothing (rate 0) and failing
+//! every call, against the same pass-through.
+//!
 //! Run: `cargo bench -p resilience --bench breaker -- --warm-up-time 1 --measurement-time 3`
 
 mod support;
@@ -15,7 +19,9 @@ use std::{
 };
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use resilience::{CircuitBreaker, CircuitBreakerLayer, Window};
+use resilience::{
+    key_fn, CircuitBreaker, CircuitBreakerLayer, FaultLayer, KeyedCircuitBreakerLayer, Window,
+};
 use support::{once, PassThrough};
 use tower::Layer;
 
@@ -61,5 +67,46 @@ fn overhead(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, overhead);
+fn keyed_and_fault(c: &mut Criterion) {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut group = c.benchmark_group("keyed_breaker");
+    const KEYS: u64 = 10_000;
+
+    let mut bare = PassThrough;
+    group.bench_function("bare_service", |b| {
+        b.iter(|| once(&mut bare, &mut cx, black_box(1)))
+    });
+
+    // The request is the key.
+    let mut keyed = KeyedCircuitBreakerLayer::builder(CircuitBreaker::builder())
+        .key(key_fn(|req: &u64| Some(*req)))
+        .max_keys(2 * KEYS as usize)
+        .build()
+        .layer(PassThrough);
+    for k in 0..KEYS {
+        once(&mut keyed, &mut cx, k);
+    }
+    let mut i = 0u64;
+    group.bench_function("keyed_layer_10k_keys", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            once(&mut keyed, &mut cx, black_box(i))
+        })
+    });
+
+    let mut quiet = FaultLayer::builder(1).build().layer(PassThrough);
+    group.bench_function("fault_layer_rate_0", |b| {
+        b.iter(|| once(&mut quiet, &mut cx, black_box(1)))
+    });
+    let mut failing = FaultLayer::builder(1)
+        .error_rate(1.0)
+        .build()
+        .layer(PassThrough);
+    group.bench_function("fault_layer_rate_1", |b| {
+        b.iter(|| once(&mut failing, &mut cx, black_box(1)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, overhead, keyed_and_fault);
 criterion_main!(benches);

@@ -1,18 +1,23 @@
 //! Token bucket vs governor, same run, same machine.
 //!
-//! `cargo bench -p resilience --bench token_bucket -- --warm-up-time 1 --measurement-time 3`
+//! `cargo bench -p resilience --bench token_bucket -- --warm-up-time 1 --measurement-time 2`
 //!
 //! - `direct/*`: one bucket, `TokenBucket::try_acquire` vs governor's direct `check`.
 //! - `keyed_10k/*`: 10 000 keys (IPv4 addresses), cycled, `KeyedTokenBuckets::try_acquire`
 //!   vs governor's keyed (`DashMap`) `check_key`.
+//! - `layer/*`: a pass-through service bare, then behind a global and a keyed (10 000
+//!   keys) `TokenBucketLayer`, futures polled by hand: the layer's overhead per call.
 //! - `clock/*`: the cost of reading the time, which both pay on every decision.
-//! - `*_std_clock`: governor on std's `Instant` (our clock), to compare the algorithms.
+//! - `*_std_clock`: governor on std's `Instant`, to compare the algorithms on the clock
+//!   the buckets used before they moved to the time-stamp counter.
 //! - `*_2threads`: two OS threads hammer the same limiter; the time is per operation per
 //!   thread (wall time of the slower thread / its operations).
 //!
 //! Rates are huge so both limiters grant (almost) every request: this measures the cost
 //! of the decision, not of a refusal. Before the timings, the bench prints the bytes per
 //! key of both keyed limiters, measured with a counting allocator.
+
+mod support;
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -23,6 +28,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc, Barrier,
     },
+    task::{Context, Waker},
     time::{Duration, Instant},
 };
 
@@ -33,7 +39,9 @@ use governor::{
     state::keyed::DashMapStateStore,
     Quota, RateLimiter,
 };
-use resilience::{Burst, KeyedTokenBuckets, Rate, TokenBucket};
+use resilience::{key_fn, Burst, KeyedTokenBuckets, Rate, TokenBucket, TokenBucketLayer};
+use support::{once, PassThrough};
+use tower::Layer;
 
 /// Counts live heap bytes, to measure memory per key.
 struct Counting;
@@ -213,6 +221,39 @@ fn keyed(c: &mut Criterion) {
     group.finish();
 }
 
+fn layer(c: &mut Criterion) {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut group = c.benchmark_group("layer");
+    let rate = Rate::per_second(f64::from(RATE));
+
+    let mut bare = PassThrough;
+    group.bench_function("pass_through", |b| {
+        b.iter(|| once(&mut bare, &mut cx, black_box(1)))
+    });
+
+    let mut global = TokenBucketLayer::new(rate, Burst(RATE)).layer(PassThrough);
+    group.bench_function("global", |b| {
+        b.iter(|| once(&mut global, &mut cx, black_box(1)))
+    });
+
+    // The request is the key: 10 000 distinct keys, cycled, all with state already.
+    let keyed = TokenBucketLayer::builder(rate, Burst(RATE))
+        .key(key_fn(|req: &u64| Some(*req)))
+        .build();
+    let mut keyed = keyed.layer(PassThrough);
+    for k in 0..u64::from(KEYS) {
+        once(&mut keyed, &mut cx, k);
+    }
+    let mut i = 0u64;
+    group.bench_function("keyed_10k", |b| {
+        b.iter(|| {
+            i = (i + 1) % u64::from(KEYS);
+            once(&mut keyed, &mut cx, black_box(i))
+        })
+    });
+    group.finish();
+}
+
 /// Live heap bytes `build` leaves allocated in what it returns.
 fn live_bytes<T>(build: impl FnOnce() -> T) -> (usize, T) {
     let before = LIVE.load(Ordering::SeqCst);
@@ -256,7 +297,7 @@ fn memory(_c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, memory, clock, direct, keyed);
+criterion_group!(benches, memory, clock, direct, keyed, layer);
 
 fn main() {
     benches();

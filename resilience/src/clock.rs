@@ -1,9 +1,9 @@
 //! The clock of the per-call paths (an adaptive limit's latency samples, a retry
-//! budget's deposits): the CPU's time-stamp counter (through `quanta`), or tokio's clock
-//! when tokio's time is paused (tests).
+//! budget's deposits, every token bucket's decisions): the CPU's time-stamp counter
+//! (through `quanta`), or tokio's clock when tokio's time is paused (tests).
 //!
-//! An adaptive limit reads the clock twice per call, a retry budget once, so its cost
-//! is on the hot path: on x86-64
+//! An adaptive limit reads the clock twice per call, a retry budget and a token bucket
+//! once, so its cost is on the hot path: on x86-64
 //! `quanta`'s raw read is one `rdtsc`, against the ~20 ns of `clock_gettime` behind
 //! `std::time::Instant` (and `tokio::time::Instant`, which adds an atomic load). The
 //! raw reads are only scaled to nanoseconds once per call, as a difference.
@@ -60,6 +60,38 @@ impl Clock {
     }
 }
 
+/// Nanoseconds since it was made, on a [`Clock`]: the time line of the token buckets.
+///
+/// A bucket keeps its state as nanoseconds on this line, so it needs a reading that is
+/// meaningful on its own, not only as a difference: one raw read and one scaling, which
+/// is what `quanta::Clock::now` costs too.
+#[derive(Clone, Debug)]
+pub(crate) struct Elapsed {
+    clock: Clock,
+    start: u64,
+}
+
+impl Elapsed {
+    /// Starts at 0 now, on tokio's clock if it is paused now, on the counter otherwise.
+    pub(crate) fn new() -> Elapsed {
+        let clock = Clock::new();
+        let start = clock.now();
+        Elapsed { clock, start }
+    }
+
+    /// Nanoseconds since [`new`](Elapsed::new).
+    #[inline]
+    pub(crate) fn nanos(&self) -> u64 {
+        // One match for both the read and the scaling: this runs on every decision.
+        match &self.clock {
+            Clock::Counter(clock) => clock.delta_as_nanos(self.start, clock.raw()),
+            Clock::Tokio { base } => u64::try_from(base.elapsed().as_nanos())
+                .unwrap_or(u64::MAX)
+                .saturating_sub(self.start),
+        }
+    }
+}
+
 /// `true` if the current tokio runtime's clock is paused.
 ///
 /// tokio has no getter for it, but a paused clock does not move while the thread runs
@@ -100,6 +132,22 @@ mod tests {
         let start = clock.now();
         tokio::time::advance(Duration::from_millis(3)).await;
         assert_eq!(clock.nanos(start, clock.now()), 3_000_000);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn elapsed_follows_paused_time_exactly() {
+        let elapsed = Elapsed::new();
+        assert_eq!(elapsed.nanos(), 0);
+        tokio::time::advance(Duration::from_nanos(1_234_567)).await;
+        assert_eq!(elapsed.nanos(), 1_234_567);
+    }
+
+    #[test]
+    fn elapsed_on_the_counter_starts_near_zero_and_moves() {
+        let elapsed = Elapsed::new();
+        assert!(elapsed.nanos() < 1_000_000_000);
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(elapsed.nanos() >= 1_000_000);
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -49,7 +49,8 @@
 //! State is created once, when a layer is built, and shared by every service it makes
 //! and every clone of those (hyper-util clones the service per request). Neither layer
 //! ever fails in `poll_ready`; rejections happen in `call`. Time comes from
-//! [`tokio::time`], so tests run on paused time.
+//! [`tokio::time`], or, on the per-call paths, from the CPU's time-stamp counter unless
+//! tokio's time is paused when the layer is built; so tests run on paused time.
 //!
 //! Conventions shared by both halves of the crate:
 //!
@@ -68,20 +69,29 @@
 //! [`Gradient2`]), moved by the calls' latency and errors.
 //! [`RetryLayer`] retries by a [`RetryPolicy`] ([`HttpRetryPolicy`] for HTTP clients)
 //! within a [`RetryBudget`]; see [`retry`], and its ordering with the breaker.
+//! [`KeyedCircuitBreakerLayer`] keeps a breaker per key (an upstream host with
+//! [`UriHost`]), under a hard key cap; see [`keyed_breaker`].
+//! [`FaultLayer`] injects seeded errors and latency, for tests and drills; see
+//! [`fault`].
 //! See [`circuit_breaker`] and [`token_bucket`] for the full contracts.
 //!
 //! ## Features
 //!
 //! - `axum`: [`PeerIp`] also reads axum's `ConnectInfo<SocketAddr>`.
-//! - `reqwest`: [`HttpClassifier`] classifies `reqwest::Response` by status.
+//! - `reqwest`: [`HttpClassifier`] classifies `reqwest::Response` by status; [`UriHost`]
+//!   keys `reqwest::Request`s too.
+//! - `redis`: `RedisBuckets` and `RedisTokenBucketLayer`, token buckets shared by
+//!   several processes through Redis (see [`token_bucket`]).
 
 #![warn(missing_docs)]
 
 pub mod circuit_breaker;
 mod clock;
 pub mod concurrency_limit;
+pub mod fault;
 mod http_response;
 pub mod key;
+pub mod keyed_breaker;
 pub mod mode;
 pub mod retry;
 mod retry_after;
@@ -102,13 +112,17 @@ pub use concurrency_limit::{AdaptiveLimitBuilder, Aimd, Gradient2, InvalidAdapti
 pub use concurrency_limit::{
     ConcurrencyLimitLayer, ConcurrencyLimitService, InvalidConcurrencyLimit, Overloaded,
 };
+pub use fault::{FaultLayer, InjectedFault, Latency};
 pub use key::{
     key_fn, FnKey, ForwardedHeader, GlobalKey, HeaderDigest, HeaderKey, KeyExtractor, KeyType,
-    PeerIp, TrustedProxyIp,
+    PeerIp, TrustedProxyIp, UriHost,
 };
+pub use keyed_breaker::{KeyedCircuitBreakerLayer, KeyedCircuitBreakers};
 pub use mode::{ErrorMode, HttpMode, WaitMode};
 pub use retry::{HttpRetryPolicy, RetryBudget, RetryLayer, RetryPolicy, RetryService};
 pub use token_bucket::{
     Acquired, Burst, InvalidTokenBucket, KeyedTokenBuckets, MissingKey, Rate, RateLimited,
-    TokenBucket, TokenBucketLayer, TokenBucketLayerBuilder, TokenBucketService,
+    ShadowRejection, TokenBucket, TokenBucketLayer, TokenBucketLayerBuilder, TokenBucketService,
 };
+#[cfg(feature = "redis")]
+pub use token_bucket::{RedisBuckets, RedisFallback, RedisTokenBucketLayer};

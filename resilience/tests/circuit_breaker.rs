@@ -952,3 +952,329 @@ mod half_open_invariant {
         }
     }
 }
+
+// The controls: every one is a transition the hook and the stats see.
+
+#[tokio::test(start_paused = true)]
+async fn every_control_call_is_a_transition_the_hook_sees() {
+    use CircuitState::*;
+    let (b, log) = transitions_log(
+        CircuitBreaker::builder()
+            .consecutive_failures(1)
+            .open_for(SEC),
+    );
+    b.force_open();
+    b.force_open(); // to the state it is in: still a transition
+    b.disable();
+    b.force_closed();
+    assert!(run(&b, false).await.is_err()); // trips: Closed -> Open
+    b.reset();
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            (Closed, ForcedOpen),
+            (ForcedOpen, ForcedOpen),
+            (ForcedOpen, Disabled),
+            (Disabled, Closed),
+            (Closed, Open),
+            (Open, Closed),
+        ]
+    );
+    assert_eq!(b.stats().transitions, 6);
+    assert_eq!(b.state(), Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn forced_open_rejects_until_told_otherwise_and_counts_rejections() {
+    let b = CircuitBreaker::builder().open_for(SEC).build();
+    b.force_open();
+    advance(SEC * 3600).await;
+    assert_eq!(b.state(), CircuitState::ForcedOpen);
+    let err = run(&b, true).await.unwrap_err();
+    assert_eq!(err, BreakerError::Open(CircuitOpen::new(SEC)));
+    assert_eq!(b.stats().rejections, 1);
+
+    // The layer rejects without calling the inner service.
+    let probe = Probe::new(true);
+    let svc = CircuitBreakerLayer::new(b.clone()).layer(probe.clone());
+    let err = svc.oneshot(1).await.unwrap_err();
+    assert!(err.downcast_ref::<CircuitOpen>().is_some());
+    assert_eq!(probe.calls.load(Ordering::SeqCst), 0);
+
+    b.force_closed();
+    assert!(run(&b, true).await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn disabled_admits_everything_and_still_counts() {
+    let (b, log) = transitions_log(CircuitBreaker::builder().consecutive_failures(2));
+    b.disable();
+    for _ in 0..10 {
+        assert_eq!(run(&b, false).await, Err(BreakerError::Inner("fail")));
+    }
+    assert!(run(&b, true).await.is_ok());
+    assert_eq!(b.state(), CircuitState::Disabled);
+    let stats = b.stats();
+    assert_eq!(
+        (
+            stats.calls,
+            stats.failures,
+            stats.successes,
+            stats.rejections
+        ),
+        (11, 10, 1, 0)
+    );
+    assert_eq!(
+        log.lock().unwrap().len(),
+        1,
+        "nothing trips a disabled breaker"
+    );
+    // Failures counted while disabled do not carry over into the closed state.
+    b.force_closed();
+    assert!(run(&b, false).await.is_err());
+    assert_eq!(b.state(), CircuitState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permit_from_before_a_control_call_counts_for_no_state() {
+    let b = CircuitBreaker::builder().consecutive_failures(1).build();
+    let permit = b.try_acquire().unwrap();
+    b.force_closed();
+    permit.failure();
+    assert_eq!(b.state(), CircuitState::Closed);
+    assert_eq!(b.stats().failures, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reset_forgets_open_for_growth_force_closed_keeps_it() {
+    let grown = || {
+        CircuitBreaker::builder()
+            .consecutive_failures(1)
+            .open_for(SEC)
+            .open_for_growth(2.0, SEC * 60)
+            .build()
+    };
+    for (reset, expected) in [(true, SEC), (false, SEC * 2)] {
+        let b = grown();
+        assert!(run(&b, false).await.is_err()); // trip 1: open 1 s
+        if reset {
+            b.reset();
+        } else {
+            b.force_closed();
+        }
+        assert!(run(&b, false).await.is_err());
+        let err = run(&b, true).await.unwrap_err();
+        assert_eq!(
+            err,
+            BreakerError::Open(CircuitOpen::new(expected)),
+            "reset {reset}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_wait_in_half_open_reopens_exactly_at_the_deadline() {
+    use CircuitState::*;
+    let (b, log) = transitions_log(
+        CircuitBreaker::builder()
+            .consecutive_failures(1)
+            .open_for(SEC)
+            .max_wait_in_half_open(SEC * 3),
+    );
+    assert!(run(&b, false).await.is_err());
+    advance(SEC).await;
+    let trial = b.try_acquire().expect("the trial call");
+    assert_eq!(trial.state(), HalfOpen);
+    // The one trial slot is taken: others are rejected meanwhile.
+    assert!(b.try_acquire().is_err());
+    advance(SEC * 3 - Duration::from_nanos(1)).await;
+    assert_eq!(b.state(), HalfOpen);
+    advance(Duration::from_nanos(1)).await;
+    assert_eq!(b.state(), Open);
+    // Open for `open_for` from the deadline.
+    let err = b.try_acquire().unwrap_err();
+    assert_eq!(err.retry_after, SEC);
+    // The stale trial reports late: it changes nothing.
+    trial.success();
+    assert_eq!(b.state(), Open);
+    advance(SEC).await;
+    assert_eq!(b.state(), HalfOpen);
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            (Closed, Open),
+            (Open, HalfOpen),
+            (HalfOpen, Open),
+            (Open, HalfOpen)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_wait_in_half_open_noticed_late_by_a_call_is_dated_at_the_deadline() {
+    let b = CircuitBreaker::builder()
+        .consecutive_failures(1)
+        .open_for(SEC * 10)
+        .max_wait_in_half_open(SEC)
+        .build();
+    assert!(run(&b, false).await.is_err());
+    advance(SEC * 10).await;
+    let _hung = b.try_acquire().expect("the trial call");
+    advance(SEC * 4).await; // 3 s past the deadline, no one looked
+    let err = b.try_acquire().unwrap_err();
+    assert_eq!(err.retry_after, SEC * 7);
+    assert_eq!(b.state(), CircuitState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_max_wait_half_open_waits_for_its_trials() {
+    let b = CircuitBreaker::builder()
+        .consecutive_failures(1)
+        .open_for(SEC)
+        .build();
+    assert!(run(&b, false).await.is_err());
+    advance(SEC).await;
+    let trial = b.try_acquire().unwrap();
+    advance(SEC * 3600).await;
+    assert_eq!(b.state(), CircuitState::HalfOpen);
+    trial.success();
+    assert_eq!(b.state(), CircuitState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_half_open_deadline_and_the_open_period_after_it_both_unobserved() {
+    use CircuitState::*;
+    let (b, log) = transitions_log(
+        CircuitBreaker::builder()
+            .consecutive_failures(1)
+            .open_for(SEC)
+            .max_wait_in_half_open(SEC),
+    );
+    assert!(run(&b, false).await.is_err());
+    advance(SEC).await;
+    let _hung = b.try_acquire().expect("the trial call");
+    // Reopened at t = 2 s, half-open again at t = 3 s; nobody looked until t = 10 s.
+    advance(SEC * 9).await;
+    let trial = b.try_acquire().expect("a new trial: both periods are over");
+    assert_eq!(trial.state(), HalfOpen);
+    trial.success();
+    assert_eq!(b.state(), Closed);
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            (Closed, Open),
+            (Open, HalfOpen),
+            (HalfOpen, Open),
+            (Open, HalfOpen),
+            (HalfOpen, Closed)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn state_reads_through_a_reopen_whose_open_period_is_over_too() {
+    let b = CircuitBreaker::builder()
+        .consecutive_failures(1)
+        .open_for(SEC)
+        .max_wait_in_half_open(SEC)
+        .build();
+    assert!(run(&b, false).await.is_err());
+    advance(SEC).await;
+    let _hung = b.try_acquire().expect("the trial call");
+    advance(SEC * 9).await;
+    assert_eq!(b.state(), CircuitState::HalfOpen);
+}
+
+mod controls_invariant {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Acquire,
+        Succeed(usize),
+        Fail(usize),
+        Advance(u64),
+        ForceOpen,
+        ForceClosed,
+        Disable,
+        Reset,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => Just(Op::Acquire),
+            2 => any::<usize>().prop_map(Op::Succeed),
+            3 => any::<usize>().prop_map(Op::Fail),
+            2 => (0u64..3000).prop_map(Op::Advance),
+            1 => Just(Op::ForceOpen),
+            1 => Just(Op::ForceClosed),
+            1 => Just(Op::Disable),
+            1 => Just(Op::Reset),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever mix of calls, time and control calls: the hook sees every
+        /// transition the stats count, as one unbroken chain (each starts where the
+        /// previous ended), and the state read back is where the chain ends.
+        #[test]
+        fn the_hook_sees_every_transition_as_one_chain(
+            ops in proptest::collection::vec(op(), 1..150),
+            max_wait in proptest::option::of(1u64..3000),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut builder = CircuitBreaker::builder()
+                    .consecutive_failures(2)
+                    .open_for(Duration::from_millis(1000));
+                if let Some(ms) = max_wait {
+                    builder = builder.max_wait_in_half_open(Duration::from_millis(ms));
+                }
+                let (b, log) = transitions_log(builder);
+                let mut running = Vec::new();
+                for op in ops {
+                    match op {
+                        Op::Acquire => running.extend(b.try_acquire().ok()),
+                        Op::Succeed(i) if !running.is_empty() => {
+                            let n = running.len();
+                            running.swap_remove(i % n).success();
+                        }
+                        Op::Fail(i) if !running.is_empty() => {
+                            let n = running.len();
+                            running.swap_remove(i % n).failure();
+                        }
+                        Op::Advance(ms) => advance(Duration::from_millis(ms)).await,
+                        Op::ForceOpen => b.force_open(),
+                        Op::ForceClosed => b.force_closed(),
+                        Op::Disable => b.disable(),
+                        Op::Reset => b.reset(),
+                        _ => {}
+                    }
+                    let state = b.state();
+                    let log = log.lock().unwrap();
+                    prop_assert_eq!(log.len() as u64, b.stats().transitions);
+                    let mut at = CircuitState::Closed;
+                    for &(from, to) in log.iter() {
+                        prop_assert_eq!(from, at);
+                        at = to;
+                    }
+                    prop_assert_eq!(state, at);
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "max_wait_in_half_open: the wait must be longer than zero")]
+fn a_zero_max_wait_in_half_open_panics() {
+    let _ = CircuitBreaker::builder().max_wait_in_half_open(Duration::ZERO);
+}

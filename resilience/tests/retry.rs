@@ -3,6 +3,7 @@
 //! breaker.
 
 use std::{
+    convert::Infallible,
     sync::{
         atomic::{AtomicU32, Ordering},
         Arc, Mutex,
@@ -16,7 +17,7 @@ use http_body_util::{BodyExt, Full};
 use proptest::prelude::*;
 use resilience::{
     retry::{Action, HttpRetryPolicy, Refused, RetryBudget, RetryLayer, RetryPolicy},
-    BoxError, CircuitBreaker, CircuitBreakerLayer, CircuitOpen,
+    BoxError, CircuitBreaker, CircuitBreakerLayer, CircuitOpen, FaultLayer,
 };
 use tokio::time::Instant;
 use tower::{
@@ -44,14 +45,18 @@ impl<Res, E> RetryPolicy<u32, Res, E> for AlwaysRetry {
     }
 }
 
-/// A dependency that always fails, counting its calls.
-fn always_failing(
-    calls: Arc<AtomicU32>,
-) -> impl Service<u32, Response = u32, Error = BoxError, Future: Send> + Clone {
-    service_fn(move |_req: u32| {
-        calls.fetch_add(1, Ordering::SeqCst);
-        async { Err::<u32, BoxError>("connection refused".into()) }
-    })
+/// A dependency that is down: a fault layer failing every call with "connection
+/// refused". Its `stats().calls` counts the attempts that reached it.
+fn down() -> FaultLayer {
+    FaultLayer::builder(0)
+        .error_rate(1.0)
+        .error(|| "connection refused")
+        .build()
+}
+
+/// What `down()` wraps; never reached.
+fn echo() -> impl Service<u32, Response = u32, Error = Infallible, Future: Send> + Clone {
+    service_fn(|req: u32| async move { Ok::<_, Infallible>(req) })
 }
 
 /// One step of a schedule: wait `gap_ms`, then make `burst` calls.
@@ -90,10 +95,10 @@ fn overspend(
             .build();
         let tps = TpsBudget::new(Duration::from_secs(window_s), floor, ratio as f32);
         let start = Instant::now();
-        let calls = Arc::new(AtomicU32::new(0));
+        let dependency = down();
         let svc = RetryLayer::new(AlwaysRetry { max })
             .budget(budget.clone())
-            .layer(always_failing(calls.clone()));
+            .layer(dependency.layer(echo()));
 
         let (mut requests, mut tps_retries) = (0u64, 0u64);
         let (mut ours_worst, mut tower_worst) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
@@ -112,7 +117,7 @@ fn overspend(
                 let allowed = ratio * requests as f64
                     + f64::from(floor) * start.elapsed().as_secs_f64()
                     + f64::from(initial);
-                let retries = u64::from(calls.load(Ordering::SeqCst)) - requests;
+                let retries = dependency.stats().calls - requests;
                 assert_eq!(budget.stats().retries, retries);
                 ours_worst = ours_worst.max(retries as f64 - allowed);
                 tower_worst = tower_worst.max(tps_retries as f64 - allowed);
@@ -192,19 +197,19 @@ fn a_start_up_allowance_retries_the_first_failing_calls_and_only_initial_of_them
     paused_runtime().block_on(async {
         // Without one, the very first failing call is not retried: nothing deposited yet,
         // no floor accrued yet.
-        let calls = Arc::new(AtomicU32::new(0));
+        let dependency = down();
         let bare = RetryLayer::new(AlwaysRetry { max: 3 })
             .budget(RetryBudget::builder().ratio(0.2).min_per_sec(10.0).build());
         assert!(bare
-            .layer(always_failing(calls.clone()))
+            .layer(dependency.layer(echo()))
             .oneshot(1)
             .await
             .is_err());
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(dependency.stats().calls, 1);
         assert_eq!(bare.retry_budget().stats().denied, 1);
 
         // With `initial(2)`: the first call gets its two retries at t = 0...
-        let calls = Arc::new(AtomicU32::new(0));
+        let dependency = down();
         let budget = RetryBudget::builder()
             .ratio(0.2)
             .min_per_sec(10.0)
@@ -212,13 +217,13 @@ fn a_start_up_allowance_retries_the_first_failing_calls_and_only_initial_of_them
             .build();
         assert_eq!(budget.initial(), 2);
         let layer = RetryLayer::new(AlwaysRetry { max: 3 }).budget(budget.clone());
-        let svc = layer.layer(always_failing(calls.clone()));
+        let svc = layer.layer(dependency.layer(echo()));
         assert!(svc.clone().oneshot(1).await.is_err());
-        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(dependency.stats().calls, 3);
         // ...and the allowance does not refill: the next call at t = 0 has only its own
         // 0.2 + the first call's 0.2 of credit.
         assert!(svc.clone().oneshot(2).await.is_err());
-        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(dependency.stats().calls, 4);
         assert_eq!(
             budget.stats(),
             resilience::retry::BudgetStats {
@@ -230,7 +235,7 @@ fn a_start_up_allowance_retries_the_first_failing_calls_and_only_initial_of_them
         // The floor still accrues afterwards, as without an allowance.
         tokio::time::advance(Duration::from_millis(100)).await;
         assert!(svc.clone().oneshot(3).await.is_err());
-        assert_eq!(calls.load(Ordering::SeqCst), 6);
+        assert_eq!(dependency.stats().calls, 6);
     });
 }
 
@@ -238,10 +243,9 @@ fn a_start_up_allowance_retries_the_first_failing_calls_and_only_initial_of_them
 fn budget_allows_exactly_the_ratio_of_a_burst() {
     let (retries, requests) = paused_runtime().block_on(async {
         let budget = RetryBudget::builder().ratio(0.2).min_per_sec(0.0).build();
-        let calls = Arc::new(AtomicU32::new(0));
         let svc = RetryLayer::new(AlwaysRetry { max: 2 })
             .budget(budget.clone())
-            .layer(always_failing(calls.clone()));
+            .layer(down().layer(echo()));
         for _ in 0..100 {
             let _ = svc.clone().oneshot(1).await;
         }
@@ -255,14 +259,14 @@ fn budget_allows_exactly_the_ratio_of_a_burst() {
 async fn budget_is_shared_by_every_service_of_a_layer_and_their_clones() {
     let layer = RetryLayer::new(AlwaysRetry { max: 5 })
         .budget(RetryBudget::builder().ratio(1.0).min_per_sec(0.0).build());
-    let calls = Arc::new(AtomicU32::new(0));
-    let a = layer.layer(always_failing(calls.clone()));
-    let b = layer.layer(always_failing(calls.clone()));
+    let dependency = down();
+    let a = layer.layer(dependency.layer(echo()));
+    let b = layer.layer(dependency.layer(echo()));
     let _ = a.clone().oneshot(1).await;
     let _ = b.clone().oneshot(2).await;
     let _ = a.oneshot(3).await;
     // Three deposits of 1: three retries in all, across services and clones.
-    assert_eq!(calls.load(Ordering::SeqCst), 6);
+    assert_eq!(dependency.stats().calls, 6);
     let stats = layer.retry_budget().stats();
     assert_eq!((stats.requests, stats.retries), (3, 3));
 }
@@ -523,7 +527,7 @@ async fn the_default_budget_stops_retries_of_a_dead_dependency() {
 
 #[tokio::test(start_paused = true)]
 async fn a_breaker_outside_the_retry_sees_one_failure_per_call() {
-    let calls = Arc::new(AtomicU32::new(0));
+    let dependency = down();
     let breaker = CircuitBreaker::builder()
         .consecutive_failures(3)
         .open_for(Duration::from_secs(30))
@@ -534,10 +538,11 @@ async fn a_breaker_outside_the_retry_sees_one_failure_per_call() {
             RetryLayer::new(AlwaysRetry { max: 4 })
                 .budget(RetryBudget::builder().ratio(10.0).build()),
         )
-        .service(always_failing(calls.clone()));
+        .layer(dependency.clone())
+        .service(echo());
 
     assert!(svc.clone().oneshot(1).await.is_err());
-    assert_eq!(calls.load(Ordering::SeqCst), 4, "four attempts");
+    assert_eq!(dependency.stats().calls, 4, "four attempts");
     let stats = breaker.stats();
     assert_eq!(
         (stats.calls, stats.failures),
@@ -549,10 +554,10 @@ async fn a_breaker_outside_the_retry_sees_one_failure_per_call() {
         assert!(svc.clone().oneshot(1).await.is_err());
     }
     assert_eq!(breaker.stats().failures, 3);
-    assert_eq!(calls.load(Ordering::SeqCst), 12);
+    assert_eq!(dependency.stats().calls, 12);
 
     // Open: the call is rejected before any attempt.
     let err = svc.clone().oneshot(1).await.unwrap_err();
     assert!(err.downcast_ref::<CircuitOpen>().is_some());
-    assert_eq!(calls.load(Ordering::SeqCst), 12);
+    assert_eq!(dependency.stats().calls, 12);
 }

@@ -21,7 +21,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use proptest::prelude::*;
 use resilience::{
-    BoxError, Burst, KeyedTokenBuckets, MissingKey, PeerIp, Rate, RateLimited, TokenBucket,
+    key_fn, BoxError, Burst, KeyedTokenBuckets, MissingKey, PeerIp, Rate, RateLimited, TokenBucket,
     TokenBucketLayer,
 };
 use tokio::time::{advance, Instant};
@@ -807,4 +807,167 @@ async fn wait_mode_keyed_waits_per_key() {
     assert_eq!(start.elapsed(), Duration::from_millis(100));
     let err = svc.oneshot(Request::new(())).await.unwrap_err();
     assert!(err.is::<MissingKey>());
+}
+
+// ---------------------------------------------------------------------------------------
+// Shadow mode
+
+/// A hook that records what it is given.
+type Seen = Arc<std::sync::Mutex<Vec<resilience::ShadowRejection>>>;
+
+fn seen() -> (
+    Seen,
+    impl Fn(&resilience::ShadowRejection) + Send + Sync + 'static,
+) {
+    let seen: Seen = Arc::default();
+    let sink = seen.clone();
+    (seen, move |r: &resilience::ShadowRejection| {
+        sink.lock().unwrap().push(r.clone())
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_mode_global_passes_everything_and_counts_what_it_would_refuse() {
+    let (log, hook) = seen();
+    let layer = TokenBucketLayer::builder(Rate::per_second(10.0), Burst(2))
+        .shadow()
+        .on_shadowed(hook)
+        .build();
+    let svc = layer.layer(service_fn(echo));
+    for _ in 0..5 {
+        assert_eq!(svc.clone().oneshot("hi").await.unwrap(), "hi");
+    }
+    assert!(layer.shadow());
+    assert_eq!(layer.shadowed(), 3);
+    // The bucket still decided: the refusals carry the exact wait they would have had.
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec![
+            resilience::ShadowRejection::Limited(RateLimited {
+                retry_after: 100 * MS
+            });
+            3
+        ]
+    );
+    // Tokens were taken as usual: after 100 ms one more passes without being counted.
+    advance(100 * MS).await;
+    svc.clone().oneshot("hi").await.unwrap();
+    assert_eq!(layer.shadowed(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_mode_keyed_counts_per_key_and_missing_keys() {
+    let (log, hook) = seen();
+    let layer = TokenBucketLayer::builder(Rate::per_second(1.0), Burst(1))
+        .key(PeerIp)
+        .shadow()
+        .on_shadowed(hook)
+        .build();
+    let svc = layer.layer(service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>("served")
+    }));
+    for peer in ["192.0.2.1:1", "192.0.2.1:2", "192.0.2.2:1", "192.0.2.2:2"] {
+        assert_eq!(
+            svc.clone().oneshot(from_peer(peer)).await.unwrap(),
+            "served"
+        );
+    }
+    // No peer address: would be `MissingKey`, passes too.
+    assert_eq!(
+        svc.clone().oneshot(Request::new(())).await.unwrap(),
+        "served"
+    );
+    assert_eq!(layer.shadowed(), 3);
+    let log = log.lock().unwrap();
+    assert_eq!(log.len(), 3);
+    assert!(matches!(log[0], resilience::ShadowRejection::Limited(_)));
+    assert!(matches!(log[1], resilience::ShadowRejection::Limited(_)));
+    assert!(matches!(log[2], resilience::ShadowRejection::MissingKey(_)));
+    assert_eq!(layer.keyed_buckets().unwrap().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_mode_http_passes_with_200_and_no_ratelimit_headers_when_over() {
+    let layer = TokenBucketLayer::builder(Rate::per_second(1.0), Burst(1))
+        .key(PeerIp)
+        .shadow()
+        .build()
+        .http();
+    let svc = layer.layer(hello_service());
+    let first = svc
+        .clone()
+        .oneshot(http_request("198.51.100.1:1"))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(header(&first, "ratelimit"), "\"default\";r=0;t=1");
+    let second = svc
+        .clone()
+        .oneshot(http_request("198.51.100.1:1"))
+        .await
+        .unwrap();
+    assert_eq!(second.status(), StatusCode::OK);
+    assert!(second.headers().get("ratelimit").is_none());
+    let body = second.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"hello");
+    assert_eq!(layer.shadowed(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_mode_wait_never_waits() {
+    let layer = TokenBucketLayer::builder(Rate::per_second(1.0), Burst(1))
+        .shadow()
+        .build()
+        .wait(Duration::from_secs(10));
+    let svc = layer.layer(service_fn(echo));
+    let start = Instant::now();
+    for _ in 0..3 {
+        svc.clone().oneshot("hi").await.unwrap();
+    }
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(layer.shadowed(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_shadow_the_counter_stays_zero_and_refusals_are_made() {
+    let layer = TokenBucketLayer::new(Rate::per_second(1.0), Burst(1));
+    let svc = layer.layer(service_fn(echo));
+    svc.clone().oneshot("a").await.unwrap();
+    assert!(svc.clone().oneshot("b").await.is_err());
+    assert!(!layer.shadow());
+    assert_eq!(layer.shadowed(), 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Shadow mode refuses nothing, and counts exactly what the same limit enforced
+    /// would have refused, request for request, on the same schedule.
+    #[test]
+    fn shadow_counts_exactly_what_enforcing_would_refuse(
+        schedule in proptest::collection::vec((0u64..400, 0u8..4), 1..60),
+    ) {
+        paused_runtime().block_on(async {
+            let rate = Rate::per_second(5.0);
+            let shadow = TokenBucketLayer::builder(rate, Burst(3))
+                .key(key_fn(|k: &u8| Some(*k)))
+                .shadow()
+                .build();
+            let enforced = TokenBucketLayer::builder(rate, Burst(3))
+                .key(key_fn(|k: &u8| Some(*k)))
+                .build();
+            let shadowed = shadow.layer(service_fn(|k: u8| async move { Ok::<_, Infallible>(k) }));
+            let limited = enforced.layer(service_fn(|k: u8| async move { Ok::<_, Infallible>(k) }));
+            let mut refused = 0u64;
+            for (gap_ms, key) in schedule {
+                advance(Duration::from_millis(gap_ms)).await;
+                prop_assert!(shadowed.clone().oneshot(key).await.is_ok());
+                if limited.clone().oneshot(key).await.is_err() {
+                    refused += 1;
+                }
+                prop_assert_eq!(shadow.shadowed(), refused);
+            }
+            Ok(())
+        })?;
+    }
 }

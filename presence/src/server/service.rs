@@ -113,9 +113,9 @@ impl PresenceService {
             .open_for(BREAKER_OPEN_FOR)
             .on_state_change(move |t| {
                 let gauge = match t.to {
-                    CircuitState::Closed => 0,
+                    CircuitState::Closed | CircuitState::Disabled => 0,
                     CircuitState::HalfOpen => 1,
-                    CircuitState::Open => 2,
+                    CircuitState::Open | CircuitState::ForcedOpen => 2,
                 };
                 breaker_metrics.set_circuit_state(gauge);
                 if t.to == CircuitState::Open {

@@ -30,15 +30,26 @@ pub enum CircuitState {
     /// A limited number of trial calls pass; the rest are rejected. Enough successes
     /// close the breaker, one failure opens it again.
     HalfOpen,
+    /// Opened by hand with [`CircuitBreaker::force_open`]: every call is rejected, with
+    /// no timed way out, until [`force_closed`](CircuitBreaker::force_closed),
+    /// [`disable`](CircuitBreaker::disable) or [`reset`](CircuitBreaker::reset).
+    ForcedOpen,
+    /// Switched off with [`CircuitBreaker::disable`]: every call is admitted and its
+    /// outcome counted in the [stats](CircuitBreaker::stats), but nothing trips the
+    /// breaker, until another control call.
+    Disabled,
 }
 
 impl CircuitState {
-    /// The state's name as used in logs and metrics: `closed`, `open`, `half_open`.
+    /// The state's name as used in logs and metrics: `closed`, `open`, `half_open`,
+    /// `forced_open`, `disabled`.
     pub fn as_str(self) -> &'static str {
         match self {
             CircuitState::Closed => "closed",
             CircuitState::Open => "open",
             CircuitState::HalfOpen => "half_open",
+            CircuitState::ForcedOpen => "forced_open",
+            CircuitState::Disabled => "disabled",
         }
     }
 
@@ -47,6 +58,8 @@ impl CircuitState {
             CircuitState::Closed => CLOSED,
             CircuitState::Open => OPEN,
             CircuitState::HalfOpen => HALF_OPEN,
+            CircuitState::ForcedOpen => FORCED_OPEN,
+            CircuitState::Disabled => DISABLED,
         }
     }
 
@@ -54,7 +67,9 @@ impl CircuitState {
         match word & STATE_MASK {
             CLOSED => CircuitState::Closed,
             OPEN => CircuitState::Open,
-            _ => CircuitState::HalfOpen,
+            HALF_OPEN => CircuitState::HalfOpen,
+            FORCED_OPEN => CircuitState::ForcedOpen,
+            _ => CircuitState::Disabled,
         }
     }
 }
@@ -109,13 +124,16 @@ pub struct Transition {
 
 type Hook = Arc<dyn Fn(Transition) + Send + Sync>;
 
-// The state word packs `generation << 2 | state`. Every transition bumps the generation,
-// so a permit remembers exactly which closed / half-open period admitted it and a late
-// result from an earlier period cannot count against the current one.
-const STATE_MASK: u64 = 0b11;
+// The state word packs `generation << STATE_BITS | state`. Every transition bumps the
+// generation, so a permit remembers exactly which closed / half-open period admitted it
+// and a late result from an earlier period cannot count against the current one.
+const STATE_BITS: u32 = 3;
+const STATE_MASK: u64 = (1 << STATE_BITS) - 1;
 const CLOSED: u64 = 0;
 const OPEN: u64 = 1;
 const HALF_OPEN: u64 = 2;
+const FORCED_OPEN: u64 = 3;
+const DISABLED: u64 = 4;
 const COUNT_MASK: u64 = 0xffff_ffff;
 const TIME_BUCKETS: u64 = 32;
 
@@ -141,6 +159,7 @@ struct Config {
     open_for: Duration,
     growth: Option<(f64, Duration)>,
     half_open_calls: u32,
+    max_wait_in_half_open: Option<Duration>,
 }
 
 /// A circuit breaker: stops calling a dependency that keeps failing, and probes it again
@@ -186,12 +205,15 @@ struct Counters {
 }
 
 struct Inner {
-    /// `generation << 2 | state`; written only with `shared` locked.
+    /// `generation << STATE_BITS | state`; written only with `shared` locked.
     state: CacheLine<AtomicU64>,
     /// `(generation as u32) << 32 | consecutive failures` of the current closed period.
     consecutive: AtomicU64,
     /// When the current open period ends, in nanoseconds since `epoch`.
     open_until: AtomicU64,
+    /// When the current half-open period gives up on its trials and reopens, in
+    /// nanoseconds since `epoch` (`u64::MAX` without `max_wait_in_half_open`).
+    half_open_until: AtomicU64,
     counters: CacheLine<Counters>,
     shared: Mutex<Shared>,
     config: Config,
@@ -229,24 +251,90 @@ impl CircuitBreaker {
     /// The current state.
     ///
     /// An open breaker whose `open_for` has passed reports (and becomes) half-open here,
-    /// even before the next call arrives.
+    /// even before the next call arrives; so does a half-open one past
+    /// [`max_wait_in_half_open`](CircuitBreakerBuilder::max_wait_in_half_open) reopen.
     pub fn state(&self) -> CircuitState {
         let inner = &*self.inner;
         let word = inner.state.0.load(Ordering::Acquire);
-        if word & STATE_MASK == OPEN {
+        let state = word & STATE_MASK;
+        if state == HALF_OPEN || state == OPEN {
             let now = inner.now_nanos();
-            if now >= inner.open_until.load(Ordering::Relaxed) {
-                let transition = {
-                    let mut shared = inner.lock();
-                    let word = inner.state.0.load(Ordering::Acquire);
-                    let due = now >= inner.open_until.load(Ordering::Relaxed);
-                    (word & STATE_MASK == OPEN && due)
-                        .then(|| inner.transition(&mut shared, word, CircuitState::HalfOpen, now))
-                };
-                inner.notify(transition);
+            if state == HALF_OPEN {
+                inner.expire_half_open(now);
             }
+            // A breaker reopened by `max_wait_in_half_open` is dated at the deadline, so
+            // its `open_for` may be over too if nobody looked for that long.
+            inner.expire_open(now);
         }
         CircuitState::of_word(inner.state.0.load(Ordering::Acquire))
+    }
+
+    /// The state as stored, without making a due transition (and so without running
+    /// the hook): for the keyed breakers' eviction, which holds a lock of its own.
+    pub(crate) fn stored_state(&self) -> CircuitState {
+        CircuitState::of_word(self.inner.state.0.load(Ordering::Acquire))
+    }
+
+    /// Opens the breaker by hand and keeps it open: every call is rejected (with
+    /// `retry_after` = `open_for`, a hint, as there is no timed way out) until
+    /// [`force_closed`](Self::force_closed), [`disable`](Self::disable) or
+    /// [`reset`](Self::reset). For an operator taking a dependency out of service.
+    ///
+    /// Like every control call it is a transition (to
+    /// [`ForcedOpen`](CircuitState::ForcedOpen)), even from the state it is in: the
+    /// [`on_state_change`](CircuitBreakerBuilder::on_state_change) hook runs and
+    /// [`BreakerStats::transitions`] counts it, and calls admitted before it no longer
+    /// count against any state.
+    ///
+    /// ```
+    /// use resilience::{CircuitBreaker, CircuitState};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let breaker = CircuitBreaker::new();
+    /// breaker.force_open();
+    /// assert_eq!(breaker.state(), CircuitState::ForcedOpen);
+    /// assert!(breaker.try_acquire().is_err());
+    /// breaker.force_closed();
+    /// assert!(breaker.try_acquire().is_ok());
+    /// breaker.disable(); // admits everything, still counts
+    /// assert_eq!(breaker.state(), CircuitState::Disabled);
+    /// breaker.reset();
+    /// assert_eq!(breaker.state(), CircuitState::Closed);
+    /// assert_eq!(breaker.stats().transitions, 4);
+    /// # }
+    /// ```
+    pub fn force_open(&self) {
+        self.inner.control(CircuitState::ForcedOpen, false);
+    }
+
+    /// Closes the breaker by hand, from any state: the trip policy runs again from no
+    /// failures (an empty failure-rate window). Unlike [`reset`](Self::reset) it keeps
+    /// the [`open_for_growth`](CircuitBreakerBuilder::open_for_growth) of the trips so
+    /// far, since a hand-made close shows nothing about the dependency: if it trips
+    /// again at once, it stays open as long as the next trip in a row would have.
+    /// A transition, as [`force_open`](Self::force_open) describes.
+    pub fn force_closed(&self) {
+        self.inner.control(CircuitState::Closed, false);
+    }
+
+    /// Switches the breaker off: every call is admitted, and its outcome is still
+    /// counted in the [stats](Self::stats), but nothing trips it, until another control
+    /// call. For watching what a policy would do, or for an incident where failing fast
+    /// is worse than failing slowly. A transition (to
+    /// [`Disabled`](CircuitState::Disabled)), as [`force_open`](Self::force_open)
+    /// describes.
+    pub fn disable(&self) {
+        self.inner.control(CircuitState::Disabled, false);
+    }
+
+    /// Puts the breaker back as it was built: closed, no failures counted, no
+    /// `open_for` growth. The [stats](Self::stats) are counters since the breaker was
+    /// built and keep counting (a metric must not go backwards). A transition (to
+    /// [`Closed`](CircuitState::Closed)), as [`force_open`](Self::force_open)
+    /// describes.
+    pub fn reset(&self) {
+        self.inner.control(CircuitState::Closed, true);
     }
 
     /// The counters since the breaker was built. Each counter is exact; the five are
@@ -282,6 +370,12 @@ impl CircuitBreaker {
         self.acquire_slow(word)
     }
 
+    /// Whether anything besides its owner holds this breaker: a clone, or the permit of
+    /// a call in flight. What the keyed breakers' eviction calls "in use".
+    pub(crate) fn in_use(&self) -> bool {
+        Arc::strong_count(&self.inner) > 1
+    }
+
     #[inline]
     fn permit(&self, word: u64) -> BreakerPermit {
         BreakerPermit {
@@ -295,11 +389,26 @@ impl CircuitBreaker {
     }
 
     #[inline(never)]
-    fn acquire_slow(&self, word: u64) -> Result<BreakerPermit, CircuitOpen> {
+    fn acquire_slow(&self, mut word: u64) -> Result<BreakerPermit, CircuitOpen> {
         let inner = &*self.inner;
+        match word & STATE_MASK {
+            DISABLED => return Ok(self.permit(word)),
+            FORCED_OPEN => return Err(inner.reject(inner.config.open_for)),
+            _ => {}
+        }
         let mut now = None;
-        if word & STATE_MASK == OPEN {
+        if word & STATE_MASK == HALF_OPEN {
+            // Reopen first if the trials have had their `max_wait_in_half_open`: the open
+            // period that follows may itself be over, which the branch below handles.
             let t = inner.now_nanos();
+            if t >= inner.half_open_until.load(Ordering::Relaxed) {
+                inner.expire_half_open(t);
+                word = inner.state.0.load(Ordering::Acquire);
+            }
+            now = Some(t);
+        }
+        if word & STATE_MASK == OPEN {
+            let t = now.unwrap_or_else(|| inner.now_nanos());
             let until = inner.open_until.load(Ordering::Relaxed);
             if t < until {
                 return Err(inner.reject(Duration::from_nanos(until - t)));
@@ -311,7 +420,8 @@ impl CircuitBreaker {
             let mut shared = inner.lock();
             let word = inner.state.0.load(Ordering::Acquire);
             match word & STATE_MASK {
-                CLOSED => Ok(word),
+                CLOSED | DISABLED => Ok(word),
+                FORCED_OPEN => Err(inner.config.open_for),
                 OPEN => {
                     let t = now.unwrap_or_else(|| inner.now_nanos());
                     let until = inner.open_until.load(Ordering::Relaxed);
@@ -324,7 +434,20 @@ impl CircuitBreaker {
                         inner.admit_half_open(&mut shared, word)
                     }
                 }
-                _ => inner.admit_half_open(&mut shared, word),
+                _ => {
+                    let t = now.unwrap_or_else(|| inner.now_nanos());
+                    let deadline = inner.half_open_until.load(Ordering::Relaxed);
+                    if t >= deadline {
+                        // The deadline passed since the check above, in a race: the
+                        // trials never reported, give up on them and reopen.
+                        transition =
+                            Some(inner.transition(&mut shared, word, CircuitState::Open, deadline));
+                        let until = inner.open_until.load(Ordering::Relaxed);
+                        Err(Duration::from_nanos(until.saturating_sub(t)))
+                    } else {
+                        inner.admit_half_open(&mut shared, word)
+                    }
+                }
             }
         };
         inner.notify(transition);
@@ -422,6 +545,54 @@ impl Inner {
         }
     }
 
+    /// A control call: a transition to `to` from whatever the state is. `forget_trips`
+    /// also drops the `open_for` growth (which a transition to closed would otherwise
+    /// drop only for a real recovery).
+    fn control(&self, to: CircuitState, forget_trips: bool) {
+        let transition = {
+            let mut shared = self.lock();
+            let word = self.state.0.load(Ordering::Acquire);
+            let trips = shared.trips;
+            let t = self.transition(&mut shared, word, to, self.now_nanos());
+            shared.trips = if forget_trips { 0 } else { trips };
+            t
+        };
+        self.notify(Some(transition));
+    }
+
+    /// Turns an open breaker whose `open_for` is over at `now` half-open.
+    fn expire_open(&self, now: u64) {
+        let word = self.state.0.load(Ordering::Acquire);
+        if word & STATE_MASK != OPEN || now < self.open_until.load(Ordering::Relaxed) {
+            return;
+        }
+        let transition = {
+            let mut shared = self.lock();
+            let word = self.state.0.load(Ordering::Acquire);
+            let due = now >= self.open_until.load(Ordering::Relaxed);
+            (word & STATE_MASK == OPEN && due)
+                .then(|| self.transition(&mut shared, word, CircuitState::HalfOpen, now))
+        };
+        self.notify(transition);
+    }
+
+    /// Reopens a half-open breaker whose `max_wait_in_half_open` has passed at `now`,
+    /// as of the deadline itself, so the times that follow do not depend on when it was
+    /// noticed.
+    fn expire_half_open(&self, now: u64) {
+        if now < self.half_open_until.load(Ordering::Relaxed) {
+            return;
+        }
+        let transition = {
+            let mut shared = self.lock();
+            let word = self.state.0.load(Ordering::Acquire);
+            let deadline = self.half_open_until.load(Ordering::Relaxed);
+            (word & STATE_MASK == HALF_OPEN && now >= deadline)
+                .then(|| self.transition(&mut shared, word, CircuitState::Open, deadline))
+        };
+        self.notify(transition);
+    }
+
     fn admit_half_open(&self, shared: &mut Shared, word: u64) -> Result<u64, Duration> {
         if shared.half_open_admitted < self.config.half_open_calls {
             shared.half_open_admitted += 1;
@@ -441,7 +612,7 @@ impl Inner {
         to: CircuitState,
         now: u64,
     ) -> Transition {
-        let generation = (from_word >> 2).wrapping_add(1);
+        let generation = (from_word >> STATE_BITS).wrapping_add(1);
         match to {
             CircuitState::Closed => {
                 shared.trips = 0;
@@ -449,7 +620,7 @@ impl Inner {
                     window.clear();
                 }
                 self.consecutive
-                    .store(consecutive_tag(generation << 2), Ordering::Relaxed);
+                    .store(consecutive_tag(generation << STATE_BITS), Ordering::Relaxed);
             }
             CircuitState::Open => {
                 shared.trips = shared.trips.saturating_add(1);
@@ -460,12 +631,19 @@ impl Inner {
             CircuitState::HalfOpen => {
                 shared.half_open_admitted = 0;
                 shared.half_open_successes = 0;
+                let until = match self.config.max_wait_in_half_open {
+                    Some(d) => now.saturating_add(nanos(d)),
+                    None => u64::MAX,
+                };
+                self.half_open_until.store(until, Ordering::Relaxed);
             }
+            // Held by hand: nothing to set up, nothing times out.
+            CircuitState::ForcedOpen | CircuitState::Disabled => {}
         }
         // Release: whoever sees the new word also sees the fields set above.
         self.state
             .0
-            .store((generation << 2) | to.code(), Ordering::Release);
+            .store((generation << STATE_BITS) | to.code(), Ordering::Release);
         self.counters.0.transitions.fetch_add(1, Ordering::Relaxed);
         Transition {
             from: CircuitState::of_word(from_word),
@@ -547,12 +725,15 @@ impl Inner {
             Some(false) => counters.successes.fetch_add(1, Ordering::Relaxed),
             None => counters.cancelled.fetch_add(1, Ordering::Relaxed),
         };
-        if word & STATE_MASK == CLOSED {
-            if let Some(failed) = outcome {
-                self.record_closed(word, failed);
+        match word & STATE_MASK {
+            CLOSED => {
+                if let Some(failed) = outcome {
+                    self.record_closed(word, failed);
+                }
             }
-        } else {
-            self.record_half_open(word, outcome);
+            HALF_OPEN => self.record_half_open(word, outcome),
+            // Disabled: counted above, and nothing trips.
+            _ => {}
         }
     }
 
@@ -632,7 +813,7 @@ impl Inner {
 fn consecutive_tag(word: u64) -> u64 {
     // The low 32 bits of the generation are plenty to tell closed periods apart: a permit
     // would have to outlive 2^32 transitions to be confused.
-    ((word >> 2) & COUNT_MASK) << 32
+    ((word >> STATE_BITS) & COUNT_MASK) << 32
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -687,8 +868,9 @@ impl BreakerPermit {
         }
     }
 
-    /// The state that admitted the call: [`Closed`](CircuitState::Closed) or
-    /// [`HalfOpen`](CircuitState::HalfOpen) (a trial call).
+    /// The state that admitted the call: [`Closed`](CircuitState::Closed),
+    /// [`HalfOpen`](CircuitState::HalfOpen) (a trial call) or
+    /// [`Disabled`](CircuitState::Disabled).
     pub fn state(&self) -> CircuitState {
         CircuitState::of_word(self.word)
     }
@@ -706,7 +888,7 @@ impl fmt::Debug for BreakerPermit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BreakerPermit")
             .field("state", &self.state())
-            .field("generation", &(self.word >> 2))
+            .field("generation", &(self.word >> STATE_BITS))
             .finish_non_exhaustive()
     }
 }
@@ -839,6 +1021,7 @@ pub struct CircuitBreakerBuilder {
     open_for: Duration,
     growth: Option<(f64, Duration)>,
     half_open_calls: u32,
+    max_wait_in_half_open: Option<Duration>,
     hook: Option<Hook>,
 }
 
@@ -852,6 +1035,7 @@ impl CircuitBreakerBuilder {
             open_for: DEFAULT_OPEN_FOR,
             growth: None,
             half_open_calls: DEFAULT_HALF_OPEN_CALLS,
+            max_wait_in_half_open: None,
             hook: None,
         }
     }
@@ -951,6 +1135,51 @@ impl CircuitBreakerBuilder {
         self
     }
 
+    /// How long a half-open breaker waits for its trial calls to report: after `d`
+    /// without enough successes or a failure (the trials hang, or their permits are
+    /// held and never reported), it opens again, as if a trial had failed (the trip
+    /// counts for [`open_for_growth`](Self::open_for_growth)). Without it (the default)
+    /// a half-open breaker waits for its trials however long they take.
+    ///
+    /// The reopen is made by the next call or [`state`](CircuitBreaker::state) read at
+    /// or after `d`, like the change from open to half-open, and is dated at `d`
+    /// exactly: the open period that follows ends `open_for` after it, whenever it was
+    /// noticed.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use resilience::{CircuitBreaker, CircuitState};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let breaker = CircuitBreaker::builder()
+    ///     .consecutive_failures(1)
+    ///     .open_for(Duration::from_secs(1))
+    ///     .max_wait_in_half_open(Duration::from_secs(2))
+    ///     .build();
+    /// breaker.try_acquire().unwrap().failure();
+    /// tokio::time::advance(Duration::from_secs(1)).await;
+    /// let trial = breaker.try_acquire().unwrap(); // a trial that never reports
+    /// tokio::time::advance(Duration::from_secs(2)).await;
+    /// assert_eq!(breaker.state(), CircuitState::Open);
+    /// # drop(trial);
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `d` is zero: the breaker would reopen the moment it turned half-open, admit no
+    /// trial, and never close.
+    #[track_caller]
+    pub fn max_wait_in_half_open(mut self, d: Duration) -> Self {
+        assert!(
+            !d.is_zero(),
+            "max_wait_in_half_open: the wait must be longer than zero"
+        );
+        self.max_wait_in_half_open = Some(d);
+        self
+    }
+
     /// Called on every state change, after the breaker's lock is released, on the task
     /// that caused the change. Keep it short (update a metric, log). Under concurrency two
     /// hooks for consecutive transitions can run at the same time on different threads.
@@ -978,12 +1207,14 @@ impl CircuitBreakerBuilder {
             open_for: self.open_for,
             growth,
             half_open_calls: self.half_open_calls,
+            max_wait_in_half_open: self.max_wait_in_half_open,
         };
         CircuitBreaker {
             inner: Arc::new(Inner {
                 state: CacheLine(AtomicU64::new(CLOSED)),
                 consecutive: AtomicU64::new(consecutive_tag(CLOSED)),
                 open_until: AtomicU64::new(0),
+                half_open_until: AtomicU64::new(u64::MAX),
                 counters: CacheLine::default(),
                 shared: Mutex::new(Shared {
                     trips: 0,
@@ -1014,6 +1245,7 @@ impl fmt::Debug for CircuitBreakerBuilder {
             .field("open_for", &self.open_for)
             .field("open_for_growth", &self.growth)
             .field("half_open_calls", &self.half_open_calls)
+            .field("max_wait_in_half_open", &self.max_wait_in_half_open)
             .field("on_state_change", &self.hook.is_some())
             .finish()
     }

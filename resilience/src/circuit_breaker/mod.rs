@@ -87,6 +87,12 @@
 //! * **Bad values** (`consecutive_failures(0)`, a failure-rate percent outside
 //!   `(0, 100]`, an empty window...) panic in the builder method that takes them,
 //!   documented under `# Panics`; nothing is silently adjusted.
+//! * **Controls.** [`CircuitBreaker::force_open`] (rejects everything until told
+//!   otherwise), [`force_closed`](CircuitBreaker::force_closed),
+//!   [`disable`](CircuitBreaker::disable) (admits everything, still counts) and
+//!   [`reset`](CircuitBreaker::reset) (as built). Each is a transition the hook and
+//!   the stats see. [`max_wait_in_half_open(d)`](CircuitBreakerBuilder::max_wait_in_half_open)
+//!   reopens a half-open breaker whose trials have not reported within `d`.
 //! * **Observable.** [`CircuitBreaker::state`], [`CircuitBreaker::stats`] (calls,
 //!   successes, failures, rejections, transitions) and the
 //!   [`on_state_change`](CircuitBreakerBuilder::on_state_change) hook, for metrics.

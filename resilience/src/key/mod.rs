@@ -2,7 +2,8 @@
 //!
 //! A [`KeyExtractor`] looks at a request and returns the key of the bucket it draws
 //! from: nothing ([`GlobalKey`], one bucket for all), the peer IP ([`PeerIp`]), the
-//! client IP behind trusted proxies ([`TrustedProxyIp`]), a header ([`HeaderKey`]), or
+//! client IP behind trusted proxies ([`TrustedProxyIp`]), a header ([`HeaderKey`]), the
+//! host a client request goes to ([`UriHost`], for the keyed circuit breakers), or
 //! anything a closure computes ([`key_fn`]).
 //!
 //! When there is no key (no peer address, no such header), `extract` returns
@@ -213,6 +214,59 @@ impl<B> KeyExtractor<Request<B>> for PeerIp {
     }
 }
 
+/// Keys client requests by the host they go to, from the request URI: `host` or
+/// `host:port` when the URI names a port, the host lowercased. What a
+/// [`KeyedCircuitBreakerLayer`](crate::KeyedCircuitBreakerLayer) in front of an HTTP
+/// client uses, so that one failing upstream does not open the breaker of the others.
+///
+/// Works on `http::Request<B>` and, with the crate feature `reqwest`, on
+/// `reqwest::Request`. A request whose URI has no host (a server-side, origin-form
+/// request such as `/items`) fails with [`MissingKey`].
+///
+/// ```
+/// use resilience::{KeyExtractor, UriHost};
+///
+/// let req = http::Request::get("https://API.example.com/v1/items").body(()).unwrap();
+/// assert_eq!(UriHost.extract(&req).unwrap(), "api.example.com");
+/// let req = http::Request::get("http://10.0.0.7:8080/health").body(()).unwrap();
+/// assert_eq!(UriHost.extract(&req).unwrap(), "10.0.0.7:8080");
+/// let req = http::Request::get("/items").body(()).unwrap();
+/// assert!(UriHost.extract(&req).is_err());
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UriHost;
+
+impl KeyType for UriHost {
+    type Key = String;
+}
+
+/// `host` or `host:port`, lowercased.
+fn host_key(host: Option<&str>, port: Option<u16>) -> Result<String, MissingKey> {
+    let host = host
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| MissingKey::new("host in the request URI"))?;
+    let mut key = host.to_ascii_lowercase();
+    if let Some(port) = port {
+        key.push(':');
+        key.push_str(&port.to_string());
+    }
+    Ok(key)
+}
+
+impl<B> KeyExtractor<Request<B>> for UriHost {
+    fn extract(&self, req: &Request<B>) -> Result<String, MissingKey> {
+        host_key(req.uri().host(), req.uri().port_u16())
+    }
+}
+
+#[cfg(feature = "reqwest")]
+impl KeyExtractor<reqwest::Request> for UriHost {
+    fn extract(&self, req: &reqwest::Request) -> Result<String, MissingKey> {
+        // `port()` is only the explicit one, as for `http::Uri`: the same key for both.
+        host_key(req.url().host_str(), req.url().port())
+    }
+}
+
 /// Keys `http::Request`s by the value of a header, e.g. an API key.
 ///
 /// The key is a 128-bit keyed digest of the value ([`HeaderDigest`]), not the value:
@@ -262,6 +316,15 @@ pub struct HeaderDigest(u128);
 impl fmt::Debug for HeaderDigest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "HeaderDigest({:032x})", self.0)
+    }
+}
+
+/// 32 hex digits, e.g. for the Redis key of a shared bucket. The digest is keyed per
+/// [`HeaderKey`], so two processes digest one value differently: to share buckets across
+/// servers, key by the value itself with [`key_fn`].
+impl fmt::Display for HeaderDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
     }
 }
 

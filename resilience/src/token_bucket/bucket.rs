@@ -10,28 +10,16 @@ use std::{
     time::Duration,
 };
 
-use tokio::time::Instant;
-
 use super::{
     error::{InvalidTokenBucket, RateLimited},
     rate::{Burst, Rate},
 };
 
-const NANOS_PER_SEC: u64 = 1_000_000_000;
-
 /// `tau` must stay far from `u64::MAX` so `max(tat, now) + cost` cannot overflow for any
 /// `now` a process will see (2^62 ns is 146 years).
 const MAX_TAU: u64 = 1 << 62;
 
-/// Nanoseconds from `epoch` to now on tokio's clock (so paused-time tests move it).
-#[inline]
-pub(crate) fn nanos_since(epoch: Instant) -> u64 {
-    let d = Instant::now().saturating_duration_since(epoch);
-    // 2^64 ns is 584 years; saturating keeps a pathological clock from wrapping.
-    d.as_secs()
-        .saturating_mul(NANOS_PER_SEC)
-        .saturating_add(u64::from(d.subsec_nanos()))
-}
+use crate::clock::Elapsed;
 
 /// The generic cell rate algorithm, in integer nanoseconds.
 ///
@@ -102,6 +90,18 @@ impl Gcra {
 
     pub(crate) fn rate(&self) -> Rate {
         self.rate
+    }
+
+    /// Nanoseconds per token.
+    #[cfg(feature = "redis")]
+    pub(crate) fn interval(&self) -> u64 {
+        self.interval
+    }
+
+    /// Nanoseconds a full burst takes to refill.
+    #[cfg(feature = "redis")]
+    pub(crate) fn tau(&self) -> u64 {
+        self.tau
     }
 
     pub(crate) fn burst(&self) -> u32 {
@@ -219,8 +219,10 @@ fn remaining_tokens(interval: u64, tau: u64, tat: u64, now: u64) -> u32 {
 /// seconds.
 ///
 /// The whole state is one `AtomicU64` (GCRA: the instant the bucket will be full again),
-/// so every operation is lock-free and allocation-free. Time comes from
-/// [`tokio::time::Instant`]: tests can run on paused time. Clones share the bucket.
+/// so every operation is lock-free and allocation-free. Time comes from the CPU's
+/// time-stamp counter (through `quanta`, as governor's), or from tokio's clock if tokio's
+/// time is paused when the bucket is made: tests can run on paused time. Clones share
+/// the bucket.
 ///
 /// ```
 /// use resilience::{Burst, Rate, TokenBucket};
@@ -246,7 +248,7 @@ pub struct TokenBucket {
 struct Inner {
     tat: AtomicU64,
     gcra: Gcra,
-    epoch: Instant,
+    clock: Elapsed,
 }
 
 impl TokenBucket {
@@ -274,14 +276,14 @@ impl TokenBucket {
             inner: Arc::new(Inner {
                 tat: AtomicU64::new(0),
                 gcra,
-                epoch: Instant::now(),
+                clock: Elapsed::new(),
             }),
         }
     }
 
     #[inline]
     fn now(&self) -> u64 {
-        nanos_since(self.inner.epoch)
+        self.inner.clock.nanos()
     }
 
     /// Takes one token, or tells how long until one is there.
@@ -329,8 +331,10 @@ impl TokenBucket {
             return Ok(());
         }
         let reservation = self.reservation(n);
-        let deadline = self.inner.epoch + Duration::from_nanos(now) + Duration::from_nanos(wait);
-        tokio::time::sleep_until(deadline).await;
+        // The bucket's clock may be the time-stamp counter, which tokio's timer does not
+        // know: sleep for the wait, from a tokio reading taken now (on paused time the
+        // two agree exactly).
+        tokio::time::sleep(Duration::from_nanos(wait)).await;
         reservation.commit();
         Ok(())
     }
@@ -495,6 +499,8 @@ impl fmt::Debug for Reservation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NANOS_PER_SEC: u64 = 1_000_000_000;
 
     #[test]
     fn gcra_rejects_bad_parameters() {

@@ -4,7 +4,7 @@ use std::{
     borrow::Borrow,
     collections::HashMap,
     fmt,
-    hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState},
+    hash::{BuildHasherDefault, Hash, Hasher},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
@@ -12,13 +12,12 @@ use std::{
     time::Duration,
 };
 
-use tokio::time::Instant;
-
 use super::{
-    bucket::{nanos_since, Acquired, Gcra, Rejected, Reservation},
+    bucket::{Acquired, Gcra, Rejected, Reservation},
     error::{InvalidTokenBucket, RateLimited},
     rate::{Burst, Rate},
 };
+use crate::clock::Elapsed;
 
 /// The default hard cap on the number of keys.
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
@@ -65,7 +64,8 @@ const SAMPLE: usize = 256;
 ///
 /// # Hot path
 ///
-/// For a key that already has a bucket: one SipHash of the key, a read lock of its shard
+/// For a key that already has a bucket: one clock read (the time-stamp counter, see
+/// [`TokenBucket`](crate::TokenBucket)), one aHash of the key, a read lock of its shard
 /// and one compare-and-swap. No allocation.
 ///
 /// Clones share the buckets.
@@ -90,8 +90,10 @@ pub struct KeyedTokenBuckets<K> {
 
 struct KeyedInner<K> {
     gcra: Gcra,
-    epoch: Instant,
-    hasher: RandomState,
+    clock: Elapsed,
+    /// aHash, keyed at random per map: a few nanoseconds for a key where SipHash takes
+    /// about 20, and still not predictable by a client choosing keys to collide.
+    hasher: ahash::RandomState,
     shards: Box<[Shard<K>]>,
     max_keys: usize,
 }
@@ -269,8 +271,8 @@ where
         KeyedTokenBuckets {
             inner: Arc::new(KeyedInner {
                 gcra,
-                epoch: Instant::now(),
-                hasher: RandomState::new(),
+                clock: Elapsed::new(),
+                hasher: ahash::RandomState::new(),
                 shards,
                 max_keys,
             }),
@@ -279,7 +281,7 @@ where
 
     #[inline]
     fn now(&self) -> u64 {
-        nanos_since(self.inner.epoch)
+        self.inner.clock.nanos()
     }
 
     #[inline]

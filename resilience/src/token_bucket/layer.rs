@@ -1,6 +1,14 @@
 //! [`TokenBucketLayer`], its builder, and its modes.
 
-use std::{fmt, marker::PhantomData, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    marker::PhantomData,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -8,7 +16,7 @@ use tower_layer::Layer;
 
 use super::{
     bucket::{Gcra, TokenBucket},
-    error::InvalidTokenBucket,
+    error::{InvalidTokenBucket, MissingKey, RateLimited},
     keyed::{check_max_keys, KeyedTokenBuckets, DEFAULT_MAX_KEYS},
     rate::{Burst, Rate},
     service::TokenBucketService,
@@ -56,10 +64,52 @@ pub(crate) struct Settings {
     pub(crate) headers_on_success: bool,
     /// Wait mode's bound.
     pub(crate) max_wait: Duration,
+    /// Set by [`TokenBucketLayerBuilder::shadow`]: refusals are counted, not made.
+    pub(crate) shadow: Option<Arc<Shadow>>,
+}
+
+/// A request shadow mode let through that the limiter would have refused; what the
+/// [`on_shadowed`](TokenBucketLayerBuilder::on_shadowed) hook is given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShadowRejection {
+    /// Over the limit: outside shadow mode this would be the `RateLimited` error (or
+    /// the `429`).
+    Limited(RateLimited),
+    /// The key was missing: outside shadow mode this would be the `MissingKey` error
+    /// (or the `500`).
+    MissingKey(MissingKey),
+}
+
+type ShadowHook = Arc<dyn Fn(&ShadowRejection) + Send + Sync>;
+
+/// Shadow mode's shared state: made by `build`, shared by every service and clone.
+pub(crate) struct Shadow {
+    count: AtomicU64,
+    hook: Option<ShadowHook>,
+}
+
+impl Shadow {
+    /// Counts a refusal that was not made, and tells the hook.
+    pub(crate) fn record(&self, rejection: ShadowRejection) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if let Some(hook) = &self.hook {
+            hook(&rejection);
+        }
+    }
+}
+
+impl fmt::Debug for Shadow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shadow")
+            .field("count", &self.count.load(Ordering::Relaxed))
+            .field("hook", &self.hook.is_some())
+            .finish()
+    }
 }
 
 impl Settings {
-    fn new(gcra: &Gcra) -> Settings {
+    pub(crate) fn new(gcra: &Gcra) -> Settings {
         let burst = gcra.burst();
         let window_nanos = (f64::from(burst) / gcra.rate().as_per_second() * 1e9).round();
         // Through whole nanoseconds first, so 3 / 0.3 is 10 s, not 10.000000000000002.
@@ -71,6 +121,7 @@ impl Settings {
                 .unwrap_or_else(|_| HeaderValue::from_static("\"default\"")),
             headers_on_success: true,
             max_wait: Duration::ZERO,
+            shadow: None,
         }
     }
 }
@@ -82,7 +133,7 @@ impl Settings {
 /// the order of [`key`](Self::key) and [`max_keys`](Self::max_keys) does not matter,
 /// and neither can throw away buckets a service already uses. Every setting has a
 /// getter of the same name on the layer.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 #[must_use = "call .build() to get a TokenBucketLayer"]
 pub struct TokenBucketLayerBuilder<E = GlobalKey> {
     rate: Rate,
@@ -90,6 +141,22 @@ pub struct TokenBucketLayerBuilder<E = GlobalKey> {
     extractor: E,
     keyed: bool,
     max_keys: usize,
+    shadow: bool,
+    on_shadowed: Option<ShadowHook>,
+}
+
+impl<E: fmt::Debug> fmt::Debug for TokenBucketLayerBuilder<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenBucketLayerBuilder")
+            .field("rate", &self.rate)
+            .field("burst", &self.burst)
+            .field("key", &self.extractor)
+            .field("keyed", &self.keyed)
+            .field("max_keys", &self.max_keys)
+            .field("shadow", &self.shadow)
+            .field("on_shadowed", &self.on_shadowed.is_some())
+            .finish()
+    }
 }
 
 impl<E> TokenBucketLayerBuilder<E> {
@@ -102,7 +169,62 @@ impl<E> TokenBucketLayerBuilder<E> {
             extractor,
             keyed: true,
             max_keys: self.max_keys,
+            shadow: self.shadow,
+            on_shadowed: self.on_shadowed,
         }
+    }
+
+    /// Shadow mode: the limiter decides as usual (and takes tokens), but lets every
+    /// request through; the ones it would have refused, over the limit or without a
+    /// key, are counted ([`TokenBucketLayer::shadowed`]) and given to the
+    /// [`on_shadowed`](Self::on_shadowed) hook. For trying a limit on real traffic
+    /// before enforcing it. Global and keyed layers alike, in every mode: in HTTP mode
+    /// a shadowed request's response gets no `RateLimit` headers (they would announce
+    /// a limit that was not applied), and in wait mode nothing waits.
+    ///
+    /// ```
+    /// use std::sync::{Arc, atomic::{AtomicU64, Ordering}};
+    /// use resilience::{key_fn, Burst, Rate, ShadowRejection, TokenBucketLayer};
+    /// use tower::{service_fn, Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let seen = Arc::new(AtomicU64::new(0));
+    /// let hook_seen = seen.clone();
+    /// let layer = TokenBucketLayer::builder(Rate::per_second(1.0), Burst(2))
+    ///     .key(key_fn(|user: &&'static str| Some(*user)))
+    ///     .shadow()
+    ///     .on_shadowed(move |r| {
+    ///         assert!(matches!(r, ShadowRejection::Limited(_)));
+    ///         hook_seen.fetch_add(1, Ordering::Relaxed);
+    ///     })
+    ///     .build();
+    /// let svc = layer.layer(service_fn(|user: &'static str| async move {
+    ///     Ok::<_, std::convert::Infallible>(user)
+    /// }));
+    /// for _ in 0..5 {
+    ///     assert_eq!(svc.clone().oneshot("alice").await.unwrap(), "alice"); // all pass
+    /// }
+    /// assert!(layer.shadow());
+    /// assert_eq!(layer.shadowed(), 3); // 5 requests, a burst of 2
+    /// assert_eq!(seen.load(Ordering::Relaxed), 3);
+    /// # }
+    /// ```
+    pub fn shadow(mut self) -> Self {
+        self.shadow = true;
+        self
+    }
+
+    /// Called, in [shadow mode](Self::shadow), for every request let through that
+    /// would have been refused, on the task that made the request. Keep it short (a
+    /// metric, a sampled log line). Without [`shadow`](Self::shadow) it is never
+    /// called: refusals are then made, and are the caller's to see.
+    pub fn on_shadowed<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(&ShadowRejection) + Send + Sync + 'static,
+    {
+        self.on_shadowed = Some(Arc::new(hook));
+        self
     }
 
     /// The hard cap on keys (default [`DEFAULT_MAX_KEYS`], 100 000). See
@@ -142,11 +264,18 @@ impl<E> TokenBucketLayerBuilder<E> {
         } else {
             Limiter::Global(TokenBucket::with_gcra(gcra))
         };
+        let mut settings = Settings::new(&gcra);
+        settings.shadow = self.shadow.then(|| {
+            Arc::new(Shadow {
+                count: AtomicU64::new(0),
+                hook: self.on_shadowed,
+            })
+        });
         Ok(TokenBucketLayer {
             extractor: self.extractor,
             limiter,
             max_keys: self.max_keys,
-            settings: Arc::new(Settings::new(&gcra)),
+            settings: Arc::new(settings),
             _mode: PhantomData,
         })
     }
@@ -319,6 +448,8 @@ impl TokenBucketLayer {
             extractor: GlobalKey,
             keyed: false,
             max_keys: DEFAULT_MAX_KEYS,
+            shadow: false,
+            on_shadowed: None,
         }
     }
 }
@@ -439,6 +570,21 @@ impl<E: KeyType, M> TokenBucketLayer<E, M> {
     /// [`DEFAULT_MAX_KEYS`]; unused by a global layer).
     pub fn max_keys(&self) -> usize {
         self.max_keys
+    }
+
+    /// Whether the layer is in shadow mode, as set by
+    /// [`.shadow()`](TokenBucketLayerBuilder::shadow).
+    pub fn shadow(&self) -> bool {
+        self.settings.shadow.is_some()
+    }
+
+    /// How many requests shadow mode let through that would have been refused, since
+    /// the layer was built, over all its services and clones (0 outside shadow mode).
+    pub fn shadowed(&self) -> u64 {
+        self.settings
+            .shadow
+            .as_ref()
+            .map_or(0, |shadow| shadow.count.load(Ordering::Relaxed))
     }
 
     /// The buckets the services of this layer use, typed by the extractor's key

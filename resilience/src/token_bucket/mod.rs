@@ -60,7 +60,10 @@
 //! one (or `n`). It is implemented as GCRA: the state is the instant the bucket will be
 //! full again, one `AtomicU64` of nanoseconds, changed by one compare-and-swap. No
 //! locks, no background task, no timer: refilling is arithmetic on the clock. The clock
-//! is [`tokio::time::Instant`], so tests can pause and advance time.
+//! is the CPU's time-stamp counter (through `quanta`: one `rdtsc` and a multiply, where
+//! `tokio::time::Instant::now` costs a `clock_gettime` and an atomic load), unless
+//! tokio's time is paused when the bucket or layer is made: then it is tokio's clock, so
+//! tests can pause and advance time.
 //!
 //! Guarantee: over any interval of length `t`, at most `burst + rate * t` tokens
 //! are granted. `retry_after` in [`RateLimited`] is exact: the same request made that
@@ -77,6 +80,20 @@
 //! - HTTP mode rejections are responses (`429`, with `Retry-After` rounded up to whole
 //!   seconds and never 0, and the IETF `RateLimit` / `RateLimit-Policy` fields), so the
 //!   service stays infallible for axum.
+//!
+//! # Shadow mode
+//!
+//! [`.shadow()`](TokenBucketLayerBuilder::shadow) on the builder lets every request
+//! through and counts the ones that would have been refused
+//! ([`TokenBucketLayer::shadowed`], and the
+//! [`on_shadowed`](TokenBucketLayerBuilder::on_shadowed) hook): a new limit can be
+//! watched on real traffic before it is enforced.
+//!
+//! # Shared buckets
+//!
+//! With the crate feature `redis`, `RedisBuckets` keep the buckets in Redis, so
+//! several processes share one limit per key, and `RedisTokenBucketLayer` is the
+//! layer on them; see their docs for the fallback when Redis fails.
 //!
 //! # Parameters
 //!
@@ -96,6 +113,8 @@ mod future;
 mod keyed;
 mod layer;
 mod rate;
+#[cfg(feature = "redis")]
+mod redis;
 mod service;
 
 pub use self::{
@@ -103,7 +122,13 @@ pub use self::{
     error::{InvalidTokenBucket, MissingKey, RateLimited},
     future::{HttpResponseFuture, ResponseFuture, WaitFuture},
     keyed::{KeyedTokenBuckets, DEFAULT_MAX_KEYS},
-    layer::{TokenBucketLayer, TokenBucketLayerBuilder},
+    layer::{ShadowRejection, TokenBucketLayer, TokenBucketLayerBuilder},
     rate::{Burst, Rate},
     service::TokenBucketService,
+};
+
+#[cfg(feature = "redis")]
+pub use self::redis::{
+    RedisBuckets, RedisBucketsBuilder, RedisFallback, RedisResponseFuture, RedisTokenBucketLayer,
+    RedisTokenBucketService, DEFAULT_REDIS_TIMEOUT,
 };

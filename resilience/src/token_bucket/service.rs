@@ -18,7 +18,7 @@ use super::{
         HttpResponseFuture, RateLimitHeaders, ResponseFuture, WaitFuture, RATELIMIT,
         RATELIMIT_POLICY,
     },
-    layer::{Limiter, Settings},
+    layer::{Limiter, Settings, ShadowRejection},
 };
 use crate::{
     http_response::json_error,
@@ -61,6 +61,13 @@ enum Refusal {
 }
 
 impl Refusal {
+    fn into_shadow(self) -> ShadowRejection {
+        match self {
+            Refusal::Limited(r) => ShadowRejection::Limited(r.limited),
+            Refusal::Missing(m) => ShadowRejection::MissingKey(m),
+        }
+    }
+
     fn into_error(self) -> BoxError {
         match self {
             Refusal::Limited(r) => Box::new(r.limited),
@@ -117,6 +124,25 @@ impl<S, E: KeyType, M> TokenBucketService<S, E, M> {
         }
     }
 
+    /// [`admit`](Self::admit), with shadow mode applied: `Ok(None)` is a refusal shadow
+    /// mode counted and let through.
+    #[inline]
+    fn decide<Req>(&self, req: &Req) -> Result<Option<Acquired>, Refusal>
+    where
+        E: KeyExtractor<Req>,
+    {
+        match self.admit(req) {
+            Ok(acquired) => Ok(Some(acquired)),
+            Err(refusal) => match &self.settings.shadow {
+                Some(shadow) => {
+                    shadow.record(refusal.into_shadow());
+                    Ok(None)
+                }
+                None => Err(refusal),
+            },
+        }
+    }
+
     /// Books one token for `req`'s key, due within `max_wait`.
     fn reserve<Req>(
         &self,
@@ -159,7 +185,7 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        match self.admit(&req) {
+        match self.decide(&req) {
             Ok(_) => ResponseFuture::inner(self.inner.call(req)),
             Err(refusal) => ResponseFuture::rejected(refusal.into_error()),
         }
@@ -180,13 +206,11 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        match self.admit(&req) {
+        match self.decide(&req) {
             Ok(acquired) => {
-                let headers = self
-                    .settings
-                    .headers_on_success
-                    .then(|| ratelimit_value(acquired.remaining(), acquired.time_until_full()))
-                    .flatten()
+                let headers = acquired
+                    .filter(|_| self.settings.headers_on_success)
+                    .and_then(|a| ratelimit_value(a.remaining(), a.time_until_full()))
                     .map(|limit| RateLimitHeaders {
                         policy: self.settings.policy.clone(),
                         limit,
@@ -228,6 +252,13 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        if self.settings.shadow.is_some() {
+            // Shadow mode never delays: a token now, or a counted refusal.
+            return match self.decide(&req) {
+                Ok(_) => WaitFuture::calling(self.inner.call(req)),
+                Err(refusal) => WaitFuture::failed(refusal.into_error()),
+            };
+        }
         match self.reserve(&req, self.settings.max_wait) {
             Err(error) => WaitFuture::failed(error),
             Ok((_, None)) => WaitFuture::calling(self.inner.call(req)),
@@ -246,7 +277,7 @@ where
 
 impl Settings {
     /// The 429 for a refusal.
-    fn too_many_requests<B>(&self, rejected: &Rejected) -> Response<ResponseBody<B>> {
+    pub(crate) fn too_many_requests<B>(&self, rejected: &Rejected) -> Response<ResponseBody<B>> {
         let secs = retry_after_secs(rejected.limited.retry_after);
         let (content_type, body) = match &self.body {
             Some((content_type, body)) => (content_type.clone(), body.clone()),
@@ -275,7 +306,7 @@ impl Settings {
 ///
 /// Written into a stack buffer: this runs for every request that passes, and
 /// `format!` would allocate a `String` only to copy it into the header value.
-fn ratelimit_value(remaining: u32, until_full: Duration) -> Option<HeaderValue> {
+pub(crate) fn ratelimit_value(remaining: u32, until_full: Duration) -> Option<HeaderValue> {
     use std::io::Write;
 
     let t = until_full.as_secs() + u64::from(until_full.subsec_nanos() > 0);
