@@ -10,6 +10,7 @@
 //! | `PRESENCE_TTL_SEC` | 3 x heartbeat | how long a node stays online without a heartbeat |
 //! | `PRESENCE_RATE_LIMIT_RATE` | `30` | per-client refill, requests/s (fractions allowed) |
 //! | `PRESENCE_RATE_LIMIT_CAPACITY` | `60` | per-client burst |
+//! | `PRESENCE_RATE_LIMIT_SCOPE` | `server` | `server`: each server has its own buckets; `shared`: every server draws a client's tokens from one bucket in Redis (needs a Redis store), falling back to its own buckets when Redis does not answer within `PRESENCE_STORE_TIMEOUT_MS` |
 //! | `PRESENCE_TRUSTED_PROXIES` | empty | comma-separated CIDRs whose `X-Forwarded-For` or `Forwarded` is believed (a request carrying both is keyed by its peer) |
 //! | `PRESENCE_AUTH_TOKEN` | unset | if set, `/presence*` requires `Authorization: Bearer <token>` |
 //! | `PRESENCE_JWT_SECRET` | unset | accept HS256 JWTs signed with this secret (scoped access, see the README) |
@@ -69,6 +70,8 @@ pub const ENV_TTL_SEC: &str = "PRESENCE_TTL_SEC";
 pub const ENV_RATE_LIMIT_RATE: &str = "PRESENCE_RATE_LIMIT_RATE";
 /// Environment variable: the per-client burst.
 pub const ENV_RATE_LIMIT_CAPACITY: &str = "PRESENCE_RATE_LIMIT_CAPACITY";
+/// Environment variable: whose buckets the rate limit draws from (see [`RateLimitScope`]).
+pub const ENV_RATE_LIMIT_SCOPE: &str = "PRESENCE_RATE_LIMIT_SCOPE";
 /// Environment variable: the trusted proxy CIDRs (comma-separated).
 pub const ENV_TRUSTED_PROXIES: &str = "PRESENCE_TRUSTED_PROXIES";
 /// Environment variable: the bearer token.
@@ -113,6 +116,21 @@ pub const MIN_HEADER_BYTES: usize = 8192;
 /// URI schemes accepted in `PRESENCE_REDIS_URI`.
 pub const STORE_SCHEMES: [&str; 3] = ["redis://", "rediss://", "memory://"];
 
+/// Whose token buckets the per-client rate limit draws from
+/// (`PRESENCE_RATE_LIMIT_SCOPE`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RateLimitScope {
+    /// Each server its own (`server`, the default): behind a balancer that spreads a
+    /// client over N servers, it gets up to N times its limit.
+    #[default]
+    Server,
+    /// One bucket per client in the Redis store, for every server of the deployment
+    /// (`shared`): one round trip per request; when Redis does not answer within
+    /// the store timeout the server decides with its own buckets, and
+    /// `presence_rate_limit_fallbacks_total` and a log line say so.
+    Shared,
+}
+
 /// The presence server's configuration. Build it with [`Config::from_env`],
 /// [`Config::from_lookup`] or [`Config::default`] (the documented defaults) and adjust
 /// the public fields.
@@ -136,6 +154,9 @@ pub struct Config {
     pub rate_limit_rate: f64,
     /// `PRESENCE_RATE_LIMIT_CAPACITY`: per-client burst.
     pub rate_limit_capacity: u32,
+    /// `PRESENCE_RATE_LIMIT_SCOPE`: each server's own buckets, or one set shared
+    /// through Redis.
+    pub rate_limit_scope: RateLimitScope,
     /// `PRESENCE_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` / `Forwarded` is believed.
     pub trusted_proxies: Vec<IpNet>,
     /// `PRESENCE_AUTH_TOKEN`: if set, `/presence*` requires this bearer token.
@@ -196,6 +217,7 @@ impl Default for Config {
             ttl: Duration::from_secs(9),
             rate_limit_rate: 30.0,
             rate_limit_capacity: 60,
+            rate_limit_scope: RateLimitScope::Server,
             trusted_proxies: Vec::new(),
             auth_token: None,
             jwt_secret: None,
@@ -230,6 +252,7 @@ impl fmt::Debug for Config {
             .field("ttl", &self.ttl)
             .field("rate_limit_rate", &self.rate_limit_rate)
             .field("rate_limit_capacity", &self.rate_limit_capacity)
+            .field("rate_limit_scope", &self.rate_limit_scope)
             .field("trusted_proxies", &self.trusted_proxies)
             .field(
                 "auth_token",
@@ -348,10 +371,15 @@ impl Config {
             }
             None => None,
         };
+        let store_uri = get(ENV_REDIS_URI)
+            .map(|v| parse_store_uri(&v))
+            .transpose()?;
+        let rate_limit_scope = match get(ENV_RATE_LIMIT_SCOPE) {
+            Some(v) => parse_scope(&v, store_uri.as_deref())?,
+            None => d.rate_limit_scope,
+        };
         Ok(Config {
-            store_uri: get(ENV_REDIS_URI)
-                .map(|v| parse_store_uri(&v))
-                .transpose()?,
+            store_uri,
             key_prefix: value(&get, ENV_KEY_PREFIX, d.key_prefix, |_, v| parse_prefix(v))?,
             http_host: value(&get, ENV_HTTP_HOST, d.http_host, |_, v| parse_host(v))?,
             http_port: value(&get, ENV_HTTP_PORT, d.http_port, |var, v| {
@@ -368,6 +396,7 @@ impl Config {
             )?,
             rate_limit_rate,
             rate_limit_capacity,
+            rate_limit_scope,
             trusted_proxies,
             auth_token,
             jwt_secret,
@@ -542,6 +571,22 @@ fn duration_secs(var: &'static str, v: &str) -> Result<Duration, ConfigError> {
 fn millis(var: &'static str, v: &str) -> Result<Duration, ConfigError> {
     let d = Duration::from_millis(positive_int(var, v)?);
     at_most_a_year(var, v, d)
+}
+
+/// `server` or `shared`; `shared` needs a Redis store to share the buckets through.
+fn parse_scope(v: &str, store_uri: Option<&str>) -> Result<RateLimitScope, ConfigError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "server" => Ok(RateLimitScope::Server),
+        "shared" if store_uri.is_some_and(|u| !u.to_ascii_lowercase().starts_with("memory://")) => {
+            Ok(RateLimitScope::Shared)
+        }
+        "shared" => Err(err(
+            ENV_RATE_LIMIT_SCOPE,
+            v,
+            format!("needs a Redis store ({ENV_REDIS_URI}): the buckets are shared through it"),
+        )),
+        _ => Err(err(ENV_RATE_LIMIT_SCOPE, v, "must be `server` or `shared`")),
+    }
 }
 
 fn parse_store_uri(v: &str) -> Result<String, ConfigError> {

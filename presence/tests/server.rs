@@ -939,6 +939,9 @@ fn config_bad_values_name_the_variable_and_the_value() {
         ("PRESENCE_HEADER_TIMEOUT_MS", "5s"),
         ("PRESENCE_REQUEST_TIMEOUT_MS", "-1"),
         ("PRESENCE_SHUTDOWN_GRACE_MS", "0"),
+        ("PRESENCE_RATE_LIMIT_SCOPE", "cluster"),
+        // Shared buckets live in Redis: the memory store cannot share them.
+        ("PRESENCE_RATE_LIMIT_SCOPE", "shared"),
     ] {
         let err = match from(&[(var, value)]) {
             Ok(_) => panic!("{var}={value:?} must be rejected"),
@@ -959,6 +962,35 @@ fn config_bad_values_name_the_variable_and_the_value() {
     assert_eq!(
         err.as_deref(),
         Some(r#"PRESENCE_TTL_SEC="abc": not a positive integer"#)
+    );
+}
+
+#[test]
+fn config_rate_limit_scope_is_server_by_default_and_shared_with_a_redis_store() {
+    use presence::config::RateLimitScope;
+    let scope = |vars: &[(&str, &str)]| from(vars).map(|c| c.rate_limit_scope);
+    assert_eq!(scope(&[]), Ok(RateLimitScope::Server));
+    assert_eq!(
+        scope(&[("PRESENCE_RATE_LIMIT_SCOPE", "Server")]),
+        Ok(RateLimitScope::Server)
+    );
+    assert_eq!(
+        scope(&[
+            ("PRESENCE_RATE_LIMIT_SCOPE", "shared"),
+            ("PRESENCE_REDIS_URI", "redis://127.0.0.1:6379")
+        ]),
+        Ok(RateLimitScope::Shared)
+    );
+    let err = scope(&[
+        ("PRESENCE_RATE_LIMIT_SCOPE", "shared"),
+        ("PRESENCE_REDIS_URI", "memory://"),
+    ])
+    .err()
+    .map(|e| e.to_string());
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("PRESENCE_REDIS_URI")),
+        "{err:?}"
     );
 }
 

@@ -191,6 +191,7 @@ pub struct Metrics {
     latency: HistogramFamily,
     latency_by_route: Box<[LatencyHistogram]>,
     rate_limited: Counter,
+    rate_limit_fallbacks: Counter,
     store_errors: Family<StoreErrorLabels, Counter>,
     online_nodes: Gauge,
     circuit_state: Gauge,
@@ -232,6 +233,7 @@ impl Metrics {
             .map(|&route| latency.get_or_create_owned(&RouteLabels { route }))
             .collect();
         let rate_limited = Counter::default();
+        let rate_limit_fallbacks = Counter::default();
         let store_errors = Family::<StoreErrorLabels, Counter>::default();
         // Present from the start (at 0): an alert on `rate()` needs the series to exist
         // before the first failure.
@@ -255,6 +257,11 @@ impl Metrics {
             "rate_limited",
             "Requests rejected by the per-client token bucket (429)",
             rate_limited.clone(),
+        );
+        registry.register(
+            "rate_limit_fallbacks",
+            "Rate-limit decisions made with this server's own buckets because the shared ones in Redis did not answer in time (PRESENCE_RATE_LIMIT_SCOPE=shared)",
+            rate_limit_fallbacks.clone(),
         );
         registry.register(
             "store_errors",
@@ -305,11 +312,17 @@ impl Metrics {
             latency,
             latency_by_route,
             rate_limited,
+            rate_limit_fallbacks,
             store_errors,
             online_nodes,
             circuit_state,
             next_request_id: AtomicU64::new(random_high_half()),
         }
+    }
+
+    /// Counts `n` more rate-limit decisions made locally instead of in Redis.
+    pub(crate) fn rate_limit_fell_back(&self, n: u64) {
+        self.rate_limit_fallbacks.inc_by(n);
     }
 
     /// A new request id.

@@ -11,8 +11,11 @@ use futures_util::future::Either;
 use http_body::Body;
 use resilience::circuit_breaker::{CircuitBreaker, CircuitState};
 use resilience::key::{ForwardedHeader, TrustedProxyIp};
-use resilience::token_bucket::{TokenBucketLayer, TokenBucketService};
-use resilience::{BoxError, Burst, HttpMode, KeyedTokenBuckets, Rate};
+use resilience::token_bucket::{RedisTokenBucketService, TokenBucketLayer, TokenBucketService};
+use resilience::{
+    BoxError, Burst, HttpMode, KeyedTokenBuckets, Rate, RedisBuckets, RedisFallback,
+    RedisTokenBucketLayer,
+};
 use tower::util::MapResponse;
 use tower::{Layer, Service, ServiceBuilder};
 
@@ -26,7 +29,7 @@ use super::routes::Resolved;
 use super::store_call::State;
 use super::watch::Watchers;
 use super::{RequestBody, ResponseBody, MAX_BODY_BYTES};
-use crate::config::Config;
+use crate::config::{Config, RateLimitScope};
 use crate::store::Store;
 use tower_http::compression::CompressionLayer;
 
@@ -38,9 +41,18 @@ const BREAKER_FAILURES: u32 = 5;
 const BREAKER_OPEN_FOR: Duration = Duration::from_secs(1);
 
 /// The `/presence*` branch: auth, rate limit, body limit, router.
-type PresenceBranch = BearerAuth<
-    MapResponse<TokenBucketService<BodyLimit<Router>, TrustedProxyIp, HttpMode>, LimitedResponse>,
+type PresenceBranch = BearerAuth<MapResponse<RateLimit<BodyLimit<Router>>, LimitedResponse>>;
+
+/// The per-client token bucket: this server's own (`PRESENCE_RATE_LIMIT_SCOPE=server`)
+/// or the deployment's, in Redis (`shared`).
+type RateLimit<S> = tower::util::Either<
+    TokenBucketService<S, TrustedProxyIp, HttpMode>,
+    RedisTokenBucketService<S, TrustedProxyIp, HttpMode>,
 >;
+
+/// How often a server with shared rate limits looks whether it had to decide
+/// locally (and says so in the log).
+const FALLBACK_REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// The token bucket's response as the stack's own (see [`limited_response`]).
 type LimitedResponse =
@@ -152,15 +164,31 @@ impl PresenceService {
         // or RFC 7239 `Forwarded`; a request with both is keyed by its peer.
         let client_ip =
             TrustedProxyIp::new(config.trusted_proxies.clone()).header(ForwardedHeader::Either);
-        let rate_limit = TokenBucketLayer::builder(
+        let (rate, burst) = (
             Rate::per_second(config.rate_limit_rate),
             Burst(config.rate_limit_capacity),
-        )
-        .key(client_ip)
-        .build()
-        .http()
-        .headers_on_success(false);
-        let rate_limiter = rate_limit.keyed_buckets();
+        );
+        let (rate_limit, rate_limiter) = match shared_buckets(config, rate, burst) {
+            None => {
+                let local = TokenBucketLayer::builder(rate, burst)
+                    .key(client_ip)
+                    .build()
+                    .http()
+                    .headers_on_success(false);
+                let buckets = local.keyed_buckets();
+                (tower::util::Either::Left(local), buckets)
+            }
+            Some(shared) => {
+                let buckets = Some(shared.local_buckets().clone());
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(report_fallbacks(shared.clone(), Arc::downgrade(&metrics)));
+                }
+                let layer = RedisTokenBucketLayer::new(client_ip, shared)
+                    .http()
+                    .headers_on_success(false);
+                (tower::util::Either::Right(layer), buckets)
+            }
+        };
         // Failing here would fail open (no key: no JWT accepted, and without a static
         // token no authentication at all), so a bad key stops the build instead.
         let jwt = config
@@ -292,6 +320,52 @@ fn limited_response(
         resilience::ResponseBody::Inner { body } => body,
         resilience::ResponseBody::Rejection { body } => super::full(body.unwrap_or_default()),
     })
+}
+
+/// The deployment's shared buckets (`PRESENCE_RATE_LIMIT_SCOPE=shared`): keys
+/// `<prefix>:rate:{<client ip>}` in the store's Redis, one `EVALSHA` per request
+/// bounded by the store timeout, this server's own buckets when Redis does not answer.
+/// `None` for per-server buckets.
+///
+/// # Panics
+/// If the store URI does not parse as a Redis URI ([`Config::from_lookup`] only
+/// accepts `shared` with a Redis store).
+fn shared_buckets(config: &Config, rate: Rate, burst: Burst) -> Option<RedisBuckets<IpAddr>> {
+    if config.rate_limit_scope != RateLimitScope::Shared {
+        return None;
+    }
+    let uri = config.store_uri.as_deref()?;
+    let client = redis::Client::open(uri)
+        .unwrap_or_else(|e| panic!("PRESENCE_RATE_LIMIT_SCOPE=shared: invalid Redis URI: {e}"));
+    Some(
+        RedisBuckets::builder(client, rate, burst)
+            .prefix(format!("{}:rate:", config.key_prefix))
+            .timeout(config.store_timeout)
+            .fallback(RedisFallback::Local)
+            .build(),
+    )
+}
+
+/// Counts the shared buckets' local decisions into the metrics, and logs each second
+/// that had any, while the metrics live.
+async fn report_fallbacks(buckets: RedisBuckets<IpAddr>, metrics: std::sync::Weak<Metrics>) {
+    let mut reported = 0;
+    let mut tick = tokio::time::interval(FALLBACK_REPORT_EVERY);
+    loop {
+        tick.tick().await;
+        let Some(metrics) = metrics.upgrade() else {
+            return;
+        };
+        let now = buckets.fallbacks();
+        if now > reported {
+            metrics.rate_limit_fell_back(now - reported);
+            tracing::warn!(
+                decisions = now - reported,
+                "shared rate limits: Redis did not answer in time; these requests were limited by this server's own buckets"
+            );
+            reported = now;
+        }
+    }
 }
 
 /// Sends `/presence*` through auth, rate limit and body limit (`P`); `/healthz`,
