@@ -116,7 +116,9 @@ impl PresenceService {
     /// key; or if `config.rate_limit_rate` / `rate_limit_capacity` cannot make a token bucket
     /// (rate not a finite number above 0, capacity 0, or a refill over a century).
     /// [`Config::from_env`] and [`Config::from_lookup`] reject such values with an
-    /// error naming the variable; only a hand-edited `Config` can get here.
+    /// error naming the variable; only a hand-edited `Config` can get here. With
+    /// [`RateLimitScope::Shared`], also outside a tokio runtime (the shared buckets'
+    /// Redis connection is driven by a task of its own).
     pub fn new(store: Arc<dyn Store>, config: &Config) -> PresenceService {
         let metrics = Arc::new(Metrics::new());
         let breaker_metrics = metrics.clone();
