@@ -1,6 +1,6 @@
 //! HTTPS (`PRESENCE_TLS_CERT_FILE`, `PRESENCE_TLS_KEY_FILE`) on a real socket, with
 //! certificates made at test time (a CA and a server certificate for 127.0.0.1 and
-//! localhost): reqwest and curl trust the CA; ALPN picks HTTP/2 or
+//! localhost): reqwest, the client SDK and curl trust the CA; ALPN picks HTTP/2 or
 //! HTTP/1.1; a silent client is closed within the header timeout; bad TLS variables
 //! are configuration errors naming the variable (exit 2 from the binary).
 
@@ -8,6 +8,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use presence::client::{ClientError, PresenceClient};
 use presence::config::{Config, ENV_TLS_CERT_FILE, ENV_TLS_KEY_FILE};
 use support::client::{get_with, http};
 use support::process::{clean_command, example_binary_or_skip, ChildGuard};
@@ -66,6 +67,42 @@ async fn reqwest_gets_http2_by_alpn_and_http1_when_it_offers_only_that() {
         assert!(
             untrusted.is_err(),
             "a foreign CA was accepted: {untrusted:?}"
+        );
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_client_sdk_speaks_https_with_a_private_ca() {
+    within(30, async {
+        let certs = TestCerts::generate();
+        let server = https_server(&certs, &[]).await;
+        assert!(server.base().starts_with("https://"));
+
+        let pc = PresenceClient::builder(server.base())
+            .tls_ca_pem(certs.ca_pem.as_bytes().to_vec())
+            .build()
+            .expect("client");
+        pc.login("tls-node").await.expect("login over https");
+        pc.heartbeat("tls-node")
+            .await
+            .expect("heartbeat over https");
+        let nodes = pc.list_nodes().await.expect("list over https");
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].node_id, "tls-node");
+        assert!(pc.logout("tls-node").await.expect("logout over https"));
+
+        // Without the CA the system's roots do not know the server: a transport
+        // error, not a silent plain-text fallback.
+        let stranger = PresenceClient::builder(server.base())
+            .no_retry()
+            .build()
+            .expect("client");
+        let refused = stranger.list_nodes().await;
+        assert!(
+            matches!(refused, Err(ClientError::Transport(_))),
+            "{refused:?}"
         );
         server.stop().await;
     })
