@@ -41,7 +41,7 @@ async fn main() -> ExitCode {
         }
     };
 
-    let store = match presence::store::open(config.store_uri.as_deref(), &config.key_prefix).await {
+    let store = match presence::store::open_for(&config).await {
         Ok(store) => store,
         Err(e) => {
             eprintln!(

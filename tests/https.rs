@@ -249,6 +249,11 @@ fn bad_tls_variables_are_errors_naming_the_variable() {
             ],
             "does not belong",
         ),
+        (
+            "PRESENCE_REDIS_CA_FILE",
+            vec![("PRESENCE_REDIS_CA_FILE", garbage)],
+            "certificate",
+        ),
     ];
     for (var, vars, why) in cases {
         let e = config_error(&vars);

@@ -30,6 +30,7 @@
 //! | `PRESENCE_WATCH_BACKLOG` | `1024` | changes waiting for one watcher at most; one that falls further behind is disconnected (it resumes from its cursor) |
 //! | `PRESENCE_TLS_CERT_FILE` | unset | PEM certificate chain (the server's own first): with `PRESENCE_TLS_KEY_FILE`, the server speaks HTTPS only (HTTP/2 and HTTP/1.1 by ALPN) |
 //! | `PRESENCE_TLS_KEY_FILE` | unset | PEM private key of that certificate (PKCS#8, PKCS#1 or SEC1); set both or neither |
+//! | `PRESENCE_REDIS_CA_FILE` | unset = system roots | PEM CA certificate(s) that a `rediss://` Redis's certificate must chain to, instead of the system's roots |
 //!
 //! `PRESENCE_HEADER_TIMEOUT_MS` and the variables after it bound how long (and how
 //! much) a slow or malicious client can hold a connection, and how long a shutdown
@@ -112,6 +113,8 @@ pub const ENV_WATCH_BACKLOG: &str = "PRESENCE_WATCH_BACKLOG";
 pub const ENV_TLS_CERT_FILE: &str = "PRESENCE_TLS_CERT_FILE";
 /// Environment variable: the PEM private key of HTTPS.
 pub const ENV_TLS_KEY_FILE: &str = "PRESENCE_TLS_KEY_FILE";
+/// Environment variable: the PEM CA certificate(s) of a `rediss://` Redis.
+pub const ENV_REDIS_CA_FILE: &str = "PRESENCE_REDIS_CA_FILE";
 
 /// The smallest accepted `PRESENCE_MAX_HEADER_BYTES`: hyper's HTTP/1 read buffer
 /// cannot be smaller.
@@ -192,6 +195,9 @@ pub struct Config {
     /// `PRESENCE_TLS_CERT_FILE` and `PRESENCE_TLS_KEY_FILE`, read: `Some` makes the
     /// server speak HTTPS.
     pub tls: Option<TlsFiles>,
+    /// `PRESENCE_REDIS_CA_FILE`, read: the file and its PEM, the only roots a
+    /// `rediss://` Redis is verified against (`None`: the system's roots).
+    pub redis_ca: Option<(std::path::PathBuf, Vec<u8>)>,
 }
 
 /// The certificate chain and private key of HTTPS, as read from their files
@@ -249,6 +255,7 @@ impl Default for Config {
             max_watchers: 10_000,
             watch_backlog: 1024,
             tls: None,
+            redis_ca: None,
         }
     }
 }
@@ -296,6 +303,10 @@ impl fmt::Debug for Config {
             .field("max_watchers", &self.max_watchers)
             .field("watch_backlog", &self.watch_backlog)
             .field("tls", &self.tls)
+            .field(
+                "redis_ca_file",
+                &self.redis_ca.as_ref().map(|(path, _)| path),
+            )
             .finish()
     }
 }
@@ -385,6 +396,15 @@ impl Config {
             None => None,
         };
         let tls = tls_files(&get)?;
+        let redis_ca = match get(ENV_REDIS_CA_FILE) {
+            Some(path) => {
+                let pem = read_file(ENV_REDIS_CA_FILE, &path)?;
+                crate::tls::roots(Some(&pem), false)
+                    .map_err(|why| err(ENV_REDIS_CA_FILE, &path, why))?;
+                Some((std::path::PathBuf::from(path), pem))
+            }
+            None => None,
+        };
         Ok(Config {
             store_uri: get(ENV_REDIS_URI)
                 .map(|v| parse_store_uri(&v))
@@ -449,6 +469,7 @@ impl Config {
             max_watchers: value(&get, ENV_MAX_WATCHERS, d.max_watchers, count)?,
             watch_backlog: value(&get, ENV_WATCH_BACKLOG, d.watch_backlog, count)?,
             tls,
+            redis_ca,
         })
     }
 

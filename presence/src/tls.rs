@@ -54,6 +54,16 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
+/// Makes ring the process-wide default provider unless one is installed already:
+/// for libraries that build their TLS configuration with the default (the `redis`
+/// crate), which does not exist when more than one provider is compiled in.
+pub(crate) fn install_default_provider() {
+    if CryptoProvider::get_default().is_none() {
+        // Another thread may have won the race; its provider serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
 /// The certificates of a PEM text, in order (a server's chain: its own first).
 ///
 /// # Errors
