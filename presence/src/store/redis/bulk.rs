@@ -14,9 +14,10 @@
 //! that drops the connection. Every other command goes through the `redis` crate.
 //!
 //! The connection is opened on first use with what the store's URI says (address,
-//! TLS for `rediss://` with the store's roots, `AUTH`, `SELECT`), and dropped on any I/O error, timeout or unexpected reply; the
-//! next listing opens a new one. Listings take turns on it ([`Session`]; the server
-//! runs at most one listing at a time anyway).
+//! TLS for `rediss://` with the store's roots, `AUTH`, `SELECT`), and dropped on any
+//! I/O error, timeout or unexpected reply; the next listing opens a new one. Listings
+//! take turns on it ([`Session`]; the server runs at most one listing at a time
+//! anyway).
 
 use std::ops::Range;
 use std::sync::Arc;
