@@ -5,11 +5,12 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
 use presence::client::{Filter, PresenceClient, WatchEvent};
+use presence::model::{Meta, NodeId};
 use presence::store::redis::{RedisOptions, RedisStore};
 use presence::store::Store;
 use support::redis::RedisTlsChild;
@@ -108,6 +109,72 @@ async fn a_rediss_store_refuses_a_server_its_roots_do_not_know() {
             .await
             .expect("the right CA connects");
         assert!(store.list().await.expect("list").is_empty());
+    })
+    .await;
+}
+
+/// Prints what TLS costs a listing: 10 000 nodes listed through the store's own
+/// listing connection, over `rediss://` and over `redis://` (two children of the same
+/// `redis-server`), in interleaved rounds (`cargo test --test redis_tls -- --nocapture`
+/// shows the figures; debug build, so the ratio is what to read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_over_tls_next_to_plain() {
+    const NODES: usize = 10_000;
+    const ROUNDS: usize = 7;
+    let test = "listing_over_tls_next_to_plain";
+    let Some(tls) = RedisTlsChild::start(test).await else {
+        return;
+    };
+    let Some(plain) = support::redis::RedisChild::start(test).await else {
+        return;
+    };
+    within(120, async {
+        let stores = [
+            (
+                "redis://",
+                RedisStore::connect_with(&plain.uri(), "tls-bench", RedisOptions::default())
+                    .await
+                    .expect("plain store"),
+            ),
+            (
+                "rediss://",
+                RedisStore::connect_with(
+                    &tls.uri(),
+                    "tls-bench",
+                    RedisOptions::default().tls_ca_pem(tls.certs.ca_pem.clone()),
+                )
+                .await
+                .expect("TLS store"),
+            ),
+        ];
+        for (_, store) in &stores {
+            let logins = (0..NODES).map(|i| async move {
+                let node = NodeId::parse(&format!("node-{i:05}")).expect("node id");
+                store
+                    .login(&node, &format!("lease-{i}"), 600_000, Meta::new())
+                    .await
+                    .expect("login");
+            });
+            futures_util::future::join_all(logins).await;
+        }
+        let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+        for _ in 0..ROUNDS {
+            for (k, (_, store)) in stores.iter().enumerate() {
+                let started = Instant::now();
+                let listed = store.list_json().await.expect("list");
+                times[k].push(started.elapsed());
+                assert_eq!(listed.count, NODES);
+            }
+        }
+        let median = |t: &mut Vec<Duration>| {
+            t.sort();
+            t[t.len() / 2]
+        };
+        let (plain_ms, tls_ms) = (median(&mut times[0]), median(&mut times[1]));
+        println!(
+            "listing {NODES} nodes, median of {ROUNDS}: redis:// {plain_ms:?}, rediss:// {tls_ms:?} ({:.0} %)",
+            100.0 * tls_ms.as_secs_f64() / plain_ms.as_secs_f64()
+        );
     })
     .await;
 }
