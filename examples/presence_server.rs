@@ -4,6 +4,8 @@
 //! cargo run --example presence_server
 //! PRESENCE_HTTP_PORT=9000 PRESENCE_REDIS_URI=redis://127.0.0.1:6379 cargo run --example presence_server
 //! curl -s localhost:8080/presence
+//! PRESENCE_TLS_CERT_FILE=cert.pem PRESENCE_TLS_KEY_FILE=key.pem cargo run --example presence_server
+//! curl -s --cacert ca.pem https://localhost:8080/presence
 //! ```
 //!
 //! Without `PRESENCE_REDIS_URI` it runs on the in-memory store (one server only).
@@ -39,7 +41,7 @@ async fn main() -> ExitCode {
         }
     };
 
-    let store = match presence::store::open(config.store_uri.as_deref(), &config.key_prefix).await {
+    let store = match presence::store::open_for(&config).await {
         Ok(store) => store,
         Err(e) => {
             eprintln!(
@@ -69,7 +71,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!("listening on http://{}", server.local_addr());
+    tracing::info!("listening on {}://{}", server.scheme(), server.local_addr());
 
     match server.run(shutdown_signal()).await {
         Ok(()) => {

@@ -29,6 +29,9 @@
 //! | `PRESENCE_WATCH_KEEPALIVE_SEC` | `15` | a `: keep-alive` comment on every watch stream this often |
 //! | `PRESENCE_MAX_WATCHERS` | `10000` | open watch streams per server; past it `503 too_many_watchers` |
 //! | `PRESENCE_WATCH_BACKLOG` | `1024` | changes waiting for one watcher at most; one that falls further behind is disconnected (it resumes from its cursor) |
+//! | `PRESENCE_TLS_CERT_FILE` | unset | PEM certificate chain (the server's own first): with `PRESENCE_TLS_KEY_FILE`, the server speaks HTTPS only (HTTP/2 and HTTP/1.1 by ALPN) |
+//! | `PRESENCE_TLS_KEY_FILE` | unset | PEM private key of that certificate (PKCS#8, PKCS#1 or SEC1); set both or neither |
+//! | `PRESENCE_REDIS_CA_FILE` | unset = system roots | PEM CA certificate(s) that a `rediss://` Redis's certificate must chain to, instead of the system's roots |
 //!
 //! `PRESENCE_HEADER_TIMEOUT_MS` and the variables after it bound how long (and how
 //! much) a slow or malicious client can hold a connection, and how long a shutdown
@@ -108,6 +111,13 @@ pub const ENV_WATCH_KEEPALIVE_SEC: &str = "PRESENCE_WATCH_KEEPALIVE_SEC";
 pub const ENV_MAX_WATCHERS: &str = "PRESENCE_MAX_WATCHERS";
 /// Environment variable: changes waiting for one watcher at most.
 pub const ENV_WATCH_BACKLOG: &str = "PRESENCE_WATCH_BACKLOG";
+
+/// Environment variable: the PEM certificate chain of HTTPS.
+pub const ENV_TLS_CERT_FILE: &str = "PRESENCE_TLS_CERT_FILE";
+/// Environment variable: the PEM private key of HTTPS.
+pub const ENV_TLS_KEY_FILE: &str = "PRESENCE_TLS_KEY_FILE";
+/// Environment variable: the PEM CA certificate(s) of a `rediss://` Redis.
+pub const ENV_REDIS_CA_FILE: &str = "PRESENCE_REDIS_CA_FILE";
 
 /// The smallest accepted `PRESENCE_MAX_HEADER_BYTES`: hyper's HTTP/1 read buffer
 /// cannot be smaller.
@@ -203,6 +213,36 @@ pub struct Config {
     pub max_watchers: usize,
     /// `PRESENCE_WATCH_BACKLOG`: changes waiting for one watcher at most.
     pub watch_backlog: usize,
+    /// `PRESENCE_TLS_CERT_FILE` and `PRESENCE_TLS_KEY_FILE`, read: `Some` makes the
+    /// server speak HTTPS.
+    pub tls: Option<TlsFiles>,
+    /// `PRESENCE_REDIS_CA_FILE`, read: the file and its PEM, the only roots a
+    /// `rediss://` Redis is verified against (`None`: the system's roots).
+    pub redis_ca: Option<(std::path::PathBuf, Vec<u8>)>,
+}
+
+/// The certificate chain and private key of HTTPS, as read from their files
+/// (checked by [`Config::from_lookup`] to make a working configuration).
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `PRESENCE_TLS_CERT_FILE`.
+    pub cert_file: std::path::PathBuf,
+    /// Its PEM: the server's certificate first, then any intermediates.
+    pub cert_pem: Vec<u8>,
+    /// `PRESENCE_TLS_KEY_FILE`.
+    pub key_file: std::path::PathBuf,
+    /// Its PEM.
+    pub key_pem: Vec<u8>,
+}
+
+impl fmt::Debug for TlsFiles {
+    // The key's PEM is a secret: only the paths are shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Config {
@@ -236,6 +276,8 @@ impl Default for Config {
             watch_keepalive: Duration::from_secs(15),
             max_watchers: 10_000,
             watch_backlog: 1024,
+            tls: None,
+            redis_ca: None,
         }
     }
 }
@@ -283,6 +325,11 @@ impl fmt::Debug for Config {
             .field("watch_keepalive", &self.watch_keepalive)
             .field("max_watchers", &self.max_watchers)
             .field("watch_backlog", &self.watch_backlog)
+            .field("tls", &self.tls)
+            .field(
+                "redis_ca_file",
+                &self.redis_ca.as_ref().map(|(path, _)| path),
+            )
             .finish()
     }
 }
@@ -378,6 +425,16 @@ impl Config {
             Some(v) => parse_scope(&v, store_uri.as_deref())?,
             None => d.rate_limit_scope,
         };
+        let tls = tls_files(&get)?;
+        let redis_ca = match get(ENV_REDIS_CA_FILE) {
+            Some(path) => {
+                let pem = read_file(ENV_REDIS_CA_FILE, &path)?;
+                crate::tls::roots(Some(&pem), false)
+                    .map_err(|why| err(ENV_REDIS_CA_FILE, &path, why))?;
+                Some((std::path::PathBuf::from(path), pem))
+            }
+            None => None,
+        };
         Ok(Config {
             store_uri,
             key_prefix: value(&get, ENV_KEY_PREFIX, d.key_prefix, |_, v| parse_prefix(v))?,
@@ -440,6 +497,8 @@ impl Config {
             )?,
             max_watchers: value(&get, ENV_MAX_WATCHERS, d.max_watchers, count)?,
             watch_backlog: value(&get, ENV_WATCH_BACKLOG, d.watch_backlog, count)?,
+            tls,
+            redis_ca,
         })
     }
 
@@ -451,6 +510,49 @@ impl Config {
             None => "memory://".to_owned(),
         }
     }
+}
+
+/// The contents of the file `path` that `var` names.
+fn read_file(var: &'static str, path: &str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| err(var, path, format!("cannot read it: {e}")))
+}
+
+/// `PRESENCE_TLS_CERT_FILE` and `PRESENCE_TLS_KEY_FILE`: both or neither, each
+/// readable, together a configuration rustls accepts (the error names the file at
+/// fault: a key that does not belong to the certificate is the key's).
+fn tls_files(
+    get: &impl Fn(&'static str) -> Option<String>,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    let (cert_file, key_file) = match (get(ENV_TLS_CERT_FILE), get(ENV_TLS_KEY_FILE)) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(cert), None) => {
+            return Err(err(
+                ENV_TLS_CERT_FILE,
+                &cert,
+                format!("{ENV_TLS_KEY_FILE} must be set too (HTTPS needs both)"),
+            ))
+        }
+        (None, Some(key)) => {
+            return Err(err(
+                ENV_TLS_KEY_FILE,
+                &key,
+                format!("{ENV_TLS_CERT_FILE} must be set too (HTTPS needs both)"),
+            ))
+        }
+    };
+    let cert_pem = read_file(ENV_TLS_CERT_FILE, &cert_file)?;
+    let key_pem = read_file(ENV_TLS_KEY_FILE, &key_file)?;
+    crate::tls::server_config(&cert_pem, &key_pem).map_err(|e| match e {
+        crate::tls::TlsError::Certificate(why) => err(ENV_TLS_CERT_FILE, &cert_file, why),
+        crate::tls::TlsError::Key(why) => err(ENV_TLS_KEY_FILE, &key_file, why),
+    })?;
+    Ok(Some(TlsFiles {
+        cert_file: cert_file.into(),
+        cert_pem,
+        key_file: key_file.into(),
+        key_pem,
+    }))
 }
 
 fn err(var: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
@@ -708,5 +810,19 @@ impl Config {
             self.jwt_secret.as_deref().map(str::as_bytes),
             self.jwt_public_key.as_ref().map(|(_, pem)| pem.as_slice()),
         )
+    }
+
+    /// The HTTPS configuration of [`tls`](Self::tls) (`None`: plain HTTP).
+    ///
+    /// # Errors
+    /// Files [`Config::from_lookup`] would have refused (only a hand-edited `Config`
+    /// can hold them).
+    pub fn tls_server_config(
+        &self,
+    ) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, crate::tls::TlsError> {
+        self.tls
+            .as_ref()
+            .map(|files| crate::tls::server_config(&files.cert_pem, &files.key_pem).map(Into::into))
+            .transpose()
     }
 }

@@ -56,6 +56,7 @@ pub mod config;
 pub mod model;
 pub mod server;
 pub mod store;
+pub mod tls;
 mod wire;
 
 /// `d` in whole milliseconds, saturating (the durations here are configuration values

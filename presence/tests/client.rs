@@ -614,7 +614,12 @@ fn client_and_keep_alive_can_be_shared_across_tasks() {
 fn builder_refuses_bad_settings() {
     let bad = |b: PresenceClientBuilder| matches!(b.build(), Err(ClientError::InvalidInput(_)));
     assert!(bad(PresenceClient::builder("not a url")));
-    assert!(bad(PresenceClient::builder("https://h/presence")));
+    assert!(bad(PresenceClient::builder("ftp://h/presence")));
+    // https is built in; a CA without a certificate is not.
+    assert!(!bad(PresenceClient::builder("https://h/presence")));
+    assert!(bad(
+        PresenceClient::builder("https://h/presence").tls_ca_pem(b"no PEM".to_vec())
+    ));
     assert!(bad(PresenceClient::builder(BASE).timeout(Duration::ZERO)));
     assert!(bad(PresenceClient::builder(BASE).rate_limit(0.0, 1)));
     assert!(bad(PresenceClient::builder(BASE).rate_limit(1.0, 0)));

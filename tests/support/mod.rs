@@ -9,7 +9,8 @@
 //! - [`raw_http`]: hand-written requests on a bare TCP connection;
 //! - [`in_process`]: requests to a `PresenceService` called in-process, no socket;
 //! - [`process`]: child processes (the example binaries) and their output lines;
-//! - [`redis`]: the shared test Redis and throwaway `redis-server` children;
+//! - [`redis`]: the shared test Redis and throwaway `redis-server` children (plain or TLS);
+//! - [`tls`]: a throwaway CA and server certificate (rcgen), HTTPS clients trusting it;
 //! - [`browser`]: a headless Chromium driven over WebDriver (the status page).
 
 #![allow(dead_code)] // each test target uses its own subset
@@ -21,6 +22,7 @@ pub mod process;
 pub mod raw_http;
 pub mod redis;
 pub mod server;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;

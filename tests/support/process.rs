@@ -254,10 +254,12 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// The `host:port` after `http://` in a log line, e.g. from
+/// The `host:port` after `http://` (or `https://`) in a log line, e.g. from
 /// `... listening on http://127.0.0.1:41234`.
 pub fn parse_listen_addr(line: &str) -> Option<SocketAddr> {
-    let (_, rest) = line.split_once("listening on http://")?;
+    let (_, rest) = line
+        .split_once("listening on http://")
+        .or_else(|| line.split_once("listening on https://"))?;
     let addr: String = rest
         .chars()
         .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))

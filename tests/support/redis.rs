@@ -155,6 +155,79 @@ impl RedisChild {
     }
 }
 
+/// A `redis-server` child that speaks only TLS (`--port 0 --tls-port ...`), its
+/// certificate signed by a throwaway CA. Killed on drop.
+pub struct RedisTlsChild {
+    /// The TLS port (127.0.0.1).
+    pub port: u16,
+    /// The CA and the server's certificate and key.
+    pub certs: super::tls::TestCerts,
+    process: ChildGuard,
+}
+
+impl RedisTlsChild {
+    /// Starts `redis-server` with TLS on a free port and waits until it accepts
+    /// connections. `None` (with the reason printed) when it cannot start or has no
+    /// TLS, unless `PRESENCE_REQUIRE_REDIS=1`, which makes that a failure.
+    pub async fn start(test: &str) -> Option<RedisTlsChild> {
+        let certs = super::tls::TestCerts::generate();
+        let port = free_port();
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", "0", "--tls-port", &port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(&certs.cert_file)
+            .arg("--tls-key-file")
+            .arg(&certs.key_file)
+            .arg("--tls-ca-cert-file")
+            .arg(&certs.ca_file)
+            .args(["--tls-auth-clients", "no", "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"]);
+        let skip = |why: String| {
+            if redis_required() {
+                panic!("{test}: PRESENCE_REQUIRE_REDIS=1 but {why}");
+            }
+            eprintln!(
+                "skipping {test}: {why}; install Redis with TLS, or set \
+                 PRESENCE_REQUIRE_REDIS=1 to make this a failure"
+            );
+            None
+        };
+        let mut process = match ChildGuard::spawn_quiet(cmd) {
+            Ok(process) => process,
+            Err(e) => return skip(format!("cannot start redis-server ({e})")),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = process.wait_exit(Duration::ZERO).await {
+                return skip(format!(
+                    "redis-server with --tls-port exited ({status}): built without TLS?"
+                ));
+            }
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Some(RedisTlsChild {
+                    port,
+                    certs,
+                    process,
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return skip("redis-server did not listen on its TLS port within 5 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `rediss://127.0.0.1:port`.
+    pub fn uri(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+}
+
 /// `redis-server` on 127.0.0.1:`port`, without persistence.
 fn redis_server(port: u16) -> Command {
     let mut cmd = Command::new("redis-server");

@@ -18,6 +18,8 @@ use super::within;
 pub struct TestServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// `http`, or `https` when the configuration has a certificate.
+    pub scheme: &'static str,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<io::Result<()>>>,
 }
@@ -34,6 +36,7 @@ impl TestServer {
             .await
             .unwrap_or_else(|e| panic!("bind failed: {e}"));
         let addr = server.local_addr();
+        let scheme = server.scheme();
         assert!(addr.ip().is_loopback(), "bound to {addr}");
         assert_ne!(addr.port(), 0, "port 0 must be resolved to the real port");
         let (tx, rx) = oneshot::channel::<()>();
@@ -43,6 +46,7 @@ impl TestServer {
         }));
         TestServer {
             addr,
+            scheme,
             shutdown: Some(tx),
             task: Some(task),
         }
@@ -53,12 +57,12 @@ impl TestServer {
         TestServer::start(config, Arc::new(MemoryStore::new())).await
     }
 
-    /// `http://<addr><path>`.
+    /// `http://<addr><path>` (`https://` for a TLS server).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
-    /// The client SDK's base URL, `http://<addr>/presence`.
+    /// The client SDK's base URL, `http://<addr>/presence` (or `https://`).
     pub fn base(&self) -> String {
         self.url("/presence")
     }

@@ -19,6 +19,12 @@
 //!     .build()?;
 //! // `breaker` is the client's breaker: its state and counters can be exported.
 //! println!("{}", breaker.state());
+//!
+//! // HTTPS: the system's roots verify the server; a private CA is added by PEM.
+//! let ca_pem = std::fs::read("/etc/presence/ca.pem").expect("the CA file");
+//! let pc = PresenceClient::builder("https://presence.internal:8443/presence")
+//!     .tls_ca_pem(ca_pem)
+//!     .build()?;
 //! # Ok(()) }
 //! ```
 
@@ -62,6 +68,8 @@ pub struct PresenceClientBuilder {
     breaker: Option<CircuitBreaker>,
     max_response_bytes: usize,
     watch: WatchSettings,
+    /// PEM CA certificates trusted besides the system's roots (https only).
+    extra_ca_pem: Vec<Vec<u8>>,
 }
 
 impl PresenceClientBuilder {
@@ -96,7 +104,17 @@ impl PresenceClientBuilder {
             breaker: None,
             max_response_bytes: Self::DEFAULT_MAX_RESPONSE_BYTES,
             watch: WatchSettings::default(),
+            extra_ca_pem: Vec::new(),
         }
+    }
+
+    /// Trusts the CA certificate(s) of `pem` for `https://`, besides the system's
+    /// roots: for a deployment whose certificate comes from a private CA. May be
+    /// called more than once. Ignored with a transport given to
+    /// [`service`](Self::service), which does its own TLS.
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.extra_ca_pem.push(pem.into());
+        self
     }
 
     /// Sends requests through `service` instead of hyper-util's HTTP/1 client: a
@@ -227,8 +245,9 @@ impl PresenceClientBuilder {
     ///
     /// # Errors
     /// [`ClientError::InvalidInput`] for a base URL that is not an absolute `http`
-    /// URL (`https` and other schemes need a transport given with
-    /// [`service`](Self::service)), a zero timeout, a rate that is not positive and
+    /// or `https` URL (other schemes need a transport given with
+    /// [`service`](Self::service)), a [`tls_ca_pem`](Self::tls_ca_pem) without a
+    /// usable certificate, a zero timeout, a rate that is not positive and
     /// finite, a zero capacity, or a bearer token that cannot be a header value.
     pub fn build(mut self) -> Result<PresenceClient, ClientError> {
         let base = parse_base_url(&self.base_url, self.transport.is_some())?;
@@ -253,7 +272,9 @@ impl PresenceClientBuilder {
 
         let raw = match self.transport {
             Some(raw) => raw,
-            None => transport::raw(transport::hyper_client()),
+            // Plain http keeps the plain client: no roots to load, no TLS in the way.
+            None if base.starts_with("http://") => transport::raw(transport::hyper_client()),
+            None => transport::raw(transport::https_client(tls_config(&self.extra_ca_pem)?)),
         };
         let transport = transport::collect(raw.clone(), self.max_response_bytes);
         let mut watch = self.watch;
@@ -303,6 +324,7 @@ impl fmt::Debug for PresenceClientBuilder {
             .field("retry", &self.retry)
             .field("max_response_bytes", &self.max_response_bytes)
             .field("watch", &self.watch)
+            .field("extra_ca_certificates", &self.extra_ca_pem.len())
             .finish_non_exhaustive()
     }
 }
@@ -321,17 +343,48 @@ fn parse_base_url(url: &str, custom_transport: bool) -> Result<String, ClientErr
     if uri.query().is_some() {
         return Err(invalid("a query string is not allowed"));
     }
-    if scheme != "http" && !custom_transport {
+    if scheme != "http" && scheme != "https" && !custom_transport {
         return Err(invalid(
-            "the built-in transport speaks plain http only; give a TLS-capable one with .service(..)",
+            "the built-in transport speaks http and https only; give another with .service(..)",
         ));
     }
-    Ok(url.trim_end_matches('/').to_owned())
+    // Lower-cased so the transport choice in `build` needs no case games.
+    let rest = &url[scheme.len()..];
+    Ok(format!("{}{rest}", scheme.to_ascii_lowercase())
+        .trim_end_matches('/')
+        .to_owned())
+}
+
+/// The client TLS configuration of the built-in transport: the system's roots and
+/// `extra_ca_pem`. No ALPN here: hyper-rustls sets it for the protocols it enables.
+fn tls_config(extra_ca_pem: &[Vec<u8>]) -> Result<rustls::ClientConfig, ClientError> {
+    let invalid = |why: String| ClientError::InvalidInput(format!("tls_ca_pem: {why}"));
+    let mut roots = crate::tls::roots(None, true).map_err(invalid)?;
+    for pem in extra_ca_pem {
+        for cert in crate::tls::certificates(pem).map_err(invalid)? {
+            roots
+                .add(cert)
+                .map_err(|e| invalid(format!("not a usable CA certificate: {e}")))?;
+        }
+    }
+    crate::tls::client_config(roots, &[]).map_err(invalid)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ca_without_a_certificate_is_refused() {
+        let built = PresenceClientBuilder::new("https://h/presence".into())
+            .tls_ca_pem(b"no PEM here".to_vec())
+            .build();
+        assert!(
+            matches!(&built, Err(ClientError::InvalidInput(why)) if why.contains("tls_ca_pem")),
+            "{:?}",
+            built.err()
+        );
+    }
 
     #[test]
     fn base_url_is_checked_and_normalized() {
@@ -343,8 +396,12 @@ mod tests {
         );
         assert!(parse_base_url("h:1/presence", false).is_err());
         assert!(parse_base_url("/presence", false).is_err());
-        assert!(parse_base_url("https://h/presence", false).is_err());
-        assert!(parse_base_url("https://h/presence", true).is_ok());
+        assert_eq!(
+            parse_base_url("HTTPS://h/presence", false).ok().as_deref(),
+            Some("https://h/presence")
+        );
+        assert!(parse_base_url("ftp://h/presence", false).is_err());
+        assert!(parse_base_url("ftp://h/presence", true).is_ok());
         assert!(parse_base_url("http://h/presence?x=1", false).is_err());
     }
 }

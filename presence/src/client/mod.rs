@@ -31,11 +31,19 @@
 //! 3. **retry** with exponential backoff and full jitter, for idempotent calls only
 //!    (everything except `login`; see [`retry`] for the reasoning);
 //! 4. a **timeout** per attempt (response body included);
-//! 5. the **transport**: hyper-util's pooled HTTP/1 client, or any tower HTTP
-//!    service given to [`PresenceClientBuilder::service`], e.g. the presence server's
-//!    own service in-process for tests, with no sockets.
+//! 5. the **transport**: hyper-util's pooled HTTP/1 client (over rustls for an
+//!    `https://` base URL, see below), or any tower HTTP service given to
+//!    [`PresenceClientBuilder::service`], e.g. the presence server's own service
+//!    in-process for tests, with no sockets.
 //!
 //! All of it is configured on [`PresenceClient::builder`].
+//!
+//! # HTTPS
+//!
+//! An `https://` base URL is spoken over TLS (rustls through `hyper-rustls`), the
+//! server verified against the system's roots (`rustls-native-certs`: the OS store,
+//! `SSL_CERT_FILE`). A deployment whose certificate comes from a private CA adds it
+//! with [`PresenceClientBuilder::tls_ca_pem`]. `http://` stays plain TCP.
 //!
 //! # Leases
 //!
@@ -213,7 +221,8 @@ impl PresenceClient {
     /// the default stack over hyper-util's HTTP/1 client.
     ///
     /// # Errors
-    /// [`ClientError::InvalidInput`] if `base_url` is not an absolute `http` URL.
+    /// [`ClientError::InvalidInput`] if `base_url` is not an absolute `http` or
+    /// `https` URL.
     pub fn new(base_url: &str) -> Result<PresenceClient, ClientError> {
         PresenceClient::builder(base_url).build()
     }

@@ -8,7 +8,8 @@
 //! its own reconnect backoff and only bounds the wait for the response headers).
 //!
 //! ```no_run
-//! // The default transport is hyper-util's pooled HTTP/1 client; any other tower
+//! // The default transport is hyper-util's pooled HTTP/1 client (over rustls for an
+//! // `https://` base URL); any other tower
 //! // service can take its place, e.g. the presence server's own service in-process.
 //! # fn main() -> Result<(), presence::client::ClientError> {
 //! use presence::client::PresenceClient;
@@ -113,4 +114,20 @@ pub(crate) async fn read_body(mut body: StreamingBody, max: usize) -> Result<Byt
 pub(crate) fn hyper_client(
 ) -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// hyper-util's legacy pooled client, HTTP/1.1 over rustls with `tls` (its roots
+/// verify the server); `http://` URLs still go over plain TCP.
+pub(crate) fn https_client(
+    tls: rustls::ClientConfig,
+) -> Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+> {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Client::builder(TokioExecutor::new()).build(connector)
 }

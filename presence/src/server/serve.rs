@@ -1,5 +1,6 @@
 //! [`Server`]: binds a TCP listener and serves [`PresenceService`] over HTTP/1 and
-//! HTTP/2 with hyper, until a shutdown signal.
+//! HTTP/2 with hyper, until a shutdown signal; over TLS (rustls) when the
+//! configuration has a certificate (`PRESENCE_TLS_CERT_FILE`, `PRESENCE_TLS_KEY_FILE`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -52,6 +53,8 @@ pub struct Server {
     shutdown_grace: Duration,
     max_connections: usize,
     builders: Arc<Builders>,
+    /// `Some`: every connection is TLS, its protocol chosen by ALPN.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// What bounds one connection (from the [`Config`]).
@@ -78,8 +81,13 @@ impl Server {
     /// Like [`bind`](Self::bind) with a service built by the caller.
     ///
     /// # Errors
-    /// The address cannot be resolved or bound; the message names it.
+    /// The address cannot be resolved or bound; the message names it. A TLS
+    /// certificate or key that [`Config::from_lookup`] would have refused
+    /// ([`io::ErrorKind::InvalidInput`]).
     pub async fn bind_service(config: &Config, service: PresenceService) -> io::Result<Server> {
+        let tls = config
+            .tls_server_config()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("TLS {e}")))?;
         let addr = (config.http_host.as_str(), config.http_port);
         let listener = TcpListener::bind(addr).await.map_err(|e| {
             io::Error::new(
@@ -102,7 +110,17 @@ impl Server {
             shutdown_grace: config.shutdown_grace,
             max_connections: config.max_connections,
             builders: Arc::new(Builders::new(config)),
+            tls,
         })
+    }
+
+    /// `"https"` when the server speaks TLS, `"http"` otherwise: for URLs and logs.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// The address the server listens on (with the real port when bound to port `0`).
@@ -114,8 +132,10 @@ impl Server {
     /// in-flight requests finish for up to `PRESENCE_SHUTDOWN_GRACE_MS` (idle
     /// keep-alive connections are closed at once), aborts what is left and returns.
     ///
-    /// HTTP/1 and HTTP/2 (prior knowledge, `h2c`) are told apart by the first bytes.
-    /// Slow and idle clients are bounded by `PRESENCE_HEADER_TIMEOUT_MS`: a connection
+    /// HTTP/1 and HTTP/2 (prior knowledge, `h2c`) are told apart by the first bytes;
+    /// over TLS, by what the client chose by ALPN (`h2`, else HTTP/1.1), and the TLS
+    /// handshake must be done within `PRESENCE_HEADER_TIMEOUT_MS`. Slow and idle
+    /// clients are bounded by `PRESENCE_HEADER_TIMEOUT_MS`: a connection
     /// that sends nothing, or not a whole request header, within it is closed, and so
     /// is one (HTTP/1 or HTTP/2) that has had no request in flight for that long. A
     /// request stays in flight until its response body has been written, so a slow
@@ -136,6 +156,7 @@ impl Server {
             shutdown_grace,
             max_connections,
             builders,
+            tls,
         } = self;
         // One permit per open connection: at the cap, the loop stops accepting (the
         // kernel's backlog holds new connections) while open ones are still served.
@@ -154,20 +175,36 @@ impl Server {
             };
             tokio::select! {
                 (slot, accepted) = next => match accepted {
-                    Ok((stream, peer)) => {
+                    Ok((stream, peer)) => match &tls {
                         // Spawned as it is: wrapped in another `async` block, the
                         // connection's future would be stored twice in its task (once
                         // captured, once awaited), 4 KB more per connection.
-                        connections.spawn(serve_connection(
-                            stream,
-                            peer,
-                            builders.clone(),
-                            service.clone(),
-                            limits,
-                            closing_rx.clone(),
-                            slot,
-                        ));
-                    }
+                        None => {
+                            connections.spawn(serve_connection(
+                                stream,
+                                peer,
+                                builders.clone(),
+                                service.clone(),
+                                limits,
+                                closing_rx.clone(),
+                                slot,
+                            ));
+                        }
+                        // A task of its own type, so that TLS state never sizes the
+                        // task of a plain connection.
+                        Some(tls) => {
+                            connections.spawn(serve_tls_connection(
+                                stream,
+                                peer,
+                                tokio_rustls::TlsAcceptor::from(tls.clone()),
+                                builders.clone(),
+                                service.clone(),
+                                limits,
+                                closing_rx.clone(),
+                                slot,
+                            ));
+                        }
+                    },
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning on the error.
                         tracing::warn!(error = %e, "accept failed");
@@ -213,7 +250,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let server = Server::bind(config, store).await?;
-    tracing::info!("listening on http://{}", server.local_addr());
+    tracing::info!("listening on {}://{}", server.scheme(), server.local_addr());
     server.run(shutdown).await
 }
 
@@ -296,6 +333,8 @@ async fn serve_connection(
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
+    // Inline rather than through `serve_protocol`: awaited as a nested future, the
+    // connection's arguments and hyper's connection took 2 KB more per task.
     let activity = Arc::new(Activity::new());
     let service = ConnectionService {
         service: Mutex::new(service),
@@ -303,6 +342,100 @@ async fn serve_connection(
         activity: activity.clone(),
     };
     let io = TokioIo::new(stream);
+    match protocol {
+        Protocol::Http1 => {
+            // Pinned here and lent to `drive`: moved into it, hyper's connection would
+            // be stored twice in the task (as the argument and as the pinned local).
+            let conn = builders.http1.serve_connection(io, service);
+            tokio::pin!(conn);
+            drive(conn, peer, &activity, limits, closing, false).await;
+        }
+        Protocol::Http2 => {
+            // Boxed: hyper's HTTP/2 connection is several kilobytes of state, and
+            // inline it would size every connection's task, so every HTTP/1
+            // connection (an idle watcher, say) would carry it too.
+            Box::pin(async move {
+                let conn = builders.http2.serve_connection(io, service);
+                tokio::pin!(conn);
+                drive(conn, peer, &activity, limits, closing, true).await;
+            })
+            .await;
+        }
+    }
+}
+
+/// Serves one TLS connection until it ends, like [`serve_connection`] (whose
+/// comment explains the idle rule): the handshake must be done within the idle
+/// timeout (a client that connects and sends nothing, or stalls mid-handshake, is
+/// closed then), and the protocol is the one the client chose by ALPN.
+#[allow(clippy::too_many_arguments)] // serve_connection's, and the acceptor
+async fn serve_tls_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    builders: Arc<Builders>,
+    service: PresenceService,
+    limits: ConnectionLimits,
+    mut closing: watch::Receiver<bool>,
+    slot: Option<OwnedSemaphorePermit>,
+) {
+    let _slot = slot;
+    // Before the handshake: its flights are small writes too.
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+    }
+    let handshake = tokio::time::timeout(limits.idle, acceptor.accept(stream));
+    let stream = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "closing connection that did not finish the TLS handshake");
+                return;
+            }
+        },
+        () = shutdown_begun(&mut closing) => return,
+    };
+    let protocol = match stream.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Protocol::Http2,
+        _ => Protocol::Http1,
+    };
+    // Boxed: rustls's connection state sits beside hyper's for as long as the
+    // connection lives.
+    Box::pin(serve_protocol(
+        TokioIo::new(stream),
+        protocol,
+        peer,
+        &builders,
+        service,
+        limits,
+        closing,
+    ))
+    .await;
+}
+
+/// Serves `io` with `protocol`'s builder until the connection ends (see [`drive`]):
+/// what [`serve_connection`] does inline, for TLS connections.
+async fn serve_protocol<I>(
+    io: TokioIo<I>,
+    protocol: Protocol,
+    peer: SocketAddr,
+    builders: &Builders,
+    service: PresenceService,
+    limits: ConnectionLimits,
+    closing: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity::new());
+    let service = ConnectionService {
+        service: Mutex::new(service),
+        peer,
+        activity: activity.clone(),
+    };
     match protocol {
         Protocol::Http1 => {
             // Pinned here and lent to `drive`: moved into it, hyper's connection would

@@ -406,11 +406,34 @@ pub trait Store: Send + Sync + 'static {
 /// # Errors
 /// [`StoreError::Unavailable`] for an unknown scheme, an invalid URI or prefix.
 pub async fn open(uri: Option<&str>, prefix: &str) -> Result<Arc<dyn Store>, StoreError> {
+    open_with_ca(uri, prefix, None).await
+}
+
+/// [`open`] as the configuration says: `PRESENCE_REDIS_URI`, `PRESENCE_KEY_PREFIX`,
+/// and `PRESENCE_REDIS_CA_FILE` for a `rediss://` Redis with a private CA.
+///
+/// # Errors
+/// As for [`open`].
+pub async fn open_for(config: &crate::config::Config) -> Result<Arc<dyn Store>, StoreError> {
+    open_with_ca(
+        config.store_uri.as_deref(),
+        &config.key_prefix,
+        config.redis_ca.as_ref().map(|(_, pem)| pem.clone()),
+    )
+    .await
+}
+
+async fn open_with_ca(
+    uri: Option<&str>,
+    prefix: &str,
+    ca_pem: Option<Vec<u8>>,
+) -> Result<Arc<dyn Store>, StoreError> {
     match uri.map(str::trim) {
         None | Some("") => Ok(memory()),
         Some(u) if has_scheme(u, "memory") => Ok(memory()),
         Some(u) if has_scheme(u, "redis") || has_scheme(u, "rediss") => {
-            let options = redis::RedisOptions::default().lazy(true);
+            let mut options = redis::RedisOptions::default().lazy(true);
+            options.tls_ca_pem = ca_pem;
             Ok(Arc::new(
                 RedisStore::connect_with(u, prefix, options).await?,
             ))

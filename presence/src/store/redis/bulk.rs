@@ -14,11 +14,13 @@
 //! that drops the connection. Every other command goes through the `redis` crate.
 //!
 //! The connection is opened on first use with what the store's URI says (address,
-//! `AUTH`, `SELECT`), and dropped on any I/O error, timeout or unexpected reply; the
-//! next listing opens a new one. Listings take turns on it ([`Session`]; the server
-//! runs at most one listing at a time anyway).
+//! TLS for `rediss://` with the store's roots, `AUTH`, `SELECT`), and dropped on any
+//! I/O error, timeout or unexpected reply; the next listing opens a new one. Listings
+//! take turns on it ([`Session`]; the server runs at most one listing at a time
+//! anyway).
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -47,6 +49,11 @@ struct Target {
     username: Option<String>,
     password: Option<String>,
     db: i64,
+    /// For a TLS address: the client configuration and the name to verify.
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -83,7 +90,13 @@ impl Session<'_> {
     pub(super) async fn send(&mut self, commands: &[u8], count: usize) -> Result<(), StoreError> {
         let timeout = self.response_timeout;
         let result = match self.slot.as_mut() {
-            Some(open) => match tokio::time::timeout(timeout, open.io.write_all(commands)).await {
+            // Flushed: TLS may hold the last record back (a no-op on a TCP socket).
+            Some(open) => match tokio::time::timeout(timeout, async {
+                open.io.write_all(commands).await?;
+                open.io.flush().await
+            })
+            .await
+            {
                 Ok(written) => written.map_err(io_error),
                 Err(_) => Err(timed_out("send the commands", timeout)),
             },
@@ -155,17 +168,31 @@ impl Bulks {
 }
 
 impl BulkConnection {
-    /// A connection to what `info` names, or `None` if it is not a plain TCP or Unix
-    /// socket address (TLS, which this build does not speak).
+    /// A connection to what `info` names (TLS addresses with `tls`), or `None` if
+    /// it is neither a TCP, a TLS (with `tls` given) nor a Unix socket address.
     pub(super) fn new(
         info: &ConnectionInfo,
+        tls: Option<Arc<rustls::ClientConfig>>,
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Option<BulkConnection> {
-        let addr = match info.addr() {
-            addr @ ConnectionAddr::Tcp(..) => addr.clone(),
+        let (addr, tls) = match info.addr() {
+            addr @ ConnectionAddr::Tcp(..) => (addr.clone(), None),
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: false,
+                ..
+            } => {
+                let name = rustls::pki_types::ServerName::try_from(host.clone()).ok()?;
+                let connector = tokio_rustls::TlsConnector::from(tls?);
+                (
+                    ConnectionAddr::Tcp(host.clone(), *port),
+                    Some((connector, name)),
+                )
+            }
             #[cfg(unix)]
-            addr @ ConnectionAddr::Unix(..) => addr.clone(),
+            addr @ ConnectionAddr::Unix(..) => (addr.clone(), None),
             _ => return None,
         };
         let redis = info.redis_settings();
@@ -175,6 +202,7 @@ impl BulkConnection {
                 username: redis.username().map(str::to_owned),
                 password: redis.password().map(str::to_owned),
                 db: redis.db(),
+                tls,
             },
             connect_timeout,
             response_timeout,
@@ -208,7 +236,14 @@ impl BulkConnection {
                         .await
                         .map_err(io_error)?;
                     stream.set_nodelay(true).map_err(io_error)?;
-                    Box::new(stream)
+                    match &self.target.tls {
+                        Some((connector, name)) => {
+                            Box::new(connector.connect(name.clone(), stream).await.map_err(
+                                |e| StoreError::Unavailable(format!("redis: TLS handshake: {e}")),
+                            )?)
+                        }
+                        None => Box::new(stream),
+                    }
                 }
                 #[cfg(unix)]
                 ConnectionAddr::Unix(path) => Box::new(
@@ -218,7 +253,7 @@ impl BulkConnection {
                 ),
                 _ => {
                     return Err(StoreError::Unavailable(
-                        "redis: this address needs TLS".into(),
+                        "redis: an address this connection cannot open".into(),
                     ))
                 }
             };
@@ -246,6 +281,7 @@ impl BulkConnection {
                     .write_all(&handshake.get_packed_pipeline())
                     .await
                     .map_err(io_error)?;
+                open.io.flush().await.map_err(io_error)?;
                 for _ in 0..expected {
                     open.next_status().await?;
                 }

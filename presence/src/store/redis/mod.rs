@@ -103,8 +103,15 @@
 //!
 //! Requires Redis 6.2 or newer (`ZRANGE ... BYSCORE`); single-node or a
 //! replicated primary (cluster mode is not wired up, although the key layout is
-//! cluster ready). `rediss://` needs the `redis` crate's TLS features, which this
-//! build does not enable: such a URI fails at connect with a clear error.
+//! cluster ready).
+//!
+//! # TLS
+//!
+//! `rediss://host:port` connects over TLS (rustls) and verifies the server's
+//! certificate against the system's roots, or only against
+//! [`RedisOptions::tls_ca_pem`] when it is set (`PRESENCE_REDIS_CA_FILE`). The
+//! listing connection ([`bulk`]) speaks TLS with the same roots, so listings keep
+//! their decoder. `rediss://...#insecure` (no verification) is refused.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -190,6 +197,9 @@ pub struct RedisOptions {
     /// `false`). A lazy store can be created while Redis is down: its calls fail with
     /// [`StoreError::Unavailable`] until Redis answers, then it works.
     pub lazy: bool,
+    /// For `rediss://`: the PEM CA certificate(s) the server's certificate must
+    /// chain to, instead of the system's roots (default `None`: the system's).
+    pub tls_ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for RedisOptions {
@@ -201,6 +211,7 @@ impl Default for RedisOptions {
             page_size: 500,
             page_concurrency: 4,
             lazy: false,
+            tls_ca_pem: None,
         }
     }
 }
@@ -239,6 +250,12 @@ impl RedisOptions {
     /// Sets [`RedisOptions::lazy`].
     pub fn lazy(mut self, lazy: bool) -> Self {
         self.lazy = lazy;
+        self
+    }
+
+    /// Sets [`RedisOptions::tls_ca_pem`].
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca_pem = Some(pem.into());
         self
     }
 }
@@ -339,8 +356,42 @@ impl RedisStore {
     ) -> Result<RedisStore, StoreError> {
         validate_prefix(prefix)?;
         let shown = redact_uri(uri);
-        let client = redis::Client::open(uri)
-            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URI {shown:?}: {e}")))?;
+        let invalid = |e: &dyn fmt::Display| {
+            StoreError::Unavailable(format!("invalid Redis URI {shown:?}: {e}"))
+        };
+        let mut client = redis::Client::open(uri).map_err(|e| invalid(&e))?;
+        let tls = match client.get_connection_info().addr() {
+            redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot connect to {shown}: #insecure (TLS without verification) is not supported"
+                )))
+            }
+            redis::ConnectionAddr::TcpTls { .. } => true,
+            _ => false,
+        };
+        let tls = if tls {
+            // The redis crate builds its TLS configuration with the process's
+            // default provider (see `crate::tls`).
+            crate::tls::install_default_provider();
+            if let Some(pem) = &options.tls_ca_pem {
+                let info = client.get_connection_info().clone();
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                };
+                client =
+                    redis::Client::build_with_tls(info, certificates).map_err(|e| invalid(&e))?;
+            }
+            // The listing connection trusts what the redis crate's does: the CA alone
+            // when one is given, the system's roots otherwise.
+            let ca = options.tls_ca_pem.as_deref();
+            let roots = crate::tls::roots(ca, ca.is_none())
+                .map_err(|e| StoreError::Unavailable(format!("Redis CA: {e}")))?;
+            let config = crate::tls::client_config(roots, &[]).map_err(StoreError::Unavailable)?;
+            Some(Arc::new(config))
+        } else {
+            None
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connection_timeout))
             .set_response_timeout(Some(options.response_timeout))
@@ -349,12 +400,13 @@ impl RedisStore {
             .set_max_delay(Duration::from_millis(500));
         let bulk = BulkConnection::new(
             client.get_connection_info(),
+            tls,
             options.connection_timeout,
             options.response_timeout,
         )
         .ok_or_else(|| {
             StoreError::Unavailable(format!(
-                "cannot connect to {shown}: TLS (rediss://) is not enabled in this build"
+                "cannot connect to {shown}: not a TCP, TLS or Unix socket address"
             ))
         })?;
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
