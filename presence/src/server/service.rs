@@ -325,7 +325,8 @@ fn limited_response(
 }
 
 /// The deployment's shared buckets (`PRESENCE_RATE_LIMIT_SCOPE=shared`): keys
-/// `<prefix>:rate:{<client ip>}` in the store's Redis, one `EVALSHA` per request
+/// `<prefix>:rate:{<client ip>}` in the store's Redis (over TLS with the store's CA
+/// for `rediss://`), one `EVALSHA` per request
 /// bounded by the store timeout, this server's own buckets when Redis does not answer.
 /// `None` for per-server buckets.
 ///
@@ -337,8 +338,9 @@ fn shared_buckets(config: &Config, rate: Rate, burst: Burst) -> Option<RedisBuck
         return None;
     }
     let uri = config.store_uri.as_deref()?;
-    let client = redis::Client::open(uri)
-        .unwrap_or_else(|e| panic!("PRESENCE_RATE_LIMIT_SCOPE=shared: invalid Redis URI: {e}"));
+    let ca = config.redis_ca.as_ref().map(|(_, pem)| pem.as_slice());
+    let client = crate::store::redis::redis_client(uri, ca)
+        .unwrap_or_else(|e| panic!("PRESENCE_RATE_LIMIT_SCOPE=shared: {e}"));
     Some(
         RedisBuckets::builder(client, rate, burst)
             .prefix(format!("{}:rate:", config.key_prefix))

@@ -356,32 +356,8 @@ impl RedisStore {
     ) -> Result<RedisStore, StoreError> {
         validate_prefix(prefix)?;
         let shown = redact_uri(uri);
-        let invalid = |e: &dyn fmt::Display| {
-            StoreError::Unavailable(format!("invalid Redis URI {shown:?}: {e}"))
-        };
-        let mut client = redis::Client::open(uri).map_err(|e| invalid(&e))?;
-        let tls = match client.get_connection_info().addr() {
-            redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
-                return Err(StoreError::Unavailable(format!(
-                    "cannot connect to {shown}: #insecure (TLS without verification) is not supported"
-                )))
-            }
-            redis::ConnectionAddr::TcpTls { .. } => true,
-            _ => false,
-        };
-        let tls = if tls {
-            // The redis crate builds its TLS configuration with the process's
-            // default provider (see `crate::tls`).
-            crate::tls::install_default_provider();
-            if let Some(pem) = &options.tls_ca_pem {
-                let info = client.get_connection_info().clone();
-                let certificates = redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.clone()),
-                };
-                client =
-                    redis::Client::build_with_tls(info, certificates).map_err(|e| invalid(&e))?;
-            }
+        let client = redis_client(uri, options.tls_ca_pem.as_deref())?;
+        let tls = if is_tls(&client) {
             // The listing connection trusts what the redis crate's does: the CA alone
             // when one is given, the system's roots otherwise.
             let ca = options.tls_ca_pem.as_deref();
@@ -1257,6 +1233,50 @@ fn epoch_ms(secs: u64, micros: u64) -> u64 {
 fn encode_meta(meta: &Meta) -> Result<String, StoreError> {
     serde_json::to_string(meta)
         .map_err(|e| StoreError::Unavailable(format!("cannot encode meta: {e}")))
+}
+
+/// A `redis` client for `uri` (`redis://` or `rediss://`): over TLS it trusts `ca_pem`
+/// alone when given, the system's roots otherwise; `#insecure` (TLS without
+/// verification) is refused. The store and the shared rate limits
+/// (`PRESENCE_RATE_LIMIT_SCOPE=shared`) connect alike.
+///
+/// # Errors
+/// [`StoreError::Unavailable`] for an invalid URI, `#insecure`, or a CA the `redis`
+/// crate refuses.
+pub fn redis_client(uri: &str, ca_pem: Option<&[u8]>) -> Result<redis::Client, StoreError> {
+    let shown = redact_uri(uri);
+    let invalid =
+        |e: &dyn fmt::Display| StoreError::Unavailable(format!("invalid Redis URI {shown:?}: {e}"));
+    let client = redis::Client::open(uri).map_err(|e| invalid(&e))?;
+    match client.get_connection_info().addr() {
+        redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
+            Err(StoreError::Unavailable(format!(
+                "cannot connect to {shown}: #insecure (TLS without verification) is not supported"
+            )))
+        }
+        redis::ConnectionAddr::TcpTls { .. } => {
+            // The redis crate builds its TLS configuration with the process's
+            // default provider (see `crate::tls`).
+            crate::tls::install_default_provider();
+            let Some(pem) = ca_pem else {
+                return Ok(client);
+            };
+            let info = client.get_connection_info().clone();
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            };
+            redis::Client::build_with_tls(info, certificates).map_err(|e| invalid(&e))
+        }
+        _ => Ok(client),
+    }
+}
+
+fn is_tls(client: &redis::Client) -> bool {
+    matches!(
+        client.get_connection_info().addr(),
+        redis::ConnectionAddr::TcpTls { .. }
+    )
 }
 
 /// A Redis error as a store error: [`StoreError::Refused`] when Redis answered but
