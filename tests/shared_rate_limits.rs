@@ -104,6 +104,19 @@ async fn spray(servers: &[TestServer], for_: Duration, in_flight: usize) -> Spra
     spray
 }
 
+/// `presence_rate_limit_fallbacks_total` of `server` (0 when not served).
+async fn fallbacks(server: &TestServer) -> f64 {
+    let scrape = http()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    metric_value(&scrape, "presence_rate_limit_fallbacks_total").unwrap_or(0.0)
+}
+
 /// `capacity + rate × t + 1`: what one bucket may grant over `t`.
 fn bound(t: Duration) -> u64 {
     bound_of(RATE, CAPACITY, t)
@@ -139,17 +152,9 @@ async fn three_servers_share_one_bucket_per_client_where_server_scope_grants_thr
         assert!(s.granted >= bound(s.took) / 2, "granted only {}", s.granted);
         assert!(s.limited > s.granted, "{} limited", s.limited);
         for server in &shared {
-            let scrape = http()
-                .get(server.url("/metrics"))
-                .send()
-                .await
-                .expect("metrics")
-                .text()
-                .await
-                .expect("metrics text");
             assert_eq!(
-                metric_value(&scrape, "presence_rate_limit_fallbacks_total"),
-                Some(0.0),
+                fallbacks(server).await,
+                0.0,
                 "Redis answered every decision"
             );
         }
@@ -259,29 +264,20 @@ async fn with_redis_down_each_server_limits_with_its_own_buckets_and_says_so() {
             "answered within the bounds: {:?}",
             s.slowest
         );
-        let mut fallbacks = 0.0;
+        let mut counted = 0.0;
         for _ in 0..30 {
-            fallbacks = 0.0;
+            counted = 0.0;
             for server in &shared {
-                let scrape = http()
-                    .get(server.url("/metrics"))
-                    .send()
-                    .await
-                    .expect("metrics")
-                    .text()
-                    .await
-                    .expect("metrics text");
-                fallbacks +=
-                    metric_value(&scrape, "presence_rate_limit_fallbacks_total").unwrap_or(0.0);
+                counted += fallbacks(server).await;
             }
-            if fallbacks >= (through + s.limited) as f64 * 0.9 {
+            if counted >= (through + s.limited) as f64 * 0.9 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(
-            fallbacks >= (through + s.limited) as f64 * 0.9,
-            "fallbacks counted: {fallbacks} of {} decisions",
+            counted >= (through + s.limited) as f64 * 0.9,
+            "fallbacks counted: {counted} of {} decisions",
             through + s.limited
         );
     })

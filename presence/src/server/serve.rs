@@ -290,6 +290,45 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The end of [`serve_connection`] and [`serve_protocol`]: hyper's connection for
+/// `$protocol` on `$io`, driven by [`drive`] until it ends. A macro rather than a
+/// function so that the plain connection's task holds it inline: awaited as a nested
+/// future, its arguments and hyper's connection took 2 KB more per task.
+macro_rules! serve_inline {
+    ($io:expr, $protocol:expr, $peer:expr, $builders:expr, $service:expr, $limits:expr, $closing:expr) => {{
+        let activity = Arc::new(Activity::new());
+        let service = ConnectionService {
+            service: Mutex::new($service),
+            peer: $peer,
+            activity: activity.clone(),
+        };
+        let io = $io;
+        match $protocol {
+            Protocol::Http1 => {
+                // Pinned here and lent to `drive`: moved into it, hyper's connection
+                // would be stored twice in the task (as the argument and as the
+                // pinned local).
+                let conn = $builders.http1.serve_connection(io, service);
+                tokio::pin!(conn);
+                drive(conn, $peer, &activity, $limits, $closing, false).await;
+            }
+            Protocol::Http2 => {
+                // Boxed: hyper's HTTP/2 connection is several kilobytes of state, and
+                // inline it would size every connection's task, so every HTTP/1
+                // connection (an idle watcher, say) would carry it too.
+                let builders = &$builders;
+                let (peer, limits, closing) = ($peer, $limits, $closing);
+                Box::pin(async move {
+                    let conn = builders.http2.serve_connection(io, service);
+                    tokio::pin!(conn);
+                    drive(conn, peer, &activity, limits, closing, true).await;
+                })
+                .await;
+            }
+        }
+    }};
+}
+
 /// Serves one connection until it ends: closes it gracefully when the server shuts
 /// down (in-flight requests finish, HTTP/2 gets a GOAWAY) or when it has had no
 /// request in flight for `idle_timeout`.
@@ -335,33 +374,15 @@ async fn serve_connection(
     }
     // Inline rather than through `serve_protocol`: awaited as a nested future, the
     // connection's arguments and hyper's connection took 2 KB more per task.
-    let activity = Arc::new(Activity::new());
-    let service = ConnectionService {
-        service: Mutex::new(service),
+    serve_inline!(
+        TokioIo::new(stream),
+        protocol,
         peer,
-        activity: activity.clone(),
-    };
-    let io = TokioIo::new(stream);
-    match protocol {
-        Protocol::Http1 => {
-            // Pinned here and lent to `drive`: moved into it, hyper's connection would
-            // be stored twice in the task (as the argument and as the pinned local).
-            let conn = builders.http1.serve_connection(io, service);
-            tokio::pin!(conn);
-            drive(conn, peer, &activity, limits, closing, false).await;
-        }
-        Protocol::Http2 => {
-            // Boxed: hyper's HTTP/2 connection is several kilobytes of state, and
-            // inline it would size every connection's task, so every HTTP/1
-            // connection (an idle watcher, say) would carry it too.
-            Box::pin(async move {
-                let conn = builders.http2.serve_connection(io, service);
-                tokio::pin!(conn);
-                drive(conn, peer, &activity, limits, closing, true).await;
-            })
-            .await;
-        }
-    }
+        builders,
+        service,
+        limits,
+        closing
+    );
 }
 
 /// Serves one TLS connection until it ends, like [`serve_connection`] (whose
@@ -430,32 +451,7 @@ async fn serve_protocol<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(Activity::new());
-    let service = ConnectionService {
-        service: Mutex::new(service),
-        peer,
-        activity: activity.clone(),
-    };
-    match protocol {
-        Protocol::Http1 => {
-            // Pinned here and lent to `drive`: moved into it, hyper's connection would
-            // be stored twice in the task (as the argument and as the pinned local).
-            let conn = builders.http1.serve_connection(io, service);
-            tokio::pin!(conn);
-            drive(conn, peer, &activity, limits, closing, false).await;
-        }
-        Protocol::Http2 => {
-            // Boxed: hyper's HTTP/2 connection is several kilobytes of state, and
-            // inline it would size every connection's task, so every HTTP/1
-            // connection (an idle watcher, say) would carry it too.
-            Box::pin(async move {
-                let conn = builders.http2.serve_connection(io, service);
-                tokio::pin!(conn);
-                drive(conn, peer, &activity, limits, closing, true).await;
-            })
-            .await;
-        }
-    }
+    serve_inline!(io, protocol, peer, builders, service, limits, closing);
 }
 
 /// hyper's connection builders, one per protocol. The protocol is told apart by
