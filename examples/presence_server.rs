@@ -10,7 +10,8 @@
 //!
 //! Without `PRESENCE_REDIS_URI` it runs on the in-memory store (one server only).
 //! With it, the server starts even when Redis is down and serves once Redis answers.
-//! A bad variable stops it with one line on stderr and exit status 2; SIGTERM or
+//! A bad variable, or a Redis deployment with another shard count than
+//! `PRESENCE_SHARDS`, stops it with one line on stderr and exit status 2; SIGTERM or
 //! Ctrl-C drains in-flight requests and exits 0.
 
 use std::process::ExitCode;
@@ -23,6 +24,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use presence::config::Config;
 use presence::server::{shutdown_signal, Server};
+use presence::store::StoreError;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -57,7 +59,15 @@ async fn main() -> ExitCode {
     // Redis is connected lazily: a server started before Redis serves 503 (and
     // /readyz 503) until Redis answers, instead of exiting.
     match tokio::time::timeout(config.store_timeout, store.ping()).await {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => {
+            // A deployment of another shape (PRESENCE_SHARDS) is a configuration error.
+            if let Ok(Err(StoreError::Refused(why))) =
+                tokio::time::timeout(config.store_timeout, store.check_deployment()).await
+            {
+                eprintln!("error: {why}");
+                return ExitCode::from(2);
+            }
+        }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "store not reachable yet; answering 503 until it is")
         }

@@ -118,6 +118,20 @@ pub const ENV_TLS_CERT_FILE: &str = "PRESENCE_TLS_CERT_FILE";
 pub const ENV_TLS_KEY_FILE: &str = "PRESENCE_TLS_KEY_FILE";
 /// Environment variable: the PEM CA certificate(s) of a `rediss://` Redis.
 pub const ENV_REDIS_CA_FILE: &str = "PRESENCE_REDIS_CA_FILE";
+/// Environment variable: a standalone Redis or a Redis Cluster (see [`RedisMode`]).
+pub const ENV_REDIS_MODE: &str = "PRESENCE_REDIS_MODE";
+/// Environment variable: how many shards a deployment's keys are spread over.
+pub const ENV_SHARDS: &str = "PRESENCE_SHARDS";
+
+/// What `PRESENCE_REDIS_URI` names (`PRESENCE_REDIS_MODE`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One Redis, or a replicated primary (`standalone`, the default).
+    #[default]
+    Standalone,
+    /// A Redis Cluster, by comma-separated seed nodes (`cluster`).
+    Cluster,
+}
 
 /// The smallest accepted `PRESENCE_MAX_HEADER_BYTES`: hyper's HTTP/1 read buffer
 /// cannot be smaller.
@@ -219,6 +233,11 @@ pub struct Config {
     /// `PRESENCE_REDIS_CA_FILE`, read: the file and its PEM, the only roots a
     /// `rediss://` Redis is verified against (`None`: the system's roots).
     pub redis_ca: Option<(std::path::PathBuf, Vec<u8>)>,
+    /// `PRESENCE_REDIS_MODE`: a standalone Redis or a cluster.
+    pub redis_mode: RedisMode,
+    /// `PRESENCE_SHARDS`: how many shards the deployment's keys are spread over (1
+    /// to 1024; a deployment keeps the count it was created with).
+    pub shards: usize,
 }
 
 /// The certificate chain and private key of HTTPS, as read from their files
@@ -278,6 +297,8 @@ impl Default for Config {
             watch_backlog: 1024,
             tls: None,
             redis_ca: None,
+            redis_mode: RedisMode::Standalone,
+            shards: 1,
         }
     }
 }
@@ -325,6 +346,8 @@ impl fmt::Debug for Config {
             .field("watch_keepalive", &self.watch_keepalive)
             .field("max_watchers", &self.max_watchers)
             .field("watch_backlog", &self.watch_backlog)
+            .field("redis_mode", &self.redis_mode)
+            .field("shards", &self.shards)
             .field("tls", &self.tls)
             .field(
                 "redis_ca_file",
@@ -425,6 +448,10 @@ impl Config {
             Some(v) => parse_scope(&v, store_uri.as_deref())?,
             None => d.rate_limit_scope,
         };
+        let redis_mode = match get(ENV_REDIS_MODE) {
+            Some(v) => parse_mode(&v, store_uri.as_deref())?,
+            None => d.redis_mode,
+        };
         let tls = tls_files(&get)?;
         let redis_ca = match get(ENV_REDIS_CA_FILE) {
             Some(path) => {
@@ -499,6 +526,17 @@ impl Config {
             watch_backlog: value(&get, ENV_WATCH_BACKLOG, d.watch_backlog, count)?,
             tls,
             redis_ca,
+            redis_mode,
+            shards: value(&get, ENV_SHARDS, d.shards, |var, v| {
+                match count::<usize>(var, v)? {
+                    n if (1..=crate::store::redis::MAX_SHARDS).contains(&n) => Ok(n),
+                    _ => Err(err(
+                        var,
+                        v,
+                        format!("must be 1 to {}", crate::store::redis::MAX_SHARDS),
+                    )),
+                }
+            })?,
         })
     }
 
@@ -688,6 +726,24 @@ fn parse_scope(v: &str, store_uri: Option<&str>) -> Result<RateLimitScope, Confi
             format!("needs a Redis store ({ENV_REDIS_URI}): the buckets are shared through it"),
         )),
         _ => Err(err(ENV_RATE_LIMIT_SCOPE, v, "must be `server` or `shared`")),
+    }
+}
+
+/// `standalone` or `cluster`; `cluster` needs a Redis store URI (its seed nodes).
+fn parse_mode(v: &str, store_uri: Option<&str>) -> Result<RedisMode, ConfigError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "standalone" => Ok(RedisMode::Standalone),
+        "cluster"
+            if store_uri.is_some_and(|u| !u.to_ascii_lowercase().starts_with("memory://")) =>
+        {
+            Ok(RedisMode::Cluster)
+        }
+        "cluster" => Err(err(
+            ENV_REDIS_MODE,
+            v,
+            format!("needs a Redis store ({ENV_REDIS_URI}): the cluster's seed nodes"),
+        )),
+        _ => Err(err(ENV_REDIS_MODE, v, "must be `standalone` or `cluster`")),
     }
 }
 

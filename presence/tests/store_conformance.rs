@@ -12,7 +12,10 @@ use presence::store::feed::{
     Change, ChangeKind, Changes, Cursor, LeaveReason, WatchOptions, WatchStart,
 };
 use presence::store::query::{Filter, Query};
-use presence::store::redis::test_support::{redis_for_tests, unique_prefix};
+use presence::store::redis::test_support::{
+    cluster_for_tests, redis_for_tests, sharded_redis_for_tests, shared_cluster, unique_prefix,
+};
+use presence::store::redis::RedisOptions;
 use presence::store::{MemoryStore, RedisStore, Store, StoreError};
 use serde_json::json;
 
@@ -34,11 +37,24 @@ impl Harness {
     }
 
     async fn redis(name: &str) -> Option<Harness> {
-        let redis = redis_for_tests(name).await?;
-        Some(Harness {
+        Some(Self::of(redis_for_tests(name).await?))
+    }
+
+    /// Four shards on the test Redis.
+    async fn sharded(name: &str) -> Option<Harness> {
+        Some(Self::of(sharded_redis_for_tests(name, 4).await?))
+    }
+
+    /// Sixteen shards on a local Redis Cluster of three masters.
+    async fn cluster(name: &str) -> Option<Harness> {
+        Some(Self::of(cluster_for_tests(name, 16).await?))
+    }
+
+    fn of(redis: RedisStore) -> Harness {
+        Harness {
             store: Arc::new(redis.clone()),
             redis: Some(redis),
-        })
+        }
     }
 
     /// Lets `d` pass on the store's clock: instantly on paused time (memory), for real
@@ -77,6 +93,30 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $name() {
                     let Some(h) = super::Harness::redis(stringify!($name)).await else {
+                        return;
+                    };
+                    super::$name(&h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+        mod sharded_redis_store {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(h) = super::Harness::sharded(stringify!($name)).await else {
+                        return;
+                    };
+                    super::$name(&h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+        mod cluster_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(h) = super::Harness::cluster(stringify!($name)).await else {
                         return;
                     };
                     super::$name(&h).await;
@@ -982,7 +1022,14 @@ async fn feed_resumes_after_a_cursor_and_snapshots_without_one(h: &Harness) {
             .expect("live change");
         after.push(change.node_id.to_string());
     }
-    assert_eq!(after, ["b", "c"]);
+    // Nodes of different shards may come in any order.
+    let mut rest: Vec<&str> = ["a", "b", "c"]
+        .into_iter()
+        .filter(|n| *n != &*first.node_id)
+        .collect();
+    rest.sort_unstable();
+    after.sort_unstable();
+    assert_eq!(after, rest);
     assert!(next_change(&mut resumed.changes).await.is_none());
 
     // Another feed's cursor, or one from the future: a snapshot.
@@ -1037,14 +1084,16 @@ async fn feed_reports_each_expiry_once(h: &Harness) {
         seen.push((change.kind, change.node_id.to_string()));
     }
     let leave = ChangeKind::Leave(LeaveReason::Expired);
-    assert_eq!(
-        seen,
-        [
-            (leave, "back".to_owned()),
-            (ChangeKind::Join, "back".to_owned()),
-            (leave, "gone".to_owned())
-        ]
-    );
+    // Each node's changes are in order; nodes of different shards may interleave.
+    let of = |node: &str| -> Vec<ChangeKind> {
+        seen.iter()
+            .filter(|(_, n)| n == node)
+            .map(|(kind, _)| *kind)
+            .collect()
+    };
+    assert_eq!(of("back"), [leave, ChangeKind::Join], "{seen:?}");
+    assert_eq!(of("gone"), [leave], "{seen:?}");
+    assert_eq!(seen.len(), 3, "{seen:?}");
     assert_eq!(expired, 1, "the sweeps report the one expiry left, once");
     assert_eq!(ids(&list(h).await), ["back", "stays"]);
 }
@@ -2342,4 +2391,78 @@ async fn redis_index_build_labels_an_older_servers_records_as_rust_does() {
         strings(&["v1-1"])
     );
     assert!(store.delete_prefix().await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_shards_spread_a_deployment_over_every_master() {
+    let Some(cluster) = shared_cluster("cluster_spread") else {
+        return;
+    };
+    let Some(store) = cluster_for_tests("cluster_spread", 16).await else {
+        return;
+    };
+    for i in 0..64 {
+        store
+            .login(&id(&format!("n{i}")), &new_lease_id(), TTL, Meta::new())
+            .await
+            .expect("login");
+    }
+    let masters = cluster.masters();
+    assert_eq!(masters.len(), 3, "{masters:?}");
+    // Every master holds some of the deployment's shards (16 tags over 3 masters).
+    let prefix = format!("{{{}.", store.prefix());
+    for &port in &masters {
+        let keys = cluster.keys_starting(port, &prefix);
+        assert!(keys > 0, "master {port} holds none of {prefix}*");
+    }
+    assert_eq!(store.list().await.expect("list").len(), 64);
+    assert_eq!(store.stats().await.expect("stats").online, 64);
+    store.delete_prefix().await.expect("cleanup");
+}
+
+#[tokio::test]
+async fn redis_a_deployment_keeps_its_shard_count() {
+    let Some(single) = redis_for_tests("shard_count").await else {
+        return;
+    };
+    single
+        .login(&id("n1"), &new_lease_id(), TTL, Meta::new())
+        .await
+        .expect("login");
+    let uri = presence::store::redis::test_support::DEFAULT_TEST_REDIS_URI;
+    let uri = std::env::var("PRESENCE_TEST_REDIS_URI").unwrap_or_else(|_| uri.to_owned());
+    // A deployment of one shard written before shard counts were recorded is one too.
+    let four =
+        RedisStore::connect_with(&uri, single.prefix(), RedisOptions::default().shards(4)).await;
+    let Err(StoreError::Refused(why)) = four else {
+        panic!("four shards over a deployment of one: {four:?}");
+    };
+    assert!(
+        why.contains("has 1 shards") && why.contains("runs with 4"),
+        "{why}"
+    );
+    // A lazy store refuses its calls instead, and the check says why.
+    let lazy = RedisStore::connect_with(
+        &uri,
+        single.prefix(),
+        RedisOptions::default().shards(4).lazy(true),
+    )
+    .await
+    .expect("lazy");
+    assert!(matches!(lazy.stats().await, Err(StoreError::Refused(_))));
+    assert!(matches!(
+        lazy.check_deployment().await,
+        Err(StoreError::Refused(_))
+    ));
+    single.delete_prefix().await.expect("cleanup");
+
+    let Some(sixteen) = sharded_redis_for_tests("shard_count_16", 16).await else {
+        return;
+    };
+    let one = RedisStore::connect(&uri, sixteen.prefix()).await;
+    assert!(
+        matches!(&one, Err(StoreError::Refused(why)) if why.contains("has 16 shards")),
+        "{one:?}"
+    );
+    sixteen.delete_prefix().await.expect("cleanup");
 }

@@ -55,7 +55,7 @@ impl State {
         match action {
             Endpoint::Healthz => Ok(json_response(StatusCode::OK, &Health { status: "ok" })),
             Endpoint::Readyz => {
-                self.guarded("", |s| s.ping()).await?;
+                self.guarded(None, |s| s.ping()).await?;
                 Ok(json_response(StatusCode::OK, &Health { status: "ready" }))
             }
             Endpoint::Metrics => Ok(bytes_response(
@@ -80,7 +80,7 @@ impl State {
                 })
             }
             Endpoint::Stats => {
-                let stats = self.guarded("", |s| s.stats()).await?;
+                let stats = self.guarded(None, |s| s.stats()).await?;
                 Ok(json_response(StatusCode::OK, &stats))
             }
             Endpoint::Node => {
@@ -92,7 +92,7 @@ impl State {
                         .unwrap_or_default(),
                 );
                 let node = NodeId::parse(&id).map_err(ApiError::InvalidNodeId)?;
-                match self.guarded(&id, |s| s.get(&node)).await? {
+                match self.guarded(Some(&node), |s| s.get(&node)).await? {
                     Some(found) => Ok(json_response(StatusCode::OK, &found)),
                     None => Err(ApiError::NodeNotFound(node.into_string())),
                 }
@@ -106,7 +106,7 @@ impl State {
                 let lease_id = try_new_lease_id()
                     .map_err(|e| ApiError::Internal(format!("OS random source failed: {e}")))?;
                 let outcome = self
-                    .guarded(&req.node_id, |s| {
+                    .guarded(Some(&node), |s| {
                         s.login_with(&node, &lease_id, self.ttl_ms, meta, status)
                     })
                     .await?;
@@ -127,7 +127,7 @@ impl State {
                 let node = NodeId::parse(&req.node_id).map_err(ApiError::InvalidNodeId)?;
                 may_write(access, &node)?;
                 let removed = self
-                    .guarded(&req.node_id, |s| s.logout(&node, &req.lease_id))
+                    .guarded(Some(&node), |s| s.logout(&node, &req.lease_id))
                     .await?;
                 Ok(json_response(
                     StatusCode::OK,
@@ -159,7 +159,7 @@ impl State {
         let meta = self.check_meta(req.meta)?;
         let status = check_status(req.status)?;
         let expires_at_ms = self
-            .guarded(&req.node_id, |s| {
+            .guarded(Some(&node), |s| {
                 s.heartbeat_with(&node, &req.lease_id, self.ttl_ms, meta, status)
             })
             .await?;
@@ -207,7 +207,7 @@ impl State {
         // Taken before the store is read, as the plain listing does: watching from
         // it misses nothing that changed after the page was read.
         let cursor = self.store.feed_cursor().map(|c| c.encode());
-        let page = self.guarded("", |s| s.query_json(&params.query)).await?;
+        let page = self.guarded(None, |s| s.query_json(&params.query)).await?;
         let mut response = list_response(Listing {
             cursor,
             json: page.json,

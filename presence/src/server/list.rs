@@ -83,7 +83,7 @@ async fn run(
         .unwrap_or_else(PoisonError::into_inner)
         .take();
     let cursor = state.store.feed_cursor().map(|c| c.encode());
-    let json = state.guarded("", |s| s.list_json()).await?;
+    let json = state.guarded(None, |s| s.list_json()).await?;
     Ok(Listing { cursor, json })
 }
 

@@ -11,11 +11,18 @@ use tokio::time::Instant;
 
 use crate::store::{Store, StoreError, MAX_PRESERVED_OUTAGE, MIN_PRESERVED_OUTAGE};
 
-/// Tracks the current store outage, if any. One per service; shared by its clones.
+/// Tracks the current store outage of each shard of the store, if any. One per
+/// service; shared by its clones.
+///
+/// A call about one node concerns its shard alone; a call about every node (a
+/// listing, the stats) concerns them all. An outage of one shard (one Redis master
+/// of a cluster) is given back to that shard's leases alone, and calls to the other
+/// shards carry on meanwhile.
 pub(crate) struct OutageTracker {
     epoch: Instant,
-    /// Start of the current outage: milliseconds after `epoch`, plus one (0 = none).
-    since: AtomicU64,
+    /// Start of each shard's current outage: milliseconds after `epoch`, plus one
+    /// (0 = none).
+    since: Vec<AtomicU64>,
     /// One recovery at a time; calls that arrive meanwhile wait for it.
     recovery: tokio::sync::Mutex<()>,
     ttl_ms: u64,
@@ -27,10 +34,10 @@ pub(crate) struct OutageTracker {
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl OutageTracker {
-    pub(crate) fn new(ttl_ms: u64, store_timeout: Duration) -> Self {
+    pub(crate) fn new(shards: usize, ttl_ms: u64, store_timeout: Duration) -> Self {
         OutageTracker {
             epoch: Instant::now(),
-            since: AtomicU64::new(0),
+            since: (0..shards.max(1)).map(|_| AtomicU64::new(0)).collect(),
             recovery: tokio::sync::Mutex::new(()),
             ttl_ms,
             store_timeout,
@@ -42,27 +49,40 @@ impl OutageTracker {
         u64::try_from(ms).unwrap_or(u64::MAX - 1) + 1
     }
 
-    /// A store call that started at `started` failed (error or timeout): the outage
-    /// began no later than that.
-    pub(crate) fn failed(&self, started: Instant) {
+    /// The shards a call of `shard` concerns (`None`: every one).
+    fn scope(&self, shard: Option<usize>) -> &[AtomicU64] {
+        match shard {
+            Some(i) if i < self.since.len() => &self.since[i..=i],
+            _ => &self.since,
+        }
+    }
+
+    /// A store call of `shard` (`None`: of every shard) that started at `started`
+    /// failed (error or timeout): the outage began no later than that.
+    pub(crate) fn failed(&self, started: Instant, shard: Option<usize>) {
         let stamp = self.stamp(started);
-        let mut current = self.since.load(Ordering::Relaxed);
-        while current == 0 || stamp < current {
-            match self.since.compare_exchange_weak(
-                current,
-                stamp,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return,
-                Err(actual) => current = actual,
+        for since in self.scope(shard) {
+            let mut current = since.load(Ordering::Relaxed);
+            while current == 0 || stamp < current {
+                match since.compare_exchange_weak(
+                    current,
+                    stamp,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => break,
+                    Err(actual) => current = actual,
+                }
             }
         }
     }
 
-    /// Whether an outage is pending recovery. One atomic load: the hot path.
-    pub(crate) fn pending(&self) -> bool {
-        self.since.load(Ordering::Relaxed) != 0
+    /// Whether an outage of `shard` (`None`: of any shard) is pending recovery. One
+    /// atomic load for a shard: the hot path.
+    pub(crate) fn pending(&self, shard: Option<usize>) -> bool {
+        self.scope(shard)
+            .iter()
+            .any(|since| since.load(Ordering::Relaxed) != 0)
     }
 
     /// Gives the pending outage back to the leases (once, whoever asks first), then
@@ -74,8 +94,9 @@ impl OutageTracker {
     pub(crate) async fn recover(
         self: &Arc<Self>,
         store: &Arc<dyn Store>,
+        shard: Option<usize>,
     ) -> Result<(), StoreError> {
-        let task = tokio::spawn(Self::run_recovery(self.clone(), store.clone()));
+        let task = tokio::spawn(Self::run_recoveries(self.clone(), store.clone(), shard));
         match task.await {
             Ok(result) => result,
             Err(e) => Err(StoreError::Unavailable(format!(
@@ -84,9 +105,37 @@ impl OutageTracker {
         }
     }
 
-    async fn run_recovery(this: Arc<Self>, store: Arc<dyn Store>) -> Result<(), StoreError> {
+    /// Recovers each shard in the scope of `shard` that has an outage pending.
+    async fn run_recoveries(
+        this: Arc<Self>,
+        store: Arc<dyn Store>,
+        shard: Option<usize>,
+    ) -> Result<(), StoreError> {
         let _one_at_a_time = this.recovery.lock().await;
-        let since = this.since.load(Ordering::Relaxed);
+        let shards = match shard {
+            Some(i) => i..i + 1,
+            None => 0..this.since.len(),
+        };
+        for i in shards {
+            // A store of one shard is its own.
+            let one = match this.since.len() {
+                1 => store.clone(),
+                _ => store.shard_store(i).unwrap_or_else(|| store.clone()),
+            };
+            if let Some(since) = this.since.get(i) {
+                this.run_recovery(since, &*one).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn run_recovery(
+        &self,
+        outage_since: &AtomicU64,
+        store: &dyn Store,
+    ) -> Result<(), StoreError> {
+        let this = self;
+        let since = outage_since.load(Ordering::Relaxed);
         if since == 0 {
             return Ok(()); // recovered by the call before us
         }
@@ -116,7 +165,7 @@ impl OutageTracker {
         }
         // Failures recorded meanwhile come from calls that were sent before the store
         // answered again: part of the outage just given back, so they are dropped.
-        this.since.store(0, Ordering::Relaxed);
+        outage_since.store(0, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -140,10 +140,11 @@ impl PresenceService {
             })
             .build();
         let ttl_ms = crate::millis(config.ttl);
+        let outage = OutageTracker::new(store.shard_count(), ttl_ms, config.store_timeout);
         let state = Arc::new(State {
             store,
             breaker,
-            outage: Arc::new(OutageTracker::new(ttl_ms, config.store_timeout)),
+            outage: Arc::new(outage),
             metrics: metrics.clone(),
             store_timeout: config.store_timeout,
             body_timeout: config.request_timeout,

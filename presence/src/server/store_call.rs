@@ -14,6 +14,7 @@ use super::list::ListCoalescer;
 use super::metrics::{Metrics, StoreErrorKind};
 use super::outage::OutageTracker;
 use super::watch::Watchers;
+use crate::model::NodeId;
 use crate::store::{Store, StoreError};
 
 /// Everything the handlers share. One per [`PresenceService`](super::PresenceService).
@@ -46,10 +47,11 @@ impl State {
     /// so the breaker must not take reads and `/readyz` down with the writes). Only
     /// `Unavailable` and timeouts are failures. `node` names the node in a
     /// `404` message. After an outage, the first call gives the outage back to the
-    /// leases ([`OutageTracker`]) before its own call, within the same timeout.
+    /// leases ([`OutageTracker`]) before its own call, within the same timeout: for
+    /// a call about `node`, the outage of its shard; otherwise, of every shard.
     pub(crate) async fn guarded<'s, T, F>(
         &'s self,
-        node: &str,
+        node: Option<&NodeId>,
         call: impl FnOnce(&'s dyn Store) -> F,
     ) -> Result<T, ApiError>
     where
@@ -64,10 +66,11 @@ impl State {
                 });
             }
         };
+        let shard = node.map(|n| self.store.shard_of(n));
         // The store is only asked once the breaker has admitted the call.
         let attempt = async {
-            if self.outage.pending() {
-                self.outage.recover(&self.store).await?;
+            if self.outage.pending(shard) {
+                self.outage.recover(&self.store, shard).await?;
             }
             call(&*self.store).await
         };
@@ -76,7 +79,12 @@ impl State {
         let outcome = attempt.as_mut().await;
         let (result, kind) = match outcome {
             Ok(Ok(value)) => (Ok(value), None),
-            Ok(Err(StoreError::NotFound)) => (Err(ApiError::NodeNotFound(node.to_owned())), None),
+            Ok(Err(StoreError::NotFound)) => (
+                Err(ApiError::NodeNotFound(
+                    node.map(|n| n.as_str().to_owned()).unwrap_or_default(),
+                )),
+                None,
+            ),
             Ok(Err(StoreError::LeaseMismatch)) => (Err(ApiError::LeaseMismatch), None),
             Ok(Err(StoreError::Refused(why))) => {
                 self.metrics.record_store_error(StoreErrorKind::Refused);
@@ -110,7 +118,7 @@ impl State {
                     .as_ref()
                     .armed_at()
                     .unwrap_or_else(tokio::time::Instant::now);
-                self.outage.failed(started);
+                self.outage.failed(started, shard);
                 permit.failure();
             }
         }
@@ -130,7 +138,7 @@ impl State {
     where
         F: Future<Output = Result<T, StoreError>> + 's,
     {
-        if self.outage.pending()
+        if self.outage.pending(None)
             || self.breaker.state() != resilience::circuit_breaker::CircuitState::Closed
         {
             return None;
@@ -140,12 +148,12 @@ impl State {
             Ok(Ok(value)) => Some(value),
             Ok(Err(StoreError::Unavailable(why))) => {
                 tracing::debug!(reason = %why, "background store call failed");
-                self.outage.failed(started);
+                self.outage.failed(started, None);
                 None
             }
             Ok(Err(_)) => None,
             Err(TimedOut { .. }) => {
-                self.outage.failed(started);
+                self.outage.failed(started, None);
                 None
             }
         }

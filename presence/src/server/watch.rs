@@ -168,7 +168,7 @@ pub(crate) async fn respond(
         })),
     };
     let watch = state
-        .guarded("", |s| s.watch(cursor.as_ref(), options))
+        .guarded(None, |s| s.watch(cursor.as_ref(), options))
         .await?;
     let mut first = VecDeque::new();
     let mut filter = None;
@@ -194,7 +194,7 @@ pub(crate) async fn respond(
         }
         (WatchStart::Snapshot, Some(query)) => {
             // Queried after subscribing, like the plain snapshot.
-            let page = state.guarded("", |s| s.query_json(&query)).await?;
+            let page = state.guarded(None, |s| s.query_json(&query)).await?;
             let held = WatchFilter::snapshot(query.filter().clone(), &page.json)?;
             filter = Some(held);
             push_snapshot(&mut first, &watch.cursor, page.json.chunks, &state.metrics);

@@ -289,6 +289,9 @@ pub struct Change {
     /// The change as its consumer encodes it (an SSE frame), made once and shared by
     /// every watcher it is sent to.
     encoded: OnceLock<Bytes>,
+    /// The cursor right after it, when that is more than its own shard's position
+    /// (a watch over several shards: see [`merge`]).
+    cursor: Option<Cursor>,
 }
 
 impl Change {
@@ -307,6 +310,7 @@ impl Change {
             node_id: node_id.into(),
             data,
             encoded: OnceLock::new(),
+            cursor: None,
         }
     }
 
@@ -353,9 +357,25 @@ impl Change {
         }
     }
 
-    /// The cursor right after this change (single-shard feeds).
+    /// The cursor right after this change: its position in its feed, or, in a watch
+    /// over several shards, every shard's position as of this change.
     pub fn cursor(&self) -> Cursor {
-        Cursor::new(self.epoch, vec![self.position])
+        self.cursor
+            .clone()
+            .unwrap_or_else(|| Cursor::new(self.epoch, vec![self.position]))
+    }
+
+    /// This change with `cursor` as its cursor (and a frame of its own).
+    fn at(&self, cursor: Cursor) -> Change {
+        Change {
+            position: self.position,
+            epoch: self.epoch,
+            kind: self.kind,
+            node_id: self.node_id.clone(),
+            data: self.data.clone(),
+            encoded: OnceLock::new(),
+            cursor: Some(cursor),
+        }
     }
 
     /// The change as `encode` makes it, made on first use and shared afterwards.
@@ -429,19 +449,191 @@ pub struct Watch {
 /// being too slow or the feed restarted; resume from the last cursor.
 #[derive(Debug)]
 pub struct Changes {
-    rx: mpsc::Receiver<Arc<Change>>,
+    source: Source,
+}
+
+#[derive(Debug)]
+enum Source {
+    /// One feed's subscription.
+    Feed(mpsc::Receiver<Arc<Change>>),
+    /// Several shards' (see [`merge`]).
+    Merged(Box<Merged>),
+}
+
+/// The live changes of a watch over several shards, each given the cursor of every
+/// shard's position as of it.
+#[derive(Debug)]
+struct Merged {
+    shards: Vec<Changes>,
+    epochs: Vec<u64>,
+    positions: Vec<Position>,
+    /// The shard polled first next time, so that a busy shard cannot starve the
+    /// others.
+    next: usize,
+}
+
+impl Merged {
+    fn cursor(&self) -> Cursor {
+        Cursor::new(combined_epoch(&self.epochs), self.positions.clone())
+    }
+
+    /// `change`, from shard `shard`, moved into the merged feed.
+    fn advance(&mut self, shard: usize, change: &Change) -> Arc<Change> {
+        self.epochs[shard] = change.epoch;
+        self.positions[shard] = change.position;
+        Arc::new(change.at(self.cursor()))
+    }
 }
 
 impl Changes {
     /// The next change.
     pub async fn recv(&mut self) -> Option<Arc<Change>> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
     /// Polls for the next change.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Arc<Change>>> {
-        self.rx.poll_recv(cx)
+        match &mut self.source {
+            Source::Feed(rx) => rx.poll_recv(cx),
+            Source::Merged(merged) => {
+                let n = merged.shards.len();
+                for k in 0..n {
+                    let shard = (merged.next + k) % n;
+                    match merged.shards[shard].poll_recv(cx) {
+                        Poll::Ready(Some(change)) => {
+                            merged.next = (shard + 1) % n;
+                            return Poll::Ready(Some(merged.advance(shard, &change)));
+                        }
+                        // One shard's subscription ended: the watcher resumes from
+                        // its cursor, which covers every shard.
+                        Poll::Ready(None) => return Poll::Ready(None),
+                        Poll::Pending => {}
+                    }
+                }
+                Poll::Pending
+            }
+        }
     }
+}
+
+/// The epoch of a feed merged from shards whose feeds have `epochs`: a cursor of the
+/// merged feed is only good while every shard's feed is the one it was made on.
+pub(crate) fn combined_epoch(epochs: &[u64]) -> u64 {
+    // FNV-1a over the epochs' bytes: any change of any epoch changes the result
+    // (up to collisions of a 64-bit hash).
+    epochs
+        .iter()
+        .flat_map(|e| e.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
+/// What a cursor of a merged feed says of each of its shards, given the shards'
+/// current feeds (`heads`, one per shard): each shard's own cursor, or `None` for
+/// every shard when the cursor is not of this merged feed (another shard count,
+/// another feed of some shard, garbage), so that the watch starts with a snapshot.
+pub(crate) fn split(after: Option<&Cursor>, heads: &[Option<Cursor>]) -> Vec<Option<Cursor>> {
+    let epochs: Option<Vec<u64>> = heads
+        .iter()
+        .map(|h| h.as_ref().map(Cursor::epoch))
+        .collect();
+    let (Some(after), Some(epochs)) = (after, epochs) else {
+        return vec![None; heads.len()];
+    };
+    if after.positions().len() != heads.len() {
+        return vec![None; heads.len()];
+    }
+    // A shard whose feed did not exist yet when the cursor was made (epoch 0, nothing
+    // read) may have one now: everything in it came after the cursor.
+    let unborn: Vec<u64> = epochs
+        .iter()
+        .zip(after.positions())
+        .map(|(&epoch, &at)| if at == Position::default() { 0 } else { epoch })
+        .collect();
+    if after.epoch() != combined_epoch(&epochs) && after.epoch() != combined_epoch(&unborn) {
+        return vec![None; heads.len()];
+    }
+    epochs
+        .iter()
+        .zip(after.positions())
+        .map(|(&epoch, &at)| Some(Cursor::new(epoch, vec![at])))
+        .collect()
+}
+
+/// One watch over several shards from each shard's watch (in shard order): a
+/// snapshot if any shard needs one, else every shard's replay; then the shards' live
+/// changes as they come, each with the cursor of every shard's position as of it.
+pub(crate) fn merge(watches: Vec<Watch>) -> Watch {
+    let epochs: Vec<u64> = watches.iter().map(|w| w.cursor.epoch()).collect();
+    let heads: Vec<Position> = watches
+        .iter()
+        .map(|w| w.cursor.single().unwrap_or_default())
+        .collect();
+    let snapshot = watches
+        .iter()
+        .any(|w| matches!(w.start, WatchStart::Snapshot));
+    let mut replays = Vec::new();
+    let mut shards = Vec::with_capacity(watches.len());
+    for watch in watches {
+        if let WatchStart::Resumed(changes) = watch.start {
+            replays.push(changes);
+        }
+        shards.push(watch.changes);
+    }
+    let merged = Merged {
+        shards,
+        epochs,
+        positions: heads,
+        next: 0,
+    };
+    let cursor = merged.cursor();
+    let start = if snapshot {
+        WatchStart::Snapshot
+    } else {
+        // Each replay starts after the caller's position in its shard and ends at the
+        // shard's head: replayed in shard order, the cursors rise from the caller's
+        // to the head, shard by shard.
+        let mut positions: Vec<Position> = replays
+            .iter()
+            .zip(&merged.positions)
+            .map(|(replay, &head)| replay.first().map_or(head, |c| before(c, head)))
+            .collect();
+        let mut all = Vec::new();
+        for (shard, replay) in replays.into_iter().enumerate() {
+            for change in replay {
+                positions[shard] = change.position;
+                let at = Cursor::new(combined_epoch(&merged.epochs), positions.clone());
+                all.push(Arc::new(change.at(at)));
+            }
+        }
+        WatchStart::Resumed(all)
+    };
+    Watch {
+        start,
+        cursor,
+        changes: Changes {
+            source: Source::Merged(Box::new(merged)),
+        },
+    }
+}
+
+/// A position just before `change` in its shard (where a replay of it starts), no
+/// later than `head`.
+fn before(change: &Change, head: Position) -> Position {
+    let p = change.position;
+    let earlier = if p.seq > 0 {
+        Position {
+            ms: p.ms,
+            seq: p.seq - 1,
+        }
+    } else {
+        Position {
+            ms: p.ms.saturating_sub(1),
+            seq: u64::MAX,
+        }
+    };
+    earlier.min(head)
 }
 
 /// Where the hub can start a new subscriber.
@@ -565,6 +757,7 @@ impl Hub {
             node_id: change.node_id,
             data: change.data,
             encoded: OnceLock::new(),
+            cursor: None,
         };
         state.publish(change, now_ms);
     }
@@ -636,7 +829,9 @@ impl Hub {
             Some(p) => HubStart::Fetch(p),
         };
         Ok(Subscribed {
-            changes: Changes { rx },
+            changes: Changes {
+                source: Source::Feed(rx),
+            },
             start,
             head: Cursor::new(epoch, vec![state.head]),
         })

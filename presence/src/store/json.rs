@@ -10,7 +10,7 @@
 use bytes::Bytes;
 use serde::de::IgnoredAny;
 
-use super::NodeListJson;
+use super::{sort_key, NodeListJson};
 use crate::model::Status;
 
 /// Bytes a node costs in the listing besides its id and meta: the field names,
@@ -29,6 +29,92 @@ pub(crate) struct ListWriter {
     buf: Vec<u8>,
     count: usize,
     len: usize,
+    /// Where each node is, when the listing is to be merged with others
+    /// ([`ListWriter::spanned`]).
+    spans: Option<Vec<Span>>,
+}
+
+/// Where one node of a listing is: its piece, and its bytes in it.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    piece: usize,
+    start: usize,
+    end: usize,
+}
+
+/// A listing that knows where each of its nodes is, to be merged with the listings
+/// of other shards ([`merge_lists`]).
+#[derive(Debug)]
+pub(crate) struct SpannedList {
+    pieces: Vec<Bytes>,
+    spans: Vec<Span>,
+}
+
+impl SpannedList {
+    /// The JSON text of node `i`.
+    fn node(&self, i: usize) -> &[u8] {
+        let span = self.spans[i];
+        &self.pieces[span.piece][span.start..span.end]
+    }
+
+    /// The id of node `i` (ids need no escaping: see [`crate::model::NodeId`]).
+    fn id(&self, i: usize) -> &[u8] {
+        let rest = self
+            .node(i)
+            .get(br#"{"node_id":""#.len()..)
+            .unwrap_or_default();
+        let end = memchr::memchr(b'"', rest).unwrap_or(rest.len());
+        &rest[..end]
+    }
+
+    /// Number of nodes.
+    pub(crate) fn count(&self) -> usize {
+        self.spans.len()
+    }
+}
+
+/// The nodes of `lists` (each in `node_id` order) in one listing in `node_id` order,
+/// at most `limit` of them. Also says whether nodes were left out for the limit, and
+/// the last node id taken.
+pub(crate) fn merge_lists(
+    lists: &[SpannedList],
+    limit: Option<usize>,
+) -> (NodeListJson, bool, Option<String>) {
+    let total: usize = lists.iter().map(SpannedList::count).sum();
+    let bytes: usize = lists
+        .iter()
+        .map(|l| l.pieces.iter().map(Bytes::len).sum::<usize>())
+        .sum();
+    let mut out = ListWriter::with_capacity(bytes);
+    let mut next = vec![0usize; lists.len()];
+    // Each list's next id as a sort key: most comparisons end on it.
+    let key = |list: &SpannedList, i: usize| (i < list.count()).then(|| sort_key(list.id(i)));
+    let mut heads: Vec<Option<u128>> = lists.iter().map(|l| key(l, 0)).collect();
+    let limit = limit.unwrap_or(usize::MAX);
+    let mut last = None;
+    while out.count() < limit {
+        let mut best: Option<usize> = None;
+        for (l, head) in heads.iter().enumerate() {
+            let Some(k) = head else { continue };
+            best = match best {
+                Some(b) => {
+                    let bk = heads[b].unwrap_or(u128::MAX);
+                    let better =
+                        *k < bk || (*k == bk && lists[l].id(next[l]) < lists[b].id(next[b]));
+                    Some(if better { l } else { b })
+                }
+                None => Some(l),
+            };
+        }
+        let Some(b) = best else { break };
+        out.push_node(lists[b].node(next[b]));
+        last = Some((b, next[b]));
+        next[b] += 1;
+        heads[b] = key(&lists[b], next[b]);
+    }
+    let cut = out.count() < total;
+    let last = last.map(|(l, i)| String::from_utf8_lossy(lists[l].id(i)).into_owned());
+    (out.finish(), cut, last)
 }
 
 impl ListWriter {
@@ -41,7 +127,27 @@ impl ListWriter {
             buf,
             count: 0,
             len: 0,
+            spans: None,
         }
+    }
+
+    /// A writer that also keeps where each node is ([`ListWriter::finish_spanned`]).
+    pub(crate) fn spanned(bytes: usize) -> Self {
+        let mut writer = Self::with_capacity(bytes);
+        writer.spans = Some(Vec::new());
+        writer
+    }
+
+    /// Appends one node already written as JSON (a node of another listing).
+    fn push_node(&mut self, node: &[u8]) {
+        if self.buf.len() + node.len() + 1 > self.buf.capacity() {
+            self.cut(node.len() + 1);
+        }
+        if self.count > 0 {
+            self.buf.push(b',');
+        }
+        self.count += 1;
+        self.buf.extend_from_slice(node);
     }
 
     /// Appends one node. `meta` is its meta as serialized JSON (a JSON object, as
@@ -66,6 +172,7 @@ impl ListWriter {
             buf.push(b',');
         }
         self.count += 1;
+        let start = buf.len();
         write_node(
             buf,
             node_id,
@@ -75,6 +182,13 @@ impl ListWriter {
             last_seen_ms,
             expires_at_ms,
         );
+        if let Some(spans) = &mut self.spans {
+            spans.push(Span {
+                piece: self.done.len(),
+                start,
+                end: self.buf.len(),
+            });
+        }
     }
 
     /// Ends the current piece and starts one with room for at least `room` bytes.
@@ -95,6 +209,16 @@ impl ListWriter {
     /// Bytes written so far.
     pub(crate) fn len(&self) -> usize {
         self.len + self.buf.len()
+    }
+
+    /// Closes the array, keeping where each node is (a writer made by
+    /// [`ListWriter::spanned`]; otherwise no node is found).
+    pub(crate) fn finish_spanned(mut self) -> SpannedList {
+        let spans = self.spans.take().unwrap_or_default();
+        SpannedList {
+            pieces: self.finish().chunks,
+            spans,
+        }
     }
 
     /// Closes the array.

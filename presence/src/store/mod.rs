@@ -390,6 +390,38 @@ pub trait Store: Send + Sync + 'static {
         Box::pin(std::future::ready(Ok(Sweep::default())))
     }
 
+    /// Checks that the stored deployment is one this store can serve (a
+    /// [`RedisStore`]: the shard count it was created with). A server runs it at
+    /// start and exits if it fails with [`StoreError::Refused`]; the store's own
+    /// calls refuse until it passes. The default passes.
+    ///
+    /// # Errors
+    /// [`StoreError::Refused`] for a deployment of another shape (the message names
+    /// both), [`StoreError::Unavailable`] if the store does not answer.
+    fn check_deployment(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// How many shards the store spreads nodes over (default 1). A server gives an
+    /// outage back to the shards it hit only ([`Store::shard_store`]).
+    fn shard_count(&self) -> usize {
+        1
+    }
+
+    /// The shard `node` lives in, below [`Store::shard_count`] (default 0).
+    fn shard_of(&self, node: &NodeId) -> usize {
+        let _ = node;
+        0
+    }
+
+    /// Shard `shard` as a store of its own (its calls, ping and outage
+    /// recovery reach that shard alone), or `None` for a store of one shard, which
+    /// is its own.
+    fn shard_store(&self, shard: usize) -> Option<Arc<dyn Store>> {
+        let _ = shard;
+        None
+    }
+
     /// One line for the start-up log, e.g. `memory (single server only)` or
     /// `redis redis://host:6379/ prefix presence` (credentials redacted).
     fn describe(&self) -> String;
@@ -406,7 +438,7 @@ pub trait Store: Send + Sync + 'static {
 /// # Errors
 /// [`StoreError::Unavailable`] for an unknown scheme, an invalid URI or prefix.
 pub async fn open(uri: Option<&str>, prefix: &str) -> Result<Arc<dyn Store>, StoreError> {
-    open_with_ca(uri, prefix, None).await
+    open_with(uri, prefix, redis::RedisOptions::default().lazy(true)).await
 }
 
 /// [`open`] as the configuration says: `PRESENCE_REDIS_URI`, `PRESENCE_KEY_PREFIX`,
@@ -415,29 +447,25 @@ pub async fn open(uri: Option<&str>, prefix: &str) -> Result<Arc<dyn Store>, Sto
 /// # Errors
 /// As for [`open`].
 pub async fn open_for(config: &crate::config::Config) -> Result<Arc<dyn Store>, StoreError> {
-    open_with_ca(
-        config.store_uri.as_deref(),
-        &config.key_prefix,
-        config.redis_ca.as_ref().map(|(_, pem)| pem.clone()),
-    )
-    .await
+    let mut options = redis::RedisOptions::default()
+        .lazy(true)
+        .cluster(config.redis_mode == crate::config::RedisMode::Cluster)
+        .shards(config.shards);
+    options.tls_ca_pem = config.redis_ca.as_ref().map(|(_, pem)| pem.clone());
+    open_with(config.store_uri.as_deref(), &config.key_prefix, options).await
 }
 
-async fn open_with_ca(
+async fn open_with(
     uri: Option<&str>,
     prefix: &str,
-    ca_pem: Option<Vec<u8>>,
+    options: redis::RedisOptions,
 ) -> Result<Arc<dyn Store>, StoreError> {
     match uri.map(str::trim) {
         None | Some("") => Ok(memory()),
         Some(u) if has_scheme(u, "memory") => Ok(memory()),
-        Some(u) if has_scheme(u, "redis") || has_scheme(u, "rediss") => {
-            let mut options = redis::RedisOptions::default().lazy(true);
-            options.tls_ca_pem = ca_pem;
-            Ok(Arc::new(
-                RedisStore::connect_with(u, prefix, options).await?,
-            ))
-        }
+        Some(u) if has_scheme(u, "redis") || has_scheme(u, "rediss") => Ok(Arc::new(
+            RedisStore::connect_with(u, prefix, options).await?,
+        )),
         Some(u) => Err(StoreError::Unavailable(format!(
             "unsupported store URI {:?}: expected memory://, redis:// or rediss://",
             redact_uri(u)

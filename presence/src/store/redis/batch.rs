@@ -2,10 +2,10 @@
 //! `EVALSHA` commands the store uses for every script.
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use redis::aio::ConnectionManager;
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind};
 use tokio::sync::{mpsc, oneshot};
 
+use super::conn::RedisConnection;
 use super::scripts::{status_arg, HEARTBEATS, SCRIPT_KEYS};
 use super::{grace_ms, unavailable, DeploymentKeys};
 use crate::model::{NodeId, Status};
@@ -61,7 +61,7 @@ type Call = std::pin::Pin<
 /// fit starts the next batch, so each node's heartbeats stay in order (the
 /// connection keeps the calls in order).
 pub(super) async fn batch_heartbeats(
-    conn: ConnectionManager,
+    conn: RedisConnection,
     keys: DeploymentKeys,
     mut queue: mpsc::UnboundedReceiver<HeartbeatJob>,
 ) {
@@ -126,7 +126,7 @@ fn fill_batch(
 /// One [`HEARTBEATS`] call for `jobs`. The command is built by hand rather than
 /// through `Script::key/arg`, which allocates every argument on its own before
 /// copying it into the command.
-fn call(mut conn: ConnectionManager, keys: &DeploymentKeys, jobs: Vec<HeartbeatJob>) -> Call {
+fn call(mut conn: RedisConnection, keys: &DeploymentKeys, jobs: Vec<HeartbeatJob>) -> Call {
     // Three numbers (grace, TTL, retention) and two strings per heartbeat, five
     // for one that changes meta or status (see `HEARTBEATS`).
     let bytes = jobs
@@ -224,7 +224,7 @@ pub(super) fn evalsha(script: &Script, keys: &DeploymentKeys, args: usize, bytes
 /// under the same lease writes the same record; a logout already done answers
 /// `removed: false`).
 pub(super) async fn eval<T: FromRedisValue>(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConnection,
     script: &Script,
     cmd: &Cmd,
 ) -> Result<T, RedisError> {

@@ -159,6 +159,30 @@ impl Bulks {
         self.data.get(range)
     }
 
+    /// An array of bulk strings or nils as the `redis` crate parsed it (the listing
+    /// on a cluster); `None` for anything else.
+    pub(super) fn from_value(value: redis::Value) -> Option<Bulks> {
+        let redis::Value::Array(values) = value else {
+            return None;
+        };
+        let mut data = Vec::new();
+        let mut items = Vec::with_capacity(values.len());
+        for value in values {
+            match value {
+                redis::Value::BulkString(bytes) => {
+                    items.push(Some(data.len()..data.len() + bytes.len()));
+                    data.extend_from_slice(&bytes);
+                }
+                redis::Value::Nil => items.push(None),
+                _ => return None,
+            }
+        }
+        Some(Bulks {
+            data: data.into(),
+            items,
+        })
+    }
+
     /// The elements in order, `None` for nils.
     pub(super) fn iter(&self) -> impl Iterator<Item = Option<&[u8]>> + '_ {
         self.items

@@ -12,9 +12,9 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, RedisError, Value};
+use redis::{RedisError, Value};
 
+use super::conn::{Connector, RedisConnection};
 use super::record::{parse_u64, Record};
 use super::scripts::FEED_STATE;
 use super::{local_epoch_ms, unavailable, DeploymentKeys};
@@ -81,20 +81,17 @@ pub(super) async fn feed_state(
 /// deleted and created again) it resets the hub, so every watcher resumes with a
 /// snapshot.
 pub(super) async fn read_feed(
-    client: redis::Client,
+    connector: Connector,
     keys: DeploymentKeys,
     hub: Weak<Hub>,
     connection_timeout: Duration,
     response_timeout: Duration,
 ) {
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(connection_timeout))
-        .set_response_timeout(Some(BLOCK + response_timeout));
     let mut last: Option<Position> = None;
     let mut backoff = Duration::from_millis(50);
     while hub.strong_count() > 0 {
-        let outcome = match client
-            .get_multiplexed_async_connection_with_config(&config)
+        let outcome = match connector
+            .dedicated(connection_timeout, BLOCK + response_timeout)
             .await
         {
             Ok(conn) => follow(conn, &keys, &hub, &mut last, &mut backoff).await,
@@ -113,7 +110,7 @@ pub(super) async fn read_feed(
 
 /// One connection's worth of [`read_feed`]: `Ok` when the hub is gone.
 async fn follow(
-    mut conn: MultiplexedConnection,
+    mut conn: RedisConnection,
     keys: &DeploymentKeys,
     hub: &Weak<Hub>,
     last: &mut Option<Position>,
@@ -290,7 +287,7 @@ fn bulk(v: &Value) -> Option<&[u8]> {
 /// removes the oldest entries, so if nothing after `after` had been removed by the
 /// check, the read was complete.
 pub(super) async fn changes_between(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConnection,
     keys: &DeploymentKeys,
     epoch: u64,
     after: Position,

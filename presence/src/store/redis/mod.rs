@@ -3,8 +3,12 @@
 //!
 //! # Data model
 //!
-//! Every key carries the hash tag `{<prefix>}`, so all keys of a deployment live in
-//! one cluster slot and every script only touches keys of that slot:
+//! Every key of a shard carries the shard's hash tag, so all its keys live in one
+//! cluster slot and every script only touches keys of that slot. A deployment of one
+//! shard (the default) has the tag `{<prefix>}`; one of S shards
+//! ([`RedisOptions::shards`]) has `{<prefix>.0}` … `{<prefix>.<S-1>}`, each with the
+//! keys below, and records S in `{<prefix>}:shards` (see [`RedisStore`]). In the keys
+//! below, `<prefix>` stands for the tag:
 //!
 //! - `{<prefix>}:nodes`: sorted set, member `node_id`, score `expires_at_ms` to
 //!   within [`INDEX_GRANULARITY`] (10 s): the score is never ahead of the record's
@@ -101,9 +105,9 @@
 //!   costs Redis about three times as much per record, in round trips that cannot
 //!   overlap.)
 //!
-//! Requires Redis 6.2 or newer (`ZRANGE ... BYSCORE`); single-node or a
-//! replicated primary (cluster mode is not wired up, although the key layout is
-//! cluster ready).
+//! Requires Redis 6.2 or newer (`ZRANGE ... BYSCORE`): one server, a replicated
+//! primary, or a Redis Cluster ([`RedisOptions::cluster`], the seed nodes in the
+//! URI), on which a listing goes over the shared connection instead of [`bulk`]'s.
 //!
 //! # TLS
 //!
@@ -118,12 +122,14 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::collections::VecDeque;
+
 use redis::RedisError;
 use tokio::sync::{mpsc, oneshot};
 
 use self::batch::{batch_heartbeats, eval, evalsha, HeartbeatJob};
 use self::bulk::{BulkConnection, Bulks, Session};
+use self::conn::{Connector, RedisConnection};
 use self::feed::{changes_between, read_feed};
 use self::record::{parse_u64, to_node, Record};
 use self::scripts::{
@@ -131,6 +137,7 @@ use self::scripts::{
     OUTAGE_CLAIM, OUTAGE_SHIFT, PAGE, SWEEP,
 };
 pub use self::scripts::{INDEX_GRANULARITY, KEY_SLACK, MAX_LEASE_LEN};
+pub use self::sharded::{RedisStore, MAX_SHARDS};
 use super::feed::{
     Cursor, Hub, HubStart, Position, Watch, WatchOptions, WatchStart, DEFAULT_RETENTION_MS,
 };
@@ -144,9 +151,11 @@ use crate::model::{Meta, Node, NodeId, Stats, Status};
 
 mod batch;
 mod bulk;
+mod conn;
 mod feed;
 mod record;
 mod scripts;
+mod sharded;
 
 /// Longest accepted key prefix, in bytes.
 pub const MAX_PREFIX_LEN: usize = 128;
@@ -200,6 +209,12 @@ pub struct RedisOptions {
     /// For `rediss://`: the PEM CA certificate(s) the server's certificate must
     /// chain to, instead of the system's roots (default `None`: the system's).
     pub tls_ca_pem: Option<Vec<u8>>,
+    /// Whether the URI names the seed nodes of a Redis Cluster, comma-separated
+    /// (default `false`: one standalone Redis or replicated primary).
+    pub cluster: bool,
+    /// How many shards the deployment's keys are spread over (default 1; see
+    /// [`RedisStore::shard_of`]). A deployment keeps the count it was created with.
+    pub shards: usize,
 }
 
 impl Default for RedisOptions {
@@ -212,6 +227,8 @@ impl Default for RedisOptions {
             page_concurrency: 4,
             lazy: false,
             tls_ca_pem: None,
+            cluster: false,
+            shards: 1,
         }
     }
 }
@@ -258,33 +275,43 @@ impl RedisOptions {
         self.tls_ca_pem = Some(pem.into());
         self
     }
+
+    /// Sets [`RedisOptions::cluster`].
+    pub fn cluster(mut self, cluster: bool) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// Sets [`RedisOptions::shards`] (1 to [`MAX_SHARDS`]; checked on connect).
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = shards;
+        self
+    }
 }
 
-/// Presence state in Redis (see the [module docs](self) for the data model).
-///
-/// Cheap to clone: clones share one multiplexed, self-reconnecting connection
-/// (`redis::aio::ConnectionManager`).
-#[derive(Clone)]
-pub struct RedisStore {
-    conn: ConnectionManager,
+/// One shard of a [`RedisStore`]: a deployment's keys under one hash tag (see the
+/// [module docs](self) for the data model), with its own heartbeat batcher, listing
+/// connection and feed reader. A deployment of one shard is one of these.
+pub(super) struct Shard {
+    conn: RedisConnection,
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    prefix: String,
     /// The keys every script gets (see [`SCRIPT_KEYS`](scripts::SCRIPT_KEYS)).
     keys: DeploymentKeys,
     outage_key: String,
     description: String,
     page_size: usize,
     page_concurrency: usize,
-    /// The listing's own connection (see [`bulk`]).
-    bulk: BulkConnection,
+    /// The listing's own connection (see [`bulk`]); `None` on a cluster, whose
+    /// listings go over the shared connection.
+    bulk: Option<BulkConnection>,
     /// Nodes in the last listing: sizes the next one's buffer list.
     list_nodes_hint: AtomicUsize,
     /// Whether this store has made sure the deployment has its id index and
     /// counters ([`INDEX_BUILD`], before its first write, page, stats or sweep:
-    /// see [`RedisStore::ensure_index`]).
+    /// see [`Shard::ensure_index`]).
     index_built: AtomicBool,
     /// Redis clock minus the local wall clock, in ms, as of the last listing
     /// (`i64::MIN`: not known yet). Bounds the next listing's `ZRANGE`.
@@ -316,106 +343,72 @@ struct DeploymentKeys {
 }
 
 impl DeploymentKeys {
+    /// The keys under the hash tag `{tag}`.
+    fn new(tag: &str) -> DeploymentKeys {
+        DeploymentKeys {
+            nodes: format!("{{{tag}}}:nodes"),
+            records: format!("{{{tag}}}:records"),
+            feed: format!("{{{tag}}}:feed"),
+            epoch: format!("{{{tag}}}:feed-epoch"),
+            index: format!("{{{tag}}}:ids"),
+            counts: format!("{{{tag}}}:counts"),
+            swept: format!("{{{tag}}}:swept"),
+            labels: format!("{{{tag}}}:labels"),
+            labelled: format!("{{{tag}}}:labels-of"),
+            retention_ms: Arc::new(AtomicU64::new(DEFAULT_RETENTION_MS)),
+        }
+    }
+
     /// How long the feed keeps events, in ms.
     pub(super) fn retention_ms(&self) -> u64 {
         self.retention_ms.load(Ordering::Relaxed)
     }
-}
 
-impl fmt::Debug for RedisStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisStore")
-            .field("description", &self.inner.description)
-            .finish_non_exhaustive()
+    /// Every key a shard may hold (for [`RedisStore::delete_prefix`]).
+    fn all(&self, outage_key: &str) -> [String; 10] {
+        [
+            self.nodes.clone(),
+            self.records.clone(),
+            self.feed.clone(),
+            self.epoch.clone(),
+            self.swept.clone(),
+            self.index.clone(),
+            self.counts.clone(),
+            self.labels.clone(),
+            self.labelled.clone(),
+            outage_key.to_owned(),
+        ]
     }
 }
 
-impl RedisStore {
-    /// Connects to `uri` (`redis://[user:password@]host:port[/db]`) with
-    /// [`RedisOptions::default`]; keys live under `{prefix}`.
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`] if the URI or prefix is invalid or Redis cannot be
-    /// reached (within about a second when nothing listens).
-    pub async fn connect(uri: &str, prefix: &str) -> Result<RedisStore, StoreError> {
-        Self::connect_with(uri, prefix, RedisOptions::default()).await
-    }
-
-    /// [`RedisStore::connect`] with explicit [`RedisOptions`]. With
-    /// [`RedisOptions::lazy`] nothing is sent until the first call, and Redis being
-    /// unreachable is not an error here.
-    ///
-    /// Must be called within a Tokio runtime (the connection manager spawns a task).
-    ///
-    /// # Errors
-    /// As for [`RedisStore::connect`].
-    pub async fn connect_with(
-        uri: &str,
-        prefix: &str,
-        options: RedisOptions,
-    ) -> Result<RedisStore, StoreError> {
-        validate_prefix(prefix)?;
-        let shown = redact_uri(uri);
-        let client = redis_client(uri, options.tls_ca_pem.as_deref())?;
-        let tls = if is_tls(&client) {
-            // The listing connection trusts what the redis crate's does: the CA alone
-            // when one is given, the system's roots otherwise.
-            let ca = options.tls_ca_pem.as_deref();
-            let roots = crate::tls::roots(ca, ca.is_none())
-                .map_err(|e| StoreError::Unavailable(format!("Redis CA: {e}")))?;
-            let config = crate::tls::client_config(roots, &[]).map_err(StoreError::Unavailable)?;
-            Some(Arc::new(config))
-        } else {
-            None
-        };
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.connection_timeout))
-            .set_response_timeout(Some(options.response_timeout))
-            .set_number_of_retries(options.reconnect_retries)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let bulk = BulkConnection::new(
-            client.get_connection_info(),
-            tls,
-            options.connection_timeout,
-            options.response_timeout,
-        )
-        .ok_or_else(|| {
-            StoreError::Unavailable(format!(
-                "cannot connect to {shown}: not a TCP, TLS or Unix socket address"
-            ))
-        })?;
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| StoreError::Unavailable(format!("cannot connect to {shown}: {e}")))?;
-        let keys = DeploymentKeys {
-            nodes: format!("{{{prefix}}}:nodes"),
-            records: format!("{{{prefix}}}:records"),
-            feed: format!("{{{prefix}}}:feed"),
-            epoch: format!("{{{prefix}}}:feed-epoch"),
-            index: format!("{{{prefix}}}:ids"),
-            counts: format!("{{{prefix}}}:counts"),
-            swept: format!("{{{prefix}}}:swept"),
-            labels: format!("{{{prefix}}}:labels"),
-            labelled: format!("{{{prefix}}}:labels-of"),
-            retention_ms: Arc::new(AtomicU64::new(DEFAULT_RETENTION_MS)),
-        };
+impl Shard {
+    /// The shard under the hash tag `{tag}`, over `conn`: starts its heartbeat
+    /// batcher and its feed reader (a connection of its own from `connector`).
+    fn new(
+        conn: RedisConnection,
+        connector: &Connector,
+        bulk: Option<BulkConnection>,
+        tag: String,
+        description: String,
+        options: &RedisOptions,
+    ) -> Shard {
+        let keys = DeploymentKeys::new(&tag);
         let (heartbeats, queue) = mpsc::unbounded_channel();
         tokio::spawn(batch_heartbeats(conn.clone(), keys.clone(), queue));
         let hub = Arc::new(Hub::new(None, Position::default(), RECENT_CHANGES));
         tokio::spawn(read_feed(
-            client.clone(),
+            connector.clone(),
             keys.clone(),
             Arc::downgrade(&hub),
             options.connection_timeout,
             options.response_timeout,
         ));
-        let store = RedisStore {
+        Shard {
             conn,
             inner: Arc::new(Inner {
-                prefix: prefix.to_owned(),
+                outage_key: format!("{{{tag}}}:outage"),
                 keys,
-                outage_key: format!("{{{prefix}}}:outage"),
-                description: format!("redis {shown} prefix {prefix}"),
+                description,
                 page_size: options.page_size.max(1),
                 page_concurrency: options.page_concurrency.max(1),
                 bulk,
@@ -427,65 +420,22 @@ impl RedisStore {
                 hub,
                 response_timeout: options.response_timeout,
             }),
-        };
-        if !options.lazy {
-            store
-                .ping_impl()
-                .await
-                .map_err(|e| StoreError::Unavailable(format!("cannot connect to {shown}: {e}")))?;
         }
-        Ok(store)
     }
 
-    /// The key prefix this store was opened with.
-    pub fn prefix(&self) -> &str {
-        &self.inner.prefix
-    }
-
-    /// The sorted set key, `{prefix}:nodes`.
-    pub fn nodes_key(&self) -> &str {
+    /// The sorted set key, `{tag}:nodes`.
+    fn nodes_key(&self) -> &str {
         &self.inner.keys.nodes
     }
 
-    /// The hash of the node records, `{prefix}:records` (field: the node id).
-    pub fn records_key(&self) -> &str {
+    /// The hash of the node records, `{tag}:records`.
+    fn records_key(&self) -> &str {
         &self.inner.keys.records
     }
 
-    /// Deletes every key of this prefix (`SCAN MATCH {prefix}:*` + `UNLINK`, never
-    /// `KEYS`); returns how many were deleted. Meant for tests and decommissioning:
-    /// it wipes the deployment.
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`] if Redis fails.
-    pub async fn delete_prefix(&self) -> Result<u64, StoreError> {
-        let mut conn = self.conn.clone();
-        let pattern = format!("{}*", glob_escape(&format!("{{{}}}:", self.inner.prefix)));
-        let mut cursor: u64 = 0;
-        let mut deleted = 0;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            if !keys.is_empty() {
-                let n: u64 = redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(unavailable)?;
-                deleted += n;
-            }
-            if next == 0 {
-                return Ok(deleted);
-            }
-            cursor = next;
-        }
+    /// Every key this shard may hold.
+    fn all_keys(&self) -> [String; 10] {
+        self.inner.keys.all(&self.inner.outage_key)
     }
 
     async fn login_impl(
@@ -615,7 +565,14 @@ impl RedisStore {
         &self,
         mut each: impl FnMut(&str, Record<'_>) + Send,
     ) -> Result<(), StoreError> {
-        let mut session = self.inner.bulk.session().await?;
+        let mut session = match &self.inner.bulk {
+            Some(bulk) => ListSession::Bulk(bulk.session().await?),
+            None => ListSession::Shared {
+                conn: self.conn.clone(),
+                sent: VecDeque::new(),
+                ready: VecDeque::new(),
+            },
+        };
         let (now, ids) = self.live_members(&mut session).await?;
         let order = node_id_order(&ids);
         self.each_record(&mut session, &ids, &order, now, &mut each)
@@ -627,7 +584,10 @@ impl RedisStore {
     /// bound).
     ///
     /// [`for_each_live`]: Self::for_each_live
-    async fn live_members(&self, session: &mut Session<'_>) -> Result<(u64, Bulks), StoreError> {
+    async fn live_members(
+        &self,
+        session: &mut ListSession<'_>,
+    ) -> Result<(u64, Bulks), StoreError> {
         let offset = self.inner.clock_offset_ms.load(Ordering::Relaxed);
         let mut lower = (offset != i64::MIN)
             .then(|| local_epoch_ms().saturating_add_signed(offset))
@@ -641,8 +601,8 @@ impl RedisStore {
                 .arg(min)
                 .arg("+inf")
                 .arg("BYSCORE")
-                .get_packed_pipeline();
-            session.send(&range, 2).await?;
+                .clone();
+            session.send(&range).await?;
             let time = session.reply().await?;
             let ids = session.reply().await?;
             let now = match (
@@ -674,7 +634,7 @@ impl RedisStore {
     /// page while this one is written out.
     async fn each_record(
         &self,
-        session: &mut Session<'_>,
+        session: &mut ListSession<'_>,
         ids: &Bulks,
         order: &[(u128, usize)],
         now: u64,
@@ -682,22 +642,22 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         let pages: Vec<&[(u128, usize)]> = order.chunks(self.inner.page_size).collect();
         let hmget = |page: &[(u128, usize)]| {
-            let mut cmd = redis::cmd("HMGET");
-            cmd.arg(&self.inner.keys.records);
+            let mut pipe = redis::pipe();
+            let cmd = pipe.cmd("HMGET").arg(&self.inner.keys.records);
             for &(_, i) in page {
                 cmd.arg(ids.get(i).unwrap_or_default());
             }
-            cmd.get_packed_command()
+            pipe
         };
         let mut sent = 0;
         for page in pages.iter().take(self.inner.page_concurrency) {
-            session.send(&hmget(page), 1).await?;
+            session.send(&hmget(page)).await?;
             sent += 1;
         }
         for page in &pages {
             let records = session.reply().await?;
             if let Some(next) = pages.get(sent) {
-                session.send(&hmget(next), 1).await?;
+                session.send(&hmget(next)).await?;
                 sent += 1;
             }
             if records.len() != page.len() {
@@ -738,9 +698,20 @@ impl RedisStore {
     /// [`Store::list_json`]: each page's records are written into the response as
     /// they arrive, meta text as stored.
     async fn list_json_impl(&self) -> Result<NodeListJson, StoreError> {
+        Ok(self.list_written(false).await?.finish())
+    }
+
+    /// The listing, written; `spanned` keeps where each node is (to be merged with
+    /// other shards').
+    async fn list_written(&self, spanned: bool) -> Result<ListWriter, StoreError> {
         let per_node = self.inner.list_bytes_per_node.load(Ordering::Relaxed);
         let expected = self.inner.list_nodes_hint.load(Ordering::Relaxed);
-        let mut list = ListWriter::with_capacity(expected.saturating_mul(per_node));
+        let bytes = expected.saturating_mul(per_node);
+        let mut list = if spanned {
+            ListWriter::spanned(bytes)
+        } else {
+            ListWriter::with_capacity(bytes)
+        };
         self.for_each_live(|id, rec| {
             rec.push_to(&mut list, id, rec.meta_json(id));
         })
@@ -753,7 +724,7 @@ impl RedisStore {
                 .list_bytes_per_node
                 .store(per_node + per_node / 8, Ordering::Relaxed);
         }
-        Ok(list.finish())
+        Ok(list)
     }
 
     async fn get_impl(&self, node: &NodeId) -> Result<Option<Node>, StoreError> {
@@ -971,6 +942,27 @@ impl RedisStore {
     /// listing connection) and filtered here: a Lua loop over every record costs
     /// Redis more than sending them (README, Performance).
     async fn query_json_impl(&self, query: &Query) -> Result<Page, StoreError> {
+        let (list, next_after) = self.query_written(query, false).await?;
+        Ok(Page {
+            json: list.finish(),
+            next_after,
+        })
+    }
+
+    /// [`Shard::query_json_impl`]'s page, written, and the next page's `after`;
+    /// `spanned` keeps where each node is (to be merged with other shards').
+    async fn query_written(
+        &self,
+        query: &Query,
+        spanned: bool,
+    ) -> Result<(ListWriter, Option<String>), StoreError> {
+        let writer = |bytes| {
+            if spanned {
+                ListWriter::spanned(bytes)
+            } else {
+                ListWriter::with_capacity(bytes)
+            }
+        };
         self.ensure_index().await?;
         let filter = query.filter();
         // Members of the label index are `<label>\0<id>`: a range of ids is the
@@ -981,7 +973,7 @@ impl RedisStore {
             && filter.prefix_value().is_none()
             && label.is_empty()
         {
-            let mut list = ListWriter::with_capacity(4096);
+            let mut list = writer(4096);
             self.for_each_live(|id, rec| {
                 let meta = rec.meta_json(id);
                 if filter.matches(id, rec.status, meta) {
@@ -989,10 +981,7 @@ impl RedisStore {
                 }
             })
             .await?;
-            return Ok(Page {
-                json: list.finish(),
-                next_after: None,
-            });
+            return Ok((list, None));
         }
         let limit = query.limit_value().unwrap_or(usize::MAX);
         let mut start = match query.scan_start() {
@@ -1013,7 +1002,7 @@ impl RedisStore {
         } else {
             String::new()
         };
-        let mut list = ListWriter::with_capacity(limit.min(QUERY_BUDGET) * 128);
+        let mut list = writer(limit.min(QUERY_BUDGET) * 128);
         let mut last: Option<String> = None;
         loop {
             let want = limit.saturating_sub(list.count()).saturating_add(1);
@@ -1046,19 +1035,13 @@ impl RedisStore {
                     continue;
                 }
                 if list.count() == limit {
-                    return Ok(Page {
-                        json: list.finish(),
-                        next_after: last,
-                    });
+                    return Ok((list, last));
                 }
                 rec.push_to(&mut list, id, meta);
                 last = Some(id.to_owned());
             }
             if next.is_empty() {
-                return Ok(Page {
-                    json: list.finish(),
-                    next_after: None,
-                });
+                return Ok((list, None));
             }
             start = next;
         }
@@ -1082,7 +1065,14 @@ impl RedisStore {
     }
 
     async fn ping_impl(&self) -> Result<(), StoreError> {
-        let ping = || async { redis::cmd("PING").exec_async(&mut self.conn.clone()).await };
+        // A command on one of the shard's keys, not `PING`: on a cluster that reaches
+        // the master of the shard's slot (a `PING` would go to every master).
+        let ping = || async {
+            redis::cmd("EXISTS")
+                .arg(&self.inner.keys.counts)
+                .exec_async(&mut self.conn.clone())
+                .await
+        };
         match ping().await {
             // After an outage the first command may only collect the failure of a
             // stale reconnection attempt, which starts a fresh one: a probe asks again,
@@ -1095,7 +1085,71 @@ impl RedisStore {
     }
 }
 
-impl Store for RedisStore {
+/// The exchanges of one listing: over the shard's [`BulkConnection`], or, on a
+/// cluster (where that connection does not follow slots and failovers), over the
+/// shared connection, through the `redis` crate's parser (README, Performance).
+enum ListSession<'a> {
+    Bulk(Session<'a>),
+    Shared {
+        conn: RedisConnection,
+        /// Pipelines sent, in order: each runs in its own task so that several are
+        /// in flight, like the bulk connection's.
+        sent: VecDeque<tokio::task::JoinHandle<redis::RedisResult<Vec<redis::Value>>>>,
+        /// Replies of the first pipeline not handed out yet.
+        ready: VecDeque<redis::Value>,
+    },
+}
+
+impl ListSession<'_> {
+    /// Sends `pipeline`, whose replies [`reply`](Self::reply) then reads in order.
+    async fn send(&mut self, pipeline: &redis::Pipeline) -> Result<(), StoreError> {
+        match self {
+            ListSession::Bulk(session) => {
+                session
+                    .send(&pipeline.get_packed_pipeline(), pipeline.len())
+                    .await
+            }
+            ListSession::Shared { conn, sent, .. } => {
+                let mut conn = conn.clone();
+                let pipeline = pipeline.clone();
+                sent.push_back(tokio::spawn(async move {
+                    pipeline.query_async(&mut conn).await
+                }));
+                Ok(())
+            }
+        }
+    }
+
+    /// The next reply, which must be an array of bulk strings or nils.
+    async fn reply(&mut self) -> Result<Bulks, StoreError> {
+        match self {
+            ListSession::Bulk(session) => session.reply().await,
+            ListSession::Shared { sent, ready, .. } => {
+                if ready.is_empty() {
+                    let Some(next) = sent.pop_front() else {
+                        return Err(StoreError::Unavailable(
+                            "redis: a reply was read that was not asked for".to_owned(),
+                        ));
+                    };
+                    let replies = next.await.map_err(|e| {
+                        StoreError::Unavailable(format!("redis: listing task failed: {e}"))
+                    })?;
+                    ready.extend(replies.map_err(unavailable)?);
+                }
+                ready
+                    .pop_front()
+                    .and_then(Bulks::from_value)
+                    .ok_or_else(|| {
+                        StoreError::Unavailable(
+                            "redis: a listing reply is not an array of strings".to_owned(),
+                        )
+                    })
+            }
+        }
+    }
+}
+
+impl Store for Shard {
     fn login_with<'a>(
         &'a self,
         node: &'a NodeId,
@@ -1316,79 +1370,11 @@ fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
     }
 }
 
-/// Escapes the glob metacharacters of `SCAN MATCH`.
-fn glob_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// Helpers for tests that need a Redis server (this crate's and the workspace's
-/// end-to-end tests), behind the `test-util` feature: not part of the library's API.
+/// Helpers for tests that need a Redis server or a Redis Cluster (this crate's and
+/// the workspace's end-to-end tests), behind the `test-util` feature: not part of the
+/// library's API.
 #[cfg(feature = "test-util")]
-pub mod test_support {
-    use std::time::{SystemTime, UNIX_EPOCH};
-
-    use super::RedisStore;
-
-    /// Default when `PRESENCE_TEST_REDIS_URI` is unset.
-    pub const DEFAULT_TEST_REDIS_URI: &str = "redis://127.0.0.1:6379";
-
-    /// A key prefix no other test run uses: `test-<pid>-<nanos>-<name>`.
-    pub fn unique_prefix(name: &str) -> String {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let name: String = name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        format!("test-{}-{nanos}-{name}", std::process::id())
-    }
-
-    /// A [`RedisStore`] on a fresh [`unique_prefix`] for the test `name`, connected to
-    /// `PRESENCE_TEST_REDIS_URI` (default [`DEFAULT_TEST_REDIS_URI`]).
-    ///
-    /// When Redis is unreachable it prints why and returns `None`, so the test can
-    /// return early (skip); with `PRESENCE_REQUIRE_REDIS=1` it panics instead, so CI
-    /// cannot silently skip. Call [`RedisStore::delete_prefix`] at the end of the test;
-    /// keys left behind by a failed test expire with their nodes anyway.
-    ///
-    /// # Panics
-    /// If Redis is unreachable and `PRESENCE_REQUIRE_REDIS=1`.
-    pub async fn redis_for_tests(name: &str) -> Option<RedisStore> {
-        let uri = std::env::var("PRESENCE_TEST_REDIS_URI")
-            .ok()
-            .filter(|u| !u.trim().is_empty())
-            .unwrap_or_else(|| DEFAULT_TEST_REDIS_URI.to_owned());
-        let required = std::env::var("PRESENCE_REQUIRE_REDIS").is_ok_and(|v| v.trim() == "1");
-        match RedisStore::connect(&uri, &unique_prefix(name)).await {
-            Ok(store) => Some(store),
-            Err(e) if required => {
-                panic!("{name}: Redis is required (PRESENCE_REQUIRE_REDIS=1) but unavailable: {e}")
-            }
-            Err(e) => {
-                eprintln!(
-                    "skipping {name}: {e} (start Redis or set PRESENCE_TEST_REDIS_URI; \
-                     PRESENCE_REQUIRE_REDIS=1 makes this a failure)"
-                );
-                None
-            }
-        }
-    }
-}
+pub mod test_support;
 
 #[cfg(test)]
 mod tests {
@@ -1402,10 +1388,5 @@ mod tests {
             assert!(validate_prefix(bad).is_err(), "{bad:?}");
         }
         assert!(validate_prefix(&"p".repeat(MAX_PREFIX_LEN + 1)).is_err());
-    }
-
-    #[test]
-    fn glob_escaping() {
-        assert_eq!(glob_escape("{a*b?}[c]\\"), "{a\\*b\\?}\\[c\\]\\\\");
     }
 }

@@ -430,6 +430,22 @@ return {1, now}
     ))
 });
 
+/// KEYS: `{prefix}:shards`, `{prefix}:records` (the records of a deployment of one
+/// shard). ARGV: the shard count this server runs with. Returns the deployment's
+/// shard count, recording ARGV\[1\] first if it has none: a deployment that has
+/// records under `{prefix}` but no count was written by a server older than shards,
+/// with one.
+pub(super) static SHARD_COUNT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "local n = tonumber(redis.call('GET', KEYS[1]) or '')
+if n then return n end
+if ARGV[1] ~= '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
+redis.call('SET', KEYS[1], ARGV[1])
+return tonumber(ARGV[1])
+",
+    )
+});
+
 /// KEYS: see [`SCRIPT_KEYS`]. ARGV: lowest score (inclusive), highest score
 /// (inclusive), outage_ms, grace_ms, page size, lowest and highest `expires_at` to
 /// move (inclusive), members to skip, feed retention ms. A record moved whose
