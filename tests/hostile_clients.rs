@@ -265,6 +265,7 @@ async fn hostile_node_ids_never_reach_a_redis_key() {
             "swept",
             "ids",
             "counts",
+            "shards",
         ]
         .iter()
         .any(|k| *key == format!("{{{prefix}}}:{k}"));
