@@ -75,7 +75,27 @@ impl Harness {
     }
 }
 
-/// Runs each named generic test against both stores.
+/// Runs each named generic test against a Redis store that `Harness::$open` opens,
+/// in module `$module`, under the test attribute `$test`.
+macro_rules! redis_suite {
+    ($module:ident, $open:ident, #[$test:meta], $($name:ident),*) => {
+        mod $module {
+            $(
+                #[$test]
+                async fn $name() {
+                    let Some(h) = super::Harness::$open(stringify!($name)).await else {
+                        return;
+                    };
+                    super::$name(&h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+/// Runs each named generic test against every store: memory, Redis, Redis in four
+/// shards, and a Redis Cluster in sixteen.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod memory_store {
@@ -88,42 +108,14 @@ macro_rules! conformance {
                 }
             )*
         }
-        mod redis_store {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let Some(h) = super::Harness::redis(stringify!($name)).await else {
-                        return;
-                    };
-                    super::$name(&h).await;
-                    h.finish().await;
-                }
-            )*
-        }
-        mod sharded_redis_store {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let Some(h) = super::Harness::sharded(stringify!($name)).await else {
-                        return;
-                    };
-                    super::$name(&h).await;
-                    h.finish().await;
-                }
-            )*
-        }
-        mod cluster_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let Some(h) = super::Harness::cluster(stringify!($name)).await else {
-                        return;
-                    };
-                    super::$name(&h).await;
-                    h.finish().await;
-                }
-            )*
-        }
+        redis_suite!(redis_store, redis, #[tokio::test], $($name),*);
+        redis_suite!(sharded_redis_store, sharded, #[tokio::test], $($name),*);
+        redis_suite!(
+            cluster_store,
+            cluster,
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)],
+            $($name),*
+        );
     };
 }
 

@@ -118,10 +118,7 @@ impl OutageTracker {
         };
         for i in shards {
             // A store of one shard is its own.
-            let one = match this.since.len() {
-                1 => store.clone(),
-                _ => store.shard_store(i).unwrap_or_else(|| store.clone()),
-            };
+            let one = store.shard_store(i).unwrap_or_else(|| store.clone());
             if let Some(since) = this.since.get(i) {
                 this.run_recovery(since, &*one).await?;
             }
@@ -134,7 +131,6 @@ impl OutageTracker {
         outage_since: &AtomicU64,
         store: &dyn Store,
     ) -> Result<(), StoreError> {
-        let this = self;
         let since = outage_since.load(Ordering::Relaxed);
         if since == 0 {
             return Ok(()); // recovered by the call before us
@@ -142,15 +138,15 @@ impl OutageTracker {
         // The outage ends when the store answers, not when we ask: a hung store
         // (paused, partitioned) runs queued commands when it comes back, and a length
         // measured before sending would be stale by then.
-        tokio::time::timeout(this.store_timeout, store.ping())
+        tokio::time::timeout(self.store_timeout, store.ping())
             .await
             .map_err(|_| StoreError::Unavailable("ping timed out".into()))??;
-        let outage = Duration::from_millis(this.stamp(Instant::now()).saturating_sub(since));
+        let outage = Duration::from_millis(self.stamp(Instant::now()).saturating_sub(since));
         if outage >= MIN_PRESERVED_OUTAGE {
             let given = outage.min(MAX_PRESERVED_OUTAGE);
             let moved = tokio::time::timeout(
                 RECOVERY_TIMEOUT,
-                store.extend_after_outage(given, this.ttl_ms),
+                store.extend_after_outage(given, self.ttl_ms),
             )
             .await
             .map_err(|_| StoreError::Unavailable("outage recovery timed out".into()))??;

@@ -41,24 +41,7 @@ pub fn unique_prefix(name: &str) -> String {
 /// # Panics
 /// If Redis is unreachable and `PRESENCE_REQUIRE_REDIS=1`.
 pub async fn redis_for_tests(name: &str) -> Option<RedisStore> {
-    let uri = std::env::var("PRESENCE_TEST_REDIS_URI")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-        .unwrap_or_else(|| DEFAULT_TEST_REDIS_URI.to_owned());
-    let required = std::env::var("PRESENCE_REQUIRE_REDIS").is_ok_and(|v| v.trim() == "1");
-    match RedisStore::connect(&uri, &unique_prefix(name)).await {
-        Ok(store) => Some(store),
-        Err(e) if required => {
-            panic!("{name}: Redis is required (PRESENCE_REQUIRE_REDIS=1) but unavailable: {e}")
-        }
-        Err(e) => {
-            eprintln!(
-                "skipping {name}: {e} (start Redis or set PRESENCE_TEST_REDIS_URI; \
-                 PRESENCE_REQUIRE_REDIS=1 makes this a failure)"
-            );
-            None
-        }
-    }
+    sharded_redis_for_tests(name, 1).await
 }
 
 /// Whether `PRESENCE_REQUIRE_REDIS=1`: Redis (and Redis Cluster) tests must run.
@@ -66,8 +49,7 @@ fn required() -> bool {
     std::env::var("PRESENCE_REQUIRE_REDIS").is_ok_and(|v| v.trim() == "1")
 }
 
-/// A [`RedisStore`] of `shards` shards on a fresh prefix of the test Redis (as
-/// [`redis_for_tests`], skipping alike).
+/// [`redis_for_tests`] with a deployment of `shards` shards.
 ///
 /// # Panics
 /// If Redis is unreachable and `PRESENCE_REQUIRE_REDIS=1`.
@@ -83,7 +65,10 @@ pub async fn sharded_redis_for_tests(name: &str, shards: usize) -> Option<RedisS
             panic!("{name}: Redis is required (PRESENCE_REQUIRE_REDIS=1) but unavailable: {e}")
         }
         Err(e) => {
-            eprintln!("skipping {name}: {e}");
+            eprintln!(
+                "skipping {name}: {e} (start Redis or set PRESENCE_TEST_REDIS_URI; \
+                 PRESENCE_REQUIRE_REDIS=1 makes this a failure)"
+            );
             None
         }
     }
