@@ -946,8 +946,10 @@ async fn store_unavailable_503_with_retry_after_when_the_store_is_down() {
             reply.retry_after_secs();
         }
         // Five consecutive failures opened the store breaker: the next calls fail fast
-        // with the same 503, without reaching the store.
-        assert_eq!(store.calls.load(Ordering::SeqCst), 5);
+        // with the same 503, without reaching the store. (The expiry sweep may have
+        // tried to give the outage back meanwhile: pings outside the breaker.)
+        let reached = store.calls.load(Ordering::SeqCst);
+        assert!(reached >= 5, "{reached} calls reached the store");
         let fast = post_json(
             &server.url("/presence/logout"),
             json!({"node_id": "n1", "lease_id": lease}).to_string(),
@@ -956,7 +958,7 @@ async fn store_unavailable_503_with_retry_after_when_the_store_is_down() {
         fast.assert_error(503, "store_unavailable");
         assert!(fast.retry_after_secs() <= 5, "{fast:?}");
         get(&server.url("/readyz")).await.assert_error(503, "store_unavailable");
-        assert_eq!(store.calls.load(Ordering::SeqCst), 5, "the breaker kept the store out");
+        assert_eq!(store.calls.load(Ordering::SeqCst), reached, "the breaker kept the store out");
 
         let scrape = get(&server.url("/metrics")).await.text();
         assert_eq!(

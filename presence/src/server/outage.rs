@@ -120,7 +120,7 @@ impl OutageTracker {
             // A store of one shard is its own.
             let one = store.shard_store(i).unwrap_or_else(|| store.clone());
             if let Some(since) = this.since.get(i) {
-                this.run_recovery(since, &*one).await?;
+                this.run_recovery(i, since, &*one).await?;
             }
         }
         Ok(())
@@ -128,6 +128,7 @@ impl OutageTracker {
 
     async fn run_recovery(
         &self,
+        shard: usize,
         outage_since: &AtomicU64,
         store: &dyn Store,
     ) -> Result<(), StoreError> {
@@ -151,13 +152,14 @@ impl OutageTracker {
             .await
             .map_err(|_| StoreError::Unavailable("outage recovery timed out".into()))??;
             tracing::warn!(
+                shard,
                 outage = ?outage,
                 extended_by = ?given,
                 leases = moved,
                 "store is back after an outage; leases it interrupted were extended by its length"
             );
         } else {
-            tracing::info!(outage = ?outage, "store is back after a short outage");
+            tracing::info!(shard, outage = ?outage, "store is back after a short outage");
         }
         // Failures recorded meanwhile come from calls that were sent before the store
         // answered again: part of the outage just given back, so they are dropped.

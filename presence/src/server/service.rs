@@ -9,7 +9,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::Either;
 use http_body::Body;
-use resilience::circuit_breaker::{CircuitBreaker, CircuitState};
 use resilience::key::{ForwardedHeader, TrustedProxyIp};
 use resilience::token_bucket::{RedisTokenBucketService, TokenBucketLayer, TokenBucketService};
 use resilience::{
@@ -26,19 +25,12 @@ use super::limit::{BodyLimit, BodyLimitLayer};
 use super::metrics::{Metrics, MetricsLayer, MetricsService};
 use super::outage::OutageTracker;
 use super::routes::Resolved;
-use super::store_call::State;
+use super::store_call::{State, StoreBreakers};
 use super::watch::Watchers;
 use super::{RequestBody, ResponseBody, MAX_BODY_BYTES};
 use crate::config::{Config, RateLimitScope};
 use crate::store::Store;
 use tower_http::compression::CompressionLayer;
-
-/// Consecutive store failures (errors or timeouts) that open the store breaker.
-const BREAKER_FAILURES: u32 = 5;
-/// How long the store breaker stays open before it lets one trial call through.
-/// Short, because a Redis that is back should be used again within a heartbeat (and
-/// the server serves again within 2 s of it, reconnection included).
-const BREAKER_OPEN_FOR: Duration = Duration::from_secs(1);
 
 /// The `/presence*` branch: auth, rate limit, body limit, router.
 type PresenceBranch = BearerAuth<MapResponse<RateLimit<BodyLimit<Router>>, LimitedResponse>>;
@@ -121,29 +113,12 @@ impl PresenceService {
     /// Redis connection is driven by a task of its own).
     pub fn new(store: Arc<dyn Store>, config: &Config) -> PresenceService {
         let metrics = Arc::new(Metrics::new());
-        let breaker_metrics = metrics.clone();
-        let breaker = CircuitBreaker::builder()
-            .consecutive_failures(BREAKER_FAILURES)
-            .open_for(BREAKER_OPEN_FOR)
-            .on_state_change(move |t| {
-                let gauge = match t.to {
-                    CircuitState::Closed | CircuitState::Disabled => 0,
-                    CircuitState::HalfOpen => 1,
-                    CircuitState::Open | CircuitState::ForcedOpen => 2,
-                };
-                breaker_metrics.set_circuit_state(gauge);
-                if t.to == CircuitState::Open {
-                    tracing::warn!(from = %t.from, "store circuit breaker opened: failing fast with 503");
-                } else {
-                    tracing::info!(from = %t.from, to = %t.to, "store circuit breaker changed state");
-                }
-            })
-            .build();
+        let breakers = StoreBreakers::new(store.shard_count(), metrics.clone());
         let ttl_ms = crate::millis(config.ttl);
         let outage = OutageTracker::new(store.shard_count(), ttl_ms, config.store_timeout);
         let state = Arc::new(State {
             store,
-            breaker,
+            breakers,
             outage: Arc::new(outage),
             metrics: metrics.clone(),
             store_timeout: config.store_timeout,

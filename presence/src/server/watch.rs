@@ -534,9 +534,9 @@ impl Body for WatchBody {
 
 /// Sweeps the store for expiries every [`SWEEP_INTERVAL`] while the service lives
 /// (see [`Store::sweep_expired`](crate::store::Store::sweep_expired)), as
-/// [background work](State::background): after an outage the leases get the outage
-/// back first, so the sweep finds no expiry the outage caused; skipped while the
-/// store breaker is not closed.
+/// [background work](State::background), shard by shard: after an outage of a shard
+/// its leases get the outage back first, so the sweep finds no expiry the outage
+/// caused; a shard is skipped while its breaker is not closed.
 pub(crate) async fn sweep(state: Weak<State>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -545,16 +545,23 @@ pub(crate) async fn sweep(state: Weak<State>) {
         let Some(state) = state.upgrade() else {
             return;
         };
-        // Several calls in a row while a backlog of expiries is due.
-        for _ in 0..100 {
-            let Some(sweep) = state.background(|s| s.sweep_expired()).await else {
-                break;
-            };
-            if sweep.expired > 0 {
-                state.metrics.set_sweep_lag_ms(sweep.lag_ms);
-            }
-            if !sweep.more {
-                break;
+        // Shard by shard, so that one shard's outage stops its own sweep alone (a
+        // shard's expiries are its own, whatever the deployment's shard count).
+        for shard in 0..state.store.shard_count() {
+            // Several calls in a row while a backlog of expiries is due.
+            for _ in 0..100 {
+                let swept = state
+                    .background(shard, |s| async move { s.sweep_expired().await })
+                    .await;
+                let Some(sweep) = swept else {
+                    break;
+                };
+                if sweep.expired > 0 {
+                    state.metrics.set_sweep_lag_ms(sweep.lag_ms);
+                }
+                if !sweep.more {
+                    break;
+                }
             }
         }
     }
