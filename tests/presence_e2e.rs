@@ -22,7 +22,7 @@ use std::time::Duration;
 use presence::client::{ClientError, Heartbeat, PresenceClient};
 use presence::model::{Meta, Node};
 use presence::server::MAX_BODY_BYTES;
-use presence::store::redis::test_support::redis_for_tests;
+use presence::store::redis::test_support::{redis_for_tests, sharded_redis_for_tests};
 use presence::store::redis::{RedisOptions, RedisStore};
 use presence::store::{FaultyStore, Store};
 use serde_json::{json, Value};
@@ -1359,6 +1359,57 @@ async fn binary_exits_2_with_one_line_naming_a_bad_variable() {
             );
             assert!(!line.contains("hunter2"), "a password leaked: {line:?}");
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn binary_exits_2_naming_both_counts_when_the_deployment_has_another_shard_count() {
+    let Some(bin) = example_binary_or_skip("presence_server") else {
+        return;
+    };
+    // A deployment made with 4 shards (it records the count on its first check).
+    let Some(store) = sharded_redis_for_tests("binary_shard_count", 4).await else {
+        return;
+    };
+    within(60, async {
+        store.check_deployment().await.expect("a new deployment takes the count");
+        for (shards, stored) in [("16", "4"), ("1", "4")] {
+            let mut cmd = clean_command(&bin);
+            cmd.env("PRESENCE_HTTP_PORT", "0")
+                .env("PRESENCE_REDIS_URI", test_redis_uri())
+                .env("PRESENCE_KEY_PREFIX", store.prefix())
+                .env("PRESENCE_SHARDS", shards);
+            let mut child = ChildGuard::spawn(cmd).expect("spawn presence_server");
+            let status = child
+                .wait_exit(Duration::from_secs(15))
+                .await
+                .unwrap_or_else(|| panic!("PRESENCE_SHARDS={shards}: still running"));
+            assert_eq!(status.code(), Some(2), "PRESENCE_SHARDS={shards}: {status:?}");
+            let lines = child.remaining_lines();
+            let line = lines
+                .iter()
+                .find(|l| l.starts_with("error:"))
+                .unwrap_or_else(|| panic!("no error line in {lines:#?}"));
+            assert!(
+                line.contains(&format!("has {stored} shards"))
+                    && line.contains(&format!("runs with {shards}"))
+                    && line.contains("PRESENCE_SHARDS"),
+                "{line:?}"
+            );
+        }
+        // The same count starts (and the deployment is untouched by the refusals).
+        let mut cmd = clean_command(&bin);
+        cmd.env("PRESENCE_HTTP_HOST", "127.0.0.1")
+            .env("PRESENCE_HTTP_PORT", "0")
+            .env("PRESENCE_REDIS_URI", test_redis_uri())
+            .env("PRESENCE_KEY_PREFIX", store.prefix())
+            .env("PRESENCE_SHARDS", "4");
+        let mut child = ChildGuard::spawn(cmd).expect("spawn presence_server");
+        let (addr, log) = child.find_line(Duration::from_secs(15), parse_listen_addr);
+        assert!(addr.is_some(), "PRESENCE_SHARDS=4 serves: {log:#?}");
+        drop(child);
+        let _ = store.delete_prefix().await;
     })
     .await;
 }

@@ -114,6 +114,10 @@ struct Cli {
     /// Send `Authorization: Bearer TOKEN`
     #[arg(long, value_name = "TOKEN", value_parser = header_token)]
     auth: Option<String>,
+    /// For `https://` URLs: the PEM file of the CA that signed the server's
+    /// certificate (trusted alone; HTTP/1.1 is asked for by ALPN)
+    #[arg(long, value_name = "FILE")]
+    cacert: Option<std::path::PathBuf>,
     /// `list` mode: send `Accept-Encoding: ENC` (e.g. gzip, br, zstd) with each listing
     #[arg(long, value_name = "ENC", value_parser = header_token)]
     accept_encoding: Option<String>,
@@ -150,6 +154,8 @@ pub struct Options {
     pub timeout: Duration,
     /// Bearer token, if the server requires one.
     pub auth: Option<String>,
+    /// The CA to trust for `https` URLs.
+    pub cacert: Option<std::path::PathBuf>,
     /// `Accept-Encoding` of the listings, if any.
     pub accept_encoding: Option<String>,
     /// Print a JSON line after the summary.
@@ -215,6 +221,7 @@ impl Cli {
             interval: self.interval_ms,
             timeout: self.timeout_ms,
             auth: self.auth,
+            cacert: self.cacert,
             accept_encoding: self.accept_encoding,
             json: self.json,
         }))

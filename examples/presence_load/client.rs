@@ -11,35 +11,41 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::{StatusCode, Uri};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::either::Either;
 
 use crate::cli::Options;
 
-/// A base URL taken apart: what to connect to, the `Host` header, and the base path.
+/// A base URL taken apart: what to connect to, the `Host` header, the base path, and
+/// whether it is `https`.
 pub struct UrlParts {
     connect: String,
     authority: String,
     base: String,
+    host: String,
+    https: bool,
 }
 
-/// Takes a base URL like `http://127.0.0.1:8080/presence` apart (plain http only).
+/// Takes a base URL like `http://127.0.0.1:8080/presence` apart (`http` or `https`).
 pub fn split_url(url: &str) -> Result<UrlParts, String> {
     let uri: Uri = url.parse().map_err(|e| format!("{e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some(other) => {
-            return Err(format!(
-                "scheme `{other}` is not supported (plain http only)"
-            ))
-        }
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        Some(other) => return Err(format!("scheme `{other}` is not supported (http or https)")),
         None => return Err("must be absolute, like http://127.0.0.1:8080/presence".to_owned()),
-    }
+    };
     let authority = uri.authority().ok_or("the URL has no host")?;
     if authority.as_str().contains('@') {
         return Err("user info is not supported".to_owned());
@@ -47,18 +53,66 @@ pub fn split_url(url: &str) -> Result<UrlParts, String> {
     if uri.query().is_some() {
         return Err("a query string is not supported".to_owned());
     }
-    let port = authority.port_u16().unwrap_or(80);
+    let port = authority
+        .port_u16()
+        .unwrap_or(if https { 443 } else { 80 });
     Ok(UrlParts {
         // `host()` keeps the brackets of an IPv6 literal, so this parses as a socket address.
         connect: format!("{}:{port}", authority.host()),
         authority: authority.as_str().to_owned(),
         base: uri.path().trim_end_matches('/').to_owned(),
+        host: authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        https,
     })
 }
 
-/// Why a TCP connection could not be opened.
+/// A connection to the server: plain TCP, or TLS over it for `https` URLs.
+pub type Stream = Either<TcpStream, TlsStream<TcpStream>>;
+
+/// The TLS side of an `https` target: the client configuration (trusting the CA of
+/// `--cacert` alone, HTTP/1.1 by ALPN) and the name the certificate must carry.
+struct Tls {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl Tls {
+    fn new(host: &str, cacert: Option<&Path>) -> Result<Tls, String> {
+        let path = cacert.ok_or("an https URL needs --cacert FILE (the CA of its certificate)")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("--cacert {}: {e}", path.display()))?
+        {
+            let cert = cert.map_err(|e| format!("--cacert {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("--cacert {}: {e}", path.display()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|e| format!("`{host}` is not a TLS server name: {e}"))?;
+        Ok(Tls {
+            connector: TlsConnector::from(Arc::new(config)),
+            name,
+        })
+    }
+}
+
+/// Why a connection could not be opened.
 pub enum ConnectError {
     Io(io::Error),
+    /// The TLS handshake failed.
+    Tls(io::Error),
     TimedOut,
 }
 
@@ -67,6 +121,7 @@ impl ConnectError {
     pub fn kind(&self) -> &'static str {
         match self {
             ConnectError::Io(_) => "connect",
+            ConnectError::Tls(_) => "tls_handshake",
             ConnectError::TimedOut => "connect_timeout",
         }
     }
@@ -76,6 +131,7 @@ impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConnectError::Io(e) => e.fmt(f),
+            ConnectError::Tls(e) => write!(f, "TLS handshake: {e}"),
             ConnectError::TimedOut => f.write_str("timed out"),
         }
     }
@@ -109,6 +165,8 @@ pub struct Target {
     /// Extra headers of the listing (`Accept-Encoding` with `--accept-encoding`).
     list_headers: String,
     timeout: Duration,
+    /// For an `https` URL.
+    tls: Option<Tls>,
 }
 
 impl Target {
@@ -135,7 +193,13 @@ impl Target {
             "GET {} HTTP/1.1\r\n{headers}Accept: text/event-stream\r\n\r\n",
             path("/watch")?
         ));
+        let tls = if parts.https {
+            Some(Tls::new(&parts.host, opts.cacert.as_deref())?)
+        } else {
+            None
+        };
         Ok(Target {
+            tls,
             addr,
             url: url.to_owned(),
             watch,
@@ -173,9 +237,30 @@ impl Target {
         Target::new(addr, url, opts)
     }
 
-    /// Fails fast on a dead server, instead of timing out request after request.
+    /// Whether the target is spoken to over TLS.
+    pub fn is_https(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Opens a connection within the timeout: TCP, and the TLS handshake for an
+    /// `https` target.
+    pub async fn open(&self) -> Result<Stream, ConnectError> {
+        let tcp = connect(self.addr, self.timeout).await?;
+        let Some(tls) = &self.tls else {
+            return Ok(Either::Left(tcp));
+        };
+        let handshake = tls.connector.connect(tls.name.clone(), tcp);
+        match tokio::time::timeout(self.timeout, handshake).await {
+            Ok(Ok(stream)) => Ok(Either::Right(stream)),
+            Ok(Err(e)) => Err(ConnectError::Tls(e)),
+            Err(_) => Err(ConnectError::TimedOut),
+        }
+    }
+
+    /// Fails fast on a dead server (or a certificate not trusted), instead of timing
+    /// out request after request.
     pub async fn check_reachable(&self) -> Result<(), String> {
-        match connect(self.addr, self.timeout).await {
+        match self.open().await {
             Ok(_) => Ok(()),
             Err(e) => Err(format!("cannot connect to {}: {e}", self.addr)),
         }
@@ -287,7 +372,7 @@ impl Exchange {
 /// One keep-alive HTTP/1.1 connection, re-established when it breaks.
 pub struct Conn {
     target: Arc<Target>,
-    stream: Option<TcpStream>,
+    stream: Option<Stream>,
     buf: BytesMut,
     connected_before: bool,
     /// How often a broken connection was replaced.
@@ -320,7 +405,7 @@ impl Conn {
         for attempt in 0..2 {
             let reused = self.stream.is_some();
             if self.stream.is_none() {
-                match connect(self.target.addr, self.target.timeout).await {
+                match self.target.open().await {
                     Ok(stream) => {
                         if self.connected_before {
                             self.reconnects += 1;
@@ -465,7 +550,7 @@ pub fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
 /// Reads `len` bytes of the body from `buf` (filling it from `stream`), appending them
 /// to `keep` if given.
 async fn read_exact(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     mut left: usize,
     mut keep: Option<&mut BytesMut>,
@@ -490,7 +575,7 @@ async fn read_exact(
 
 /// Reads one CRLF-terminated line (a chunk size) from `buf`, filling it from `stream`.
 async fn read_line(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
 ) -> Result<String, (&'static str, bool)> {
     loop {

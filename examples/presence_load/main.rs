@@ -13,6 +13,7 @@
 //! cargo run --release --example presence_load -- --mode bare --duration 3   # in-process bare hyper baseline
 //! cargo run --release --example presence_load -- --serve-bare 8081          # bare server only, in its own process
 //! cargo run --release --example presence_load -- --mode bare --url http://127.0.0.1:8081/presence --duration 10
+//! cargo run --release --example presence_load -- --mode flood --url https://localhost:8443/presence --cacert ca.pem
 //! cargo run --release --example presence_load -- --help
 //! ```
 //!
@@ -95,6 +96,10 @@ async fn run(opts: &Options) -> Result<Report, String> {
             t.check_reachable().await?;
             Arc::new(t)
         };
+        // The watch reader reads plain TCP by readiness (`watch.rs`).
+        if watch_target.is_https() {
+            return Err("watch streams are read over plain http only (--watch-url)".to_owned());
+        }
         let (login, stats) = if opts.mode == Mode::Watch {
             watch::watch(&target, &watch_target, opts).await
         } else {
