@@ -1373,7 +1373,10 @@ async fn binary_exits_2_naming_both_counts_when_the_deployment_has_another_shard
         return;
     };
     within(60, async {
-        store.check_deployment().await.expect("a new deployment takes the count");
+        store
+            .check_deployment()
+            .await
+            .expect("a new deployment takes the count");
         for (shards, stored) in [("16", "4"), ("1", "4")] {
             let mut cmd = clean_command(&bin);
             cmd.env("PRESENCE_HTTP_PORT", "0")
@@ -1385,7 +1388,11 @@ async fn binary_exits_2_naming_both_counts_when_the_deployment_has_another_shard
                 .wait_exit(Duration::from_secs(15))
                 .await
                 .unwrap_or_else(|| panic!("PRESENCE_SHARDS={shards}: still running"));
-            assert_eq!(status.code(), Some(2), "PRESENCE_SHARDS={shards}: {status:?}");
+            assert_eq!(
+                status.code(),
+                Some(2),
+                "PRESENCE_SHARDS={shards}: {status:?}"
+            );
             let lines = child.remaining_lines();
             let line = lines
                 .iter()
@@ -1405,7 +1412,7 @@ async fn binary_exits_2_naming_both_counts_when_the_deployment_has_another_shard
             .env("PRESENCE_REDIS_URI", test_redis_uri())
             .env("PRESENCE_KEY_PREFIX", store.prefix())
             .env("PRESENCE_SHARDS", "4");
-        let mut child = ChildGuard::spawn(cmd).expect("spawn presence_server");
+        let child = ChildGuard::spawn(cmd).expect("spawn presence_server");
         let (addr, log) = child.find_line(Duration::from_secs(15), parse_listen_addr);
         assert!(addr.is_some(), "PRESENCE_SHARDS=4 serves: {log:#?}");
         drop(child);

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use load::{assert_clean, LoadGen};
 use support::process::parse_listen_addr;
 use support::server::TestServer;
+use support::tls::TestCerts;
 use support::{config, free_port, within};
 
 /// A presence server with the per-client rate limit out of the way (all the load comes
@@ -43,6 +44,7 @@ async fn help_lists_every_flag_and_mode() {
             "--interval-ms",
             "--timeout-ms",
             "--auth",
+            "--cacert",
             "--json",
             "--serve-bare",
             "--watchers",
@@ -78,6 +80,14 @@ async fn bad_usage_exits_2_with_a_message() {
             &["--login-concurrency", "0"],
             &["--interval-ms", "0"],
             &["--url", "https://127.0.0.1/presence"],
+            &[
+                "--mode",
+                "watch",
+                "--url",
+                "https://127.0.0.1/presence",
+                "--cacert",
+                "ca.pem",
+            ],
             &["--url", "http://127.0.0.1/presence?x=1"],
             &["--url"],
             &["--json=yes"],
@@ -139,6 +149,59 @@ async fn flood_reads_both_flag_spellings_and_the_readme_reads_its_rate() {
         assert!(run
             .line("presence_load: login: 5 nodes over 3 connections")
             .is_some());
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_over_https_trusts_its_cacert_alone() {
+    let Some(gen) = LoadGen::find() else {
+        return;
+    };
+    within(60, async {
+        let certs = TestCerts::generate();
+        let vars = certs.server_vars();
+        let tls: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let server = presence_server(&tls).await;
+        let url = server.base();
+        assert!(url.starts_with("https://"), "{url}");
+        let ca = certs.ca_file.display().to_string();
+        let args = |ca: &str| {
+            [
+                "--mode",
+                "flood",
+                "--nodes",
+                "4",
+                "--concurrency",
+                "2",
+                "--duration",
+                "0.25",
+                "--url",
+                &url,
+                "--cacert",
+                ca,
+                "--json",
+            ]
+            .map(str::to_owned)
+        };
+        let args_ok = args(&ca);
+        let run = gen
+            .run(&args_ok.iter().map(String::as_str).collect::<Vec<_>>())
+            .await;
+        run.assert_code(0);
+        assert_clean(&run.phase("login"), &run);
+        assert_clean(&run.phase("steady"), &run);
+        assert!(run.steady_rps() > 0.0, "{}", run.output());
+
+        // Another CA: the handshake fails before any request, and the run with it.
+        let stranger = TestCerts::generate();
+        let args_bad = args(&stranger.ca_file.display().to_string());
+        let run = gen
+            .run(&args_bad.iter().map(String::as_str).collect::<Vec<_>>())
+            .await;
+        run.assert_code(1);
+        assert!(run.output().contains("TLS handshake"), "{}", run.output());
         server.stop().await;
     })
     .await;

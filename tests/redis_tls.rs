@@ -1,7 +1,8 @@
 //! The Redis store over TLS (`rediss://`): a `redis-server` child that speaks only
 //! TLS, its certificate from a throwaway CA given as `PRESENCE_REDIS_CA_FILE`, and a
 //! login / heartbeat / list / watch round trip through a server on that store (the
-//! listing goes over the store's own TLS connection, see `store::redis::bulk`).
+//! listing goes over the store's own TLS connection, see `store::redis::bulk`); and
+//! the same on a local Redis Cluster that speaks only TLS, with 16 shards.
 
 mod support;
 
@@ -11,10 +12,12 @@ use futures_util::StreamExt;
 
 use presence::client::{Filter, PresenceClient, WatchEvent};
 use presence::model::{Meta, NodeId};
+use presence::store::redis::test_support::{ClusterTls, LocalCluster};
 use presence::store::redis::{RedisOptions, RedisStore};
 use presence::store::Store;
-use support::redis::RedisTlsChild;
+use support::redis::{redis_required, RedisTlsChild};
 use support::server::TestServer;
+use support::tls::TestCerts;
 use support::{config, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,6 +84,101 @@ async fn the_redis_store_works_over_tls_with_a_private_ca() {
         assert!(matches!(joined.event, WatchEvent::Join(_)));
         assert!(pc.logout("tls-a").await.expect("logout"));
         assert_eq!(pc.list_nodes().await.expect("list").len(), 1);
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_with_sixteen_shards_serves_through_the_server() {
+    let certs = TestCerts::generate();
+    let tls = ClusterTls {
+        ca_file: certs.ca_file.clone(),
+        cert_file: certs.cert_file.clone(),
+        key_file: certs.key_file.clone(),
+    };
+    let cluster = match tokio::task::spawn_blocking(move || LocalCluster::start_tls(tls)).await {
+        Ok(Ok(cluster)) => cluster,
+        Ok(Err(e)) if redis_required() => {
+            panic!("PRESENCE_REQUIRE_REDIS=1 but no TLS Redis Cluster: {e}")
+        }
+        other => {
+            eprintln!(
+                "skipping a_tls_cluster_with_sixteen_shards: no TLS Redis Cluster ({other:?})"
+            );
+            return;
+        }
+    };
+    within(60, async {
+        let seeds = cluster.seeds();
+        assert!(seeds.starts_with("rediss://"), "{seeds}");
+        let ca_file = certs.ca_file.display().to_string();
+        let prefix = presence::store::redis::test_support::unique_prefix("tls_cluster");
+        let cfg = config(&[
+            ("PRESENCE_REDIS_MODE", "cluster"),
+            ("PRESENCE_SHARDS", "16"),
+            ("PRESENCE_REDIS_URI", seeds.as_str()),
+            ("PRESENCE_REDIS_CA_FILE", ca_file.as_str()),
+            ("PRESENCE_KEY_PREFIX", prefix.as_str()),
+        ]);
+        let store = presence::store::open_for(&cfg)
+            .await
+            .expect("open the cluster over rediss://");
+        within(20, async {
+            while store.ping().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        store
+            .check_deployment()
+            .await
+            .expect("a new deployment of 16 shards");
+        let server = TestServer::start(&cfg, store.clone()).await;
+        let pc = PresenceClient::builder(server.base())
+            .timeout(Duration::from_secs(3))
+            .build()
+            .expect("client");
+
+        let mut watch = pc.watch(Filter::all());
+        let first = within(10, watch.next())
+            .await
+            .expect("the feed does not end")
+            .expect("a snapshot");
+        assert!(first.event.is_snapshot(), "{first:?}");
+        // Enough nodes that every master holds some of them.
+        let ids: Vec<String> = (0..48).map(|i| format!("tls-node-{i:02}")).collect();
+        for id in &ids {
+            pc.login(id).await.expect("login");
+        }
+        pc.heartbeat(&ids[0]).await.expect("heartbeat");
+        let listed: Vec<String> = pc
+            .list_nodes()
+            .await
+            .expect("the listing merges the 16 shards")
+            .into_iter()
+            .map(|n| n.node_id)
+            .collect();
+        assert_eq!(listed, ids, "in node_id order, every one");
+        let joined = within(10, async {
+            let mut joined = 0;
+            while joined < ids.len() {
+                let item = watch.next().await.expect("feed").expect("event");
+                if matches!(&item.event, WatchEvent::Join(_)) {
+                    joined += 1;
+                }
+            }
+            joined
+        })
+        .await;
+        assert_eq!(joined, ids.len(), "the merged feed carries every join");
+        for &port in &cluster.masters() {
+            assert!(
+                cluster.keys_starting(port, &format!("{{{prefix}.")) > 0,
+                "master {port} holds keys of the deployment"
+            );
+        }
+        // The cluster is this test's own and goes with it.
         server.stop().await;
     })
     .await;

@@ -207,9 +207,24 @@ impl Cli {
         }
         let bare_external = self.url.is_some() && self.mode == Mode::Bare;
         let url = self.url.unwrap_or_else(|| DEFAULT_URL.to_owned());
+        let watch_url = self.watch_url.unwrap_or_else(|| url.clone());
+        let https = |u: &str| u.starts_with("https:");
+        let watches = matches!(self.mode, Mode::Watch | Mode::Expiry);
+        if watches && https(&watch_url) {
+            return Err(Cli::command().error(
+                ErrorKind::ArgumentConflict,
+                "watch streams are read over plain http only (--watch-url, or --url)",
+            ));
+        }
+        if self.cacert.is_none() && https(&url) {
+            return Err(Cli::command().error(
+                ErrorKind::MissingRequiredArgument,
+                "an https --url needs --cacert FILE (the CA of the server's certificate)",
+            ));
+        }
         Ok(Command::Run(Options {
             bare_external,
-            watch_url: self.watch_url.unwrap_or_else(|| url.clone()),
+            watch_url,
             url,
             watchers: self.watchers,
             rate: self.rate,

@@ -53,9 +53,7 @@ pub fn split_url(url: &str) -> Result<UrlParts, String> {
     if uri.query().is_some() {
         return Err("a query string is not supported".to_owned());
     }
-    let port = authority
-        .port_u16()
-        .unwrap_or(if https { 443 } else { 80 });
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
     Ok(UrlParts {
         // `host()` keeps the brackets of an IPv6 literal, so this parses as a socket address.
         connect: format!("{}:{port}", authority.host()),
@@ -235,11 +233,6 @@ impl Target {
             eprintln!("presence_load: warning: {addr} is not a loopback address; this tool is meant for local servers");
         }
         Target::new(addr, url, opts)
-    }
-
-    /// Whether the target is spoken to over TLS.
-    pub fn is_https(&self) -> bool {
-        self.tls.is_some()
     }
 
     /// Opens a connection within the timeout: TCP, and the TLS handshake for an

@@ -96,10 +96,6 @@ async fn run(opts: &Options) -> Result<Report, String> {
             t.check_reachable().await?;
             Arc::new(t)
         };
-        // The watch reader reads plain TCP by readiness (`watch.rs`).
-        if watch_target.is_https() {
-            return Err("watch streams are read over plain http only (--watch-url)".to_owned());
-        }
         let (login, stats) = if opts.mode == Mode::Watch {
             watch::watch(&target, &watch_target, opts).await
         } else {

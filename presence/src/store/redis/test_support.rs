@@ -121,6 +121,19 @@ pub struct LocalCluster {
     /// The six ports.
     pub ports: Vec<u16>,
     dir: PathBuf,
+    tls: Option<ClusterTls>,
+}
+
+/// The PEM files of a cluster that speaks TLS alone ([`LocalCluster::start_tls`]):
+/// to clients, between its nodes and to its replicas.
+#[derive(Debug, Clone)]
+pub struct ClusterTls {
+    /// The CA that signed `cert_file` (the nodes trust it, and so must clients).
+    pub ca_file: PathBuf,
+    /// Every node's certificate (valid for 127.0.0.1).
+    pub cert_file: PathBuf,
+    /// Its private key.
+    pub key_file: PathBuf,
 }
 
 impl LocalCluster {
@@ -129,11 +142,26 @@ impl LocalCluster {
     /// # Errors
     /// Why it could not (a binary missing, a node that did not start or join).
     pub fn start() -> Result<LocalCluster, String> {
+        Self::start_with(None)
+    }
+
+    /// [`LocalCluster::start`], with every port speaking TLS alone
+    /// (`--tls-port`, `--tls-cluster yes`, `--tls-replication yes`; clients are not
+    /// asked for certificates): [`LocalCluster::seeds`] are `rediss://`.
+    ///
+    /// # Errors
+    /// As [`LocalCluster::start`]; also a `redis-server` built without TLS.
+    pub fn start_tls(tls: ClusterTls) -> Result<LocalCluster, String> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<ClusterTls>) -> Result<LocalCluster, String> {
         let dir = std::env::temp_dir().join(unique_prefix("cluster"));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut cluster = LocalCluster {
             ports: Vec::new(),
             dir,
+            tls,
         };
         for _ in 0..6 {
             let port = cluster_port(&cluster.ports)?;
@@ -142,11 +170,14 @@ impl LocalCluster {
         }
         for &port in &cluster.ports {
             wait_for(Duration::from_secs(5), || {
-                command(port, &["PING"]).is_ok_and(|r| r == "PONG")
+                cluster.command(port, &["PING"]).is_ok_and(|r| r == "PONG")
             })
             .map_err(|_| format!("redis-server on {port} did not answer"))?;
         }
         let mut create = Command::new("redis-cli");
+        if let Some(tls) = &cluster.tls {
+            create.arg("--tls").arg("--cacert").arg(&tls.ca_file);
+        }
         create.args(["--cluster", "create"]);
         for port in &cluster.ports {
             create.arg(format!("127.0.0.1:{port}"));
@@ -166,9 +197,11 @@ impl LocalCluster {
         // A replica that has not synced yet could not take over.
         wait_for(Duration::from_secs(20), || {
             cluster.ports.iter().all(|&port| {
-                command(port, &["INFO", "replication"]).is_ok_and(|info| {
-                    !info.contains("role:slave") || info.contains("master_link_status:up")
-                })
+                cluster
+                    .command(port, &["INFO", "replication"])
+                    .is_ok_and(|info| {
+                        !info.contains("role:slave") || info.contains("master_link_status:up")
+                    })
             })
         })
         .map_err(|_| "the replicas did not sync with their masters".to_owned())?;
@@ -177,10 +210,22 @@ impl LocalCluster {
 
     fn spawn(&self, port: u16) -> Result<(), String> {
         let dir = self.dir.display();
+        // With TLS, the cluster bus (port + 10000) speaks it too.
+        let listen = match &self.tls {
+            None => format!("--port {port}"),
+            Some(tls) => format!(
+                "--port 0 --tls-port {port} --tls-cluster yes --tls-replication yes \
+                 --tls-auth-clients no --tls-cert-file '{}' --tls-key-file '{}' \
+                 --tls-ca-cert-file '{}'",
+                tls.cert_file.display(),
+                tls.key_file.display(),
+                tls.ca_file.display()
+            ),
+        };
         // The server runs under a shell that kills it once this process is gone, so
         // that a shared cluster (never dropped) does not outlive the test run.
         let script = format!(
-            "redis-server --port {port} --bind 127.0.0.1 --cluster-enabled yes \
+            "redis-server {listen} --bind 127.0.0.1 --cluster-enabled yes \
              --cluster-config-file {dir}/nodes-{port}.conf --cluster-node-timeout 1000 \
              --dir {dir} --save '' --appendonly no --pidfile {dir}/{port}.pid \
              --daemonize no >/dev/null 2>&1 & r=$!; \
@@ -206,7 +251,7 @@ impl LocalCluster {
         wait_for(limit, || {
             self.ports
                 .iter()
-                .all(|&port| match command(port, &["CLUSTER", "INFO"]) {
+                .all(|&port| match self.command(port, &["CLUSTER", "INFO"]) {
                     Ok(info) => info.contains("cluster_state:ok"),
                     // A killed node says nothing.
                     Err(_) => true,
@@ -216,14 +261,63 @@ impl LocalCluster {
         .map_err(|_| "the cluster did not reach cluster_state:ok".to_owned())
     }
 
-    /// The seed nodes, `redis://127.0.0.1:<port>,...` (`PRESENCE_REDIS_URI` with
-    /// `PRESENCE_REDIS_MODE=cluster`).
+    /// The seed nodes, `redis://127.0.0.1:<port>,...` (`rediss://` with TLS):
+    /// `PRESENCE_REDIS_URI` with `PRESENCE_REDIS_MODE=cluster`.
     pub fn seeds(&self) -> String {
         self.ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .map(|&p| self.url(p))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    fn url(&self, port: u16) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{port}")
+    }
+
+    /// A client of the node on `port`, trusting the cluster's CA with TLS.
+    fn client(&self, port: u16) -> Result<redis::Client, String> {
+        let url = self.url(port);
+        match &self.tls {
+            None => redis::Client::open(url),
+            Some(tls) => {
+                let ca = std::fs::read(&tls.ca_file)
+                    .map_err(|e| format!("{}: {e}", tls.ca_file.display()))?;
+                redis::Client::build_with_tls(
+                    url,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(ca),
+                    },
+                )
+            }
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    /// One command to the node on `port`, its reply as text.
+    fn command(&self, port: u16, args: &[&str]) -> Result<String, String> {
+        let mut conn = self
+            .client(port)?
+            .get_connection_with_timeout(Duration::from_millis(500))
+            .map_err(|e| e.to_string())?;
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        let reply: redis::Value = cmd.query(&mut conn).map_err(|e| e.to_string())?;
+        Ok(match reply {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            redis::Value::SimpleString(s) => s,
+            redis::Value::Int(n) => n.to_string(),
+            redis::Value::VerbatimString { text, .. } => text,
+            other => format!("{other:?}"),
+        })
     }
 
     /// The ports of the masters that are up now (as the first node that answers
@@ -232,7 +326,7 @@ impl LocalCluster {
         let nodes = self
             .ports
             .iter()
-            .find_map(|&port| command(port, &["CLUSTER", "NODES"]).ok())
+            .find_map(|&port| self.command(port, &["CLUSTER", "NODES"]).ok())
             .unwrap_or_default();
         let mut masters: Vec<u16> = nodes
             .lines()
@@ -248,7 +342,7 @@ impl LocalCluster {
 
     /// Keys held by the node on `port` (`DBSIZE`).
     pub fn keys_on(&self, port: u16) -> u64 {
-        command(port, &["DBSIZE"])
+        self.command(port, &["DBSIZE"])
             .ok()
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
@@ -256,7 +350,7 @@ impl LocalCluster {
 
     /// Keys on the node on `port` whose names start with `start` (`SCAN`).
     pub fn keys_starting(&self, port: u16, start: &str) -> usize {
-        let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+        let Ok(client) = self.client(port) else {
             return 0;
         };
         let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(500)) else {
@@ -299,27 +393,6 @@ impl Drop for LocalCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// One command to the node on `port`, its reply as text.
-fn command(port: u16, args: &[&str]) -> Result<String, String> {
-    let client =
-        redis::Client::open(format!("redis://127.0.0.1:{port}")).map_err(|e| e.to_string())?;
-    let mut conn = client
-        .get_connection_with_timeout(Duration::from_millis(500))
-        .map_err(|e| e.to_string())?;
-    let mut cmd = redis::cmd(args[0]);
-    for arg in &args[1..] {
-        cmd.arg(*arg);
-    }
-    let reply: redis::Value = cmd.query(&mut conn).map_err(|e| e.to_string())?;
-    Ok(match reply {
-        redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-        redis::Value::SimpleString(s) => s,
-        redis::Value::Int(n) => n.to_string(),
-        redis::Value::VerbatimString { text, .. } => text,
-        other => format!("{other:?}"),
-    })
 }
 
 /// A free port whose cluster bus port (+10000) is free too, not in `taken`.
