@@ -6,11 +6,13 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
 use presence::client::{Filter, PresenceClient, WatchEvent};
+use presence::config::Config;
 use presence::model::{Meta, NodeId};
 use presence::store::redis::test_support::{ClusterTls, LocalCluster};
 use presence::store::redis::{RedisOptions, RedisStore};
@@ -19,6 +21,26 @@ use support::redis::{redis_required, RedisTlsChild};
 use support::server::TestServer;
 use support::tls::TestCerts;
 use support::{config, within};
+
+/// The store of `cfg` (a `rediss://` one) once it answers, a server on it, and an SDK
+/// client of that server.
+async fn serve_on_tls_redis(cfg: &Config) -> (Arc<dyn Store>, TestServer, PresenceClient) {
+    let store = presence::store::open_for(cfg)
+        .await
+        .expect("open rediss://");
+    within(20, async {
+        while store.ping().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let server = TestServer::start(cfg, store.clone()).await;
+    let pc = PresenceClient::builder(server.base())
+        .timeout(Duration::from_secs(3))
+        .build()
+        .expect("client");
+    (store, server, pc)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_store_works_over_tls_with_a_private_ca() {
@@ -35,20 +57,7 @@ async fn the_redis_store_works_over_tls_with_a_private_ca() {
             ("PRESENCE_REDIS_URI", uri.as_str()),
             ("PRESENCE_REDIS_CA_FILE", ca_file.as_str()),
         ]);
-        let store = presence::store::open_for(&cfg)
-            .await
-            .expect("open rediss://");
-        within(10, async {
-            while store.ping().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        let server = TestServer::start(&cfg, store).await;
-        let pc = PresenceClient::builder(server.base())
-            .timeout(Duration::from_secs(3))
-            .build()
-            .expect("client");
+        let (_, server, pc) = serve_on_tls_redis(&cfg).await;
 
         let mut watch = pc.watch(Filter::all());
         let first = within(10, watch.next())
@@ -121,24 +130,11 @@ async fn a_tls_cluster_with_sixteen_shards_serves_through_the_server() {
             ("PRESENCE_REDIS_CA_FILE", ca_file.as_str()),
             ("PRESENCE_KEY_PREFIX", prefix.as_str()),
         ]);
-        let store = presence::store::open_for(&cfg)
-            .await
-            .expect("open the cluster over rediss://");
-        within(20, async {
-            while store.ping().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
+        let (store, server, pc) = serve_on_tls_redis(&cfg).await;
         store
             .check_deployment()
             .await
             .expect("a new deployment of 16 shards");
-        let server = TestServer::start(&cfg, store.clone()).await;
-        let pc = PresenceClient::builder(server.base())
-            .timeout(Duration::from_secs(3))
-            .build()
-            .expect("client");
 
         let mut watch = pc.watch(Filter::all());
         let first = within(10, watch.next())
