@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use presence::client::{Filter, PresenceClient, WatchEvent};
+use presence::client::{Filter, PresenceClient, Watch, WatchEvent};
 use presence::config::Config;
 use presence::model::{Meta, NodeId};
 use presence::store::redis::test_support::{ClusterTls, LocalCluster};
@@ -22,9 +22,9 @@ use support::server::TestServer;
 use support::tls::TestCerts;
 use support::{config, within};
 
-/// The store of `cfg` (a `rediss://` one) once it answers, a server on it, and an SDK
-/// client of that server.
-async fn serve_on_tls_redis(cfg: &Config) -> (Arc<dyn Store>, TestServer, PresenceClient) {
+/// The store of `cfg` (a `rediss://` one) once it answers, a server on it, an SDK
+/// client of that server, and a watch of everything past its snapshot.
+async fn serve_on_tls_redis(cfg: &Config) -> (Arc<dyn Store>, TestServer, PresenceClient, Watch) {
     let store = presence::store::open_for(cfg)
         .await
         .expect("open rediss://");
@@ -39,7 +39,13 @@ async fn serve_on_tls_redis(cfg: &Config) -> (Arc<dyn Store>, TestServer, Presen
         .timeout(Duration::from_secs(3))
         .build()
         .expect("client");
-    (store, server, pc)
+    let mut watch = pc.watch(Filter::all());
+    let first = within(10, watch.next())
+        .await
+        .expect("the feed does not end")
+        .expect("a snapshot");
+    assert!(first.event.is_snapshot(), "{first:?}");
+    (store, server, pc, watch)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,14 +63,7 @@ async fn the_redis_store_works_over_tls_with_a_private_ca() {
             ("PRESENCE_REDIS_URI", uri.as_str()),
             ("PRESENCE_REDIS_CA_FILE", ca_file.as_str()),
         ]);
-        let (_, server, pc) = serve_on_tls_redis(&cfg).await;
-
-        let mut watch = pc.watch(Filter::all());
-        let first = within(10, watch.next())
-            .await
-            .expect("the feed does not end")
-            .expect("a snapshot");
-        assert!(first.event.is_snapshot(), "{first:?}");
+        let (_, server, pc, mut watch) = serve_on_tls_redis(&cfg).await;
 
         pc.login("tls-a").await.expect("login");
         pc.login("tls-b").await.expect("login");
@@ -130,18 +129,11 @@ async fn a_tls_cluster_with_sixteen_shards_serves_through_the_server() {
             ("PRESENCE_REDIS_CA_FILE", ca_file.as_str()),
             ("PRESENCE_KEY_PREFIX", prefix.as_str()),
         ]);
-        let (store, server, pc) = serve_on_tls_redis(&cfg).await;
+        let (store, server, pc, mut watch) = serve_on_tls_redis(&cfg).await;
         store
             .check_deployment()
             .await
             .expect("a new deployment of 16 shards");
-
-        let mut watch = pc.watch(Filter::all());
-        let first = within(10, watch.next())
-            .await
-            .expect("the feed does not end")
-            .expect("a snapshot");
-        assert!(first.event.is_snapshot(), "{first:?}");
         // Enough nodes that every master holds some of them.
         let ids: Vec<String> = (0..48).map(|i| format!("tls-node-{i:02}")).collect();
         for id in &ids {
