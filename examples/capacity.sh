@@ -3,6 +3,7 @@
 #
 #   bash examples/capacity.sh            # about 10 minutes
 #   ROUNDS=5 DURATION=10 bash examples/capacity.sh
+#   REPLICAS=0 ROUNDS=1 bash examples/capacity.sh   # a cluster of 3 masters alone
 #
 # It needs redis-server, redis-cli, openssl and python3 (to read the JSON reports),
 # and builds the presence_server and presence_load examples in release mode. Every
@@ -30,6 +31,7 @@ set -euo pipefail
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-8}
 NODES=${NODES:-2000}
+REPLICAS=${REPLICAS:-1}   # per master in the cluster: 0 shows what replication costs
 cd "$(dirname "$0")/.."
 for tool in redis-server redis-cli openssl python3; do
     command -v "$tool" >/dev/null || { echo "capacity.sh: $tool is missing" >&2; exit 1; }
@@ -81,14 +83,14 @@ start_redis() {  # port, extra args...
 SOLO=$(free_port)
 start_redis "$SOLO"
 
-# The cluster: 6 nodes, 3 masters with a replica each.
+# The cluster: 3 masters with $REPLICAS replicas each.
 CLUSTER=()
-for _ in 1 2 3 4 5 6; do
+for _ in $(seq $((3 * (1 + REPLICAS)))); do
     port=$(free_port)
     start_redis "$port" --cluster-enabled yes --cluster-config-file "$DIR/nodes-$port.conf" --cluster-node-timeout 2000
     CLUSTER+=("$port")
 done
-redis-cli --cluster create $(printf '127.0.0.1:%s ' "${CLUSTER[@]}") --cluster-replicas 1 --cluster-yes >"$DIR/create.log"
+redis-cli --cluster create $(printf '127.0.0.1:%s ' "${CLUSTER[@]}") --cluster-replicas "$REPLICAS" --cluster-yes >"$DIR/create.log"
 for _ in $(seq 100); do
     redis-cli -p "${CLUSTER[0]}" cluster info | grep -q 'cluster_state:ok' && break
     sleep 0.1
@@ -96,8 +98,8 @@ done
 SEEDS=$(printf 'redis://127.0.0.1:%s,' "${CLUSTER[@]}"); SEEDS=${SEEDS%,}
 masters() { for p in "${CLUSTER[@]}"; do if [[ $(redis-cli -p "$p" role | head -1) == master ]]; then echo "$p"; fi; done; }
 MASTERS=($(masters))
-REPLICAS=()
-for p in "${CLUSTER[@]}"; do [[ " ${MASTERS[*]} " == *" $p "* ]] || REPLICAS+=("$p"); done
+REPLICA_PORTS=()
+for p in "${CLUSTER[@]}"; do [[ " ${MASTERS[*]} " == *" $p "* ]] || REPLICA_PORTS+=("$p"); done
 
 # A CA and a certificate for localhost, for the HTTPS runs.
 openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=capacity-ca \
@@ -195,7 +197,7 @@ for round in $(seq "$ROUNDS"); do
     start_server "$port" PRESENCE_REDIS_MODE=cluster PRESENCE_SHARDS=16 PRESENCE_REDIS_URI="$SEEDS" PRESENCE_KEY_PREFIX="cap$round"
     measured cluster16 "$FLOOD --url http://127.0.0.1:$port/presence" "${MASTERS[@]}"
     measured paced.cluster16 "$PACED --url http://127.0.0.1:$port/presence" "${MASTERS[@]}"
-    echo "   (replicas: $(sum_over redis_cpu "${REPLICAS[@]}") s of CPU since their start)"
+    echo "   (replicas: $(sum_over redis_cpu "${REPLICA_PORTS[@]}") s of CPU since their start)"
     stop_server
 
     for store in memory redis; do
