@@ -41,6 +41,7 @@ BIN=target/release/examples
 DIR=$(mktemp -d)
 PIDS=()
 cleanup() {
+    exec 2>/dev/null   # bash's "Killed" notices of the servers stopped here
     for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
     rm -rf "$DIR"
 }
