@@ -10,7 +10,7 @@
 //! | `presence_rate_limited_total` | counter | |
 //! | `presence_store_errors_total` | counter | `kind` = `unavailable` / `refused` / `timeout` / `circuit_open` |
 //! | `presence_online_nodes` | gauge | |
-//! | `presence_store_circuit_state` | gauge | 0 closed, 1 half-open, 2 open |
+//! | `presence_store_circuit_state` | gauge | 0 closed, 1 half-open, 2 open: the worst of the shards' breakers (one per shard) |
 //! | `presence_watchers` | gauge | |
 //! | `presence_watch_events_total` | counter | `type` = `snapshot` / `join` / `update` / `leave` |
 //! | `presence_watchers_dropped_slow_total` | counter | |
@@ -275,7 +275,7 @@ impl Metrics {
         );
         registry.register(
             "store_circuit_state",
-            "Store circuit breaker: 0 closed, 1 half-open, 2 open",
+            "Store circuit breaker, the worst shard's: 0 closed, 1 half-open, 2 open",
             circuit_state.clone(),
         );
         let watchers = Gauge::default();
