@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use presence::client::{ClientError, Heartbeat, PresenceClient};
-use presence::model::{Meta, Node};
+use presence::model::{Meta, Node, NodeId};
 use presence::server::MAX_BODY_BYTES;
 use presence::store::redis::test_support::{redis_for_tests, sharded_redis_for_tests};
 use presence::store::redis::{RedisOptions, RedisStore};
@@ -912,6 +912,64 @@ async fn rate_limit_keys_on_forwarded_for_only_behind_a_trusted_proxy() {
         assert_eq!(get(&server.base()).await.status, 200);
         get(&server.base()).await.assert_error(429, "rate_limited");
 
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_failing_shard_opens_its_own_breaker_while_the_other_shards_serve() {
+    within(30, async {
+        // Shard 1 of 2 is down, like one dead master of a cluster.
+        let store = Arc::new(FaultyStore::shard_down(2, 1));
+        let (up, down) = ("n2", "n1");
+        assert_eq!(store.shard_of(&NodeId::parse(up).expect("id")), 0);
+        assert_eq!(store.shard_of(&NodeId::parse(down).expect("id")), 1);
+        let server = TestServer::start(&config(&[]), store.clone()).await;
+        let lease = login(&server, up).await["lease_id"].clone();
+
+        // Five failures about the down shard's node open that shard's breaker ...
+        for _ in 0..5 {
+            post_json(
+                &server.url("/presence/login"),
+                json!({"node_id": down}).to_string(),
+            )
+            .await
+            .assert_error(503, "store_unavailable");
+        }
+        let reached = store.calls.load(Ordering::SeqCst);
+        post_json(
+            &server.url("/presence/login"),
+            json!({"node_id": down}).to_string(),
+        )
+        .await
+        .assert_error(503, "store_unavailable");
+        // ... a listing needs every shard, so it fails fast too ...
+        get(&server.base())
+            .await
+            .assert_error(503, "store_unavailable");
+        assert_eq!(
+            store.calls.load(Ordering::SeqCst),
+            reached,
+            "the open breaker kept them out"
+        );
+        let scrape = get(&server.url("/metrics")).await.text();
+        assert_eq!(
+            metric_value(&scrape, "presence_store_circuit_state"),
+            Some(2.0),
+            "{scrape}"
+        );
+
+        // ... and the node of the other shard heartbeats on.
+        for _ in 0..3 {
+            let beat = post_json(
+                &server.url("/presence/heartbeat"),
+                json!({"node_id": up, "lease_id": lease}).to_string(),
+            )
+            .await
+            .ok_json();
+            assert_eq!(beat["lease_id"], lease);
+        }
         server.stop().await;
     })
     .await;

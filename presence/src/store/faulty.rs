@@ -38,6 +38,16 @@ pub enum Fault {
     /// Every call panics, like a store implementation with a bug: for testing that a
     /// panic becomes a `500` and takes nothing else down.
     Panics,
+    /// A store of `shards` shards (a node's shard: the sum of its id's bytes, modulo
+    /// `shards`) whose shard `down` is [`Fault::Down`], like one dead master of a
+    /// cluster: calls about a node of that shard fail, and so do calls about every
+    /// node (listings, stats, ping); calls about the other nodes work.
+    ShardDown {
+        /// How many shards the store says it has (at least 1).
+        shards: usize,
+        /// The shard that fails.
+        down: usize,
+    },
 }
 
 /// A store with one [`Fault`], counting the calls the fault applies to.
@@ -46,7 +56,8 @@ pub struct FaultyStore {
     inner: MemoryStore,
     fault: Fault,
     /// Calls that reached the store: every call for [`Fault::Down`],
-    /// [`Fault::Stalled`] and [`Fault::Panics`], the listings for [`Fault::SlowList`].
+    /// [`Fault::Stalled`] and [`Fault::Panics`], the failing ones for
+    /// [`Fault::ShardDown`], the listings for [`Fault::SlowList`].
     pub calls: AtomicUsize,
     /// Notified each time a listing starts.
     pub list_started: Notify,
@@ -83,11 +94,28 @@ impl FaultyStore {
         FaultyStore::new(Fault::SlowList(delay))
     }
 
+    /// A store of `shards` shards whose shard `down` fails ([`Fault::ShardDown`]).
+    pub fn shard_down(shards: usize, down: usize) -> FaultyStore {
+        FaultyStore::new(Fault::ShardDown { shards, down })
+    }
+
+    /// [`FaultyStore::fault`] for a call about `node`: with [`Fault::ShardDown`],
+    /// a node of another shard than the failing one gets through.
+    fn fault_for<T: Send + 'static>(
+        &self,
+        node: &NodeId,
+    ) -> Option<BoxFuture<'static, Result<T, StoreError>>> {
+        match self.fault {
+            Fault::ShardDown { down, .. } if self.shard_of(node) != down => None,
+            _ => self.fault(),
+        }
+    }
+
     /// `Some(answer)` when the fault decides the call; `None` lets it through to the
     /// working store.
     fn fault<T: Send + 'static>(&self) -> Option<BoxFuture<'static, Result<T, StoreError>>> {
         match self.fault {
-            Fault::Down => {
+            Fault::Down | Fault::ShardDown { .. } => {
                 self.calls.fetch_add(1, Ordering::SeqCst);
                 Some(Box::pin(std::future::ready(Err(StoreError::Unavailable(
                     "connection refused (test store that is always down)".to_owned(),
@@ -138,7 +166,7 @@ impl Store for FaultyStore {
         meta: Meta,
         status: Status,
     ) -> BoxFuture<'a, Result<LoginOutcome, StoreError>> {
-        self.fault()
+        self.fault_for(node)
             .unwrap_or_else(|| self.inner.login_with(node, lease_id, ttl_ms, meta, status))
     }
 
@@ -150,7 +178,7 @@ impl Store for FaultyStore {
         meta: Option<Meta>,
         status: Option<Status>,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
-        self.fault().unwrap_or_else(|| {
+        self.fault_for(node).unwrap_or_else(|| {
             self.inner
                 .heartbeat_with(node, lease_id, ttl_ms, meta, status)
         })
@@ -161,7 +189,7 @@ impl Store for FaultyStore {
         node: &'a NodeId,
         lease_id: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.fault()
+        self.fault_for(node)
             .unwrap_or_else(|| self.inner.logout(node, lease_id))
     }
 
@@ -182,7 +210,7 @@ impl Store for FaultyStore {
     }
 
     fn get<'a>(&'a self, node: &'a NodeId) -> BoxFuture<'a, Result<Option<Node>, StoreError>> {
-        self.fault().unwrap_or_else(|| self.inner.get(node))
+        self.fault_for(node).unwrap_or_else(|| self.inner.get(node))
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
@@ -209,6 +237,18 @@ impl Store for FaultyStore {
     // `sweep_expired` is the default (nothing to report, never faulted): the server
     // sweeps in the background, and its calls must not count against the fault or
     // the breaker the tests watch.
+
+    fn shard_count(&self) -> usize {
+        match self.fault {
+            Fault::ShardDown { shards, .. } => shards.max(1),
+            _ => 1,
+        }
+    }
+
+    fn shard_of(&self, node: &NodeId) -> usize {
+        let sum: usize = node.as_str().bytes().map(usize::from).sum();
+        sum % self.shard_count()
+    }
 
     fn describe(&self) -> String {
         format!("faulty ({:?}, test store)", self.fault)
