@@ -208,7 +208,8 @@ impl Cli {
         let bare_external = self.url.is_some() && self.mode == Mode::Bare;
         let url = self.url.unwrap_or_else(|| DEFAULT_URL.to_owned());
         let watch_url = self.watch_url.unwrap_or_else(|| url.clone());
-        let https = |u: &str| u.starts_with("https:");
+        // Both URLs passed `split_url` already (their value parser).
+        let https = |u: &str| split_url(u).is_ok_and(|p| p.is_https());
         let watches = matches!(self.mode, Mode::Watch | Mode::Expiry);
         if watches && https(&watch_url) {
             return Err(Cli::command().error(

@@ -68,6 +68,13 @@ pub fn split_url(url: &str) -> Result<UrlParts, String> {
     })
 }
 
+impl UrlParts {
+    /// Whether the URL is `https`.
+    pub fn is_https(&self) -> bool {
+        self.https
+    }
+}
+
 /// A connection to the server: plain TCP, or TLS over it for `https` URLs.
 pub type Stream = Either<TcpStream, TlsStream<TcpStream>>;
 

@@ -79,15 +79,17 @@ impl OutageTracker {
 
     /// Whether an outage of `shard` (`None`: of any shard) is pending recovery. One
     /// atomic load for a shard: the hot path.
-    pub(crate) fn pending(&self, shard: Option<usize>) -> bool {
+    fn pending(&self, shard: Option<usize>) -> bool {
         self.scope(shard)
             .iter()
             .any(|since| since.load(Ordering::Relaxed) != 0)
     }
 
-    /// Gives the pending outage back to the leases (once, whoever asks first), then
-    /// clears it. Runs in its own task, so a caller that gives up (its store timeout)
-    /// cannot cut a recovery in half; later callers wait for it.
+    /// Gives the pending outage of `shard` (`None`: of every shard) back to the
+    /// leases (once, whoever asks first), then clears it; nothing when none is
+    /// pending, which is one atomic load for a shard (the hot path). Runs in its own
+    /// task, so a caller that gives up (its store timeout) cannot cut a recovery in
+    /// half; later callers wait for it.
     ///
     /// # Errors
     /// The store failed during the recovery: the outage stays pending.
@@ -96,6 +98,9 @@ impl OutageTracker {
         store: &Arc<dyn Store>,
         shard: Option<usize>,
     ) -> Result<(), StoreError> {
+        if !self.pending(shard) {
+            return Ok(());
+        }
         let task = tokio::spawn(Self::run_recoveries(self.clone(), store.clone(), shard));
         match task.await {
             Ok(result) => result,
@@ -117,10 +122,9 @@ impl OutageTracker {
             None => 0..this.since.len(),
         };
         for i in shards {
-            // A store of one shard is its own.
-            let one = store.shard_store(i).unwrap_or_else(|| store.clone());
             if let Some(since) = this.since.get(i) {
-                this.run_recovery(i, since, &*one).await?;
+                this.run_recovery(i, since, &*crate::store::shard(&store, i))
+                    .await?;
             }
         }
         Ok(())

@@ -157,9 +157,7 @@ impl State {
         };
         // The store is only asked once the breaker has admitted the call.
         let attempt = async {
-            if self.outage.pending(shard) {
-                self.outage.recover(&self.store, shard).await?;
-            }
+            self.outage.recover(&self.store, shard).await?;
             call(&*self.store).await
         };
         let attempt = deadline(self.store_timeout, attempt);
@@ -233,16 +231,9 @@ impl State {
         if !self.breakers.closed(shard) {
             return None;
         }
-        // A store of one shard is its own.
-        let store = self
-            .store
-            .shard_store(shard)
-            .unwrap_or_else(|| self.store.clone());
         let attempt = async {
-            if self.outage.pending(Some(shard)) {
-                self.outage.recover(&self.store, Some(shard)).await?;
-            }
-            call(store).await
+            self.outage.recover(&self.store, Some(shard)).await?;
+            call(crate::store::shard(&self.store, shard)).await
         };
         let started = tokio::time::Instant::now();
         match deadline(self.store_timeout, attempt).await {

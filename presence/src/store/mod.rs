@@ -486,6 +486,12 @@ fn has_scheme(uri: &str, scheme: &str) -> bool {
         .is_some_and(|head| head.eq_ignore_ascii_case(&format!("{scheme}://")))
 }
 
+/// Shard `shard` of `store` as a store of its own ([`Store::shard_store`]), or
+/// `store` itself when it has one shard.
+pub(crate) fn shard(store: &Arc<dyn Store>, shard: usize) -> Arc<dyn Store> {
+    store.shard_store(shard).unwrap_or_else(|| store.clone())
+}
+
 /// The first 16 bytes of a node id as a big-endian integer (zero-padded): ordered
 /// like the ids themselves up to ties (a shorter id that is a prefix of a longer one
 /// sorts first either way). Both stores sort listings on it, so that most
