@@ -7,7 +7,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -507,8 +507,17 @@ async fn drive<C>(
     // close (an HTTP/2 handshake that never finishes, a peer that stops reading) is
     // dropped at this deadline.
     let mut hard_close: Option<Instant> = None;
-    let aborted = activity.abort.cancelled();
-    tokio::pin!(aborted);
+    let abort = activity.abort.cancelled();
+    tokio::pin!(abort);
+    // Not registered before the connection carries a watch: that flag is set while
+    // `conn` is polled, so the same pass of the `select!` below then polls the token.
+    let mut aborted = std::future::poll_fn(|cx| {
+        if activity.watched.load(Ordering::Relaxed) {
+            abort.as_mut().poll(cx)
+        } else {
+            Poll::Pending
+        }
+    });
     loop {
         tokio::select! {
             biased;
@@ -518,7 +527,7 @@ async fn drive<C>(
                 }
                 return;
             }
-            () = aborted.as_mut() => {
+            () = &mut aborted => {
                 tracing::debug!(%peer, "dropping the connection of a watcher that fell behind");
                 return;
             }
@@ -605,6 +614,7 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
         // Only a watch can need closing from outside (see `ConnectionAbort`); the
         // other requests do not pay for the extension.
         if req.uri().path() == "/presence/watch" {
+            self.activity.watched.store(true, Ordering::Relaxed);
             req.extensions_mut()
                 .insert(ConnectionAbort(self.activity.abort.clone()));
         }
@@ -732,6 +742,10 @@ struct Activity {
     progress_ns: AtomicU64,
     /// Cancelled to drop the connection at once (a watcher that fell too far behind).
     abort: CancellationToken,
+    /// Set when the connection first carries a watch: only then can `abort` fire, and
+    /// only then does [`drive`] poll it (polling a token takes its lock; on every wake
+    /// of every connection that was about 1 % of a heartbeat's server time).
+    watched: AtomicBool,
 }
 
 /// What [`Activity::check`] found.
@@ -753,6 +767,7 @@ impl Activity {
             waiting_bodies: AtomicUsize::new(0),
             progress_ns: AtomicU64::new(0),
             abort: CancellationToken::new(),
+            watched: AtomicBool::new(false),
         }
     }
 

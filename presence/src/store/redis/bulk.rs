@@ -10,7 +10,7 @@
 //! a few tens of nanoseconds per string.
 //!
 //! Only what a listing needs is decoded (RESP2 arrays of bulk strings or nils,
-//! errors; simple strings for the handshake); anything else is a protocol error
+//! integers, errors; simple strings for the handshake); anything else is a protocol error
 //! that drops the connection. Every other command goes through the `redis` crate.
 //!
 //! The connection is opened on first use with what the store's URI says (address,
@@ -113,6 +113,23 @@ impl Session<'_> {
         let result = match self.slot.as_mut() {
             Some(open) if self.pending > 0 => {
                 match tokio::time::timeout(timeout, open.next_reply()).await {
+                    Ok(reply) => reply,
+                    Err(_) => Err(timed_out("answer", timeout)),
+                }
+            }
+            Some(_) => Err(protocol("a reply was read that was not asked for")),
+            None => Err(closed()),
+        };
+        self.pending = self.pending.saturating_sub(1);
+        self.check(result)
+    }
+
+    /// The next reply, which must be an integer; a Redis error reply is an error.
+    pub(super) async fn reply_integer(&mut self) -> Result<i64, StoreError> {
+        let timeout = self.response_timeout;
+        let result = match self.slot.as_mut() {
+            Some(open) if self.pending > 0 => {
+                match tokio::time::timeout(timeout, open.next_integer()).await {
                     Ok(reply) => reply,
                     Err(_) => Err(timed_out("answer", timeout)),
                 }
@@ -342,6 +359,18 @@ impl Open {
             Decoded::Bulks(bulks) => Ok(bulks),
             Decoded::Error(e) => Err(server_error(&e)),
             Decoded::Status(s) => Err(protocol(&format!("status {s:?} where an array was due"))),
+            Decoded::Integer(_) => Err(protocol("integer where an array was due")),
+        }
+    }
+
+    /// The next reply, which must be an integer.
+    async fn next_integer(&mut self) -> Result<i64, StoreError> {
+        match self.next_decoded().await? {
+            Decoded::Integer(n) => Ok(n),
+            Decoded::Error(e) => Err(server_error(&e)),
+            Decoded::Status(_) | Decoded::Bulks(_) => {
+                Err(protocol("not an integer where one was due"))
+            }
         }
     }
 
@@ -350,7 +379,7 @@ impl Open {
         match self.next_decoded().await? {
             Decoded::Status(_) => Ok(()),
             Decoded::Error(e) => Err(server_error(&e)),
-            Decoded::Bulks(_) => Err(protocol("array where OK was due")),
+            Decoded::Bulks(_) | Decoded::Integer(_) => Err(protocol("not OK where OK was due")),
         }
     }
 
@@ -385,6 +414,7 @@ enum Decoded {
     Bulks(Bulks),
     Status(String),
     Error(String),
+    Integer(i64),
 }
 
 /// Decodes one reply from a buffer that fills up over several reads, resuming where
@@ -402,7 +432,7 @@ struct Decoder {
 impl Decoder {
     /// `Ok(Some(reply))` once a whole reply is in `buf` (and removes it from `buf`),
     /// `Ok(None)` if more bytes are needed, `Err` on anything but an array of bulk
-    /// strings, a simple string or an error.
+    /// strings, a simple string, an integer or an error.
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, &'static str> {
         let expected = match self.expected {
             Some(n) => n,
@@ -421,6 +451,14 @@ impl Decoder {
                         } else {
                             Decoded::Error(text)
                         }));
+                    }
+                    b':' => {
+                        let n = std::str::from_utf8(rest)
+                            .ok()
+                            .and_then(|digits| digits.parse().ok())
+                            .ok_or("bad integer")?;
+                        buf.advance(next);
+                        return Ok(Some(Decoded::Integer(n)));
                     }
                     b'*' => {}
                     _ => return Err("reply is not an array"),
@@ -559,6 +597,20 @@ mod tests {
     }
 
     #[test]
+    fn integers() {
+        assert!(matches!(
+            decode_all(b":100000\r\n"),
+            Ok(Some(Decoded::Integer(100_000)))
+        ));
+        assert!(matches!(
+            decode_all(b":-3\r\n"),
+            Ok(Some(Decoded::Integer(-3)))
+        ));
+        assert!(decode_all(b":12x\r\n").is_err());
+        assert!(matches!(decode_all(b":12"), Ok(None)));
+    }
+
+    #[test]
     fn incomplete_replies_wait_for_more() {
         for cut in [
             &b"*"[..],
@@ -574,8 +626,7 @@ mod tests {
     #[test]
     fn malformed_replies_are_errors() {
         for bad in [
-            &b":1\r\n"[..],
-            b"*1\r\n:5\r\n",
+            &b"*1\r\n:5\r\n"[..],
             b"*1\r\n*1\r\n",
             b"*x\r\n",
             b"*-1\r\n",

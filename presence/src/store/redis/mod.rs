@@ -77,9 +77,10 @@
 //! [`MAX_PRESERVED_OUTAGE`] ago (a bounded number per call; every node that joins
 //! the set logs in, so that keeps up); `heartbeat`, the hot path, leaves that to
 //! it. Heartbeats that are waiting at the same moment share one script call (see
-//! below). `list` is one pipeline (`TIME` + `ZRANGE ... BYSCORE`) followed by the
-//! records, fetched with `HMGET` in pipelined pages: `1 + ceil(N / page)` round
-//! trips, never `KEYS`, never one request per node. `get` is one pipeline (`TIME` +
+//! below). `list` is one pipeline (`TIME` + `ZRANGE ... BYLEX` of the id index, or
+//! `ZRANGE ... BYSCORE` after a mass expiry: see [`Shard::for_each_live`]) followed
+//! by the records, fetched with `HMGET` in pipelined pages: `1 + ceil(N / page)`
+//! round trips, never `KEYS`, never one request per node. `get` is one pipeline (`TIME` +
 //! `HGET`).
 //!
 //! # Performance
@@ -105,7 +106,7 @@
 //!   costs Redis about three times as much per record, in round trips that cannot
 //!   overlap.)
 //!
-//! Requires Redis 6.2 or newer (`ZRANGE ... BYSCORE`): one server, a replicated
+//! Requires Redis 6.2 or newer (`ZRANGE ... BYSCORE` and `BYLEX`): one server, a replicated
 //! primary, or a Redis Cluster ([`RedisOptions::cluster`], the seed nodes in the
 //! URI), on which a listing goes over the shared connection instead of [`bulk`]'s.
 //!
@@ -309,6 +310,9 @@ struct Inner {
     bulk: Option<BulkConnection>,
     /// Nodes in the last listing: sizes the next one's buffer list.
     list_nodes_hint: AtomicUsize,
+    /// Whether the next listing reads its ids from the id index, in order, rather
+    /// than from the expiry index (see [`Shard::for_each_live`]).
+    list_by_id: AtomicBool,
     /// Whether this store has made sure the deployment has its id index and
     /// counters ([`INDEX_BUILD`], before its first write, page, stats or sweep:
     /// see [`Shard::ensure_index`]).
@@ -413,6 +417,7 @@ impl Shard {
                 page_concurrency: options.page_concurrency.max(1),
                 bulk,
                 list_nodes_hint: AtomicUsize::new(0),
+                list_by_id: AtomicBool::new(true),
                 index_built: AtomicBool::new(false),
                 clock_offset_ms: AtomicI64::new(i64::MIN),
                 list_bytes_per_node: AtomicUsize::new(NODE_OVERHEAD + 32),
@@ -547,24 +552,28 @@ impl Shard {
     /// Calls `each` with the id and record of every node online at the store's
     /// clock, in `node_id` order, page by page as the pages arrive.
     ///
-    /// Two exchanges on the [`BulkConnection`]: `TIME` + `ZRANGE ... BYSCORE` in one
+    /// Two exchanges on the [`BulkConnection`]: `TIME` + a `ZRANGE` of the ids in one
     /// pipeline, then `HMGET`s of [`RedisOptions::page_size`] records, up to
     /// [`RedisOptions::page_concurrency`] in flight so that Redis answers the next
     /// while this page is written out. Vanished, expired and unreadable records are
     /// skipped.
     ///
-    /// The range is not computed in a script: turning a large reply into a Lua table
-    /// and back costs Redis more than the range itself (about 1.6 ms per 10 000
-    /// members). Without a script it cannot start at `TIME`, so it starts at the
-    /// Redis clock as estimated from the previous listing minus
-    /// [`LIST_CLOCK_MARGIN_MS`] and [`INDEX_GRANULARITY`] (scores lag expiries by less
-    /// than that), and is read again from `-inf` if that bound turns out to be above
-    /// `TIME - INDEX_GRANULARITY` of the same pipeline (which Redis ran just before the
-    /// range): no member that is online at `TIME` is ever missed.
+    /// The ids come from the id index (`ZRANGE ... BYLEX`), already in `node_id`
+    /// order: sorting them here was 4 ms of a 100 000-node listing (README,
+    /// Performance). The index also holds the records that expired in the last
+    /// [`MAX_PRESERVED_OUTAGE`], which the listing reads only to skip; when the last
+    /// listing skipped more than a quarter as many as it listed (after a mass expiry),
+    /// the ids come from the expiry index instead, which leaves those out, and are
+    /// sorted here ([`Shard::live_members`]), until that index says the stale records
+    /// are gone.
     async fn for_each_live(
         &self,
         mut each: impl FnMut(&str, Record<'_>) + Send,
     ) -> Result<(), StoreError> {
+        let by_id = self.inner.list_by_id.load(Ordering::Relaxed);
+        if by_id {
+            self.ensure_index().await?;
+        }
         let mut session = match &self.inner.bulk {
             Some(bulk) => ListSession::Bulk(bulk.session().await?),
             None => ListSession::Shared {
@@ -573,21 +582,59 @@ impl Shard {
                 ready: VecDeque::new(),
             },
         };
-        let (now, ids) = self.live_members(&mut session).await?;
-        let order = node_id_order(&ids);
-        self.each_record(&mut session, &ids, &order, now, &mut each)
-            .await
+        let (now, ids, order) = if by_id {
+            let (now, ids) = self.indexed_members(&mut session).await?;
+            let order = (0..ids.len()).collect();
+            (now, ids, order)
+        } else {
+            let (now, ids, indexed) = self.live_members(&mut session).await?;
+            let order = node_id_order(&ids);
+            if indexed
+                .is_some_and(|indexed| !mostly_stale(indexed.saturating_sub(ids.len()), ids.len()))
+            {
+                self.inner.list_by_id.store(true, Ordering::Relaxed);
+            }
+            (now, ids, order)
+        };
+        let (listed, skipped) = self
+            .each_record(&mut session, &ids, &order, now, &mut each)
+            .await?;
+        if by_id && mostly_stale(skipped, listed) {
+            self.inner.list_by_id.store(false, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
-    /// The Redis clock and the members of the sorted set that may be online at it:
-    /// `TIME` + `ZRANGE ... BYSCORE` in one pipeline (see [`for_each_live`]'s lower
-    /// bound).
+    /// The Redis clock and every member of the id index, in `node_id` order: `TIME`
+    /// + `ZRANGE ... BYLEX` in one pipeline.
+    async fn indexed_members(
+        &self,
+        session: &mut ListSession<'_>,
+    ) -> Result<(u64, Bulks), StoreError> {
+        let range = redis::pipe()
+            .cmd("TIME")
+            .cmd("ZRANGE")
+            .arg(&self.inner.keys.index)
+            .arg("-")
+            .arg("+")
+            .arg("BYLEX")
+            .clone();
+        session.send(&range).await?;
+        let time = session.reply().await?;
+        let ids = session.reply().await?;
+        Ok((self.observed_clock(&time)?, ids))
+    }
+
+    /// The Redis clock and the members of the sorted set that may be online at it,
+    /// and the size of the id index: `TIME` + `ZRANGE ... BYSCORE` + `ZCARD` in one
+    /// pipeline (see [`for_each_live`]'s lower bound). The index's size is `None`
+    /// when the range was read twice.
     ///
     /// [`for_each_live`]: Self::for_each_live
     async fn live_members(
         &self,
         session: &mut ListSession<'_>,
-    ) -> Result<(u64, Bulks), StoreError> {
+    ) -> Result<(u64, Bulks, Option<usize>), StoreError> {
         let offset = self.inner.clock_offset_ms.load(Ordering::Relaxed);
         let mut lower = (offset != i64::MIN)
             .then(|| local_epoch_ms().saturating_add_signed(offset))
@@ -601,54 +648,66 @@ impl Shard {
                 .arg(min)
                 .arg("+inf")
                 .arg("BYSCORE")
+                .cmd("ZCARD")
+                .arg(&self.inner.keys.index)
                 .clone();
             session.send(&range).await?;
             let time = session.reply().await?;
             let ids = session.reply().await?;
-            let now = match (
-                time.get(0).and_then(parse_u64),
-                time.get(1).and_then(parse_u64),
-            ) {
-                (Some(secs), Some(micros)) => epoch_ms(secs, micros),
-                _ => {
-                    return Err(StoreError::Unavailable(
-                        "redis: TIME reply is not two numbers".into(),
-                    ))
-                }
-            };
-            let offset = i64::try_from(now)
-                .unwrap_or(i64::MAX)
-                .saturating_sub(i64::try_from(local_epoch_ms()).unwrap_or(i64::MAX));
-            self.inner.clock_offset_ms.store(offset, Ordering::Relaxed);
+            let indexed = session.reply_integer().await?;
+            let now = self.observed_clock(&time)?;
             match lower {
                 // Every node online at `now` has a score above `now - granularity`.
                 Some(l) if l.saturating_add(index_granularity_ms()) > now => lower = None,
-                _ => return Ok((now, ids)),
+                _ => return Ok((now, ids, usize::try_from(indexed).ok())),
             }
         }
+    }
+
+    /// The epoch ms of a `TIME` reply, which also becomes the clock offset the
+    /// next listing and sweep start from.
+    fn observed_clock(&self, time: &Bulks) -> Result<u64, StoreError> {
+        let now = match (
+            time.get(0).and_then(parse_u64),
+            time.get(1).and_then(parse_u64),
+        ) {
+            (Some(secs), Some(micros)) => epoch_ms(secs, micros),
+            _ => {
+                return Err(StoreError::Unavailable(
+                    "redis: TIME reply is not two numbers".into(),
+                ))
+            }
+        };
+        let offset = i64::try_from(now)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(local_epoch_ms()).unwrap_or(i64::MAX));
+        self.inner.clock_offset_ms.store(offset, Ordering::Relaxed);
+        Ok(now)
     }
 
     /// Calls `each` for every member in `order` whose record is online at `now`:
     /// `HMGET`s of [`RedisOptions::page_size`] records, up to
     /// [`RedisOptions::page_concurrency`] in flight, so that Redis answers the next
-    /// page while this one is written out.
+    /// page while this one is written out. Returns how many it listed and how many
+    /// it skipped as not online.
     async fn each_record(
         &self,
         session: &mut ListSession<'_>,
         ids: &Bulks,
-        order: &[(u128, usize)],
+        order: &[usize],
         now: u64,
         each: &mut (impl FnMut(&str, Record<'_>) + Send),
-    ) -> Result<(), StoreError> {
-        let pages: Vec<&[(u128, usize)]> = order.chunks(self.inner.page_size).collect();
-        let hmget = |page: &[(u128, usize)]| {
+    ) -> Result<(usize, usize), StoreError> {
+        let pages: Vec<&[usize]> = order.chunks(self.inner.page_size).collect();
+        let hmget = |page: &[usize]| {
             let mut pipe = redis::pipe();
             let cmd = pipe.cmd("HMGET").arg(&self.inner.keys.records);
-            for &(_, i) in page {
+            for &i in page {
                 cmd.arg(ids.get(i).unwrap_or_default());
             }
             pipe
         };
+        let (mut listed, mut skipped) = (0, 0);
         let mut sent = 0;
         for page in pages.iter().take(self.inner.page_concurrency) {
             session.send(&hmget(page)).await?;
@@ -667,17 +726,19 @@ impl Shard {
                     page.len()
                 )));
             }
-            for (&(_, i), rec) in page.iter().zip(records.iter()) {
+            for (&i, rec) in page.iter().zip(records.iter()) {
                 let (Some(id), Some(rec)) = (ids.get(i), rec) else {
+                    skipped += 1;
                     continue;
                 };
                 match Record::parse(rec) {
                     Some(rec) if rec.expires_at_ms > now => {
                         if let Some(id) = listed_id(id) {
+                            listed += 1;
                             each(id, rec);
                         }
                     }
-                    Some(_) => {}
+                    Some(_) => skipped += 1,
                     None => tracing::warn!(
                         node_id = %String::from_utf8_lossy(id),
                         "stored record does not parse; not listing it"
@@ -685,7 +746,7 @@ impl Shard {
                 }
             }
         }
-        Ok(())
+        Ok((listed, skipped))
     }
 
     async fn list_impl(&self) -> Result<Vec<Node>, StoreError> {
@@ -1124,28 +1185,47 @@ impl ListSession<'_> {
     async fn reply(&mut self) -> Result<Bulks, StoreError> {
         match self {
             ListSession::Bulk(session) => session.reply().await,
-            ListSession::Shared { sent, ready, .. } => {
-                if ready.is_empty() {
-                    let Some(next) = sent.pop_front() else {
-                        return Err(StoreError::Unavailable(
-                            "redis: a reply was read that was not asked for".to_owned(),
-                        ));
-                    };
-                    let replies = next.await.map_err(|e| {
-                        StoreError::Unavailable(format!("redis: listing task failed: {e}"))
-                    })?;
-                    ready.extend(replies.map_err(unavailable)?);
-                }
-                ready
-                    .pop_front()
-                    .and_then(Bulks::from_value)
-                    .ok_or_else(|| {
-                        StoreError::Unavailable(
-                            "redis: a listing reply is not an array of strings".to_owned(),
-                        )
-                    })
-            }
+            ListSession::Shared { sent, ready, .. } => Self::next_value(sent, ready)
+                .await?
+                .and_then(Bulks::from_value)
+                .ok_or_else(|| {
+                    StoreError::Unavailable(
+                        "redis: a listing reply is not an array of strings".to_owned(),
+                    )
+                }),
         }
+    }
+
+    /// The next reply, which must be an integer.
+    async fn reply_integer(&mut self) -> Result<i64, StoreError> {
+        match self {
+            ListSession::Bulk(session) => session.reply_integer().await,
+            ListSession::Shared { sent, ready, .. } => match Self::next_value(sent, ready).await? {
+                Some(redis::Value::Int(n)) => Ok(n),
+                _ => Err(StoreError::Unavailable(
+                    "redis: a listing reply is not an integer".to_owned(),
+                )),
+            },
+        }
+    }
+
+    /// The next reply of the shared connection's pipelines, as sent.
+    async fn next_value(
+        sent: &mut VecDeque<tokio::task::JoinHandle<redis::RedisResult<Vec<redis::Value>>>>,
+        ready: &mut VecDeque<redis::Value>,
+    ) -> Result<Option<redis::Value>, StoreError> {
+        if ready.is_empty() {
+            let Some(next) = sent.pop_front() else {
+                return Err(StoreError::Unavailable(
+                    "redis: a reply was read that was not asked for".to_owned(),
+                ));
+            };
+            let replies = next
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("redis: listing task failed: {e}")))?;
+            ready.extend(replies.map_err(unavailable)?);
+        }
+        Ok(ready.pop_front())
     }
 }
 
@@ -1272,12 +1352,19 @@ pub(super) fn grace_ms() -> u64 {
 
 /// The members' indexes in `node_id` order, each with its sort key: a 16-byte prefix
 /// computed once (most ids differ in it), the rest of the bytes only on a tie.
-fn node_id_order(ids: &Bulks) -> Vec<(u128, usize)> {
+fn node_id_order(ids: &Bulks) -> Vec<usize> {
     let mut order: Vec<(u128, usize)> = (0..ids.len())
         .filter_map(|i| Some((sort_key(ids.get(i)?), i)))
         .collect();
     order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| ids.get(a.1).cmp(&ids.get(b.1))));
-    order
+    order.into_iter().map(|(_, i)| i).collect()
+}
+
+/// Whether a listing that read `stale` records it did not list for `listed` it
+/// did should read its ids from the expiry index rather than the id index (see
+/// [`Shard::for_each_live`]): more than a quarter as many, and more than 512.
+fn mostly_stale(stale: usize, listed: usize) -> bool {
+    stale > 512 && stale > listed / 4
 }
 
 fn epoch_ms(secs: u64, micros: u64) -> u64 {
@@ -1388,5 +1475,13 @@ mod tests {
             assert!(validate_prefix(bad).is_err(), "{bad:?}");
         }
         assert!(validate_prefix(&"p".repeat(MAX_PREFIX_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn stale_listings_are_more_than_a_page_and_a_quarter() {
+        assert!(!mostly_stale(512, 0));
+        assert!(mostly_stale(513, 0));
+        assert!(mostly_stale(1_000, 3_999));
+        assert!(!mostly_stale(1_000, 4_000));
     }
 }

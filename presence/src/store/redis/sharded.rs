@@ -557,4 +557,101 @@ mod tests {
         assert_eq!(shard_tag("p", 0, 1), "p");
         assert_eq!(shard_tag("p", 3, 16), "p.3");
     }
+
+    /// The listing reads the id index until a listing skips mostly expired records,
+    /// then the expiry index until the expired records are gone; either way it lists
+    /// exactly the online nodes, in order. Real Redis (its clock decides expiry); skips
+    /// without one unless `PRESENCE_REQUIRE_REDIS=1`.
+    #[tokio::test]
+    async fn listings_leave_the_id_index_after_a_mass_expiry_and_come_back() {
+        let uri = std::env::var("PRESENCE_TEST_REDIS_URI")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+        let prefix = format!(
+            "unit-stale-{}-{}",
+            std::process::id(),
+            super::super::local_epoch_ms()
+        );
+        let store = match RedisStore::connect(&uri, &prefix).await {
+            Ok(store) => store,
+            Err(e) if std::env::var("PRESENCE_REQUIRE_REDIS").is_ok_and(|v| v.trim() == "1") => {
+                panic!("Redis is required (PRESENCE_REQUIRE_REDIS=1) but unavailable: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipping: no Redis at {uri}: {e}");
+                return;
+            }
+        };
+        let shard = &store.shards[0];
+        let by_id = || shard.inner.list_by_id.load(Ordering::Relaxed);
+        let login = |name: String, ttl_ms: u64| {
+            let store = &store;
+            async move {
+                let node = NodeId::parse(&name).expect("id");
+                store
+                    .login(&node, &crate::model::new_lease_id(), ttl_ms, Meta::new())
+                    .await
+                    .expect("login");
+            }
+        };
+        let listed = || async {
+            let nodes = store.list().await.expect("list");
+            nodes
+                .into_iter()
+                .map(|n| n.node_id.to_string())
+                .collect::<Vec<_>>()
+        };
+        let online: Vec<String> = (0..10).map(|i| format!("up-{i:02}")).collect();
+        let brief: Vec<String> = (0..600).map(|i| format!("gone-{i:03}")).collect();
+        for name in &online {
+            login(name.clone(), 60_000).await;
+        }
+        futures_util::future::join_all(brief.iter().map(|n| login(n.clone(), 300))).await;
+        let mut everyone: Vec<String> = online.iter().chain(&brief).cloned().collect();
+        everyone.sort();
+        assert_eq!(listed().await, everyone);
+        assert!(by_id());
+
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // 600 expired records read and skipped for 10 listed: the next listing reads
+        // the expiry index.
+        assert_eq!(listed().await, online);
+        assert!(!by_id());
+        // Their scores are recent, so its range holds them too: no better than the id
+        // index, which the next listing reads again (and skips them again).
+        assert_eq!(listed().await, online);
+        assert!(by_id());
+        assert_eq!(listed().await, online);
+        assert!(!by_id());
+
+        // Once their scores are older than the range's lower bound (as they are a
+        // little more than 10 s after the expiry), the expiry index leaves them out
+        // and listings stay with it.
+        let mut raw = redis::Client::open(uri.as_str())
+            .expect("uri")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("raw connection");
+        let long_ago = super::super::local_epoch_ms() - 60_000;
+        let mut aged = redis::cmd("ZADD");
+        aged.arg(&shard.inner.keys.nodes).arg("XX");
+        for name in &brief {
+            aged.arg(long_ago).arg(name);
+        }
+        let _: i64 = aged.query_async(&mut raw).await.expect("zadd");
+        assert_eq!(listed().await, online);
+        assert!(!by_id());
+        assert_eq!(listed().await, online);
+        assert!(
+            !by_id(),
+            "the 600 expired records are still in the id index"
+        );
+
+        // Logging the expired nodes in again replaces their records: none stale.
+        futures_util::future::join_all(brief.iter().map(|n| login(n.clone(), 60_000))).await;
+        assert_eq!(listed().await, everyone);
+        assert!(by_id());
+        assert_eq!(listed().await, everyone);
+        assert!(by_id());
+        assert!(store.delete_prefix().await.is_ok());
+    }
 }
