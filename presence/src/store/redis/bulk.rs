@@ -109,27 +109,22 @@ impl Session<'_> {
     /// The next reply, which must be an array of bulk strings or nils; a Redis error
     /// reply is an error.
     pub(super) async fn reply(&mut self) -> Result<Bulks, StoreError> {
-        let timeout = self.response_timeout;
-        let result = match self.slot.as_mut() {
-            Some(open) if self.pending > 0 => {
-                match tokio::time::timeout(timeout, open.next_reply()).await {
-                    Ok(reply) => reply,
-                    Err(_) => Err(timed_out("answer", timeout)),
-                }
-            }
-            Some(_) => Err(protocol("a reply was read that was not asked for")),
-            None => Err(closed()),
-        };
-        self.pending = self.pending.saturating_sub(1);
-        self.check(result)
+        let reply = self.next().await.and_then(Decoded::bulks);
+        self.check(reply)
     }
 
     /// The next reply, which must be an integer; a Redis error reply is an error.
     pub(super) async fn reply_integer(&mut self) -> Result<i64, StoreError> {
+        let reply = self.next().await.and_then(Decoded::integer);
+        self.check(reply)
+    }
+
+    /// The next reply, whatever it is, within the response timeout.
+    async fn next(&mut self) -> Result<Decoded, StoreError> {
         let timeout = self.response_timeout;
         let result = match self.slot.as_mut() {
             Some(open) if self.pending > 0 => {
-                match tokio::time::timeout(timeout, open.next_integer()).await {
+                match tokio::time::timeout(timeout, open.next_decoded()).await {
                     Ok(reply) => reply,
                     Err(_) => Err(timed_out("answer", timeout)),
                 }
@@ -138,7 +133,7 @@ impl Session<'_> {
             None => Err(closed()),
         };
         self.pending = self.pending.saturating_sub(1);
-        self.check(result)
+        result
     }
 
     fn check<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
@@ -324,7 +319,7 @@ impl BulkConnection {
                     .map_err(io_error)?;
                 open.io.flush().await.map_err(io_error)?;
                 for _ in 0..expected {
-                    open.next_status().await?;
+                    open.next_decoded().await?.status()?;
                 }
             }
             Ok(open)
@@ -351,36 +346,6 @@ impl Open {
             std::pin::Pin::new(&mut self.io).poll_read(&mut cx, &mut buf),
             std::task::Poll::Pending
         )
-    }
-
-    /// The next reply, which must be an array of bulk strings or nils.
-    async fn next_reply(&mut self) -> Result<Bulks, StoreError> {
-        match self.next_decoded().await? {
-            Decoded::Bulks(bulks) => Ok(bulks),
-            Decoded::Error(e) => Err(server_error(&e)),
-            Decoded::Status(s) => Err(protocol(&format!("status {s:?} where an array was due"))),
-            Decoded::Integer(_) => Err(protocol("integer where an array was due")),
-        }
-    }
-
-    /// The next reply, which must be an integer.
-    async fn next_integer(&mut self) -> Result<i64, StoreError> {
-        match self.next_decoded().await? {
-            Decoded::Integer(n) => Ok(n),
-            Decoded::Error(e) => Err(server_error(&e)),
-            Decoded::Status(_) | Decoded::Bulks(_) => {
-                Err(protocol("not an integer where one was due"))
-            }
-        }
-    }
-
-    /// The next reply, which must be a simple string (`+OK`).
-    async fn next_status(&mut self) -> Result<(), StoreError> {
-        match self.next_decoded().await? {
-            Decoded::Status(_) => Ok(()),
-            Decoded::Error(e) => Err(server_error(&e)),
-            Decoded::Bulks(_) | Decoded::Integer(_) => Err(protocol("not OK where OK was due")),
-        }
     }
 
     /// The next reply, reading until it is complete.
@@ -415,6 +380,38 @@ enum Decoded {
     Status(String),
     Error(String),
     Integer(i64),
+}
+
+impl Decoded {
+    /// An array of bulk strings or nils.
+    fn bulks(self) -> Result<Bulks, StoreError> {
+        match self {
+            Decoded::Bulks(bulks) => Ok(bulks),
+            Decoded::Error(e) => Err(server_error(&e)),
+            Decoded::Status(s) => Err(protocol(&format!("status {s:?} where an array was due"))),
+            Decoded::Integer(_) => Err(protocol("integer where an array was due")),
+        }
+    }
+
+    /// An integer.
+    fn integer(self) -> Result<i64, StoreError> {
+        match self {
+            Decoded::Integer(n) => Ok(n),
+            Decoded::Error(e) => Err(server_error(&e)),
+            Decoded::Status(_) | Decoded::Bulks(_) => {
+                Err(protocol("not an integer where one was due"))
+            }
+        }
+    }
+
+    /// A simple string (`+OK`).
+    fn status(self) -> Result<(), StoreError> {
+        match self {
+            Decoded::Status(_) => Ok(()),
+            Decoded::Error(e) => Err(server_error(&e)),
+            Decoded::Bulks(_) | Decoded::Integer(_) => Err(protocol("not OK where OK was due")),
+        }
+    }
 }
 
 /// Decodes one reply from a buffer that fills up over several reads, resuming where
