@@ -664,8 +664,8 @@ impl Shard {
         }
     }
 
-    /// The epoch ms of a `TIME` reply, which also becomes the clock offset the
-    /// next listing and sweep start from.
+    /// The epoch ms of a `TIME` reply, noted as the Redis clock (see
+    /// [`Shard::note_clock`]).
     fn observed_clock(&self, time: &Bulks) -> Result<u64, StoreError> {
         let now = match (
             time.get(0).and_then(parse_u64),
@@ -678,11 +678,17 @@ impl Shard {
                 ))
             }
         };
+        self.note_clock(now);
+        Ok(now)
+    }
+
+    /// Notes that the Redis clock reads `now` (epoch ms): the clock offset the next
+    /// listing and sweep start from.
+    fn note_clock(&self, now: u64) {
         let offset = i64::try_from(now)
             .unwrap_or(i64::MAX)
             .saturating_sub(i64::try_from(local_epoch_ms()).unwrap_or(i64::MAX));
         self.inner.clock_offset_ms.store(offset, Ordering::Relaxed);
-        Ok(now)
     }
 
     /// Calls `each` for every member in `order` whose record is online at `now`:
@@ -982,10 +988,7 @@ impl Shard {
             eval(&mut self.conn.clone(), &SWEEP, &call)
                 .await
                 .map_err(unavailable)?;
-        let offset = i64::try_from(now)
-            .unwrap_or(i64::MAX)
-            .saturating_sub(i64::try_from(local_epoch_ms()).unwrap_or(i64::MAX));
-        self.inner.clock_offset_ms.store(offset, Ordering::Relaxed);
+        self.note_clock(now);
         Ok(Sweep {
             expired,
             lag_ms,
