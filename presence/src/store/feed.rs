@@ -667,6 +667,11 @@ pub(crate) struct Hub {
 struct HubState {
     /// `None` until the feed is known (a Redis reader that has not reached Redis).
     epoch: Option<u64>,
+    /// Whether the feed was created while this hub knew it as not there yet (epoch
+    /// 0), with nothing lost since: the hub holds, or the store's log has, all of
+    /// it, so a cursor of epoch 0 (made before the feed existed) comes before all
+    /// of it.
+    born_here: bool,
     head: Position,
     /// Every change after `floor` is in `recent`.
     floor: Position,
@@ -703,6 +708,7 @@ impl Hub {
         Hub {
             state: Mutex::new(HubState {
                 epoch,
+                born_here: false,
                 head,
                 floor: head,
                 recent: VecDeque::new(),
@@ -781,9 +787,11 @@ impl Hub {
         let mut state = self.lock();
         let same = state.epoch == Some(epoch) || state.epoch == Some(0);
         if state.epoch.is_some() && same && !lost {
+            state.born_here |= state.epoch == Some(0) && epoch != 0;
             state.epoch = Some(epoch);
             return;
         }
+        state.born_here = false;
         state.epoch = Some(epoch);
         state.head = head;
         state.floor = head;
@@ -812,8 +820,11 @@ impl Hub {
             tx,
             on_overflow: options.on_overflow,
         });
+        // A cursor of epoch 0 is of this feed if it was born here: a merged feed's
+        // cursor says 0 for a shard whose feed did not exist yet when it was made.
+        let born_here = state.born_here;
         let at = after
-            .filter(|c| c.epoch == epoch)
+            .filter(|c| c.epoch == epoch || (c.epoch == 0 && born_here))
             .and_then(Cursor::single)
             .filter(|&p| p <= state.head);
         let start = match at {
@@ -953,6 +964,40 @@ mod tests {
                 .start,
             HubStart::Fetch(_)
         ));
+    }
+
+    fn starts_with_replay(hub: &Hub, after: &Cursor) -> Option<usize> {
+        match hub
+            .subscribe(Some(after), WatchOptions::default())
+            .ok()?
+            .start
+        {
+            HubStart::Replay(replay) => Some(replay.len()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_feed_born_while_watched_resumes_cursors_made_before_it() {
+        // A reader that found no feed (epoch 0), then saw it created (epoch 5).
+        let born = Hub::new(None, Position::default(), 10);
+        born.reset(0, Position::default(), false);
+        let before_it = born.head().unwrap();
+        assert_eq!(before_it.epoch(), 0);
+        born.reset(5, Position::default(), false);
+        born.publish_next(pending("a"), 0);
+        assert_eq!(starts_with_replay(&born, &before_it), Some(1));
+
+        // A feed that already existed when the reader first saw it: an epoch-0
+        // cursor is not of it.
+        let found = Hub::new(None, Position::default(), 10);
+        found.reset(5, Position::default(), false);
+        found.publish_next(pending("a"), 0);
+        assert_eq!(starts_with_replay(&found, &before_it), None);
+
+        // Nor once changes were lost since the birth.
+        born.reset(5, Position::default(), true);
+        assert_eq!(starts_with_replay(&born, &before_it), None);
     }
 
     #[tokio::test]

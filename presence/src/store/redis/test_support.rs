@@ -155,7 +155,21 @@ impl LocalCluster {
         Self::start_with(Some(tls))
     }
 
+    /// Up to three tries, each on fresh ports: a loaded CI machine can miss a
+    /// deadline once, or lose a port to another process between the check and the
+    /// bind. The error names every try's reason.
     fn start_with(tls: Option<ClusterTls>) -> Result<LocalCluster, String> {
+        let mut reasons = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start(tls.clone()) {
+                Ok(cluster) => return Ok(cluster),
+                Err(e) => reasons.push(e),
+            }
+        }
+        Err(reasons.join("; then "))
+    }
+
+    fn try_start(tls: Option<ClusterTls>) -> Result<LocalCluster, String> {
         let dir = std::env::temp_dir().join(unique_prefix("cluster"));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut cluster = LocalCluster {
@@ -172,7 +186,12 @@ impl LocalCluster {
             wait_for(Duration::from_secs(5), || {
                 cluster.command(port, &["PING"]).is_ok_and(|r| r == "PONG")
             })
-            .map_err(|_| format!("redis-server on {port} did not answer"))?;
+            .map_err(|_| {
+                format!(
+                    "redis-server on {port} did not answer ({})",
+                    cluster.log_tail(port)
+                )
+            })?;
         }
         let mut create = Command::new("redis-cli");
         if let Some(tls) = &cluster.tls {
@@ -193,9 +212,11 @@ impl LocalCluster {
                 String::from_utf8_lossy(&out.stdout)
             ));
         }
-        cluster.wait_until_ok(Duration::from_secs(20))?;
+        cluster
+            .wait_until_ok(Duration::from_secs(30))
+            .map_err(|e| format!("{e} ({})", cluster.log_tail(cluster.ports[0])))?;
         // A replica that has not synced yet could not take over.
-        wait_for(Duration::from_secs(20), || {
+        wait_for(Duration::from_secs(30), || {
             cluster.ports.iter().all(|&port| {
                 cluster
                     .command(port, &["INFO", "replication"])
@@ -228,7 +249,7 @@ impl LocalCluster {
             "redis-server {listen} --bind 127.0.0.1 --cluster-enabled yes \
              --cluster-config-file {dir}/nodes-{port}.conf --cluster-node-timeout 1000 \
              --dir {dir} --save '' --appendonly no --pidfile {dir}/{port}.pid \
-             --daemonize no >/dev/null 2>&1 & r=$!; \
+             --daemonize no --logfile {dir}/{port}.log >/dev/null 2>&1 & r=$!; \
              while kill -0 {parent} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 0.2; done; \
              kill -9 $r 2>/dev/null",
             parent = std::process::id()
@@ -241,6 +262,17 @@ impl LocalCluster {
             .spawn()
             .map(drop)
             .map_err(|e| format!("cannot start redis-server: {e}"))
+    }
+
+    /// The last lines the node on `port` logged, for an error message.
+    fn log_tail(&self, port: u16) -> String {
+        let log = std::fs::read_to_string(self.dir.join(format!("{port}.log")))
+            .unwrap_or_else(|e| format!("no log: {e}"));
+        let lines: Vec<&str> = log.lines().collect();
+        format!(
+            "its log ends: {}",
+            lines[lines.len().saturating_sub(5)..].join(" | ")
+        )
     }
 
     /// Waits until every live node says `cluster_state:ok` and agrees on the masters.
@@ -396,16 +428,29 @@ impl Drop for LocalCluster {
 }
 
 /// A free port whose cluster bus port (+10000) is free too, not in `taken`.
+///
+/// Both lie below the kernel's range of ephemeral ports (`ip_local_port_range`,
+/// 32768 and up by default): a port from that range could be taken by any
+/// outgoing connection (the other tests make thousands) between this check and
+/// the node's bind.
 fn cluster_port(taken: &[u16]) -> Result<u16, String> {
-    for _ in 0..100 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| e.to_string())?
-            .port();
-        let bus_free = port
-            .checked_add(10_000)
-            .is_some_and(|bus| TcpListener::bind(("127.0.0.1", bus)).is_ok());
-        if bus_free && !taken.contains(&port) {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    // Ports from 10000 up, their bus ports under `ephemeral`.
+    let span = ephemeral.saturating_sub(20_000).max(1);
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    for i in 0..500u32 {
+        let offset =
+            u16::try_from(seed.wrapping_add(i.wrapping_mul(7_919)) % u32::from(span)).unwrap_or(0);
+        let port = 10_000 + offset;
+        let bus = port + 10_000;
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if !taken.contains(&port) && free(port) && free(bus) {
             return Ok(port);
         }
     }
