@@ -1085,6 +1085,32 @@ async fn raw_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
 }
 
 #[tokio::test]
+async fn shutdown_closes_an_idle_keep_alive_connection_at_once() -> TestResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Neither the idle rule nor the grace period could close it within the test.
+    let mut cfg = local_config();
+    cfg.header_timeout = Duration::from_secs(60);
+    cfg.shutdown_grace = Duration::from_secs(60);
+    let (addr, stop, running) = start_server(&cfg, Arc::new(MemoryStore::new())).await?;
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await?;
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).await?;
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(5), running).await???;
+    let rest = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await?;
+    assert!(
+        matches!(rest, Ok(0) | Err(_)),
+        "the connection is closed, not {rest:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish() -> TestResult {
     let store = Arc::new(FaultyStore::slow_list(Duration::from_millis(300)));
     let (addr, stop, running) = start_server(&local_config(), store.clone()).await?;
