@@ -251,9 +251,9 @@ fn entry_change(entry: &Value, epoch: u64) -> Option<Change> {
                 node_id,
                 rec.status,
                 rec.meta_json(node_id),
-                rec.online_since_ms,
-                rec.last_seen_ms,
-                rec.expires_at_ms,
+                rec.online_since,
+                rec.last_seen,
+                rec.expires_at,
             );
             (kind, data.into())
         }

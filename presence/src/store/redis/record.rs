@@ -2,15 +2,17 @@
 
 use super::scripts::{LEASE_LEN_DIGITS, TIME_DIGITS};
 use crate::model::{Node, Status};
-use crate::store::json::{is_json_object, ListWriter};
+use crate::store::json::{is_json_object, ListWriter, StoredMillis};
 
 /// A node's record as `{prefix}:records` holds it (see the [module docs](self)),
 /// borrowed from the stored bytes.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Record<'a> {
     pub(super) expires_at_ms: u64,
-    pub(super) last_seen_ms: u64,
-    pub(super) online_since_ms: u64,
+    /// `expires_at_ms` as stored, and the other two times: a listing copies them.
+    pub(super) expires_at: StoredMillis<'a>,
+    pub(super) last_seen: StoredMillis<'a>,
+    pub(super) online_since: StoredMillis<'a>,
     pub(super) lease: &'a [u8],
     /// From the mark after the lease: `d` degraded, `r` draining, none `up`.
     pub(super) status: Status,
@@ -24,12 +26,12 @@ impl<'a> Record<'a> {
     /// `up`, so that the records of `up` nodes are those of a server older than
     /// statuses); `None` if it is not that.
     pub(super) fn parse(rec: &'a [u8]) -> Option<Record<'a>> {
-        let digits = |at: usize, len: usize| parse_u64(rec.get(at..at + len)?);
+        let digits = |at: usize, len: usize| StoredMillis::new(rec.get(at..at + len)?);
         let t = TIME_DIGITS;
-        let expires_at_ms = digits(0, t)?;
-        let last_seen_ms = digits(t, t)?;
-        let online_since_ms = digits(2 * t, t)?;
-        let lease_len = usize::try_from(digits(3 * t, LEASE_LEN_DIGITS)?).ok()?;
+        let expires_at = digits(0, t)?;
+        let last_seen = digits(t, t)?;
+        let online_since = digits(2 * t, t)?;
+        let lease_len = usize::try_from(digits(3 * t, LEASE_LEN_DIGITS)?.value()).ok()?;
         let rest = &rec[3 * t + LEASE_LEN_DIGITS..];
         if lease_len > rest.len() {
             return None;
@@ -41,9 +43,10 @@ impl<'a> Record<'a> {
             _ => (Status::Up, rest),
         };
         Some(Record {
-            expires_at_ms,
-            last_seen_ms,
-            online_since_ms,
+            expires_at_ms: expires_at.value(),
+            expires_at,
+            last_seen,
+            online_since,
             lease,
             status,
             meta,
@@ -73,10 +76,20 @@ impl<'a> Record<'a> {
             id,
             self.status,
             meta,
-            self.online_since_ms,
-            self.last_seen_ms,
-            self.expires_at_ms,
+            self.online_since,
+            self.last_seen,
+            self.expires_at,
         );
+    }
+
+    /// When the node's session began (epoch ms).
+    pub(super) fn online_since_ms(&self) -> u64 {
+        self.online_since.value()
+    }
+
+    /// When the node was last heard of (epoch ms).
+    pub(super) fn last_seen_ms(&self) -> u64 {
+        self.last_seen.value()
     }
 }
 
@@ -103,8 +116,8 @@ pub(super) fn to_node(id: &str, rec: &Record<'_>) -> Node {
         node_id: id.to_owned(),
         status: rec.status,
         meta,
-        online_since_ms: rec.online_since_ms,
-        last_seen_ms: rec.last_seen_ms,
+        online_since_ms: rec.online_since_ms(),
+        last_seen_ms: rec.last_seen_ms(),
         expires_at_ms: rec.expires_at_ms,
     }
 }
@@ -134,8 +147,9 @@ mod tests {
             Record::parse(&rec),
             Some(Record {
                 expires_at_ms: 333,
-                last_seen_ms: 22,
-                online_since_ms: 1,
+                expires_at: StoredMillis::new(b"000000000000333").unwrap(),
+                last_seen: StoredMillis::new(b"000000000000022").unwrap(),
+                online_since: StoredMillis::new(b"000000000000001").unwrap(),
                 lease: b"abcd",
                 status: Status::Up,
                 meta: br#"{"x":1}"#,
