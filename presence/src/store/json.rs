@@ -323,7 +323,7 @@ pub(crate) fn write_node<M: ListedMillis>(
 }
 
 /// A time in epoch ms as [`write_node`] writes it: a number, or the digits a Redis
-/// record stores it as ([`StoredMillis`]).
+/// record stores it as.
 pub(crate) trait ListedMillis: Copy {
     /// Appends it as a JSON number.
     fn write_to(self, buf: &mut Vec<u8>);
@@ -332,42 +332,6 @@ pub(crate) trait ListedMillis: Copy {
 impl ListedMillis for u64 {
     fn write_to(self, buf: &mut Vec<u8>) {
         write_u64(buf, self);
-    }
-}
-
-/// A time as a Redis record stores it: zero-padded decimal digits, checked when
-/// the record is read. A listing copies the digits without their leading zeros
-/// instead of parsing them into a `u64` and formatting that again, which was about
-/// a fifth of the server's time in a Redis listing (`perf`; README, Performance).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct StoredMillis<'a>(&'a [u8]);
-
-impl<'a> StoredMillis<'a> {
-    /// `digits` if they are decimal digits only, one to 19 of them (so that the
-    /// value fits a `u64`).
-    pub(crate) fn new(digits: &'a [u8]) -> Option<StoredMillis<'a>> {
-        // `fold`, not `all`: no early exit, so the check compiles to a few wide
-        // compares instead of a byte loop.
-        let digits_only = digits.iter().fold(true, |ok, b| ok & b.is_ascii_digit());
-        (digits_only && (1..=19).contains(&digits.len())).then_some(StoredMillis(digits))
-    }
-
-    /// The value.
-    pub(crate) fn value(self) -> u64 {
-        // At most 19 digits: no overflow.
-        self.0.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0'))
-    }
-}
-
-impl ListedMillis for StoredMillis<'_> {
-    fn write_to(self, buf: &mut Vec<u8>) {
-        let digits = self.0;
-        let zeros = digits
-            .iter()
-            .take_while(|&&d| d == b'0')
-            .count()
-            .min(digits.len() - 1);
-        buf.extend_from_slice(&digits[zeros..]);
     }
 }
 
@@ -593,35 +557,6 @@ mod tests {
             write_u64(&mut buf, n);
             assert_eq!(buf, n.to_string().as_bytes());
         }
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn stored_times_are_written_as_their_numbers(n in proptest::prelude::any::<u64>(), width in 1usize..=19) {
-            let padded = format!("{n:0width$}");
-            let stored = StoredMillis::new(padded.as_bytes());
-            if padded.len() > 19 {
-                proptest::prop_assert_eq!(stored, None);
-            } else {
-                let stored = stored.expect("digits");
-                proptest::prop_assert_eq!(stored.value(), n);
-                let mut buf = Vec::new();
-                stored.write_to(&mut buf);
-                proptest::prop_assert_eq!(buf, n.to_string().into_bytes());
-            }
-        }
-    }
-
-    #[test]
-    fn stored_times_are_digits_only() {
-        for bad in [&b""[..], b"12a", b"-1", b" 1", b"00000000000000000001"] {
-            assert_eq!(StoredMillis::new(bad), None, "{bad:?}");
-        }
-        let mut buf = Vec::new();
-        StoredMillis::new(b"000000000000000")
-            .expect("digits")
-            .write_to(&mut buf);
-        assert_eq!(buf, b"0");
     }
 
     #[test]
