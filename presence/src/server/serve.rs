@@ -573,23 +573,31 @@ async fn sleep_until_or_never(deadline: Option<Instant>) {
     }
 }
 
-/// The server's shutdown as one connection's [`drive`] waits for it: a small task
-/// of the connection's own waits on the server's `closing` watch and sends on the
-/// oneshot, or ends with the connection (once the receiver is dropped).
-///
-/// Why not poll the watch in `drive`: a `watch::Receiver::changed` future takes a
-/// lock of the channel's notifier each time it is polled, and `drive` polls every
-/// branch on every wake of the connection (perf: ~0.9 % of a heartbeat's server
-/// time); a oneshot receiver's poll is an atomic load. The task costs each new
-/// connection one spawn.
+/// The server's shutdown as one connection's [`drive`] waits for it (see
+/// [`signal_on`]): polling the `closing` watch in `drive` would take a lock of the
+/// channel's notifier on every wake of the connection (perf: ~0.9 % of a
+/// heartbeat's server time).
 fn connection_shutdown(mut closing: watch::Receiver<bool>) -> oneshot::Receiver<()> {
+    signal_on(async move { shutdown_begun(&mut closing).await })
+}
+
+/// A oneshot that fires once `done` completes: for a hot path to poll instead of
+/// `done` itself, when `done` waits on a shared signal (a `watch`, a
+/// `CancellationToken`) whose every poll takes the signal's lock, taken by every
+/// other waiter too. A oneshot receiver's poll is an atomic load. A small task
+/// waits on `done` and sends, or ends without sending once the receiver is dropped;
+/// it costs one spawn.
+pub(crate) fn signal_on<F>(done: F) -> oneshot::Receiver<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
     let (mut tx, rx) = oneshot::channel();
     tokio::spawn(async move {
-        let begun = tokio::select! {
-            () = shutdown_begun(&mut closing) => true,
+        let fired = tokio::select! {
+            () = done => true,
             () = tx.closed() => false,
         };
-        if begun {
+        if fired {
             let _ = tx.send(());
         }
     });
@@ -723,15 +731,26 @@ impl http_body::Body for TrackedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        this.taken();
         let frame = Pin::new(&mut this.body).poll_frame(cx);
-        if matches!(frame, Poll::Ready(Some(_))) && !this.body.is_end_stream() {
-            if let Some(InFlight(activity)) = &this.in_flight {
+        let was_out = this.handed_out;
+        let now_out = matches!(frame, Poll::Ready(Some(_))) && !this.body.is_end_stream();
+        if let Some(InFlight(activity)) = &this.in_flight {
+            // The last frame taken and the next handed out make one stamp: a stream
+            // does both on every event, and each stamp reads the clock.
+            if was_out || now_out {
                 activity.progress();
-                activity.waiting_bodies.fetch_add(1, Ordering::AcqRel);
-                this.handed_out = true;
+            }
+            match (was_out, now_out) {
+                (true, false) => {
+                    activity.waiting_bodies.fetch_sub(1, Ordering::AcqRel);
+                }
+                (false, true) => {
+                    activity.waiting_bodies.fetch_add(1, Ordering::AcqRel);
+                }
+                _ => {}
             }
         }
+        this.handed_out = now_out && this.in_flight.is_some();
         frame
     }
 
@@ -932,5 +951,49 @@ mod task_size {
             task < 2 * hyper + 1024,
             "task {task} B, hyper's connection {hyper} B"
         );
+    }
+}
+
+#[cfg(test)]
+mod signal {
+    use super::*;
+
+    /// The oneshot fires when the future completes, and not before.
+    #[tokio::test(start_paused = true)]
+    async fn a_signal_fires_once_its_future_completes() {
+        let token = tokio_util::sync::CancellationToken::new();
+        let mut fired = signal_on(token.clone().cancelled_owned());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            fired.try_recv().is_err(),
+            "fired before the token was cancelled"
+        );
+        token.cancel();
+        assert_eq!(
+            tokio::time::timeout(Duration::from_millis(10), fired).await,
+            Ok(Ok(())),
+            "did not fire after the token was cancelled"
+        );
+    }
+
+    /// Dropping the receiver ends the waiting task: nothing is left behind per
+    /// stream or connection.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_signal_ends_its_task() {
+        let (tx, rx) = oneshot::channel::<()>();
+        let waited = Arc::new(());
+        let held = waited.clone();
+        let fired = signal_on(async move {
+            let _held = held;
+            let _ = rx.await;
+        });
+        drop(fired);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            Arc::strong_count(&waited),
+            1,
+            "the task still holds its future"
+        );
+        drop(tx);
     }
 }

@@ -31,12 +31,14 @@ use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use resilience::BoxError;
+use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 
 use super::errors::ApiError;
 use super::metrics::{Metrics, WATCH_EVENTS};
 use super::params::{self, Route};
+use super::serve::signal_on;
 use super::store_call::State;
 use super::ResponseBody;
 use crate::config::Config;
@@ -207,7 +209,7 @@ pub(crate) async fn respond(
         keepalive,
         next_keepalive: Box::pin(tokio::time::sleep(keepalive)),
         last_sent: Instant::now(),
-        closing: Box::pin(state.watchers.closing.clone().cancelled_owned()),
+        closing: signal_on(state.watchers.closing.clone().cancelled_owned()),
         metrics: state.metrics.clone(),
         filter,
         _slot: slot,
@@ -455,7 +457,9 @@ struct WatchBody {
     next_keepalive: Pin<Box<Sleep>>,
     /// When the last frame was sent.
     last_sent: Instant,
-    closing: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Fires at shutdown. Not the token's own future: that takes the token's locks
+    /// on every poll, and every watcher polls it once per change, on every thread.
+    closing: oneshot::Receiver<()>,
     metrics: Arc<Metrics>,
     /// The filter of a filtered watch; `None` sends every change.
     filter: Option<WatchFilter>,
@@ -500,7 +504,7 @@ impl Body for WatchBody {
         // After the changes: a stream that shuts down with changes ready sends them
         // first (at most its backlog), and one that is sending is polled here once
         // per change, not twice.
-        if this.closing.as_mut().poll(cx).is_ready() {
+        if Pin::new(&mut this.closing).poll(cx).is_ready() {
             this.done = true;
             return Poll::Ready(None);
         }
