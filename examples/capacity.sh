@@ -4,6 +4,8 @@
 #   bash examples/capacity.sh            # about 10 minutes
 #   ROUNDS=5 DURATION=10 bash examples/capacity.sh
 #   REPLICAS=0 ROUNDS=1 bash examples/capacity.sh   # a cluster of 3 masters alone
+#   PARTS=heartbeats bash examples/capacity.sh      # step 1 alone (about 3 minutes)
+#   BIN=/tmp/old PARTS=heartbeats bash examples/capacity.sh   # another build's binaries
 #
 # It needs redis-server, redis-cli, openssl and python3 (to read the JSON reports),
 # and builds the presence_server and presence_load examples in release mode. Every
@@ -36,8 +38,11 @@ cd "$(dirname "$0")/.."
 for tool in redis-server redis-cli openssl python3; do
     command -v "$tool" >/dev/null || { echo "capacity.sh: $tool is missing" >&2; exit 1; }
 done
-cargo build --release --quiet --example presence_server --example presence_load
-BIN=target/release/examples
+PARTS=${PARTS:-all}       # "heartbeats": step 1 only
+if [[ -z ${BIN:-} ]]; then
+    cargo build --release --quiet --example presence_server --example presence_load
+    BIN=target/release/examples
+fi
 DIR=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -65,6 +70,9 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # utime + stime, in clock
 HZ=$(getconf CLK_TCK)
 redis_cpu() {   # used_cpu_user + used_cpu_sys of the Redis on port $1, seconds
     redis-cli -p "$1" info cpu | tr -d '\r' | awk -F: '/^used_cpu_(user|sys):/ {s += $2} END {printf "%.4f", s}'
+}
+redis_reads() { # reads of client sockets (passes of the event loop that read), Redis on port $1
+    redis-cli -p "$1" info stats | tr -d '\r' | sed -n 's/^total_reads_processed:\([0-9]*\)/\1/p'
 }
 redis_usec() {  # microseconds spent in commands, INFO commandstats, Redis on port $1
     redis-cli -p "$1" info commandstats | tr -d '\r' | sed -n 's/.*usec=\([0-9]*\),.*/\1/p' | awk '{s += $1} END {print s + 0}'
@@ -145,6 +153,7 @@ sample() {  # args, redis ports...
     SRV=$(calc "($(ticks "$SERVER_PID") - $s0) / $HZ" 4f)
     RCPU=$(calc "$(sum_over redis_cpu "$@") - $r0" 4f)
     USEC=$(sum_over redis_usec "$@")
+    READS=$(sum_over redis_reads "$@")
 }
 
 # One flood: prints and records the server's and Redis's CPU per heartbeat.
@@ -155,7 +164,7 @@ measured() {  # label, args, redis ports...
     server_us=$(calc "$SRV * 1e6 / max($OK, 1)")
     redis_us=$(calc "$RCPU * 1e6 / max($OK, 1)")
     cmd_us=$(calc "$USEC / max($OK, 1)")
-    echo "$label: $OK ok, $RPS/s; server CPU $server_us µs/heartbeat; Redis CPU $redis_us µs/heartbeat (in commands $cmd_us)"
+    echo "$label: $OK ok, $RPS/s; server CPU $server_us µs/heartbeat; Redis CPU $redis_us µs/heartbeat (in commands $cmd_us); heartbeats per socket read $(calc "$OK / max($READS, 1)")"
     for p in "$@"; do redis-cli -p "$p" info commandstats | tr -d '\r' | grep -E 'cmdstat_(evalsha|eval|exists|zadd|pexpire|hset|xadd):' | sed "s/^/   $p /"; done
     add "$label.server" "$server_us"; add "$label.redis" "$redis_us"; add "$label.cmd" "$cmd_us"; add "$label.rps" "$RPS"
 }
@@ -201,6 +210,7 @@ for round in $(seq "$ROUNDS"); do
     echo "   (replicas: $(sum_over redis_cpu "${REPLICA_PORTS[@]}") s of CPU since their start)"
     stop_server
 
+    [[ $PARTS == all ]] || continue
     for store in memory redis; do
         extra=()
         [[ $store == redis ]] && extra=(PRESENCE_REDIS_URI="redis://127.0.0.1:$SOLO" PRESENCE_KEY_PREFIX="tls$round")
@@ -218,6 +228,7 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 
+if [[ $PARTS == all ]]; then
 echo "== listings of 100 000 nodes"
 port=$(free_port)
 start_server "$port" PRESENCE_REDIS_URI="redis://127.0.0.1:$SOLO" PRESENCE_KEY_PREFIX=list PRESENCE_TTL_SEC=600
@@ -251,6 +262,8 @@ for watchers in 100 1; do
     stop_server
 done
 
+fi
+
 median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(f'{statistics.median(v):.2f}')" $1; }
 echo
 echo "== summary (medians of $ROUNDS rounds; µs of CPU per operation)"
@@ -263,6 +276,7 @@ printf '%-34s %s\n' "the same at 10 000/s, cluster" "$(median "${SUMS[paced.clus
 printf '%-34s %s\n' "server CPU / heartbeat" "$(median "${SUMS[standalone.server]}") standalone, $(median "${SUMS[solo16.server]}") 16 shards, $(median "${SUMS[cluster16.server]}") cluster"
 printf '%-34s %s\n' "the same at 10 000/s" "$(median "${SUMS[paced.standalone.server]}") standalone, $(median "${SUMS[paced.solo16.server]}") 16 shards, $(median "${SUMS[paced.cluster16.server]}") cluster"
 printf '%-34s %s\n' "heartbeats/s (flood)" "$(median "${SUMS[standalone.rps]}") standalone, $(median "${SUMS[solo16.rps]}") 16 shards, $(median "${SUMS[cluster16.rps]}") cluster"
+[[ $PARTS == all ]] || exit 0
 printf '%-34s %s\n' "HTTPS / HTTP, memory store (%)" "$(median "${SUMS[https.memory]}") (${SUMS[https.memory]} )"
 printf '%-34s %s\n' "HTTPS / HTTP, Redis store (%)" "$(median "${SUMS[https.redis]}") (${SUMS[https.redis]} )"
 printf '%-34s %s\n' "listing, standalone: server, Redis" "${SUMS[list.standalone.server]}, ${SUMS[list.standalone.redis]} ns of CPU per node (${SUMS[list.standalone.rps]} listings/s)"
