@@ -732,25 +732,20 @@ impl http_body::Body for TrackedBody {
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let frame = Pin::new(&mut this.body).poll_frame(cx);
-        let was_out = this.handed_out;
-        let now_out = matches!(frame, Poll::Ready(Some(_))) && !this.body.is_end_stream();
+        let out = matches!(frame, Poll::Ready(Some(_))) && !this.body.is_end_stream();
         if let Some(InFlight(activity)) = &this.in_flight {
+            let was_out = std::mem::replace(&mut this.handed_out, out);
             // The last frame taken and the next handed out make one stamp: a stream
             // does both on every event, and each stamp reads the clock.
-            if was_out || now_out {
+            if was_out || out {
                 activity.progress();
             }
-            match (was_out, now_out) {
-                (true, false) => {
-                    activity.waiting_bodies.fetch_sub(1, Ordering::AcqRel);
-                }
-                (false, true) => {
-                    activity.waiting_bodies.fetch_add(1, Ordering::AcqRel);
-                }
-                _ => {}
+            if out && !was_out {
+                activity.waiting_bodies.fetch_add(1, Ordering::AcqRel);
+            } else if was_out && !out {
+                activity.waiting_bodies.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        this.handed_out = now_out && this.in_flight.is_some();
         frame
     }
 
