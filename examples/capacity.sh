@@ -6,6 +6,7 @@
 #   REPLICAS=0 ROUNDS=1 bash examples/capacity.sh   # a cluster of 3 masters alone
 #   PARTS=heartbeats bash examples/capacity.sh      # step 1 alone (about 3 minutes)
 #   BIN=/tmp/old PARTS=heartbeats bash examples/capacity.sh   # another build's binaries
+#   SPREAD=1 PARTS=heartbeats bash examples/capacity.sh   # also 3 shards and 1 on the cluster
 #
 # It needs redis-server, redis-cli, openssl and python3 (to read the JSON reports),
 # and builds the presence_server and presence_load examples in release mode. Every
@@ -18,7 +19,9 @@
 #      Redis Cluster of 3 masters with one replica each, PRESENCE_SHARDS=16: the CPU
 #      Redis spent per heartbeat (INFO cpu of every master, and INFO commandstats),
 #      and the server's own CPU per heartbeat (/proc/<pid>/stat); then the same at
-#      an offered 10 000 heartbeats/s;
+#      an offered 10 000 heartbeats/s; with SPREAD=1 also on the cluster with
+#      PRESENCE_SHARDS=3 (a prefix whose three shards sit on the three masters: the
+#      most a call per master could batch) and PRESENCE_SHARDS=1 (all on one master);
 #   2. the same flood over plain HTTP and over HTTPS (a certificate made here), memory
 #      store and standalone Redis: throughput of each;
 #   3. `GET /presence` of 100 000 nodes (`--mode list`, one client) on the three
@@ -34,6 +37,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-8}
 NODES=${NODES:-2000}
 REPLICAS=${REPLICAS:-1}   # per master in the cluster: 0 shows what replication costs
+SPREAD=${SPREAD:-}        # non-empty: the cluster with 3 shards and with 1 too
 cd "$(dirname "$0")/.."
 for tool in redis-server redis-cli openssl python3; do
     command -v "$tool" >/dev/null || { echo "capacity.sh: $tool is missing" >&2; exit 1; }
@@ -165,7 +169,8 @@ measured() {  # label, args, redis ports...
     redis_us=$(calc "$RCPU * 1e6 / max($OK, 1)")
     cmd_us=$(calc "$USEC / max($OK, 1)")
     echo "$label: $OK ok, $RPS/s; server CPU $server_us µs/heartbeat; Redis CPU $redis_us µs/heartbeat (in commands $cmd_us); heartbeats per socket read $(calc "$OK / max($READS, 1)")"
-    for p in "$@"; do redis-cli -p "$p" info commandstats | tr -d '\r' | grep -E 'cmdstat_(evalsha|eval|exists|zadd|pexpire|hset|xadd):' | sed "s/^/   $p /"; done
+    # (A master that ran none of these, as with SPREAD's one shard, prints nothing.)
+    for p in "$@"; do redis-cli -p "$p" info commandstats | tr -d '\r' | { grep -E 'cmdstat_(evalsha|eval|exists|zadd|pexpire|hset|xadd):' || true; } | sed "s/^/   $p /"; done
     add "$label.server" "$server_us"; add "$label.redis" "$redis_us"; add "$label.cmd" "$cmd_us"; add "$label.rps" "$RPS"
 }
 
@@ -209,6 +214,26 @@ for round in $(seq "$ROUNDS"); do
     measured paced.cluster16 "$PACED --url http://127.0.0.1:$port/presence" "${MASTERS[@]}"
     echo "   (replicas: $(sum_over redis_cpu "${REPLICA_PORTS[@]}") s of CPU since their start)"
     stop_server
+
+    if [[ -n $SPREAD ]]; then
+        # A prefix whose shards 0, 1 and 2 hash to the three masters' slot ranges
+        # (0-5460, 5461-10922, 10923-16383, as `redis-cli --cluster create` splits them).
+        for i in $(seq 200); do
+            spread="spread$round-$i"; on=()
+            for k in 0 1 2; do on+=($(( $(redis-cli -p "${CLUSTER[0]}" cluster keyslot "{$spread.$k}") / 5461 ))); done
+            [[ ${on[0]} != "${on[1]}" && ${on[1]} != "${on[2]}" && ${on[0]} != "${on[2]}" ]] && break
+        done
+        port=$(free_port)
+        start_server "$port" PRESENCE_REDIS_MODE=cluster PRESENCE_SHARDS=3 PRESENCE_REDIS_URI="$SEEDS" PRESENCE_KEY_PREFIX="$spread"
+        measured cluster3 "$FLOOD --url http://127.0.0.1:$port/presence" "${MASTERS[@]}"
+        measured paced.cluster3 "$PACED --url http://127.0.0.1:$port/presence" "${MASTERS[@]}"
+        stop_server
+        port=$(free_port)
+        start_server "$port" PRESENCE_REDIS_MODE=cluster PRESENCE_SHARDS=1 PRESENCE_REDIS_URI="$SEEDS" PRESENCE_KEY_PREFIX="one$round"
+        measured cluster1 "$FLOOD --url http://127.0.0.1:$port/presence" "${MASTERS[@]}"
+        measured paced.cluster1 "$PACED --url http://127.0.0.1:$port/presence" "${MASTERS[@]}"
+        stop_server
+    fi
 
     [[ $PARTS == all ]] || continue
     for store in memory redis; do
@@ -273,6 +298,12 @@ printf '%-34s %s\n' "Redis CPU / heartbeat, cluster" "$(median "${SUMS[cluster16
 printf '%-34s %s\n' "the same at 10 000/s, standalone" "$(median "${SUMS[paced.standalone.redis]}") (in commands $(median "${SUMS[paced.standalone.cmd]}"))"
 printf '%-34s %s\n' "the same at 10 000/s, 16 shards" "$(median "${SUMS[paced.solo16.redis]}") (in commands $(median "${SUMS[paced.solo16.cmd]}")) on one Redis"
 printf '%-34s %s\n' "the same at 10 000/s, cluster" "$(median "${SUMS[paced.cluster16.redis]}") (in commands $(median "${SUMS[paced.cluster16.cmd]}")), 16 shards"
+if [[ -n $SPREAD ]]; then
+    printf '%-34s %s\n' "Redis CPU / heartbeat, cluster" "$(median "${SUMS[cluster3.redis]}") (in commands $(median "${SUMS[cluster3.cmd]}")), 3 shards on 3 masters"
+    printf '%-34s %s\n' "Redis CPU / heartbeat, cluster" "$(median "${SUMS[cluster1.redis]}") (in commands $(median "${SUMS[cluster1.cmd]}")), 1 shard"
+    printf '%-34s %s\n' "the same at 10 000/s, cluster" "$(median "${SUMS[paced.cluster3.redis]}") (in commands $(median "${SUMS[paced.cluster3.cmd]}")), 3 shards on 3 masters"
+    printf '%-34s %s\n' "the same at 10 000/s, cluster" "$(median "${SUMS[paced.cluster1.redis]}") (in commands $(median "${SUMS[paced.cluster1.cmd]}")), 1 shard"
+fi
 printf '%-34s %s\n' "server CPU / heartbeat" "$(median "${SUMS[standalone.server]}") standalone, $(median "${SUMS[solo16.server]}") 16 shards, $(median "${SUMS[cluster16.server]}") cluster"
 printf '%-34s %s\n' "the same at 10 000/s" "$(median "${SUMS[paced.standalone.server]}") standalone, $(median "${SUMS[paced.solo16.server]}") 16 shards, $(median "${SUMS[paced.cluster16.server]}") cluster"
 printf '%-34s %s\n' "heartbeats/s (flood)" "$(median "${SUMS[standalone.rps]}") standalone, $(median "${SUMS[solo16.rps]}") 16 shards, $(median "${SUMS[cluster16.rps]}") cluster"
