@@ -194,24 +194,26 @@ FLOOD="--mode flood --nodes $NODES --concurrency 64 --login-concurrency 64 --dur
 # The same 10 000 heartbeats/s offered to both layouts (batches as small as a real
 # deployment's per-server share makes them).
 PACED="--mode nodes --nodes 10000 --interval-ms 1000 --concurrency 64 --login-concurrency 64 --duration $DURATION"
+# Step 1 on one layout: the flood and the paced run against a server started with the
+# env assignments given, counting the CPU of the Redis processes whose ports are in ON.
+heartbeats_on() {  # label, env assignments...
+    local label=$1 port
+    shift
+    port=$(free_port)
+    start_server "$port" "$@"
+    measured "$label" "$FLOOD --url http://127.0.0.1:$port/presence" "${ON[@]}"
+    measured "paced.$label" "$PACED --url http://127.0.0.1:$port/presence" "${ON[@]}"
+}
 for round in $(seq "$ROUNDS"); do
     echo "== round $round"
-    port=$(free_port)
-    start_server "$port" PRESENCE_REDIS_URI="redis://127.0.0.1:$SOLO" PRESENCE_KEY_PREFIX="cap$round"
-    measured standalone "$FLOOD --url http://127.0.0.1:$port/presence" "$SOLO"
-    measured paced.standalone "$PACED --url http://127.0.0.1:$port/presence" "$SOLO"
+    ON=("$SOLO")
+    heartbeats_on standalone PRESENCE_REDIS_URI="redis://127.0.0.1:$SOLO" PRESENCE_KEY_PREFIX="cap$round"
+    stop_server
+    heartbeats_on solo16 PRESENCE_SHARDS=16 PRESENCE_REDIS_URI="redis://127.0.0.1:$SOLO" PRESENCE_KEY_PREFIX="cap16-$round"
     stop_server
 
-    port=$(free_port)
-    start_server "$port" PRESENCE_SHARDS=16 PRESENCE_REDIS_URI="redis://127.0.0.1:$SOLO" PRESENCE_KEY_PREFIX="cap16-$round"
-    measured solo16 "$FLOOD --url http://127.0.0.1:$port/presence" "$SOLO"
-    measured paced.solo16 "$PACED --url http://127.0.0.1:$port/presence" "$SOLO"
-    stop_server
-
-    port=$(free_port)
-    start_server "$port" PRESENCE_REDIS_MODE=cluster PRESENCE_SHARDS=16 PRESENCE_REDIS_URI="$SEEDS" PRESENCE_KEY_PREFIX="cap$round"
-    measured cluster16 "$FLOOD --url http://127.0.0.1:$port/presence" "${MASTERS[@]}"
-    measured paced.cluster16 "$PACED --url http://127.0.0.1:$port/presence" "${MASTERS[@]}"
+    ON=("${MASTERS[@]}")
+    heartbeats_on cluster16 PRESENCE_REDIS_MODE=cluster PRESENCE_SHARDS=16 PRESENCE_REDIS_URI="$SEEDS" PRESENCE_KEY_PREFIX="cap$round"
     echo "   (replicas: $(sum_over redis_cpu "${REPLICA_PORTS[@]}") s of CPU since their start)"
     stop_server
 
@@ -219,19 +221,16 @@ for round in $(seq "$ROUNDS"); do
         # A prefix whose shards 0, 1 and 2 hash to the three masters' slot ranges
         # (0-5460, 5461-10922, 10923-16383, as `redis-cli --cluster create` splits them).
         for i in $(seq 200); do
-            spread="spread$round-$i"; on=()
-            for k in 0 1 2; do on+=($(( $(redis-cli -p "${CLUSTER[0]}" cluster keyslot "{$spread.$k}") / 5461 ))); done
-            [[ ${on[0]} != "${on[1]}" && ${on[1]} != "${on[2]}" && ${on[0]} != "${on[2]}" ]] && break
+            spread="spread$round-$i"; master_of=()
+            for k in 0 1 2; do
+                master_of+=($(( $(redis-cli -p "${CLUSTER[0]}" cluster keyslot "{$spread.$k}") / 5461 )))
+            done
+            [[ ${master_of[0]} != "${master_of[1]}" && ${master_of[1]} != "${master_of[2]}" &&
+               ${master_of[0]} != "${master_of[2]}" ]] && break
         done
-        port=$(free_port)
-        start_server "$port" PRESENCE_REDIS_MODE=cluster PRESENCE_SHARDS=3 PRESENCE_REDIS_URI="$SEEDS" PRESENCE_KEY_PREFIX="$spread"
-        measured cluster3 "$FLOOD --url http://127.0.0.1:$port/presence" "${MASTERS[@]}"
-        measured paced.cluster3 "$PACED --url http://127.0.0.1:$port/presence" "${MASTERS[@]}"
+        heartbeats_on cluster3 PRESENCE_REDIS_MODE=cluster PRESENCE_SHARDS=3 PRESENCE_REDIS_URI="$SEEDS" PRESENCE_KEY_PREFIX="$spread"
         stop_server
-        port=$(free_port)
-        start_server "$port" PRESENCE_REDIS_MODE=cluster PRESENCE_SHARDS=1 PRESENCE_REDIS_URI="$SEEDS" PRESENCE_KEY_PREFIX="one$round"
-        measured cluster1 "$FLOOD --url http://127.0.0.1:$port/presence" "${MASTERS[@]}"
-        measured paced.cluster1 "$PACED --url http://127.0.0.1:$port/presence" "${MASTERS[@]}"
+        heartbeats_on cluster1 PRESENCE_REDIS_MODE=cluster PRESENCE_SHARDS=1 PRESENCE_REDIS_URI="$SEEDS" PRESENCE_KEY_PREFIX="one$round"
         stop_server
     fi
 
