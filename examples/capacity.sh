@@ -39,39 +39,11 @@ NODES=${NODES:-2000}
 REPLICAS=${REPLICAS:-1}   # per master in the cluster: 0 shows what replication costs
 SPREAD=${SPREAD:-}        # non-empty: the cluster with 3 shards and with 1 too
 cd "$(dirname "$0")/.."
-for tool in redis-server redis-cli openssl python3; do
-    command -v "$tool" >/dev/null || { echo "capacity.sh: $tool is missing" >&2; exit 1; }
-done
+source examples/bench_support.sh
+need redis-server redis-cli openssl python3
 PARTS=${PARTS:-all}       # "heartbeats": step 1 only
-if [[ -z ${BIN:-} ]]; then
-    cargo build --release --quiet --example presence_server --example presence_load
-    BIN=target/release/examples
-fi
-DIR=$(mktemp -d)
-PIDS=()
-cleanup() {
-    exec 2>/dev/null   # bash's "Killed" notices of the servers stopped here
-    for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
+release_build
 
-# A free port below 55536 whose cluster bus port (+10000) is free too.
-free_port() {
-    python3 -c '
-import random, socket
-while True:
-    p = random.randrange(20000, 55000)
-    try:
-        for q in (p, p + 10000):
-            socket.socket().bind(("127.0.0.1", q))
-        print(p)
-        break
-    except OSError:
-        pass'
-}
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # utime + stime, in clock ticks
-HZ=$(getconf CLK_TCK)
 redis_cpu() {   # used_cpu_user + used_cpu_sys of the Redis on port $1, seconds
     redis-cli -p "$1" info cpu | tr -d '\r' | awk -F: '/^used_cpu_(user|sys):/ {s += $2} END {printf "%.4f", s}'
 }
@@ -82,15 +54,6 @@ redis_usec() {  # microseconds spent in commands, INFO commandstats, Redis on po
     redis-cli -p "$1" info commandstats | tr -d '\r' | sed -n 's/.*usec=\([0-9]*\),.*/\1/p' | awk '{s += $1} END {print s + 0}'
 }
 sum_over() { local f=$1; shift; local t=0; for p in "$@"; do t=$(python3 -c "print($t + $($f "$p"))"); done; echo "$t"; }
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; tail -n 5 "$DIR"/*.log >&2; exit 1; }
-
-start_redis() {  # port, extra args...
-    local port=$1; shift
-    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$DIR" \
-        --logfile "$DIR/redis-$port.log" "$@" &
-    PIDS+=($!)
-    wait_port "$port"
-}
 
 # The standalone Redis.
 SOLO=$(free_port)

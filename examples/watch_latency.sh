@@ -25,36 +25,14 @@ WATCHERS=${WATCHERS:-1000}
 RATE=${RATE:-100}
 DURATION=${DURATION:-10}
 cd "$(dirname "$0")/.."
-for tool in redis-server redis-cli python3; do
-    command -v "$tool" >/dev/null || { echo "watch_latency.sh: $tool is missing" >&2; exit 1; }
-done
-if [[ -z ${BIN:-} ]]; then
-    cargo build --release --quiet --example presence_server --example presence_load
-    BIN=target/release/examples
-fi
+source examples/bench_support.sh
+need redis-server redis-cli python3
+release_build
 BUILDS=("$BIN")
 [[ -z ${OLD:-} ]] || BUILDS+=("$OLD")
-DIR=$(mktemp -d)
-PIDS=()
-cleanup() {
-    exec 2>/dev/null   # bash's "Killed" notices of the processes stopped here
-    for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # utime + stime, in clock ticks
-HZ=$(getconf CLK_TCK)
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; tail -n 5 "$DIR"/*.log >&2; exit 1; }
 
 REDIS=$(free_port)
-redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no --dir "$DIR" \
-    --logfile "$DIR/redis.log" &
-PIDS+=($!)
-wait_port "$REDIS"
+start_redis "$REDIS"
 
 start_server() {  # build, port, key prefix; sets SERVER_PID
     env PRESENCE_HTTP_HOST=127.0.0.1 PRESENCE_HTTP_PORT="$2" \
